@@ -1,0 +1,136 @@
+"""Attention layers of the UNet and the hook through which cross-attention maps are read or edited.
+
+Cross-attention: the queries are the UNet's spatial features (B, H*W, C); the keys and values are
+the text-token embeddings (B, T, D) projected to C. Each head's probabilities
+softmax(Q K^T / sqrt(d)) say, for every pixel, how much of each text token it reads.
+
+The hook is an `AttentionController` handed to the UNet's forward call (no monkeypatching, no
+global state). For every cross-attention layer the UNet asks `controller.wants(site)`; only if it
+answers True are the probabilities materialised and passed to `controller.process(site, probs)`,
+which may return edited probabilities. Otherwise the layer stays on the fused
+`scaled_dot_product_attention` path.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class AttentionSite:
+    """Where a cross-attention call happens.
+
+    name: the layer's name in the UNet, e.g. "down.1.attn.0" (stable across runs).
+    resolution: (height, width) of the feature map whose pixels are the queries.
+    step: the sampler's step index (0 = first denoising step) or None outside sampling.
+    timestep: the diffusion timestep of this call (tensor of shape (B,)), or None.
+    """
+
+    name: str
+    resolution: tuple[int, int]
+    step: int | None
+    timestep: torch.Tensor | None
+
+
+class AttentionController:
+    """Reads or edits cross-attention probabilities. Subclass it; this base does nothing.
+
+    wants(site) -> bool: whether this call's probabilities are needed. Answer False wherever you
+        can: a False keeps the layer on the fused SDPA path.
+    process(site, probabilities) -> Tensor | None: `probabilities` has shape
+        (B, heads, H*W, T) and sums to 1 over T at every query (masked keys hold 0). Return an
+        edited tensor of the same shape to use it in place of the original, or None to keep it.
+    """
+
+    def wants(self, site: AttentionSite) -> bool:
+        return False
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over spatial positions, always through SDPA."""
+
+    def __init__(self, channels: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.to_qkv = nn.Linear(channels, 3 * channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape  # batch, positions (H*W), channels
+        q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head cross-attention: queries from pixels, keys and values from text tokens."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, name: str):
+        super().__init__()
+        self.heads = heads
+        self.name = name
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(context_dim, channels, bias=False)
+        self.to_v = nn.Linear(context_dim, channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
+                resolution: tuple[int, int], controller: AttentionController | None = None,
+                step: int | None = None, timestep: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, H*W, C) pixel features; context: (B, T, D) text embeddings;
+        context_mask: (B, T) bool, True where a token may be attended to (None: all)."""
+        B, N, C = x.shape
+        T = context.shape[1]
+        d = C // self.heads
+        q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)        # (B, heads, N, d)
+        k = self.to_k(context).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
+        v = self.to_v(context).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
+        mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, T)
+
+        site = None
+        if controller is not None:
+            site = AttentionSite(self.name, resolution, step, timestep)
+        if site is None or not controller.wants(site):
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, heads, N, T)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probabilities = scores.softmax(dim=-1)
+            edited = controller.process(site, probabilities)
+            out = (probabilities if edited is None else edited.to(v.dtype)) @ v
+        return self.to_out(out.transpose(1, 2).reshape(B, N, C))
+
+
+class TransformerBlock(nn.Module):
+    """Self-attention over positions, cross-attention to the text, then a feed-forward layer,
+    each pre-normed and residual, between 1x1 projections in and out of the feature map."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, name: str, groups: int = 8):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, channels)
+        self.proj_in = nn.Linear(channels, channels)
+        self.norm1 = nn.LayerNorm(channels)
+        self.self_attention = SelfAttention(channels, heads)
+        self.norm2 = nn.LayerNorm(channels)
+        self.cross_attention = CrossAttention(channels, context_dim, heads, name)
+        self.norm3 = nn.LayerNorm(channels)
+        self.feed_forward = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
+                                          nn.Linear(4 * channels, channels))
+        self.proj_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.proj_out.weight)  # start as the identity, as diffusers' models do
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x, context, context_mask, controller=None, step=None, timestep=None):
+        B, C, H, W = x.shape
+        h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
+        h = h + self.self_attention(self.norm1(h))
+        h = h + self.cross_attention(self.norm2(h), context, context_mask, (H, W), controller, step, timestep)
+        h = h + self.feed_forward(self.norm3(h))
+        return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)

@@ -1,0 +1,143 @@
+"""Training checkpoints as safetensors + JSON (no pickle), written atomically.
+
+A checkpoint is a folder `checkpoints/step-000500/` holding
+    model.safetensors      the UNet weights being trained
+    ema.safetensors        the EMA weights (same names)
+    optimizer.safetensors  the optimizer's tensors ("state.<param index>.<name>")
+    rng.safetensors        torch RNG states (CPU, CUDA) and the data-order generator
+    state.json             step, optimizer hyper-parameters, LR schedule, EMA counters,
+                           Python/numpy RNG states, the resolved config
+It is written to `step-000500.tmp/` and renamed when complete, so an interrupted save never
+replaces or corrupts the last good one; `state.json` is written last and marks it complete.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .errors import UserError
+
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state_dict["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"state.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state_dict["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in tensors.items():
+        _, index, name = key.split(".", 2)
+        state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    groups = [{k: tuple(v) if k == "betas" else v for k, v in g.items()} for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, ema, optimizer, lr_scheduler,
+                    data_generator: torch.Generator, config: dict) -> Path:
+    """Write checkpoint `directory/step-XXXXXX` atomically; returns its path."""
+    final = directory / f"step-{step:06d}"
+    temporary = directory / f"step-{step:06d}.tmp"
+    shutil.rmtree(temporary, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    names = [name for name, _ in model.named_parameters()]
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, temporary / "model.safetensors")
+    save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}, temporary / "ema.safetensors")
+    optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
+    save_file(optimizer_tensors, temporary / "optimizer.safetensors")
+    rng = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
+    if torch.cuda.is_available():
+        rng.update({f"cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())})
+    save_file(rng, temporary / "rng.safetensors")
+    numpy_state = np.random.get_state()
+    python_state = random.getstate()
+    state = {
+        "step": step,
+        "optimizer": optimizer_meta,
+        "lr_scheduler": lr_scheduler.state_dict(),
+        "ema": {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+        "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
+        "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+        "config": config,
+    }
+    (temporary / "state.json").write_text(json.dumps(state))
+    if final.exists():
+        shutil.rmtree(final)
+    temporary.rename(final)
+    return final
+
+
+def list_checkpoints(directory: Path) -> list[Path]:
+    """Complete checkpoints in `directory`, oldest first."""
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    for old in list_checkpoints(directory)[:-keep]:
+        shutil.rmtree(old)
+
+
+def resolve_resume(resume: str, directory: Path) -> Path | None:
+    """'latest' -> the newest complete checkpoint in `directory` (None if there is none);
+    otherwise a checkpoint folder path that must exist."""
+    if resume == "latest":
+        found = list_checkpoints(directory)
+        return found[-1] if found else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"checkpoint '{resume}' not found; pass a checkpoint folder or --resume latest")
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    """Read and check every file of a checkpoint; a missing or corrupt file is a UserError."""
+    files = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
+    for name in files:
+        if not (path / name).is_file():
+            raise UserError(f"checkpoint '{path}' is incomplete: {name} is missing; resume from another checkpoint")
+    try:
+        state = json.loads((path / "state.json").read_text())
+        loaded = {name.split(".")[0]: load_file(path / name) for name in files[:-1]}
+        step = int(state["step"])
+    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, KeyError, ValueError, OSError) as error:
+        raise UserError(f"checkpoint '{path}' is corrupt ({type(error).__name__}); resume from another checkpoint") from None
+    return {**loaded, "state": state, "step": step}
+
+
+def restore_rng(checkpoint: dict, data_generator: torch.Generator) -> None:
+    rng = checkpoint["rng"]
+    torch.set_rng_state(rng["torch"])
+    data_generator.set_state(rng["data"])
+    if torch.cuda.is_available():
+        states = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda."))]
+        if len(states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(states)
+    version, keys, position = checkpoint["state"]["python_rng"]
+    random.setstate((version, tuple(keys), position))
+    name, keys, *rest = checkpoint["state"]["numpy_rng"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+
+
+def restore_optimizer(checkpoint: dict, optimizer) -> None:
+    optimizer.load_state_dict(_unflatten_optimizer(checkpoint["optimizer"], checkpoint["state"]["optimizer"]))

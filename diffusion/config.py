@@ -1,0 +1,264 @@
+"""Configuration: typed dataclasses with defaults, YAML files merged over them, dotted overrides.
+
+A config file only needs the keys it changes. Every key is checked: an unknown key or a value of
+the wrong type is a `UserError` naming the key and, for a typo, the closest valid key. The
+resolved config is written beside every checkpoint and export, so a model folder alone is enough
+to sample from it.
+
+    cfg = load_config("configs/shapes.yaml", ["train.max_steps=3000", "model.channels=[32,64,128]"])
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import UserError
+
+
+@dataclass
+class ModelConfig:
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
+    blocks_per_level: int = 1
+    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    attention_heads: int = 4
+    dropout: float = 0.0
+
+
+@dataclass
+class TextConfig:
+    pretrained: str | None = None
+    hidden_layer: int = -1
+    mask_eos: bool = True
+    max_length: int = 32
+    vocab_size: int = 512
+    width: int = 128
+    layers: int = 4
+    steps: int = 600
+    batch_size: int = 256
+    lr: float = 1e-3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    kind: str = "shapes"
+    path: str | None = None
+    resolution: int = 32
+    num_samples: int = 20000
+    min_objects: int = 1
+    max_objects: int = 2
+    seed: int = 0
+    holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])
+    center_crop: bool = True
+    random_flip: bool = False
+    skip_bad: bool = False
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    max_steps: int = 4000
+    batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 200
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"
+    prediction_type: str = "epsilon"
+    snr_gamma: float | None = 5.0
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "squaredcos_cap_v2"
+    cond_dropout: float = 0.1
+    ema_decay: float = 0.999
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 2
+    validate_every: int = 1000
+    log_every: int = 50
+    validation_prompts: list[str] = field(default_factory=lambda: [
+        "a red circle on the left", "a blue square on the right", "a green cross at the top",
+        "a yellow triangle at the bottom", "a purple circle in the centre",
+        "a red square to the left of a blue circle", "an orange triangle above a green square",
+        "a small yellow cross on the right"])
+    validation_seed: int = 0
+    validation_steps: int = 20
+    validation_guidance: float = 3.0
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+CHOICES = {
+    "data.kind": ("shapes", "imagefolder"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.prediction_type": ("epsilon", "v_prediction"),
+    "train.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
+}
+POSITIVE = {
+    "model.blocks_per_level", "model.attention_heads", "text.max_length", "text.vocab_size",
+    "text.width", "text.layers", "text.batch_size", "text.lr", "data.resolution", "data.num_samples",
+    "train.max_steps", "train.batch_size", "train.lr", "train.gradient_accumulation_steps",
+    "train.num_train_timesteps", "train.checkpoint_every", "train.keep_checkpoints",
+    "train.validate_every", "train.log_every", "train.validation_steps",
+}
+NON_NEGATIVE = {"text.steps", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+                "train.snr_gamma", "model.dropout", "train.validation_guidance"}
+FRACTIONS = {"train.cond_dropout", "train.ema_decay", "model.dropout"}
+
+
+def _type_name(annotation) -> str:
+    return getattr(annotation, "__name__", str(annotation)).replace("NoneType", "null")
+
+
+def _coerce(key: str, value, annotation):
+    """Check `value` against the field's type annotation; ints are accepted where floats are."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _coerce(key, value, option)
+            except UserError:
+                pass
+        raise UserError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+    if origin is list:
+        (item_type,) = typing.get_args(annotation)
+        if not isinstance(value, list):
+            raise UserError(f"{key} must be a list of {item_type.__name__}, got {value!r}")
+        return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
+    if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if annotation is str and isinstance(value, str):
+        return value
+    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+        return value
+    raise UserError(f"{key} must be {annotation.__name__}, got {value!r}")
+
+
+def _unknown_key(key: str, valid: list[str]) -> UserError:
+    close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
+    if close:
+        prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
+        return UserError(f"unknown config key '{key}'; did you mean '{prefix}{close[0]}'?")
+    return UserError(f"unknown config key '{key}' (valid: {', '.join(valid)})")
+
+
+def _merge(section, values: dict, prefix: str) -> None:
+    """Set the fields of dataclass instance `section` from a (possibly nested) dict."""
+    fields = {f.name: f for f in dataclasses.fields(section)}
+    hints = typing.get_type_hints(type(section))
+    for name, value in values.items():
+        key = f"{prefix}{name}"
+        if name not in fields:
+            raise _unknown_key(key, [f"{prefix}{f}" for f in fields])
+        current = getattr(section, name)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{key} must be a mapping of keys, got {value!r}")
+            _merge(current, value, f"{key}.")
+        else:
+            setattr(section, name, _coerce(key, value, hints[name]))
+
+
+def _validate(cfg: Config) -> None:
+    flat = {}
+    for section in dataclasses.fields(cfg):
+        for name, value in dataclasses.asdict(getattr(cfg, section.name)).items():
+            flat[f"{section.name}.{name}"] = value
+    for key, value in flat.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"{key} must be a finite number, got {value}")
+        if key in CHOICES and value not in CHOICES[key]:
+            raise UserError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        if key in POSITIVE and value <= 0:
+            raise UserError(f"{key} must be positive, got {value}")
+        if key in NON_NEGATIVE and value is not None and value < 0:
+            raise UserError(f"{key} must not be negative, got {value}")
+        if key in FRACTIONS and not 0 <= value < 1:
+            raise UserError(f"{key} must be in [0, 1), got {value}")
+    if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
+        raise UserError(f"model.channels must be a non-empty list of positive widths, got {cfg.model.channels}")
+    for c in cfg.model.channels:
+        if c % cfg.model.attention_heads or c % 8:
+            raise UserError(f"model.channels entries must be multiples of 8 and of model.attention_heads "
+                            f"({cfg.model.attention_heads}), got {c}")
+    levels = [cfg.data.resolution // 2**i for i in range(len(cfg.model.channels))]
+    if cfg.data.resolution % 2 ** (len(cfg.model.channels) - 1):
+        raise UserError(f"data.resolution ({cfg.data.resolution}) must be divisible by "
+                        f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels")
+    for r in cfg.model.attention_resolutions:
+        if r not in levels:
+            raise UserError(f"model.attention_resolutions has {r}, but the UNet's levels are at "
+                            f"{levels} px for data.resolution {cfg.data.resolution}")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """'train.lr=1e-4' -> ('train.lr', 0.0001); the value is parsed as YAML."""
+    if "=" not in text:
+        raise UserError(f"override '{text}' must look like key=value, for example train.max_steps=3000")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        raise UserError(f"override '{text}': cannot parse the value {raw!r}") from None
+    # YAML reads "1e-4" as a string; accept it as the number people mean.
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    return key.strip(), value
+
+
+def _nest(key: str, value) -> dict:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
+    """Defaults, then `values` (a nested dict), then dotted `overrides`; validated."""
+    cfg = Config()
+    _merge(cfg, values or {}, "")
+    for override in overrides:
+        key, value = parse_override(override)
+        _merge(cfg, _nest(key, value), "")
+    _validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML config file (None: the built-in defaults) and apply dotted overrides."""
+    values = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file '{path}' not found; pass an existing YAML file to --config (see configs/)")
+        try:
+            values = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark else ""
+            raise UserError(f"config file '{path}' is not valid YAML{where}") from None
+        if values is not None and not isinstance(values, dict):
+            raise UserError(f"config file '{path}' must hold a mapping of sections (model, text, data, train)")
+    return config_from_dict(values, overrides)

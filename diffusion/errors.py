@@ -1,0 +1,29 @@
+"""The one exception type for problems with what the user gave us.
+
+Command lines catch `UserError`, print its message as a single line and exit with status 2
+(no traceback). Everything else is a bug and keeps its traceback.
+"""
+import functools
+import sys
+
+
+class UserError(Exception):
+    """A bad input: a missing file, an unknown config key, an invalid value. The message says
+    what is wrong and how to fix it, in one line."""
+
+
+def exit_on_user_error(main):
+    """Decorate a command-line `main()` so a `UserError` becomes one line on stderr and exit 2."""
+
+    @functools.wraps(main)
+    def wrapper(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            print("interrupted", file=sys.stderr)
+            sys.exit(130)
+
+    return wrapper

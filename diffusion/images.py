@@ -1,0 +1,87 @@
+"""Turning tensors into pictures: PIL conversion, labelled grids, PNGs with text metadata.
+
+PIL and numpy only (torchvision is deliberately not a dependency, see README).
+"""
+from __future__ import annotations
+
+import os
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from PIL.PngImagePlugin import PngInfo
+
+from .errors import UserError
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """(B, 3, H, W) floats in [-1, 1] -> B RGB images."""
+    return [Image.fromarray(a) for a in uint8_images(images)]
+
+
+def _font(size: int):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow without FreeType sizes
+        return ImageFont.load_default()
+
+
+def labelled_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
+                  scale: int | None = None, label_width_chars: int = 22) -> Image.Image:
+    """Tile `images` in a grid, each with its (wrapped) label underneath. Small images are scaled
+    up with nearest-neighbour (default: to about 128 px) so they can be looked at."""
+    if not images:
+        raise ValueError("no images to put in a grid")
+    columns = columns or min(len(images), 8)
+    rows = (len(images) + columns - 1) // columns
+    w, h = images[0].size
+    scale = scale or max(1, 128 // max(w, h))
+    cell_w, cell_h = w * scale, h * scale
+    font = _font(11)
+    wrapped = [textwrap.wrap(label, label_width_chars)[:4] for label in (labels or [""] * len(images))]
+    text_h = 13 * max((len(lines) for lines in wrapped), default=0) + (4 if labels else 0)
+    pad = 4
+    grid = Image.new("RGB", (columns * (cell_w + pad) + pad, rows * (cell_h + text_h + pad) + pad), "white")
+    draw = ImageDraw.Draw(grid)
+    for i, (image, lines) in enumerate(zip(images, wrapped)):
+        x = pad + (i % columns) * (cell_w + pad)
+        y = pad + (i // columns) * (cell_h + text_h + pad)
+        grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (x, y))
+        for j, line in enumerate(lines):
+            draw.text((x, y + cell_h + 2 + 13 * j), line, fill="black", font=font)
+    return grid
+
+
+def save_png(image: Image.Image, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a PNG atomically (temporary name, then rename) with text metadata chunks."""
+    path = Path(path)
+    info = PngInfo()
+    for key, value in (metadata or {}).items():
+        info.add_text(key, str(value))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_name(f".{path.name}.tmp")
+        image.save(temporary, format="PNG", pnginfo=info)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise UserError(f"cannot write '{path}': {error.strerror or error}; choose a writable output path") from None
+    return path
+
+
+def check_writable(path: str | Path) -> None:
+    """Fail early, before any long work, if `path` (a file to be written) cannot be created."""
+    path = Path(path)
+    parent = path.parent
+    while not parent.exists():
+        parent = parent.parent
+    if path.is_dir() and path.suffix:
+        raise UserError(f"output path '{path}' is a folder; give a file name such as out.png")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise UserError(f"output path '{path}' cannot be written (permission denied); choose another --out")
+
+
+def uint8_images(images: torch.Tensor) -> np.ndarray:
+    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

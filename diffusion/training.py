@@ -1,0 +1,244 @@
+"""Training: text encoder stage, then the UNet, through accelerate.
+
+    output_dir/
+        clip/            the small CLIP trained on the captions (only without text.pretrained)
+        checkpoints/     step-XXXXXX/ folders (see checkpoint.py), the last `keep_checkpoints`
+        samples/         validation grids, same prompts and noise every time
+        model/           the final export (diffusers pipeline layout, EMA weights)
+        config.yaml      the resolved config of this run
+
+The loop is the usual diffusers one: DDPMScheduler noise, epsilon or v targets, optional
+min-SNR-gamma weighting, captions dropped to "" for classifier-free guidance, AdamW with warm-up
+and cosine decay, gradient clipping, EMA with warm-up. accelerate handles the device, mixed
+precision, gradient accumulation and several processes (`accelerate launch` / `torchrun`).
+"""
+from __future__ import annotations
+
+import importlib.util
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import build_dataset
+from .errors import UserError
+from .images import labelled_grid, save_png
+from .pipeline import Pipeline
+from .text_encoder import EmbeddingCache, TextEncoder, fit_tokenizer, train_clip
+from .unet import UNet
+
+
+def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
+    distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    return Accelerator(
+        mixed_precision=cfg.train.mixed_precision,
+        gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=str(output_dir),
+        cpu=distributed_cpu,  # torchrun on CPUs: gloo processes rather than one
+    )
+
+
+def prepare_text_encoder(cfg: Config, output_dir: Path, images: torch.Tensor, captions: list[str],
+                         accelerator: Accelerator) -> TextEncoder:
+    """Load the pretrained CLIP named by text.pretrained, or train the small one (once: a
+    finished `output_dir/clip` is reused on resume)."""
+    options = {"hidden_layer": cfg.text.hidden_layer, "mask_eos": cfg.text.mask_eos}
+    if cfg.text.pretrained:
+        return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
+    clip_dir = output_dir / "clip"
+    if accelerator.is_main_process and not (clip_dir / "text_encoder").is_dir():
+        start = time.time()
+        tokenizer = fit_tokenizer(captions + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length)
+        temporary = output_dir / ".clip.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        train_clip(images, captions, tokenizer, cfg.text, temporary, device=accelerator.device)
+        os.replace(temporary, clip_dir)
+        accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
+    accelerator.wait_for_everyone()
+    return TextEncoder.from_pretrained(str(clip_dir), max_length=cfg.text.max_length, **options)
+
+
+def validation_grid(pipeline: Pipeline, cfg: Config, path: Path, step: int) -> None:
+    out = pipeline(cfg.train.validation_prompts, seed=cfg.train.validation_seed, steps=cfg.train.validation_steps,
+                   guidance=cfg.train.validation_guidance, progress=False)
+    grid = labelled_grid(out.images, out.prompts, columns=min(4, len(out.images)))
+    save_png(grid, path, {"step": step, "seed": cfg.train.validation_seed, **out.settings})
+
+
+def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Path:
+    """Train per `cfg` into `output_dir`; returns the exported model folder."""
+    output_dir = Path(output_dir)
+    checkpoint_dir = output_dir / "checkpoints"
+    resume_path = ckpt.resolve_resume(resume, checkpoint_dir) if resume else None
+    if resume is None and ckpt.list_checkpoints(checkpoint_dir):
+        raise UserError(f"'{output_dir}' already holds checkpoints; pass --resume latest to continue, "
+                        "or choose another --output-dir")
+    checkpoint = ckpt.load_checkpoint(resume_path) if resume_path else None
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(f"cannot create output folder '{output_dir}': {error.strerror}") from None
+    if not os.access(output_dir, os.W_OK):
+        raise UserError(f"output folder '{output_dir}' is not writable; choose another --output-dir")
+
+    accelerator = make_accelerator(cfg, output_dir)
+    main = accelerator.is_main_process
+    set_seed(cfg.train.seed, device_specific=True)  # different noise on each process
+    if main:
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if accelerator.trackers is not None and accelerator.log_with:
+            accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
+
+    # ---- data and text embeddings (computed once per distinct caption) ---------------------
+    dataset = build_dataset(cfg.data)
+    images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
+    encoder = prepare_text_encoder(cfg, output_dir, images, captions, accelerator)
+    encoder.to(accelerator.device)
+    distinct = sorted(set(captions))
+    row_of = {caption: i for i, caption in enumerate(distinct)}
+    cache = EmbeddingCache(encoder)
+    caption_embeddings, caption_masks = cache.get(distinct)  # (U, T, D), (U, T)
+    empty_embedding, empty_mask = cache.get([""])
+    caption_rows = torch.tensor([row_of[c] for c in captions])
+    device = accelerator.device
+    caption_embeddings, caption_masks = caption_embeddings.to(device), caption_masks.to(device)
+    empty_embedding, empty_mask = empty_embedding.to(device), empty_mask.to(device)
+    images = images.to(device)
+
+    # ---- model, noise schedule, optimizer, EMA ---------------------------------------------
+    unet = UNet(sample_size=cfg.data.resolution, channels=tuple(cfg.model.channels),
+                blocks_per_level=cfg.model.blocks_per_level,
+                attention_resolutions=tuple(cfg.model.attention_resolutions),
+                attention_heads=cfg.model.attention_heads, context_dim=encoder.embedding_dim,
+                dropout=cfg.model.dropout)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps,
+                                    beta_schedule=cfg.train.beta_schedule,
+                                    prediction_type=cfg.train.prediction_type, clip_sample=True)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                                 num_training_steps=cfg.train.max_steps)
+    ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=3 / 4,
+                   model_cls=UNet, model_config=unet.config)
+    step = 0
+    data_generator = torch.Generator().manual_seed(cfg.train.seed)  # same on every process
+    if checkpoint:
+        unet.load_state_dict(checkpoint["model"])
+        ema_state = dict(checkpoint["state"]["ema"])
+        ema_state["shadow_params"] = [checkpoint["ema"][n] for n, _ in unet.named_parameters()]
+        ema.load_state_dict(ema_state)
+        ckpt.restore_optimizer(checkpoint, optimizer)
+        lr_scheduler.load_state_dict(checkpoint["state"]["lr_scheduler"])
+        ckpt.restore_rng(checkpoint, data_generator)
+        step = checkpoint["step"]
+        accelerator.print(f"resumed from {resume_path} at step {step}")
+    ema.to(device)
+    # The LR schedule is stepped by hand once per optimizer step, so it is not prepared.
+    raw_optimizer = optimizer
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    model = accelerator.unwrap_model(unet)
+    accelerator.print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
+                      f"{len(distinct)} distinct captions, {len(captions)} images, device {device}, "
+                      f"{accelerator.num_processes} process(es)")
+
+    def save(step: int) -> None:
+        if main:
+            ckpt.save_checkpoint(checkpoint_dir, step, model, ema, raw_optimizer, lr_scheduler, data_generator,
+                                 cfg.to_dict())
+            ckpt.prune_checkpoints(checkpoint_dir, cfg.train.keep_checkpoints)
+        accelerator.wait_for_everyone()
+
+    def ema_pipeline() -> Pipeline:
+        ema.store(model.parameters())
+        ema.copy_to(model.parameters())
+        return Pipeline(model, encoder, noise_scheduler.config, device)
+
+    def validate(step: int) -> None:
+        if main:
+            pipeline = ema_pipeline()
+            validation_grid(pipeline, cfg, output_dir / "samples" / f"step-{step:06d}.png", step)
+            ema.restore(model.parameters())
+            model.train()
+        accelerator.wait_for_everyone()
+
+    # ---- the loop ---------------------------------------------------------------------------
+    B = cfg.train.batch_size
+    world, rank = accelerator.num_processes, accelerator.process_index
+    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
+    unet.train()
+    images_seen, start = 0, time.time()
+    while step < cfg.train.max_steps:
+        with accelerator.accumulate(unet):
+            # every process draws the same global batch and takes its own slice of it
+            index = torch.randint(len(captions), (B * world,), generator=data_generator)[rank * B:(rank + 1) * B]
+            x0 = images[index.to(device)].float() / 127.5 - 1  # (B, 3, R, R) in [-1, 1]
+            rows = caption_rows[index].to(device)
+            embeddings, key_mask = caption_embeddings[rows], caption_masks[rows]  # (B, T, D), (B, T)
+            dropped = torch.rand(B, device=device) < cfg.train.cond_dropout
+            embeddings = torch.where(dropped[:, None, None], empty_embedding, embeddings)
+            key_mask = torch.where(dropped[:, None], empty_mask, key_mask)
+
+            noise = torch.randn_like(x0)
+            timesteps = torch.randint(0, cfg.train.num_train_timesteps, (B,), device=device)
+            noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+            target = noise if cfg.train.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
+            with accelerator.autocast():
+                prediction = unet(noisy, timesteps, embeddings, key_mask)
+            loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            if cfg.train.snr_gamma is not None:
+                snr = compute_snr(noise_scheduler, timesteps)
+                clipped = snr.clamp(max=cfg.train.snr_gamma)
+                loss = loss * (clipped / snr if cfg.train.prediction_type == "epsilon" else clipped / (snr + 1))
+            loss = loss.mean()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.train.grad_clip > 0:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        images_seen += B * world
+        if not accelerator.sync_gradients:
+            continue
+        lr_scheduler.step()
+        ema.step(model.parameters())
+        step += 1
+        progress.update(1)
+        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            rate = images_seen / (time.time() - start)
+            progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
+            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate}, step=step)
+            if not math.isfinite(loss_value):
+                raise RuntimeError(f"loss became {loss_value} at step {step}; lower train.lr or enable grad_clip")
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
+            save(step)
+        if step % cfg.train.validate_every == 0 or step == cfg.train.max_steps:
+            validate(step)
+    progress.close()
+    elapsed = time.time() - start
+    if images_seen:
+        accelerator.print(f"trained {images_seen} images in {elapsed:.0f} s ({images_seen / elapsed:.0f} images/s)")
+
+    # ---- export the EMA weights in diffusers' pipeline layout ------------------------------
+    export_dir = output_dir / "model"
+    if main:
+        pipeline = ema_pipeline()
+        pipeline.save_pretrained(export_dir, {"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
+        ema.restore(model.parameters())
+        accelerator.print(f"exported the EMA model to {export_dir}")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return export_dir

@@ -1,0 +1,160 @@
+"""A compact text-conditioned UNet for images in pixel space.
+
+    image (B, 3, R, R) --conv--> level 0 --down--> level 1 --down--> ... --> middle
+                                  |  skip           |  skip
+    eps/v  (B, 3, R, R) <--conv-- level 0 <--up---- level 1 <--up---- ... <--'
+
+Each level has `blocks_per_level` ResNet blocks (with the timestep embedding added), each
+followed, at the resolutions in `attention_resolutions`, by a transformer block whose
+cross-attention reads the text embeddings. The middle always has one.
+
+A diffusers `ModelMixin` + `ConfigMixin`: `save_pretrained(dir)` writes `config.json` and
+safetensors weights, `UNet.from_pretrained(dir)` reads them back.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.embeddings import get_timestep_embedding
+from diffusers.models.modeling_utils import ModelMixin
+from torch import nn
+
+from .attention import AttentionController, TransformerBlock
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with the timestep embedding added in between."""
+
+    def __init__(self, in_channels: int, out_channels: int, time_dim: int, dropout: float, groups: int = 8):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_channels)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.time_proj = nn.Linear(time_dim, out_channels)
+        self.norm2 = nn.GroupNorm(groups, out_channels)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
+
+    def forward(self, x: torch.Tensor, time_embedding: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = h + self.time_proj(time_embedding)[:, :, None, None]
+        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+        return self.skip(x) + h
+
+
+class Level(nn.Module):
+    """The ResNet (+ transformer) blocks of one resolution, on the way down or up."""
+
+    def __init__(self, in_channels: list[int], out_channels: int, time_dim: int, context_dim: int,
+                 heads: int, attention: bool, dropout: float, name: str):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResBlock(c, out_channels, time_dim, dropout) for c in in_channels)
+        self.attentions = nn.ModuleList(
+            TransformerBlock(out_channels, context_dim, heads, f"{name}.attn.{i}") for i in range(len(in_channels))
+        ) if attention else None
+
+
+class UNet(ModelMixin, ConfigMixin):
+    @register_to_config
+    def __init__(
+        self,
+        sample_size: int = 32,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        channels: tuple[int, ...] = (32, 64, 128),
+        blocks_per_level: int = 1,
+        attention_resolutions: tuple[int, ...] = (16, 8),
+        attention_heads: int = 4,
+        context_dim: int = 128,
+        dropout: float = 0.0,
+    ):
+        """sample_size: image side in pixels; channels: width of each level (level i works at
+        sample_size / 2**i); attention_resolutions: the sides (px) whose levels carry
+        transformer blocks; attention_heads: number of heads (head width = channels / heads);
+        context_dim: width D of the text-token embeddings."""
+        super().__init__()
+        time_dim = 4 * channels[0]
+        self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
+        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.resolutions = [sample_size // 2**i for i in range(len(channels))]
+
+        self.down = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        previous = channels[0]
+        for i, width in enumerate(channels):
+            attention = self.resolutions[i] in attention_resolutions
+            ins = [previous] + [width] * (blocks_per_level - 1)
+            self.down.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"down.{i}"))
+            last = i == len(channels) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
+            previous = width
+
+        self.mid_resnet1 = ResBlock(previous, previous, time_dim, dropout)
+        self.mid_attention = TransformerBlock(previous, context_dim, attention_heads, "mid.attn.0")
+        self.mid_resnet2 = ResBlock(previous, previous, time_dim, dropout)
+
+        self.up = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(channels))):
+            width = channels[i]
+            attention = self.resolutions[i] in attention_resolutions
+            # every block takes one skip connection from the same level of the down path
+            ins = [previous + width] + [2 * width] * (blocks_per_level - 1)
+            self.up.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"up.{i}"))
+            self.upsamples.append(nn.Conv2d(width, channels[i - 1], 3, padding=1) if i > 0 else nn.Identity())
+            previous = channels[i - 1] if i > 0 else width
+
+        self.norm_out = nn.GroupNorm(8, channels[0])
+        self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
+        nn.init.zeros_(self.conv_out.weight)
+        nn.init.zeros_(self.conv_out.bias)
+
+    def forward(
+        self,
+        sample: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        encoder_hidden_states: torch.Tensor,
+        encoder_attention_mask: torch.Tensor | None = None,
+        attention_controller: AttentionController | None = None,
+        step: int | None = None,
+    ) -> torch.Tensor:
+        """sample: (B, 3, R, R) noisy images; timestep: (B,) or a scalar;
+        encoder_hidden_states: (B, T, D) text-token embeddings; encoder_attention_mask: (B, T)
+        bool, True for tokens the cross-attention may read; attention_controller: an optional
+        `AttentionController` that sees (and may edit) every cross-attention's probabilities;
+        step: the sampler's step index, passed on to the controller. Returns (B, 3, R, R)."""
+        B = sample.shape[0]
+        timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
+        t_emb = get_timestep_embedding(timestep, self.config.channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
+        t_emb = self.time_mlp(t_emb.to(sample.dtype))  # (B, time_dim)
+        attention_args = (encoder_hidden_states, encoder_attention_mask, attention_controller, step, timestep)
+
+        def run_level(level: Level, h: torch.Tensor, skips: list | None) -> tuple[torch.Tensor, list]:
+            outputs = []
+            for i, resnet in enumerate(level.resnets):
+                if skips is not None:
+                    h = torch.cat([h, skips.pop()], dim=1)
+                h = resnet(h, t_emb)
+                if level.attentions is not None:
+                    h = level.attentions[i](h, *attention_args)
+                outputs.append(h)
+            return h, outputs
+
+        h = self.conv_in(sample)
+        skips = []
+        for level, downsample in zip(self.down, self.downsamples):
+            h, outputs = run_level(level, h, None)
+            skips.extend(outputs)
+            h = downsample(h)
+
+        h = self.mid_resnet1(h, t_emb)
+        h = self.mid_attention(h, *attention_args)
+        h = self.mid_resnet2(h, t_emb)
+
+        for level, upsample in zip(self.up, self.upsamples):
+            h, _ = run_level(level, h, skips)
+            if not isinstance(upsample, nn.Identity):
+                h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
+        return self.conv_out(F.silu(self.norm_out(h)))
