@@ -37,7 +37,7 @@ class TextConfig:
     hidden_layer: int = -1
     mask_eos: bool = True
     max_length: int = 32
-    vocab_size: int = 512
+    vocab_size: int = 1024
     width: int = 128
     layers: int = 4
     steps: int = 600

@@ -134,7 +134,9 @@ class Pipeline:
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder_options": self.text_encoder.options(),
+            "text_encoder_options": {"max_length": self.text_encoder.max_length,
+                                     "hidden_layer": self.text_encoder.hidden_layer,
+                                     "mask_eos": self.text_encoder.mask_eos},
         }
         (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         for name, text in (extra_files or {}).items():

@@ -1,0 +1,522 @@
+"""Frozen CLIP text embeddings for the UNet's cross-attention.
+
+Two sources of a CLIP text encoder, both loaded the same way by `TextEncoder.from_pretrained`:
+
+- any pretrained CLIP, by hub id or local folder (e.g. `openai/clip-vit-base-patch32`);
+- the offline default: a small CLIP trained contrastively on the training images and captions
+  (`fit_tokenizer` + `train_clip`), saved as `tokenizer/` + `text_encoder/` in the transformers
+  format, so it loads exactly like a pretrained one.
+
+`EmbeddingCache` computes the embedding of each distinct caption once, since the encoder is frozen.
+"""
+import contextlib
+import json
+import math
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, pre_tokenizers, trainers
+from tokenizers.models import BPE
+from torch import nn
+from tqdm.auto import tqdm
+from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
+from transformers.convert_slow_tokenizer import bytes_to_unicode
+from transformers.utils import logging as transformers_logging
+
+from diffusion.errors import UserError
+
+BOS = "<|startoftext|>"
+EOS = "<|endoftext|>"
+END_OF_WORD = "</w>"
+# CLIP's byte-level alphabet: one printable character per byte value, so any text maps onto it.
+BYTE_ALPHABET = list(bytes_to_unicode().values())
+# Every byte symbol plain and with the end-of-word suffix, plus the two special tokens: a BPE
+# vocabulary cannot be smaller than this without producing unknown tokens.
+MIN_VOCAB_SIZE = 2 * len(BYTE_ALPHABET) + 2
+
+TEXT_HEADS = 4
+VISION_WIDTH = 128
+VISION_LAYERS = 2
+PROJECTION_DIM = 128
+
+
+def fit_tokenizer(captions: list[str], vocab_size: int = 1024, model_max_length: int = 32) -> CLIPTokenizer:
+    """Fit a CLIP-format byte-level BPE tokenizer on the training captions.
+
+    The vocabulary is laid out like OpenAI CLIP's vocab.json: the 256 byte symbols, the same with
+    `</w>`, the learned merges in priority order, then `<|startoftext|>` and `<|endoftext|>`
+    (which is also the pad token). Text is lowercased, and any text tokenizes without unknowns.
+
+    Args:
+        captions: the training captions; frequent words become single tokens.
+        vocab_size: the largest vocabulary size, special tokens included; at least 514 (the byte
+            alphabet twice, plus two special tokens). Merges stop early when no pair of symbols
+            occurs twice, so a small caption set gives a smaller vocabulary.
+        model_max_length: tokens per prompt, start and end tokens included.
+
+    Returns:
+        A `transformers.CLIPTokenizer`; `save_pretrained` writes it in the standard format.
+    """
+    if not captions or not all(isinstance(caption, str) for caption in captions):
+        raise UserError("fit_tokenizer needs a non-empty list of caption strings; check the dataset captions")
+    if vocab_size < MIN_VOCAB_SIZE:
+        raise UserError(f"vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} (CLIP's byte alphabet)")
+    if model_max_length < 3:
+        raise UserError(f"max_length {model_max_length} is too small; use at least 3 (start, one word, end)")
+
+    # Learn merges on exactly the text CLIPTokenizer will see: reuse its normalizer (whitespace
+    # squashing, lowercasing) and pre-tokenizer (CLIP's word regex, then bytes to symbols).
+    clip_pipeline = CLIPTokenizer().backend_tokenizer
+    bpe = Tokenizer(BPE(end_of_word_suffix=END_OF_WORD))
+    bpe.normalizer = clip_pipeline.normalizer
+    bpe.pre_tokenizer = clip_pipeline.pre_tokenizer
+    merge_budget = vocab_size - MIN_VOCAB_SIZE
+    trainer = trainers.BpeTrainer(
+        # The trainer counts its alphabet into vocab_size; this is enough room for merge_budget merges.
+        vocab_size=len(BYTE_ALPHABET) * 2 + merge_budget,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        end_of_word_suffix=END_OF_WORD,
+        show_progress=False,
+    )
+    bpe.train_from_iterator(captions, trainer)
+    # A prefix of a BPE merge list is itself a valid merge list, so cutting it keeps the tokenizer consistent.
+    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]][:merge_budget]
+
+    tokens = BYTE_ALPHABET + [symbol + END_OF_WORD for symbol in BYTE_ALPHABET]
+    tokens += [left + right for left, right in merges] + [BOS, EOS]
+    # Two merges can spell the same token ("ab"+"c", "a"+"bc"); it needs one id.
+    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
+
+
+def train_clip(
+    images: torch.Tensor,
+    captions: list[str],
+    tokenizer: CLIPTokenizer,
+    config,
+    out_dir: str | Path,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> CLIPModel:
+    """Train a small CLIP contrastively on images and captions; save its text half for the UNet.
+
+    Writes `out_dir/text_encoder` (a `CLIPTextModel`, safetensors) and `out_dir/tokenizer`, which
+    `TextEncoder.from_pretrained(out_dir)` loads.
+
+    Args:
+        images: uint8 images, (N, 3, H, W) with H == W.
+        captions: N captions, one per image.
+        tokenizer: the tokenizer from `fit_tokenizer`; its `model_max_length` sets the text length.
+        config: any object with `width` (text hidden size), `layers` (text layers), `steps`,
+            `batch_size`, `lr` (peak AdamW learning rate) and `seed`.
+        out_dir: folder to write `tokenizer/` and `text_encoder/` into.
+        device: where to train.
+        progress: show a tqdm bar with the loss.
+
+    Returns:
+        The trained `CLIPModel` (both towers, eval mode, on `device`), e.g. to check retrieval.
+    """
+    _check_training_data(images, captions)
+    if config.width % TEXT_HEADS:
+        raise UserError(f"clip width {config.width} must be a multiple of {TEXT_HEADS} (attention heads)")
+    if config.steps < 1 or config.batch_size < 2:
+        raise UserError(f"clip needs steps >= 1 and batch_size >= 2, got {config.steps} and {config.batch_size}")
+    size = images.shape[-1]
+    patch = 8 if size >= 64 else 4
+    if size % patch:
+        raise UserError(f"clip images of {size} px do not split into {patch}-px patches; use a multiple of {patch}")
+    max_length = tokenizer.model_max_length
+
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.width,
+        intermediate_size=4 * config.width,
+        num_hidden_layers=config.layers,
+        num_attention_heads=TEXT_HEADS,
+        max_position_embeddings=max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    vision_config = CLIPVisionConfig(
+        image_size=size,
+        patch_size=patch,
+        hidden_size=VISION_WIDTH,
+        intermediate_size=4 * VISION_WIDTH,
+        num_hidden_layers=VISION_LAYERS,
+        num_attention_heads=4,
+    )
+    clip_config = CLIPConfig(
+        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=PROJECTION_DIM
+    )
+    # Seed the initialisation without disturbing the caller's global random state.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        model = CLIPModel(clip_config).to(device)
+    generator = torch.Generator().manual_seed(config.seed)
+
+    # Tokenize each distinct caption once; a batch then refers to captions by index.
+    distinct = list(dict.fromkeys(captions))
+    row_of = {caption: row for row, caption in enumerate(distinct)}
+    caption_rows = torch.tensor([row_of[caption] for caption in captions])  # (N,)
+    too_long = sum(len(ids) > max_length for ids in tokenizer(distinct, verbose=False)["input_ids"])
+    if too_long:
+        warnings.warn(f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
+                      f"and are truncated; raise max_length to keep them whole")
+    tokens = tokenizer(distinct, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    all_ids = tokens["input_ids"].to(device)  # (U_all, T)
+    all_mask = tokens["attention_mask"].to(device)  # (U_all, T)
+    lengths = all_mask.sum(1)  # (U_all,)
+    images = images.to(device)
+
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, logit scale
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
+    )
+    warmup = max(1, min(100, config.steps // 10))
+
+    def lr_factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+    batch_size = min(config.batch_size, len(captions))
+    model.train()
+    bar = tqdm(range(config.steps), desc="clip", disable=not progress)
+    for _ in bar:
+        picks = torch.randint(len(captions), (batch_size,), generator=generator)  # (B,)
+        # Procedural captions repeat a lot within a batch, and an image must not be pushed away
+        # from a caption identical to its own. So the text side is de-duplicated: each image is
+        # classified among the batch's U distinct captions (no false negatives), and each caption
+        # must pick out all of its images (a soft target spread evenly over them).
+        rows, caption_of_image = torch.unique(caption_rows[picks], return_inverse=True)  # (U,), (B,)
+        rows, caption_of_image = rows.to(device), caption_of_image.to(device)
+        length = int(lengths[rows].max())  # causal attention: trimming trailing padding changes nothing
+        text = model.text_model(input_ids=all_ids[rows, :length], attention_mask=all_mask[rows, :length])
+        text_embeds = F.normalize(model.text_projection(text.pooler_output), dim=-1)  # (U, P)
+        pixels = images[picks.to(device)].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        vision = model.vision_model(pixel_values=pixels)
+        image_embeds = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)  # (B, P)
+        # CLIP caps the temperature at 100 so the logits cannot blow up.
+        logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (B, U)
+        image_loss = F.cross_entropy(logits, caption_of_image)
+        images_of_caption = F.one_hot(caption_of_image, len(rows)).T.float()  # (U, B)
+        text_loss = F.cross_entropy(logits.T, images_of_caption / images_of_caption.sum(1, keepdim=True))
+        loss = (image_loss + text_loss) / 2
+
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+    model.eval()
+    out_dir = Path(out_dir)
+    with _quiet_transformers():
+        model.text_model.save_pretrained(out_dir / "text_encoder")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    return model
+
+
+def _check_training_data(images, captions):
+    """Raise UserError unless `images` is uint8 (N, 3, S, S) and `captions` holds N strings."""
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
+        raise UserError("clip training images must be a uint8 tensor (N, 3, H, W); check the dataset loader")
+    n, channels, height, width = images.shape
+    if channels != 3 or height != width:
+        raise UserError(f"clip training images must be square RGB, got shape {tuple(images.shape)}; resize the dataset")
+    if len(captions) != n or not all(isinstance(caption, str) for caption in captions):
+        raise UserError(f"clip training needs one caption string per image, got {len(captions)} for {n} images")
+
+
+@contextlib.contextmanager
+def _quiet_transformers():
+    """Silence transformers' progress bars and load reports while loading or saving our own files.
+
+    The reports list the vision weights of a full CLIP checkpoint as unused, which is expected
+    here; we check for missing weights ourselves.
+    """
+    verbosity = transformers_logging.get_verbosity()
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.set_verbosity_error()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars:
+            transformers_logging.enable_progress_bar()
+
+
+def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
+    """Load a CLIP tokenizer and text model; raise a one-line UserError on any failure.
+
+    Args:
+        name_or_path: a folder with `tokenizer/` and `text_encoder/` (our export, or a diffusers
+            pipeline), or a folder or hub id of a plain CLIP (weights and tokenizer at its root).
+    """
+    path = Path(name_or_path).expanduser()
+    hint = ("give a local folder with tokenizer/ and text_encoder/, or a CLIP folder or hub id "
+            "such as openai/clip-vit-base-patch32")
+    # A path-like name that does not exist is a typo, not a hub id: say so at once instead of
+    # waiting for the hub to time out.
+    path_like = path.is_absolute() or name_or_path.startswith((".", "~")) or "/" in name_or_path and path.parent.is_dir()
+    if not path.is_dir() and path_like:
+        raise UserError(f"could not load a CLIP text encoder from '{name_or_path}': no such folder; {hint}")
+    split = path.is_dir() and (path / "text_encoder").is_dir()
+    source = str(path) if path.is_dir() else name_or_path
+    try:
+        with _quiet_transformers():
+            # The model first: CLIPTokenizer.from_pretrained "succeeds" with an empty vocabulary
+            # when there are no tokenizer files, whereas a missing model raises.
+            model, info = CLIPTextModel.from_pretrained(
+                source, subfolder="text_encoder" if split else "", output_loading_info=True
+            )
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer" if split else "")
+    except Exception as error:  # any failure to read user files is a bad path, not a bug
+        where = "folder" if path.is_dir() else "no such folder; as a hub id (offline?)"
+        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        raise UserError(f"could not load a CLIP text encoder from '{name_or_path}' ({where}: {reason}); {hint}") from None
+    if info["missing_keys"]:
+        raise UserError(f"'{name_or_path}' holds no CLIP text weights (missing {len(info['missing_keys'])} "
+                        f"tensors, e.g. {sorted(info['missing_keys'])[0]}); {hint}")
+    if len(tokenizer) < len(BYTE_ALPHABET):
+        raise UserError(f"'{name_or_path}' has no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json); {hint}")
+    if len(tokenizer) > model.config.vocab_size:
+        raise UserError(f"'{name_or_path}': the tokenizer has {len(tokenizer)} tokens but the text model only "
+                        f"{model.config.vocab_size}; they come from different models, use a matching pair")
+    return tokenizer, model
+
+
+class TextEncoder(nn.Module):
+    """A frozen CLIP text model that turns prompts into per-token embeddings for cross-attention."""
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        model: CLIPTextModel,
+        max_length: int | None = None,
+        hidden_layer: int = -1,
+        mask_eos: bool = True,
+    ):
+        """
+        Args:
+            tokenizer: the CLIP tokenizer matching `model`.
+            model: a CLIP text model; it is frozen (no gradients, always in eval mode).
+            max_length: tokens per prompt (start and end included); defaults to the tokenizer's
+                `model_max_length`, capped at the model's position embeddings.
+            hidden_layer: which layer's output to use: -1 the last, -2 the penultimate ("clip
+                skip"), ...; the final layer norm is applied either way.
+            mask_eos: hide the end-of-text token from the UNet, leaving only the words and the
+                start token.
+        """
+        super().__init__()
+        positions = model.config.max_position_embeddings
+        layers = model.config.num_hidden_layers
+        if max_length is None:
+            max_length = min(tokenizer.model_max_length, positions)
+        if not 3 <= max_length <= positions:
+            raise UserError(f"text max_length {max_length} is out of range; this CLIP takes 3 to {positions} tokens")
+        if not -layers <= hidden_layer <= -1:
+            raise UserError(f"text hidden_layer {hidden_layer} is out of range; this CLIP has layers -1 to {-layers}")
+        self.tokenizer = tokenizer
+        self.model = model.requires_grad_(False).eval()
+        self.hidden_layer = hidden_layer
+        self.mask_eos = mask_eos
+        self._max_length = max_length
+
+    @classmethod
+    def from_pretrained(
+        cls, name_or_path: str | Path, max_length: int | None = None, hidden_layer: int = -1, mask_eos: bool = True
+    ) -> "TextEncoder":
+        """Load a CLIP text encoder.
+
+        Args:
+            name_or_path: a folder with `tokenizer/` and `text_encoder/` (from `train_clip` or
+                `save_pretrained`, or a diffusers pipeline), or a folder or hub id of a plain CLIP
+                (a CLIPModel or CLIPTextModel checkpoint with its tokenizer files at the root).
+            max_length, hidden_layer, mask_eos: as in `TextEncoder.__init__`.
+        """
+        tokenizer, model = _load_clip_text(str(name_or_path))
+        return cls(tokenizer, model, max_length=max_length, hidden_layer=hidden_layer, mask_eos=mask_eos)
+
+    @property
+    def embedding_dim(self) -> int:
+        """Size D of each token embedding."""
+        return self.model.config.hidden_size
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per prompt T, start and end tokens included."""
+        return self._max_length
+
+    def train(self, mode: bool = True) -> "TextEncoder":
+        """Stay in eval mode: a parent module's `.train()` must not unfreeze the encoder's behaviour."""
+        return super().train(False)
+
+    def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        """Tokenize prompts to exactly `max_length` tokens, warning about any text cut off.
+
+        Args:
+            prompts: B prompts.
+
+        Returns:
+            `input_ids` (B, T) long; `attention_mask` (B, T) long, 1 for real tokens (start and
+            end included); `offsets` (B, T, 2) long, each token's [start, end) character span in
+            its prompt ((0, 0) for special and padding tokens).
+        """
+        _check_prompts(prompts)
+        tokens = self.tokenizer(
+            prompts,
+            padding="max_length",
+            padding_side="right",  # key_mask finds the end token by counting real tokens from the left
+            truncation=True,
+            max_length=self.max_length,
+            return_offsets_mapping=True,
+            return_tensors="pt",
+        )
+        # Only a prompt that fills every position can have been cut.
+        full = [prompt for prompt, last in zip(prompts, tokens["attention_mask"][:, -1]) if last]
+        if full:
+            self._warn_truncated(full)
+        return {
+            "input_ids": tokens["input_ids"],
+            "attention_mask": tokens["attention_mask"],
+            "offsets": tokens["offset_mapping"],
+        }
+
+    def _warn_truncated(self, prompts: list[str]) -> None:
+        """Warn, for each prompt longer than `max_length` tokens, which text was cut off."""
+        untruncated = self.tokenizer(prompts, return_offsets_mapping=True, verbose=False)
+        for prompt, ids, offsets in zip(prompts, untruncated["input_ids"], untruncated["offset_mapping"]):
+            if len(ids) <= self.max_length:
+                continue
+            # Kept: start token + the first T-2 tokens + end token; cut: tokens T-1 .. n-2.
+            cut = prompt[offsets[self.max_length - 1][0] : offsets[len(ids) - 2][1]]
+            warnings.warn(f'prompt truncated to {self.max_length} tokens; cut: "{cut}"', stacklevel=3)
+
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed prompts token by token.
+
+        Args:
+            prompts: B prompts; longer ones are truncated with a warning.
+
+        Returns:
+            `embeddings` (B, T, D) float32 and `key_mask` (B, T) bool, on the model's device.
+            `key_mask` is True where cross-attention may look: every real token except padding
+            and, with `mask_eos`, the end token. The start token is always kept, so even the
+            empty prompt has one True.
+        """
+        tokens = self.tokenize(prompts)
+        device = self.model.device
+        input_ids = tokens["input_ids"].to(device)  # (B, T)
+        attention_mask = tokens["attention_mask"].to(device)  # (B, T)
+        # No attention mask for the model: CLIP is causal, so real tokens never see the padding
+        # after them, and padded positions are hidden by key_mask anyway.
+        output = self.model(input_ids=input_ids, output_hidden_states=self.hidden_layer != -1)
+        if self.hidden_layer == -1:
+            embeddings = output.last_hidden_state  # (B, T, D), after the final layer norm
+        else:
+            embeddings = self.model.final_layer_norm(output.hidden_states[self.hidden_layer])  # (B, T, D)
+
+        key_mask = attention_mask.bool()  # (B, T)
+        if self.mask_eos:
+            # By position, not id: the pad token is the end token in OpenAI's CLIP. The end token
+            # is at index >= 1, so the start token at 0 stays.
+            end = attention_mask.sum(1) - 1  # (B,)
+            key_mask[torch.arange(len(prompts), device=device), end] = False
+        return embeddings.float(), key_mask
+
+    def save_pretrained(self, out_dir: str | Path) -> None:
+        """Write `out_dir/tokenizer` and `out_dir/text_encoder`, the layout `from_pretrained` reads.
+
+        `max_length`, `hidden_layer` and `mask_eos` are not saved: they belong to the caller's config.
+        """
+        out_dir = Path(out_dir)
+        self.tokenizer.save_pretrained(out_dir / "tokenizer")
+        with _quiet_transformers():
+            self.model.save_pretrained(out_dir / "text_encoder")
+
+
+def _check_prompts(prompts):
+    """Raise UserError unless `prompts` is a non-empty list of strings."""
+    if isinstance(prompts, str) or not prompts:
+        raise UserError("prompts must be a non-empty list of strings; wrap a single prompt in a list")
+    for index, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            raise UserError(f"prompt {index} is {type(prompt).__name__} {prompt!r}, not text; quote it in the config")
+
+
+class EmbeddingCache:
+    """Text embeddings of a frozen encoder, computed once per distinct caption and kept on the CPU.
+
+    Rows live in one growing tensor (capacity doubles when full) with a caption -> row dict, so a
+    batch lookup is a single index operation. Memory: T * D * 4 bytes per distinct caption
+    (16 KiB at T=32, D=128).
+    """
+
+    def __init__(self, encoder: TextEncoder, batch_size: int = 256):
+        """
+        Args:
+            encoder: the frozen text encoder.
+            batch_size: how many new captions to encode at once.
+        """
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self._row_of: dict[str, int] = {}
+        shape = (encoder.max_length,)
+        self._embeddings = torch.empty(0, *shape, encoder.embedding_dim)  # (capacity, T, D)
+        self._key_mask = torch.empty(0, *shape, dtype=torch.bool)  # (capacity, T)
+
+    def __len__(self) -> int:
+        """Number of distinct captions cached."""
+        return len(self._row_of)
+
+    def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, T, D) float32 and key mask (B, T) bool on the CPU, as `encoder.encode` gives."""
+        self._add(captions, progress=False)
+        rows = torch.tensor([self._row_of[caption] for caption in captions], dtype=torch.long)  # (B,)
+        return self._embeddings[rows], self._key_mask[rows]
+
+    def precompute(self, captions: list[str], progress: bool = True) -> None:
+        """Encode every caption not cached yet, e.g. the whole training set before training.
+
+        Args:
+            captions: captions, repeats allowed.
+            progress: show a tqdm bar over batches.
+        """
+        self._add(captions, progress=progress)
+
+    def _add(self, captions, progress):
+        """Encode and store the captions not cached yet, `batch_size` at a time."""
+        _check_prompts(captions)
+        new = [caption for caption in dict.fromkeys(captions) if caption not in self._row_of]
+        starts = range(0, len(new), self.batch_size)
+        for start in tqdm(starts, desc="text embeddings", disable=not progress or not new):
+            chunk = new[start : start + self.batch_size]
+            embeddings, key_mask = self.encoder.encode(chunk)
+            first = len(self._row_of)
+            self._reserve(first + len(chunk))
+            self._embeddings[first : first + len(chunk)] = embeddings.cpu()
+            self._key_mask[first : first + len(chunk)] = key_mask.cpu()
+            self._row_of.update((caption, first + offset) for offset, caption in enumerate(chunk))
+
+    def _reserve(self, rows):
+        """Grow storage to hold at least `rows` rows; doubling keeps appends amortised O(1)."""
+        capacity = len(self._embeddings)
+        if rows <= capacity:
+            return
+        capacity = max(rows, 2 * capacity)
+        embeddings = torch.empty(capacity, *self._embeddings.shape[1:])
+        key_mask = torch.zeros(capacity, *self._key_mask.shape[1:], dtype=torch.bool)
+        embeddings[: len(self)] = self._embeddings[: len(self)]
+        key_mask[: len(self)] = self._key_mask[: len(self)]
+        self._embeddings, self._key_mask = embeddings, key_mask
