@@ -5,6 +5,9 @@
 
 Writes a labelled grid at --out and each image beside it (<stem>-000.png, ...); the prompt, seed
 and settings are stored in every PNG's text metadata.
+
+    python sample.py --model M "a (red:2) circle on the left" --attention maps/    # per-word maps
+    python sample.py --model M "a red circle on the left" --edit "a red square on the left"
 """
 from pathlib import Path
 
@@ -12,6 +15,36 @@ from diffusion.cli import ArgumentParser, one_line_warnings
 from diffusion.errors import UserError, exit_on_user_error
 
 SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
+
+
+def fraction_window(text: str) -> tuple[float, float]:
+    try:
+        start, end = (float(v) for v in text.split(","))
+    except ValueError:
+        raise UserError(f"expected a window like 0,0.5 (two fractions), got '{text}'") from None
+    return start, end
+
+
+def resolution_set(text: str) -> set[int]:
+    try:
+        return {int(v) for v in text.split(",")}
+    except ValueError:
+        raise UserError(f"expected feature-map sides like 16,8, got '{text}'") from None
+
+
+def write_attention(out_dir: Path, stem: str, result, common: dict) -> None:
+    """One labelled panel (image + a heat-map overlay per word) and the raw maps per image."""
+    from safetensors.torch import save_file
+
+    from diffusion.images import attention_panel, save_png
+
+    for i, (image, prompt, seed, maps) in enumerate(zip(result.images, result.prompts, result.seeds,
+                                                         result.attention_maps)):
+        name = f"{stem}-{i:03d}"
+        save_png(attention_panel(image, maps, f"seed {seed}"), out_dir / f"{name}.png",
+                 {"prompt": prompt, "seed": seed, **common})
+        save_file({word: m.contiguous() for word, m in maps.items()}, str(out_dir / f"{name}.safetensors"),
+                  metadata={"prompt": prompt, "seed": str(seed)})
 
 
 def read_prompts(args) -> list[str]:
@@ -42,27 +75,73 @@ def main(argv=None):
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--batch-size", type=int, default=16, help="images denoised together (does not change them)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--attention", metavar="OUT_DIR", help="write per-word attention panels and raw maps here")
+    parser.add_argument("--weight-mode", default="attention", choices=("attention", "embedding"),
+                        help="how (word:w) weights act: scale cross-attention (default) or text embeddings")
+    parser.add_argument("--weight-steps", default="0,1", type=fraction_window,
+                        help="window of steps (fractions start,end) where attention weights act (default 0,1)")
+    parser.add_argument("--attention-resolutions", type=resolution_set, default=None,
+                        help="feature-map sides (e.g. 16,8) where weights, swaps and map recording act (default all)")
+    parser.add_argument("--edit", metavar="PROMPT", help="Prompt-to-Prompt: draw this prompt from the same noise as "
+                        "the (single) prompt, keeping its layout")
+    parser.add_argument("--edit-steps", type=float, default=0.6,
+                        help="fraction of steps during which the source's maps are injected (default 0.6)")
     args = parser.parse_args(argv)
     one_line_warnings()
     prompts = read_prompts(args)
 
     from diffusion.images import check_writable, labelled_grid, save_png
-    from diffusion.pipeline import Pipeline, check_sampling_args
+    from diffusion.pipeline import Pipeline, Weighting, check_sampling_args
+    from diffusion.prompts import parse_prompt
 
     check_sampling_args(args.steps, args.guidance, args.num_images, args.batch_size)
+    weighting = Weighting(args.weight_mode, args.weight_steps, args.attention_resolutions)
+    weighting.check()
+    for prompt in prompts + ([args.edit] if args.edit else []):
+        parse_prompt(prompt)  # a malformed prompt fails before the model is loaded
+    if args.edit and len(prompts) != 1:
+        raise UserError(f"--edit takes exactly one source prompt, got {len(prompts)}")
     out = Path(args.out)
     check_writable(out)
+    attention_dir = Path(args.attention) if args.attention else None
+    if attention_dir:
+        check_writable(attention_dir / "panel.png")
+    maps = bool(attention_dir)
+    if maps and args.attention_resolutions:
+        from diffusion.pipeline import MapOptions
+        maps = MapOptions(resolutions=args.attention_resolutions)
     pipeline = Pipeline.from_pretrained(args.model, device=args.device)
-    result = pipeline(prompts, num_images_per_prompt=args.num_images, seed=args.seed, steps=args.steps,
-                      guidance=args.guidance, sampler=args.sampler, negative_prompt=args.negative_prompt,
-                      batch_size=args.batch_size)
-    common = {**result.settings, "model": str(Path(args.model).resolve())}
-    for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-        save_png(image, out.with_name(f"{out.stem}-{i:03d}.png"), {"prompt": prompt, "seed": seed, **common})
-    grid = labelled_grid(result.images, [f"{p} (seed {s})" for p, s in zip(result.prompts, result.seeds)],
-                         columns=args.num_images if args.num_images > 1 else min(len(prompts), 8))
-    save_png(grid, out, {"prompts": "\n".join(prompts), "seed": args.seed, **common})
-    print(f"wrote {out} and {len(result.images)} images beside it")
+    common = {"model": str(Path(args.model).resolve())}
+    if args.edit:
+        results = pipeline.swap(prompts[0], args.edit, num_images=args.num_images, seed=args.seed,
+                                edit_steps=args.edit_steps, steps=args.steps, guidance=args.guidance,
+                                sampler=args.sampler, negative_prompt=args.negative_prompt,
+                                attention_maps=maps, weighting=weighting)
+        names = ("source", "edit")
+    else:
+        results = (pipeline(prompts, num_images_per_prompt=args.num_images, seed=args.seed, steps=args.steps,
+                            guidance=args.guidance, sampler=args.sampler, negative_prompt=args.negative_prompt,
+                            batch_size=args.batch_size, attention_maps=maps, weighting=weighting),)
+        names = ("",)
+    images, labels = [], []
+    for name, result in zip(names, results):
+        settings = {**result.settings, **common}
+        stem = f"{out.stem}-{name}" if name else out.stem
+        for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
+            save_png(image, out.with_name(f"{stem}-{i:03d}.png"), {"prompt": prompt, "seed": seed, **settings})
+        if attention_dir:
+            write_attention(attention_dir, stem, result, settings)
+        images += result.images
+        labels += [f"{p} (seed {s})" for p, s in zip(result.prompts, result.seeds)]
+    if args.edit:  # source and edit side by side, one pair per row
+        order = [k for i in range(args.num_images) for k in (i, args.num_images + i)]
+        images, labels, columns = [images[k] for k in order], [labels[k] for k in order], 2
+    else:
+        columns = args.num_images if args.num_images > 1 else min(len(prompts), 8)
+    save_png(labelled_grid(images, labels, columns=columns), out,
+             {"prompts": "\n".join(prompts + ([args.edit] if args.edit else [])), "seed": args.seed,
+              **results[0].settings, **common})
+    print(f"wrote {out} and {len(images)} images beside it" + (f"; attention maps in {attention_dir}" if attention_dir else ""))
 
 
 if __name__ == "__main__":

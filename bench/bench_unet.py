@@ -84,6 +84,13 @@ def ints(text: str) -> tuple[int, ...]:
     return tuple(int(x) for x in text.split(",") if x.strip())
 
 
+def loadavg() -> tuple[float, ...] | None:
+    try:
+        return tuple(round(x, 2) for x in os.getloadavg())
+    except (AttributeError, OSError):  # not on every OS
+        return None
+
+
 def n_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -314,8 +321,9 @@ def main(argv=None) -> int:
     inp = make_inputs(args, device)
     models = {"ours": (ours, forward_fn(ours, "ours")), "diffusers": (theirs, forward_fn(theirs, "diffusers"))}
     rounds: list[dict] = []
+    load_before = loadavg()
     print(f"device {device}, threads {torch.get_num_threads()}, mixed precision {args.mixed_precision}, "
-          f"{args.rounds} interleaved rounds")
+          f"{args.rounds} interleaved rounds, load average {load_before}")
     for r in range(args.rounds):
         row = {}
         for name, (model, fwd) in models.items():
@@ -327,6 +335,7 @@ def main(argv=None) -> int:
                   f"   ({time.perf_counter() - t0:.1f}s)", flush=True)
         rounds.append(row)
 
+    load_after = loadavg()
     best = {name: {k: max(r[name][k] for r in rounds) for k in rounds[0][name]} for name in models}
     ratio = {k: best["ours"][k] / best["diffusers"][k] for k in best["ours"]}
 
@@ -351,6 +360,10 @@ def main(argv=None) -> int:
           f"attention_head_dim={cfg['attention_head_dim']} (= heads), norm_num_groups={GROUPS}, "
           f"cross_attention_dim={cfg['cross_attention_dim']}, use_linear_projection=True")
 
+    if device.type == "cpu" and load_after is not None and load_after[0] > torch.get_num_threads() + 0.75:
+        print(f"note: load average {load_after} on {os.cpu_count()} CPUs is above this run's "
+              f"{torch.get_num_threads()} threads: other jobs probably shared the CPU, so absolute numbers "
+              "(and, less so, the ratios) are noisy; compare the rounds above")
     slower = [f"{ {'train_images_per_s': 'training', 'sample_images_per_s': 'sampling'}[k]} ({v:.2f}x diffusers)" for k, v in ratio.items() if v < 1.0]
     if slower:
         verdict = "FAIL: ours is slower at " + " and ".join(slower)
@@ -363,7 +376,8 @@ def main(argv=None) -> int:
             args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             environment=dict(torch=torch.__version__, python=platform.python_version(),
                              device=str(device), threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                             cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None),
+                             cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                             load_average_before=load_before, load_average_after=load_after),
             ours=dict(params=ours_n, config=dict(ours.config)),
             diffusers=dict(params=diff_n, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}),
             rounds=rounds, best=best, ratio=ratio, verdict=verdict,

@@ -12,7 +12,7 @@ which may return edited probabilities. Otherwise the layer stays on the fused
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -26,13 +26,26 @@ class AttentionSite:
     name: the layer's name in the UNet, e.g. "down.1.attn.0" (stable across runs).
     resolution: (height, width) of the feature map whose pixels are the queries.
     step: the sampler's step index (0 = first denoising step) or None outside sampling.
-    timestep: the diffusion timestep of this call (tensor of shape (B,)), or None.
+    num_steps: the sampler's number of steps, or None outside sampling.
+    conditional: the rows of the batch that are conditioned on the prompt (with classifier-free
+        guidance the unconditional half comes first and this is the second half).
     """
 
     name: str
     resolution: tuple[int, int]
-    step: int | None
-    timestep: torch.Tensor | None
+    step: int | None = None
+    num_steps: int | None = None
+    conditional: slice = field(default_factory=lambda: slice(None))
+
+
+@dataclass(frozen=True)
+class AttentionCall:
+    """What one UNet forward call tells every cross-attention site (see AttentionSite)."""
+
+    controller: "AttentionController"
+    step: int | None = None
+    num_steps: int | None = None
+    conditional: slice = field(default_factory=lambda: slice(None))
 
 
 class AttentionController:
@@ -81,10 +94,10 @@ class CrossAttention(nn.Module):
         self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                resolution: tuple[int, int], controller: AttentionController | None = None,
-                step: int | None = None, timestep: torch.Tensor | None = None) -> torch.Tensor:
+                resolution: tuple[int, int], call: AttentionCall | None = None) -> torch.Tensor:
         """x: (B, H*W, C) pixel features; context: (B, T, D) text embeddings;
-        context_mask: (B, T) bool, True where a token may be attended to (None: all)."""
+        context_mask: (B, T) bool, True where a token may be attended to (None: all);
+        call: the controller and step of this forward call, if any."""
         B, N, C = x.shape
         T = context.shape[1]
         d = C // self.heads
@@ -94,16 +107,16 @@ class CrossAttention(nn.Module):
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, T)
 
         site = None
-        if controller is not None:
-            site = AttentionSite(self.name, resolution, step, timestep)
-        if site is None or not controller.wants(site):
+        if call is not None:
+            site = AttentionSite(self.name, resolution, call.step, call.num_steps, call.conditional)
+        if site is None or not call.controller.wants(site):
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         else:
             scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, heads, N, T)
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probabilities = scores.softmax(dim=-1)
-            edited = controller.process(site, probabilities)
+            edited = call.controller.process(site, probabilities)
             out = (probabilities if edited is None else edited.to(v.dtype)) @ v
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
@@ -127,10 +140,10 @@ class TransformerBlock(nn.Module):
         nn.init.zeros_(self.proj_out.weight)  # start as the identity, as diffusers' models do
         nn.init.zeros_(self.proj_out.bias)
 
-    def forward(self, x, context, context_mask, controller=None, step=None, timestep=None):
+    def forward(self, x, context, context_mask, call: AttentionCall | None = None):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
         h = h + self.self_attention(self.norm1(h))
-        h = h + self.cross_attention(self.norm2(h), context, context_mask, (H, W), controller, step, timestep)
+        h = h + self.cross_attention(self.norm2(h), context, context_mask, (H, W), call)
         h = h + self.feed_forward(self.norm3(h))
         return x + self.proj_out(h).transpose(1, 2).reshape(B, C, H, W)

@@ -76,8 +76,10 @@ def check_writable(path: str | Path) -> None:
     parent = path.parent
     while not parent.exists():
         parent = parent.parent
-    if path.is_dir() and path.suffix:
+    if path.is_dir():
         raise UserError(f"output path '{path}' is a folder; give a file name such as out.png")
+    if not parent.is_dir():
+        raise UserError(f"output path '{path}' cannot be written: '{parent}' is a file, not a folder; choose another --out")
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"output path '{path}' cannot be written (permission denied); choose another --out")
 
@@ -85,3 +87,35 @@ def check_writable(path: str | Path) -> None:
 def uint8_images(images: torch.Tensor) -> np.ndarray:
     """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
     return ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# A perceptually ordered colour map (dark blue -> purple -> orange -> yellow) for heat maps,
+# interpolated between a few anchors so matplotlib is not needed.
+_HEAT_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66],
+                          [245, 125, 21], [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+
+
+def heat_colours(values: np.ndarray) -> np.ndarray:
+    """(H, W) values in [0, 1] -> (H, W, 3) uint8 colours."""
+    position = np.clip(values, 0, 1) * (len(_HEAT_ANCHORS) - 1)
+    low = np.floor(position).astype(int).clip(0, len(_HEAT_ANCHORS) - 2)
+    frac = (position - low)[..., None]
+    return ((1 - frac) * _HEAT_ANCHORS[low] + frac * _HEAT_ANCHORS[low + 1]).round().astype(np.uint8)
+
+
+def attention_panel(image: Image.Image, word_maps: dict[str, torch.Tensor], title: str = "",
+                    alpha: float = 0.6) -> Image.Image:
+    """The image, then one heat-map overlay per word (each map scaled to its own [min, max]),
+    labelled with the word and the share of the attention mass it holds."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    total = sum(float(m.sum()) for m in word_maps.values()) or 1.0
+    tiles, labels = [image], [title or "image"]
+    for label, word_map in word_maps.items():
+        values = word_map.float().numpy()
+        values = (values - values.min()) / max(values.max() - values.min(), 1e-12)
+        heat = heat_colours(values).astype(np.float32)
+        if heat.shape[:2] != base.shape[:2]:
+            heat = np.asarray(Image.fromarray(heat.astype(np.uint8)).resize(image.size, Image.BILINEAR), np.float32)
+        tiles.append(Image.fromarray(((1 - alpha) * base + alpha * heat).round().astype(np.uint8)))
+        labels.append(f"{label} ({float(word_map.sum()) / total:.0%})")
+    return labelled_grid(tiles, labels, columns=len(tiles), label_width_chars=16)

@@ -22,16 +22,20 @@ from pathlib import Path
 import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
                        EulerDiscreteScheduler)
+from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionController
+from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
 from .errors import UserError
 from .images import to_pil
+from .prompts import WeightedPrompt, align_tokens, parse_prompt, split_words, token_word_index, word_token_weights
 from .text_encoder import TextEncoder
 from .unet import UNet
 
 FORMAT_VERSION = 1
+WEIGHT_MODES = ("attention", "embedding")
 
 # name -> (scheduler class, settings over the training scheduler's config)
 SAMPLERS = {
@@ -72,9 +76,38 @@ def check_sampling_args(steps: int, guidance: float, num_images_per_prompt: int,
 @dataclass
 class PipelineOutput:
     images: list[Image.Image]          # one per (prompt, image index), prompt-major
-    prompts: list[str]                 # the prompt of each image
+    prompts: list[str]                 # the prompt of each image, as given (weights included)
     seeds: list[int]                   # the noise seed of each image
-    settings: dict = field(default_factory=dict)  # sampler, steps, guidance, negative prompt
+    settings: dict = field(default_factory=dict)  # sampler, steps, guidance, negative prompt, ...
+    attention_maps: list[dict[str, torch.Tensor]] | None = None  # per image: word label -> (R, R)
+
+
+@dataclass
+class MapOptions:
+    """Which cross-attention calls per-word maps aggregate: a [start, end) fraction of the
+    sampling steps and the feature-map sides (None: every attention resolution)."""
+
+    steps: tuple[float, float] = (0.0, 1.0)
+    resolutions: set[int] | None = None
+
+
+@dataclass
+class Weighting:
+    """How prompt weights act. mode "attention": scale the weighted tokens' cross-attention
+    probabilities (Prompt-to-Prompt reweighting), within `steps` (fraction window) and at
+    `resolutions` (None: all); mode "embedding": scale their text embeddings relative to the
+    empty prompt's (compel / AUTOMATIC1111 style). `resolutions` also limits word-swap injection."""
+
+    mode: str = "attention"
+    steps: tuple[float, float] = (0.0, 1.0)
+    resolutions: set[int] | None = None
+
+    def check(self) -> None:
+        if self.mode not in WEIGHT_MODES:
+            raise UserError(f"unknown weight mode '{self.mode}'; choose {' or '.join(WEIGHT_MODES)}")
+        start, end = self.steps
+        if not (0 <= start < end <= 1):
+            raise UserError(f"weight steps must be a window 0 <= start < end <= 1, got {start},{end}")
 
 
 class Pipeline:
@@ -108,10 +141,14 @@ class Pipeline:
         for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
             if not (path / part).is_dir():
                 raise UserError(f"model folder '{path}' is missing '{part}/'; export the model again")
-        try:
-            unet = UNet.from_pretrained(path / "unet")
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # our one-line error, not diffusers' log
+        try:  # safetensors only: never fall back to unpickling a .bin
+            unet = UNet.from_pretrained(path / "unet", use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise UserError(f"cannot load '{path / 'unet'}': {str(error).splitlines()[0]}") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
         options = index.get("text_encoder_options", {})
         text_encoder = TextEncoder.from_pretrained(str(path), **options)
         scheduler_config = DDPMScheduler.load_config(path / "scheduler")
@@ -152,8 +189,14 @@ class Pipeline:
     @torch.no_grad()
     def denoise(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0,
                 sampler: str = "dpm++", negative_prompt: str | None = None,
-                attention_controller: AttentionController | None = None, progress: bool = False) -> torch.Tensor:
+                attention_controller: AttentionController | None = None,
+                embedding_weights: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Sample one image per (prompt, seed) pair in one batch. Returns (B, 3, R, R) in [-1, 1].
+
+        prompts: plain prompts (no weighting syntax); seeds: one noise seed per prompt;
+        attention_controller: sees every cross-attention call (`site.conditional` marks the
+        conditional rows); embedding_weights: (B, T) per-token weights applied to the text
+        embeddings relative to the empty prompt's, e' = e0 + w (e - e0) (None: no weighting).
 
         The noise of each image comes from its own generator seeded with its seed, so an image
         does not depend on what else is in the batch."""
@@ -164,10 +207,16 @@ class Pipeline:
         noise = torch.stack([torch.randn(3, size, size, generator=g) for g in generators])
         x = noise.to(self.device) * scheduler.init_noise_sigma
 
-        embeddings, key_mask = self.text_encoder.encode(prompts)
+        B = len(prompts)
+        embeddings, key_mask = self.text_encoder.encode(prompts)  # (B, T, D), (B, T)
+        if embedding_weights is not None:
+            empty, _ = self.text_encoder.encode([""])
+            weights = embedding_weights.to(embeddings.device)[:, :, None]
+            embeddings = empty + weights * (embeddings - empty)
         use_guidance = guidance != 1.0
+        conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
         if use_guidance:  # unconditional half first, conditional second
-            negative, negative_mask = self.text_encoder.encode([negative_prompt or ""] * len(prompts))
+            negative, negative_mask = self.text_encoder.encode([negative_prompt or ""] * B)
             embeddings = torch.cat([negative, embeddings])
             key_mask = torch.cat([negative_mask, key_mask])
         dtype = next(self.unet.parameters()).dtype
@@ -177,33 +226,125 @@ class Pipeline:
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
             model_input = torch.cat([x, x]) if use_guidance else x
             model_input = scheduler.scale_model_input(model_input, t).to(dtype)
-            prediction = self.unet(model_input, t, embeddings, key_mask,
-                                   attention_controller=attention_controller, step=i).float()
+            prediction = self.unet(model_input, t, embeddings, key_mask, attention_controller=attention_controller,
+                                   step=i, num_steps=steps, conditional=conditional).float()
             if use_guidance:
-                unconditional, conditional = prediction.chunk(2)
-                prediction = unconditional + guidance * (conditional - unconditional)
+                unconditional, conditional_prediction = prediction.chunk(2)
+                prediction = unconditional + guidance * (conditional_prediction - unconditional)
             x = scheduler.step(prediction, t, x, generator=generators).prev_sample
         return x.clamp(-1, 1)
 
-    def __call__(self, prompt: str | list[str], num_images_per_prompt: int = 1, seed: int = 0,
-                 steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++",
-                 negative_prompt: str | None = None, batch_size: int = 16,
-                 attention_controller: AttentionController | None = None,
-                 progress: bool = True) -> PipelineOutput:
-        """Sample `num_images_per_prompt` images for each prompt; image i of a prompt uses noise
-        seed `seed + i`, whatever the batch size. Returns PIL images with their prompts and seeds."""
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    def _sample_batch(self, prompts: list[WeightedPrompt], seeds: list[int], settings: dict, maps: MapOptions | None,
+                      weighting: Weighting, attention_controller: AttentionController | None,
+                      swap_mapping: torch.Tensor | None = None, swap_fraction: float = 0.0,
+                      progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+        """One batch: build the controllers for weights, swaps and maps, denoise, merge maps into words."""
+        texts = [p.text for p in prompts]
+        offsets = self.text_encoder.tokenize(texts)["offsets"]  # (B, T, 2)
+        T = offsets.shape[1]
+        token_weights = torch.stack([word_token_weights(p, o, T) for p, o in zip(prompts, offsets)])  # (B, T)
+        weighted = bool((token_weights != 1).any())
+        controllers = []
+        if swap_mapping is not None:
+            controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions))
+        if weighted and weighting.mode == "attention":
+            controllers.append(AttentionReweighter(token_weights, weighting.steps, weighting.resolutions))
+        recorder = None
+        if maps is not None:
+            recorder = AttentionRecorder(self.unet.config.sample_size, maps.steps, maps.resolutions)
+            controllers.append(recorder)
+        if attention_controller is not None:
+            controllers.append(attention_controller)
+        controller = ControllerChain(controllers) if controllers else None
+        embedding_weights = token_weights if weighted and weighting.mode == "embedding" else None
+        x = self.denoise(texts, seeds, attention_controller=controller, embedding_weights=embedding_weights,
+                         progress=progress, **settings)
+        word_maps = None
+        if recorder is not None:
+            token_maps = recorder.token_maps().cpu()  # (B, T, R, R)
+            word_maps = [merge_word_maps(m, text, o) for m, text, o in zip(token_maps, texts, offsets)]
+        return x, word_maps
+
+    def _prepare(self, prompts, steps, guidance, sampler, negative_prompt, num_images_per_prompt, batch_size,
+                 weighting: Weighting) -> tuple[list[WeightedPrompt], dict]:
         if not prompts or any(not isinstance(p, str) for p in prompts):
             raise UserError("no prompt given; pass at least one prompt string")
         check_sampling_args(steps, guidance, num_images_per_prompt, batch_size)
         make_sampler(sampler, self.scheduler_config)  # fail on an unknown name before any work
-        jobs = [(p, seed + i) for p in prompts for i in range(num_images_per_prompt)]
-        images = []
+        weighting.check()
+        parsed = [parse_prompt(p) for p in prompts]
+        return parsed, {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negative_prompt}
+
+    def __call__(self, prompt: str | list[str], num_images_per_prompt: int = 1, seed: int = 0,
+                 steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++",
+                 negative_prompt: str | None = None, batch_size: int = 16,
+                 attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
+                 attention_controller: AttentionController | None = None,
+                 progress: bool = True) -> PipelineOutput:
+        """Sample `num_images_per_prompt` images for each prompt; image i of a prompt uses noise
+        seed `seed + i`, whatever the batch size.
+
+        Prompts may use the weighting syntax `a (red:1.5) circle` (see diffusion/prompts.py);
+        `weighting` chooses how weights act (default: scale the cross-attention probabilities).
+        attention_maps: True (or a MapOptions) also returns one dict per image, word label ->
+        (R, R) map (DAAM-style aggregate over heads, layers and steps).
+        Returns PIL images with their prompts and seeds."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        weighting = weighting or Weighting()
+        maps = MapOptions() if attention_maps is True else (attention_maps or None)
+        parsed, settings = self._prepare(prompts, steps, guidance, sampler, negative_prompt,
+                                         num_images_per_prompt, batch_size, weighting)
+        jobs = [(k, seed + i) for k in range(len(prompts)) for i in range(num_images_per_prompt)]
+        images, word_maps = [], []
         batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
         for batch in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-            x = self.denoise([p for p, _ in batch], [s for _, s in batch], steps, guidance, sampler,
-                             negative_prompt, attention_controller, progress=progress)
+            x, batch_maps = self._sample_batch([parsed[k] for k, _ in batch], [s for _, s in batch], settings, maps,
+                                               weighting, attention_controller, progress=progress)
             images.extend(to_pil(x))
-        settings = {"sampler": sampler, "steps": steps, "guidance": guidance,
-                    "negative_prompt": negative_prompt or ""}
-        return PipelineOutput(images, [p for p, _ in jobs], [s for _, s in jobs], settings)
+            word_maps.extend(batch_maps or [])
+        settings = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode}
+        return PipelineOutput(images, [prompts[k] for k, _ in jobs], [s for _, s in jobs], settings,
+                              word_maps if maps is not None else None)
+
+    def swap(self, source: str, edit: str, num_images: int = 1, seed: int = 0, edit_steps: float = 0.6,
+             steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++", negative_prompt: str | None = None,
+             attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
+             progress: bool = True) -> tuple[PipelineOutput, PipelineOutput]:
+        """Prompt-to-Prompt word swap / refinement: draw `source` and `edit` from the same noise,
+        injecting the source's cross-attention maps into the edit for the first `edit_steps`
+        fraction of the steps, so the layout stays and the swapped words change. Tokens of the
+        two prompts are aligned word by word (prompts.align_tokens); added words keep their own
+        maps. Returns (source output, edit output)."""
+        if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
+            raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
+        weighting = weighting or Weighting()
+        maps = MapOptions() if attention_maps is True else (attention_maps or None)
+        parsed, settings = self._prepare([source, edit], steps, guidance, sampler, negative_prompt, num_images, 1,
+                                         weighting)
+        tokens = self.text_encoder.tokenize([p.text for p in parsed])["offsets"]
+        T = tokens.shape[1]
+        mapping = align_tokens(tokens[0], parsed[0].text, tokens[1], parsed[1].text, T)  # (T,)
+        outputs = ([], []), ([], [])
+        for i in tqdm(range(num_images), desc="pairs", disable=not progress or num_images == 1):
+            x, pair_maps = self._sample_batch(parsed, [seed + i, seed + i], settings, maps, weighting, None,
+                                              swap_mapping=mapping[None], swap_fraction=edit_steps,
+                                              progress=progress)
+            for k, image in enumerate(to_pil(x)):
+                outputs[k][0].append(image)
+                outputs[k][1].append(pair_maps[k] if pair_maps else None)
+        settings = {**settings, "negative_prompt": negative_prompt or "", "edit_steps": edit_steps}
+        return tuple(PipelineOutput(images, [text] * num_images, [seed + i for i in range(num_images)],
+                                    settings, word_maps if maps is not None else None)
+                     for (images, word_maps), text in zip(outputs, (source, edit)))
+
+
+def merge_word_maps(token_maps: torch.Tensor, prompt: str, offsets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(T, R, R) token maps of one prompt -> {word label: (R, R)}: the sum of the maps of the
+    word's tokens (tied by character offsets), start/end/padding tokens left out."""
+    words = split_words(prompt)
+    merged = {}
+    for t, w in enumerate(token_word_index(offsets, words)):
+        if w is not None:
+            label = words[w].label
+            merged[label] = merged[label] + token_maps[t] if label in merged else token_maps[t].clone()
+    return merged

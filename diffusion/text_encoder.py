@@ -166,7 +166,9 @@ def train_clip(
     if too_long:
         warnings.warn(f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
                       f"and are truncated; raise max_length to keep them whole")
-    tokens = tokenizer(distinct, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt")
+    tokens = tokenizer(
+        distinct, padding="max_length", padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
+    )
     all_ids = tokens["input_ids"].to(device)  # (U_all, T)
     all_mask = tokens["attention_mask"].to(device)  # (U_all, T)
     lengths = all_mask.sum(1)  # (U_all,)
@@ -267,7 +269,7 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
             "such as openai/clip-vit-base-patch32")
     # A path-like name that does not exist is a typo, not a hub id: say so at once instead of
     # waiting for the hub to time out.
-    path_like = path.is_absolute() or name_or_path.startswith((".", "~")) or "/" in name_or_path and path.parent.is_dir()
+    path_like = path.is_absolute() or name_or_path.startswith((".", "~")) or ("/" in name_or_path and path.parent.is_dir())
     if not path.is_dir() and path_like:
         raise UserError(f"could not load a CLIP text encoder from '{name_or_path}': no such folder; {hint}")
     split = path.is_dir() and (path / "text_encoder").is_dir()
@@ -281,9 +283,10 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
             )
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer" if split else "")
     except Exception as error:  # any failure to read user files is a bad path, not a bug
-        where = "folder" if path.is_dir() else "no such folder; as a hub id (offline?)"
-        reason = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
-        raise UserError(f"could not load a CLIP text encoder from '{name_or_path}' ({where}: {reason}); {hint}") from None
+        detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
+        if not path.is_dir():
+            detail = f"no such folder, and the hub failed (offline?): {detail}"
+        raise UserError(f"could not load a CLIP text encoder from '{name_or_path}': {detail}; {hint}") from None
     if info["missing_keys"]:
         raise UserError(f"'{name_or_path}' holds no CLIP text weights (missing {len(info['missing_keys'])} "
                         f"tensors, e.g. {sorted(info['missing_keys'])[0]}); {hint}")

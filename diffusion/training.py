@@ -137,7 +137,11 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     step = 0
     data_generator = torch.Generator().manual_seed(cfg.train.seed)  # same on every process
     if checkpoint:
-        unet.load_state_dict(checkpoint["model"])
+        try:
+            unet.load_state_dict(checkpoint["model"])
+        except RuntimeError:  # other shapes or names: saved with another model.* / text.* config
+            raise UserError(f"checkpoint '{resume_path}' does not fit the model of this config; resume with the "
+                            "config it was saved with (its state.json holds it)") from None
         ema_state = dict(checkpoint["state"]["ema"])
         ema_state["shadow_params"] = [checkpoint["ema"][n] for n, _ in unet.named_parameters()]
         ema.load_state_dict(ema_state)

@@ -20,7 +20,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .attention import AttentionController, TransformerBlock
+from .attention import AttentionCall, AttentionController, TransformerBlock
 
 
 class ResBlock(nn.Module):
@@ -119,17 +119,23 @@ class UNet(ModelMixin, ConfigMixin):
         encoder_attention_mask: torch.Tensor | None = None,
         attention_controller: AttentionController | None = None,
         step: int | None = None,
+        num_steps: int | None = None,
+        conditional: slice = slice(None),
     ) -> torch.Tensor:
         """sample: (B, 3, R, R) noisy images; timestep: (B,) or a scalar;
         encoder_hidden_states: (B, T, D) text-token embeddings; encoder_attention_mask: (B, T)
         bool, True for tokens the cross-attention may read; attention_controller: an optional
         `AttentionController` that sees (and may edit) every cross-attention's probabilities;
-        step: the sampler's step index, passed on to the controller. Returns (B, 3, R, R)."""
+        step, num_steps, conditional: the sampler's step index, its number of steps and the
+        conditional rows of the batch, passed on to the controller. Returns (B, 3, R, R)."""
         B = sample.shape[0]
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
         t_emb = get_timestep_embedding(timestep, self.config.channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         t_emb = self.time_mlp(t_emb.to(sample.dtype))  # (B, time_dim)
-        attention_args = (encoder_hidden_states, encoder_attention_mask, attention_controller, step, timestep)
+        call = None
+        if attention_controller is not None:
+            call = AttentionCall(attention_controller, step, num_steps, conditional)
+        attention_args = (encoder_hidden_states, encoder_attention_mask, call)
 
         def run_level(level: Level, h: torch.Tensor, skips: list | None) -> tuple[torch.Tensor, list]:
             outputs = []

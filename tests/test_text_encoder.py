@@ -109,13 +109,12 @@ def test_from_pretrained_errors_are_one_line_user_errors(tokenizer, clip, tmp_pa
     with pytest.raises(UserError, match="no such folder") as error:
         TextEncoder.from_pretrained(missing)
     assert str(missing) in str(error.value) and "\n" not in str(error.value)
-    assert error.value.__suppress_context__
 
     tokenizer_only = tmp_path / "tokenizer_only"
     tokenizer.save_pretrained(tokenizer_only)
     with pytest.raises(UserError, match="tokenizer_only") as error:
         TextEncoder.from_pretrained(tokenizer_only)
-    assert "\n" not in str(error.value)
+    assert "\n" not in str(error.value) and error.value.__suppress_context__
 
     weights_only = tmp_path / "weights_only"
     clip.save_pretrained(weights_only)

@@ -1,0 +1,150 @@
+"""Attention controllers: record per-token cross-attention maps, reweight tokens, inject maps.
+
+All of them plug into the UNet through `AttentionController` (attention.py) and act on the
+conditional rows of the batch only (`site.conditional`); the unconditional half of
+classifier-free guidance is left alone, as in Prompt-to-Prompt.
+
+- `AttentionRecorder` keeps running sums (DAAM-style aggregation): mean over heads, sum over the
+  layers at the chosen resolutions (each upsampled bilinearly to a common size) and over a window
+  of steps. Memory is O(batch x tokens x size^2), whatever the number of steps, layers or heads.
+  Per-step history only when asked for.
+- `AttentionReweighter` multiplies the probabilities of weighted tokens by their weights
+  (Prompt-to-Prompt's reweighting): (P * w) V. A weight of 0 removes the token's contribution.
+- `AttentionInjector` replaces the edited prompt's maps by the source prompt's for the first
+  steps (Prompt-to-Prompt's word swap and refinement), through a token alignment.
+- `ControllerChain` runs several; edits happen before recording, so the recorded maps are the
+  ones the model used.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .attention import AttentionController, AttentionSite
+
+
+def in_window(site: AttentionSite, window: tuple[float, float]) -> bool:
+    """Whether the site's step lies in `window`, a [start, end) fraction of the sampling steps.
+    Calls outside sampling (no step) are always in."""
+    if site.step is None or not site.num_steps:
+        return True
+    return window[0] <= site.step / site.num_steps < window[1]
+
+
+class SiteFilter:
+    """Which cross-attention calls a controller acts on: a window of steps, a set of resolutions."""
+
+    def __init__(self, steps: tuple[float, float] = (0.0, 1.0), resolutions: set[int] | None = None):
+        self.steps = steps
+        self.resolutions = set(resolutions) if resolutions else None
+
+    def __call__(self, site: AttentionSite) -> bool:
+        if self.resolutions is not None and site.resolution[0] not in self.resolutions:
+            return False
+        return in_window(site, self.steps)
+
+
+class AttentionRecorder(AttentionController):
+    """Aggregated per-token maps of the conditional rows.
+
+    size: side of the common grid the maps are upsampled to (e.g. the image side).
+    steps, resolutions: which calls to record (see SiteFilter).
+    keep_history: also keep one aggregate per step (memory grows with the steps).
+    """
+
+    def __init__(self, size: int, steps: tuple[float, float] = (0.0, 1.0), resolutions: set[int] | None = None,
+                 keep_history: bool = False):
+        self.size = size
+        self.filter = SiteFilter(steps, resolutions)
+        self.keep_history = keep_history
+        self.total: torch.Tensor | None = None   # (B, T, size, size) running sum
+        self.calls = 0
+        self.history: dict[int, torch.Tensor] = {}
+
+    def wants(self, site: AttentionSite) -> bool:
+        return self.filter(site)
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> None:
+        conditional = probabilities[site.conditional].float()   # (B, heads, H*W, T)
+        B, _, _, T = conditional.shape
+        h, w = site.resolution
+        maps = conditional.mean(1).transpose(1, 2).reshape(B, T, h, w)  # (B, T, h, w)
+        if (h, w) != (self.size, self.size):
+            # bilinear weights sum to one, so maps still sum to 1 over tokens at every position
+            maps = F.interpolate(maps, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        self.total = maps if self.total is None else self.total + maps
+        self.calls += 1
+        if self.keep_history and site.step is not None:
+            self.history[site.step] = self.history.get(site.step, 0) + maps
+        return None
+
+    def token_maps(self) -> torch.Tensor:
+        """(B, T, size, size): the mean map of every token over the recorded calls."""
+        if self.total is None:
+            raise RuntimeError("no cross-attention was recorded (check the step window and resolutions)")
+        return self.total / self.calls
+
+
+class AttentionReweighter(AttentionController):
+    """Scale the probabilities of each conditional row's tokens: P[b, :, :, t] * weights[b, t].
+
+    weights: (B, T) one weight per token of each conditional row (1 = unchanged)."""
+
+    def __init__(self, weights: torch.Tensor, steps: tuple[float, float] = (0.0, 1.0),
+                 resolutions: set[int] | None = None):
+        self.weights = weights
+        self.filter = SiteFilter(steps, resolutions)
+
+    def wants(self, site: AttentionSite) -> bool:
+        return self.filter(site)
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor:
+        edited = probabilities.clone()
+        weights = self.weights.to(probabilities.device, probabilities.dtype)
+        edited[site.conditional] = probabilities[site.conditional] * weights[:, None, None, :]
+        return edited
+
+
+class AttentionInjector(AttentionController):
+    """Prompt-to-Prompt word swap: the conditional rows come in (source, edit) pairs; during the
+    first `fraction` of the steps, each edit token j takes the source's map of token
+    mapping[j] (mapping[j] = -1 keeps the edit's own map, e.g. for an added word).
+
+    mapping: (P, T) long, one row per pair."""
+
+    def __init__(self, mapping: torch.Tensor, fraction: float, resolutions: set[int] | None = None):
+        self.mapping = mapping
+        self.filter = SiteFilter((0.0, fraction), resolutions)
+        self.fraction = fraction
+
+    def wants(self, site: AttentionSite) -> bool:
+        return self.fraction > 0 and self.filter(site)
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor:
+        edited = probabilities.clone()
+        conditional = probabilities[site.conditional]                 # (2P, heads, N, T)
+        source, target = conditional[0::2], conditional[1::2]         # (P, heads, N, T) each
+        mapping = self.mapping.to(probabilities.device)               # (P, T)
+        gathered = torch.gather(source, 3, mapping.clamp(min=0)[:, None, None, :].expand_as(target))
+        injected = torch.where((mapping >= 0)[:, None, None, :], gathered, target)
+        rows = torch.arange(probabilities.shape[0], device=probabilities.device)[site.conditional][1::2]
+        edited[rows] = injected
+        return edited
+
+
+class ControllerChain(AttentionController):
+    """Run several controllers in order; each sees the previous one's output."""
+
+    def __init__(self, controllers: list[AttentionController]):
+        self.controllers = [c for c in controllers if c is not None]
+
+    def wants(self, site: AttentionSite) -> bool:
+        return any(c.wants(site) for c in self.controllers)
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor | None:
+        edited = None
+        for controller in self.controllers:
+            if controller.wants(site):
+                result = controller.process(site, probabilities if edited is None else edited)
+                edited = result if result is not None else edited
+        return edited

@@ -1,0 +1,439 @@
+r"""Prompts as words: weighting syntax, words and their tokens, token alignment between prompts.
+
+Prompt-weighting syntax
+-----------------------
+`parse_prompt` turns a prompt written with weights into the plain text the model sees plus
+weighted character spans of that text:
+
+    a (red:1.5) circle on the (far left:0.5)  ->  text  "a red circle on the far left"
+                                                   spans "red" x 1.5, "far left" x 0.5
+
+- `(text:weight)` weights `text`, one word or several. The text keeps its whitespace as written,
+  but the weighted span leaves out leading and trailing whitespace: `a ( red :2)` gives the text
+  `a  red ` with the weight on `red`. The text must hold something besides whitespace.
+- The weight is a non-negative decimal: digits with an optional fraction, or a fraction alone:
+  `1`, `1.5`, `.5`, `2.`, `0` (0 is allowed). Whitespace around it is ignored: `(red: 1.5 )`.
+  Signs, exponents and anything else are errors: `-1`, `+1`, `1e3`, `abc`, and an empty weight.
+- Inside brackets, the first `:` starts the weight, which runs to the next `)`. Outside
+  brackets, `:` is an ordinary character.
+- Brackets need a weight: `(text)` without `:weight` is an error, not a literal or a default
+  boost. Brackets do not nest: `(` inside brackets is an error.
+- Escapes work anywhere: `\(` `\)` `\:` `\\` are a literal `(` `)` `:` `\`. A backslash before
+  any other character, or at the very end, is an error.
+- Everything else is literal text. Character spans of unweighted text have weight 1.0.
+
+A malformed prompt raises `PromptSyntaxError` (a `UserError`) whose message is one
+self-contained line, followed by the prompt and a caret under the offending character:
+
+    malformed prompt: bad weight 'abc' (expected a number like 1.5) at column 8
+      a (red:abc) circle
+             ^
+
+Columns are 1-based positions in the prompt as written. The errors, and where the caret points:
+
+    unbalanced ')'                                       the ')' with no '(' before it
+    '(' is never closed                                  the '('
+    nested '('                                           the inner '('
+    missing ':weight' before ')'                         the ')' of a '(text)' with no weight
+    nothing to weight before ':'                         the '(' of '(:1.5)' or '(  :1.5)'
+    missing weight after ':' (expected a number ...)     the ')' of '(red:)'
+    bad weight '<w>' (expected a number like 1.5)        the weight's first character
+    negative weight '<w>' (weights are 0 or more)        the '-'
+    unknown escape '\<c>' (only \( \) \: \\ are escapes) the backslash
+    dangling '\' at the end                              the backslash
+
+Words and tokens
+----------------
+A word is a maximal run of letters, digits, underscores and apostrophes (`[\w']+`), so
+punctuation is never a word. Repeated words (compared case-insensitively) are told apart by
+their labels: `red`, `red#2`, `red#3`, ...
+
+Tokens are tied to words only through the tokenizer's character offsets (`TextEncoder.tokenize`
+gives them, (0, 0) for start, end and padding tokens), never by decoding token strings: a token
+belongs to the word its character span overlaps, so all sub-word pieces of a rare word belong
+to that word, and words cut off by truncation simply have no tokens.
+"""
+import difflib
+import re
+import unicodedata
+from dataclasses import dataclass
+
+import torch
+
+from diffusion.errors import UserError
+
+__all__ = [
+    "PromptSyntaxError",
+    "WeightedPrompt",
+    "Word",
+    "align_tokens",
+    "find_word",
+    "parse_prompt",
+    "split_words",
+    "token_word_index",
+    "word_token_weights",
+    "word_tokens",
+]
+
+_ESCAPABLE = "():\\"
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_WORD = re.compile(r"[\w']+")
+# Words and runs of punctuation: what token alignment matches between two prompts.
+_UNIT = re.compile(r"[\w']+|[^\w'\s]+")
+
+
+class PromptSyntaxError(UserError):
+    """A prompt whose weighting syntax is malformed.
+
+    The message is `malformed prompt: <reason> at column N`, then the prompt and a caret line.
+
+    Attributes:
+        reason: what is wrong, e.g. "unbalanced ')'".
+        column: 1-based column in `prompt` of the offending character.
+        prompt: the prompt as written.
+    """
+
+    def __init__(self, prompt: str, index: int, reason: str):
+        self.prompt = prompt
+        self.column = index + 1
+        self.reason = reason
+        # The caret line must stay under the prompt line: show whitespace (tabs, newlines) as
+        # single spaces and pad by display width (wide CJK characters take two columns).
+        shown = "".join(" " if char.isspace() else char for char in prompt)
+        pad = sum(_display_width(char) for char in shown[:index])
+        super().__init__(f"malformed prompt: {reason} at column {self.column}\n  {shown}\n  {' ' * pad}^")
+
+
+def _display_width(char: str) -> int:
+    """Terminal columns a character takes: 0 for combining marks, 2 for wide ones, else 1."""
+    if unicodedata.combining(char):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in "WF" else 1
+
+
+def _one_line(text: str) -> str:
+    """`text` with every whitespace character shown as a space, to quote it in a one-line reason."""
+    return "".join(" " if char.isspace() else char for char in text)
+
+
+@dataclass(frozen=True)
+class WeightedPrompt:
+    """A prompt parsed by `parse_prompt`.
+
+    Attributes:
+        text: the plain prompt the model sees (brackets and weights removed, escapes resolved).
+        weights: `(start, end, weight)` character spans of `text`, non-overlapping, in order.
+            Every span written in the prompt is listed, weight 1.0 ones included.
+    """
+
+    text: str
+    weights: tuple[tuple[int, int, float], ...] = ()
+
+    def weight_at(self, start: int, end: int) -> float:
+        """The weight of the characters `[start, end)` of `text`.
+
+        1.0 if no weighted span overlaps them; otherwise the weight of the weighted span that
+        overlaps them most (the first on a tie), so a word with only part of it in brackets,
+        like `(red:2)dish`, takes that weight.
+        """
+        best, best_overlap = 1.0, 0
+        for span_start, span_end, weight in self.weights:
+            overlap = min(end, span_end) - max(start, span_start)
+            if overlap > best_overlap:
+                best, best_overlap = weight, overlap
+        return best
+
+
+def parse_prompt(text: str) -> WeightedPrompt:
+    """Parse the prompt-weighting syntax (module docstring) into plain text and weighted spans.
+
+    Args:
+        text: a prompt as the user wrote it, e.g. "a (red:1.5) circle".
+
+    Returns:
+        A `WeightedPrompt`; a prompt without brackets or backslashes comes back unchanged with no spans.
+
+    Raises:
+        PromptSyntaxError: the syntax is malformed; the message points at the column.
+    """
+    if not isinstance(text, str):
+        raise UserError(f"a prompt must be text, got {type(text).__name__} {text!r}; quote it in the config")
+    out: list[str] = []  # characters of the plain text
+    weights: list[tuple[int, int, float]] = []
+    open_at = None  # index in `text` of the '(' we are inside, or None outside brackets
+    group_start = 0  # len(out) at that '('
+    i = 0
+    while i < len(text):
+        char = text[i]
+        if char == "\\":
+            if i + 1 == len(text):
+                raise PromptSyntaxError(text, i, "dangling '\\' at the end")
+            escaped = text[i + 1]
+            if escaped not in _ESCAPABLE:
+                raise PromptSyntaxError(
+                    text, i, f"unknown escape '\\{_one_line(escaped)}' (only \\( \\) \\: \\\\ are escapes)"
+                )
+            out.append(escaped)
+            i += 2
+        elif char == "(":
+            if open_at is not None:
+                raise PromptSyntaxError(text, i, "nested '('")
+            open_at, group_start = i, len(out)
+            i += 1
+        elif char == ")":
+            if open_at is None:
+                raise PromptSyntaxError(text, i, "unbalanced ')'")
+            raise PromptSyntaxError(text, i, "missing ':weight' before ')'")
+        elif char == ":" and open_at is not None:
+            close = text.find(")", i + 1)
+            if close == -1:
+                raise PromptSyntaxError(text, open_at, "'(' is never closed")
+            start, end = group_start, len(out)
+            while start < end and out[start].isspace():
+                start += 1
+            while end > start and out[end - 1].isspace():
+                end -= 1
+            if start == end:
+                raise PromptSyntaxError(text, open_at, "nothing to weight before ':'")
+            weights.append((start, end, _parse_weight(text, i + 1, close)))
+            open_at = None
+            i = close + 1
+        else:
+            out.append(char)
+            i += 1
+    if open_at is not None:
+        raise PromptSyntaxError(text, open_at, "'(' is never closed")
+    return WeightedPrompt("".join(out), tuple(weights))
+
+
+def _parse_weight(text: str, start: int, close: int) -> float:
+    """The weight written in `text[start:close]` (between ':' and ')'); PromptSyntaxError if malformed."""
+    raw = text[start:close]
+    written = raw.strip()
+    if not written:
+        raise PromptSyntaxError(text, close, "missing weight after ':' (expected a number like 1.5)")
+    column = start + len(raw) - len(raw.lstrip())
+    if re.fullmatch(_NUMBER, written):
+        return float(written)
+    if re.fullmatch("-" + _NUMBER, written):
+        raise PromptSyntaxError(text, column, f"negative weight '{written}' (weights are 0 or more)")
+    raise PromptSyntaxError(text, column, f"bad weight '{_one_line(written)}' (expected a number like 1.5)")
+
+
+@dataclass(frozen=True)
+class Word:
+    """One word of a prompt.
+
+    Attributes:
+        text: the word as in the prompt, e.g. "red".
+        start, end: its `[start, end)` character span in the prompt.
+        occurrence: 1 for the first "red" in the prompt, 2 for the second, ... (case-insensitive).
+        label: "red" for the first occurrence, "red#2" for the second, ...
+    """
+
+    text: str
+    start: int
+    end: int
+    occurrence: int
+    label: str
+
+
+def split_words(prompt: str) -> list[Word]:
+    """The words of a plain prompt (e.g. `WeightedPrompt.text`): maximal runs of `[\\w']`, in order."""
+    seen: dict[str, int] = {}
+    words = []
+    for match in _WORD.finditer(prompt):
+        key = match.group().lower()
+        seen[key] = occurrence = seen.get(key, 0) + 1
+        label = match.group() if occurrence == 1 else f"{match.group()}#{occurrence}"
+        words.append(Word(match.group(), match.start(), match.end(), occurrence, label))
+    return words
+
+
+def find_word(words: list[Word], label: str) -> int:
+    """The index in `words` of the word with this label (case-insensitive).
+
+    "red" (or "red#1") is the first "red", "red#2" the second, ...
+
+    Raises:
+        UserError: no such word; the message lists the labels there are.
+    """
+    wanted = label.strip().lower()
+    if re.fullmatch(r".+#1", wanted):
+        wanted = wanted[:-2]
+    for index, word in enumerate(words):
+        if word.label.lower() == wanted:
+            return index
+    labels = [word.label for word in words]
+    if not labels:
+        raise UserError(f"no word '{label}' in the prompt: it has no words")
+    close = difflib.get_close_matches(wanted, [item.lower() for item in labels], n=1)
+    hint = f"did you mean '{labels[[item.lower() for item in labels].index(close[0])]}'? " if close else ""
+    raise UserError(f"no word '{label}' in the prompt; {hint}its words are: {', '.join(labels)}")
+
+
+def _spans(offsets, length: int | None = None) -> list[tuple[int, int]]:
+    """Token character spans of one prompt as (start, end) ints, padded with (0, 0) to `length`."""
+    if isinstance(offsets, torch.Tensor):
+        if offsets.ndim != 2 or offsets.shape[-1] != 2:
+            raise ValueError(f"offsets must be (T, 2) for one prompt, got shape {tuple(offsets.shape)}; index the batch")
+        spans = [(int(start), int(end)) for start, end in offsets.tolist()]
+    else:
+        spans = [(int(start), int(end)) for start, end in offsets]
+    if length is not None:
+        if len(spans) > length:
+            raise ValueError(f"{len(spans)} token offsets for length {length}; tokenize to at most {length} tokens")
+        spans += [(0, 0)] * (length - len(spans))
+    return spans
+
+
+def _assign(spans: list[tuple[int, int]], units) -> list[int | None]:
+    """For each token span, the index of the unit (anything with start/end) it overlaps most, or None.
+
+    Empty spans (start, end and padding tokens) and spans overlapping no unit give None.
+    """
+    owners: list[int | None] = []
+    for token_start, token_end in spans:
+        owner, best = None, 0
+        if token_end > token_start:
+            for index, unit in enumerate(units):
+                if unit.start >= token_end:
+                    break  # units are in order: none further on can overlap
+                overlap = min(token_end, unit.end) - max(token_start, unit.start)
+                if overlap > best:
+                    owner, best = index, overlap
+        owners.append(owner)
+    return owners
+
+
+def token_word_index(offsets: torch.Tensor | list, words: list[Word]) -> list[int | None]:
+    """For each token of one prompt, the index into `words` of the word it belongs to.
+
+    Args:
+        offsets: (T, 2) character spans of the prompt's tokens, as `TextEncoder.tokenize` gives
+            (`tokens["offsets"][b]`) or a list of (start, end) pairs.
+        words: `split_words` of the same prompt.
+
+    Returns:
+        T entries: the word index, or None for start, end and padding tokens and for tokens
+        that are not part of a word (punctuation). A token belongs to the word its span
+        overlaps (the one it overlaps most, in the odd case of two).
+    """
+    return _assign(_spans(offsets), words)
+
+
+def word_tokens(offsets: torch.Tensor | list, words: list[Word]) -> list[list[int]]:
+    """For each word, the positions of its tokens (several for a split word, none if truncated away)."""
+    positions: list[list[int]] = [[] for _ in words]
+    for position, owner in enumerate(token_word_index(offsets, words)):
+        if owner is not None:
+            positions[owner].append(position)
+    return positions
+
+
+def word_token_weights(prompt: WeightedPrompt, offsets: torch.Tensor | list, length: int) -> torch.Tensor:
+    """The weight of each token: (length,) float32, 1.0 by default.
+
+    A word's weight (`prompt.weight_at` its span) goes to every one of its sub-word tokens, so a
+    rare word split into pieces is weighted whole. A token outside words (punctuation) takes
+    the weight at its own span. Start, end and padding tokens stay 1.0.
+
+    Args:
+        prompt: the parsed prompt; `offsets` must come from tokenizing `prompt.text`.
+        offsets: (T, 2) token character spans, T <= length (fewer: the rest count as padding).
+        length: tokens per prompt T.
+    """
+    spans = _spans(offsets, length)
+    words = split_words(prompt.text)
+    weights = torch.ones(length)
+    for position, (owner, (start, end)) in enumerate(zip(_assign(spans, words), spans)):
+        if owner is not None:
+            weights[position] = prompt.weight_at(words[owner].start, words[owner].end)
+        elif end > start:
+            weights[position] = prompt.weight_at(start, end)
+    return weights
+
+
+def align_tokens(
+    source_offsets: torch.Tensor | list,
+    source_prompt: str,
+    target_offsets: torch.Tensor | list,
+    target_prompt: str,
+    length: int,
+) -> torch.Tensor:
+    """Which source token each target token corresponds to, for Prompt-to-Prompt edits.
+
+    The words (and punctuation runs) of the two prompts are aligned with
+    `difflib.SequenceMatcher` on their lower-cased texts:
+
+    - equal words map token to token: token i to token i when both have the same number of
+      tokens, otherwise every target token to the source word's first token;
+    - a replaced block of as many target words as source words (a swap like red -> blue) maps
+      word to word in order, tokens as above: this is what keeps the layout in a word swap;
+    - inserted target words (and replaced blocks of a different size) get -1; deleted source
+      words are simply unused.
+
+    The start token maps to the start token. The end token and the padding after it map to
+    the source's end token and padding: the k-th position after the target's last real token
+    goes to the k-th position after the source's last real token, clipped to length - 1.
+
+    Args:
+        source_offsets, target_offsets: (T, 2) token character spans of each prompt, as
+            `TextEncoder.tokenize` gives (T <= length; missing positions count as padding).
+        source_prompt, target_prompt: the plain prompts the offsets index into.
+        length: tokens per prompt T.
+
+    Returns:
+        `mapping`, (length,) long: target token j takes source token `mapping[j]`'s attention,
+        or -1 where it has no counterpart.
+    """
+    source_spans = _spans(source_offsets, length)
+    target_spans = _spans(target_offsets, length)
+    source_units = list(_UNIT.finditer(source_prompt))
+    target_units = list(_UNIT.finditer(target_prompt))
+    source_tokens = _unit_tokens(source_spans, source_units)
+    target_tokens = _unit_tokens(target_spans, target_units)
+
+    mapping = torch.full((length,), -1, dtype=torch.long)
+    matcher = difflib.SequenceMatcher(
+        None,
+        [unit.group().lower() for unit in source_units],
+        [unit.group().lower() for unit in target_units],
+        autojunk=False,
+    )
+    for tag, source_from, source_to, target_from, target_to in matcher.get_opcodes():
+        if tag == "equal" or (tag == "replace" and source_to - source_from == target_to - target_from):
+            for source_unit, target_unit in zip(range(source_from, source_to), range(target_from, target_to)):
+                sources, targets = source_tokens[source_unit], target_tokens[target_unit]
+                if not sources:
+                    continue  # the source word was truncated away: nothing to take
+                for k, target in enumerate(targets):
+                    mapping[target] = sources[k] if len(sources) == len(targets) else sources[0]
+
+    # Special tokens: start -> start; end and padding by their distance past the last real token.
+    source_last, target_last = _last_real(source_spans), _last_real(target_spans)
+    mapping[0] = 0
+    for position in range(target_last + 1, length):
+        mapping[position] = min(source_last + position - target_last, length - 1)
+    return mapping
+
+
+def _unit_tokens(spans, units) -> list[list[int]]:
+    """For each unit (a regex match), the positions of the tokens that belong to it."""
+    positions: list[list[int]] = [[] for _ in units]
+    spans_of_units = [_Span(unit.start(), unit.end()) for unit in units]
+    for position, owner in enumerate(_assign(spans, spans_of_units)):
+        if owner is not None:
+            positions[owner].append(position)
+    return positions
+
+
+@dataclass(frozen=True)
+class _Span:
+    start: int
+    end: int
+
+
+def _last_real(spans) -> int:
+    """Position of the last token with a non-empty span; 0 (the start token) if there is none."""
+    return max((position for position, (start, end) in enumerate(spans) if end > start), default=0)

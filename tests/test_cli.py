@@ -1,0 +1,168 @@
+"""Tests for train.py and sample.py as a user runs them: exit codes, one-line errors, outputs."""
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+SENTINEL = b"an earlier grid that a failed run must not touch"
+
+
+def assert_one_line_error(result, *fragments):
+    """Exit status 2, and stderr is exactly one line 'error: ...' holding every fragment."""
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def broken_models(tiny_model, tmp_path_factory):
+    """Copies of the tiny model folder, each broken in one way."""
+    root = tmp_path_factory.mktemp("broken")
+    shutil.copytree(tiny_model, root / "old-version")
+    index = json.loads((root / "old-version" / "model_index.json").read_text())
+    (root / "old-version" / "model_index.json").write_text(json.dumps({**index, "format_version": 99}))
+    shutil.copytree(tiny_model, root / "no-unet-weights")
+    for weights in (root / "no-unet-weights" / "unet").glob("*.safetensors"):
+        weights.unlink()
+    shutil.copytree(tiny_model, root / "no-text-weights")
+    for weights in (root / "no-text-weights" / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    return root
+
+
+# ---- train.py -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, fragments", [
+    (["--config", "configs/nope.yaml"], ["config file 'configs/nope.yaml' not found"]),
+    (["train.max_step=3"], ["unknown config key 'train.max_step'", "did you mean 'train.max_steps'"]),
+    (["train.max_steps=-1"], ["train.max_steps must be positive"]),
+    (["train.batch_size=0"], ["train.batch_size must be positive"]),
+    (["train.lr=inf"], ["train.lr must be a finite number"]),
+    (["model.attention_resolutions=[5]"], ["model.attention_resolutions has 5"]),
+    (["train.max_steps"], ["must look like key=value"]),
+    (["--bogus"], ["unrecognized arguments: --bogus"]),
+])
+def test_train_rejects_bad_arguments_in_one_line(run_cli, tmp_path, args, fragments):
+    result = run_cli("train.py", "--output-dir", tmp_path / "out", *args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_rejects_malformed_yaml(run_cli, tmp_path):
+    config = tmp_path / "bad.yaml"
+    config.write_text("train: {max_steps: 3\n")
+    assert_one_line_error(run_cli("train.py", "--config", config, "--output-dir", tmp_path / "out"), "not valid YAML")
+
+
+def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tiny_overrides):
+    checkpoint = tmp_path / "step-000004"
+    shutil.copytree(tiny_run / "checkpoints" / "step-000004", checkpoint)
+    path = checkpoint / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+    result = run_cli("train.py", "--output-dir", tmp_path / "out", "--resume", checkpoint,
+                     *tiny_overrides, "train.max_steps=6")
+    assert_one_line_error(result, f"checkpoint '{checkpoint}' is corrupt")
+    assert not (tmp_path / "out").exists()
+
+
+# ---- sample.py errors -------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, fragments", [
+    (["--guidance", "inf", "a red circle"], ["guidance must be a finite number"]),
+    (["--guidance", "nan", "a red circle"], ["guidance must be a finite number"]),
+    (["--steps", "0", "a red circle"], ["steps must be a positive whole number, got 0"]),
+    (["-n", "0", "a red circle"], ["images per prompt must be at least 1, got 0"]),
+    ([], ["no prompt given"]),
+    (["--prompt-file", "/nonexistent/prompts.txt"], ["cannot read --prompt-file"]),
+    (["--sampler", "plms", "a red circle"], ["invalid choice: 'plms'"]),
+    (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
+])
+def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model, tmp_path, args, fragments):
+    out = tmp_path / "grid.png"
+    out.write_bytes(SENTINEL)
+    result = run_cli("sample.py", "--model", tiny_model, "--out", out, *args)
+    assert_one_line_error(result, *fragments)
+    assert out.read_bytes() == SENTINEL
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no images written beside it
+
+
+@pytest.mark.parametrize("model, fragments", [
+    ("missing", ["not found"]),
+    ("old-version", ["incompatible version", "format 99"]),
+    ("no-unet-weights", ["cannot load", "unet"]),
+    ("no-text-weights", ["could not load a CLIP text encoder"]),
+])
+def test_sample_rejects_bad_model_folders_and_keeps_the_old_grid(run_cli, broken_models, tmp_path, model, fragments):
+    out = tmp_path / "grid.png"
+    out.write_bytes(SENTINEL)
+    result = run_cli("sample.py", "--model", broken_models / model, "--out", out, "a red circle")
+    assert_one_line_error(result, str(broken_models / model), *fragments)
+    assert out.read_bytes() == SENTINEL
+    assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]
+
+
+@pytest.mark.parametrize("out", ["afile/out.png", "adir"])
+def test_sample_output_path_that_cannot_be_written(run_cli, tiny_model, tmp_path, out):
+    (tmp_path / "afile").write_text("a file where a folder should be")
+    (tmp_path / "adir").mkdir()
+    result = run_cli("sample.py", "--model", tiny_model, "--out", tmp_path / out, "a red circle", "--steps", "2")
+    assert_one_line_error(result, str(tmp_path / out))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir", "afile"]
+    assert list((tmp_path / "adir").iterdir()) == []
+
+
+# ---- sample.py success ------------------------------------------------------------------------------
+def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_path):
+    from diffusion.pipeline import Pipeline
+
+    out = tmp_path / "new" / "grid.png"  # the folder is created
+    prompts = ["a red circle on the left", "a blue square"]
+    result = run_cli("sample.py", "--model", tiny_model, *prompts, "-n", "2", "--seed", "5", "--steps", "3",
+                     "--sampler", "ddim", "--guidance", "2.5", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and "error:" not in result.stderr
+    assert f"wrote {out} and 4 images beside it" in result.stdout
+    assert sorted(p.name for p in out.parent.iterdir()) == ["grid-000.png", "grid-001.png", "grid-002.png",
+                                                            "grid-003.png", "grid.png"]
+    with Image.open(out) as grid:
+        assert grid.text["prompts"] == "\n".join(prompts)
+        assert grid.text["seed"] == "5" and grid.text["sampler"] == "ddim"
+        assert grid.width > 2 * 16 and grid.height > 2 * 16
+
+    expected = Pipeline.from_pretrained(tiny_model, device="cpu")(
+        prompts, num_images_per_prompt=2, seed=5, steps=3, guidance=2.5, sampler="ddim", progress=False)
+    for i, (prompt, seed) in enumerate([(prompts[0], 5), (prompts[0], 6), (prompts[1], 5), (prompts[1], 6)]):
+        with Image.open(out.with_name(f"grid-{i:03d}.png")) as image:
+            assert image.size == (16, 16)
+            assert image.text["prompt"] == prompt
+            assert image.text["seed"] == str(seed)
+            assert image.text["sampler"] == "ddim"
+            assert image.text["steps"] == "3" and image.text["guidance"] == "2.5"
+            assert image.text["model"] == str(tiny_model.resolve())
+            # the file holds the image the pipeline makes for this prompt and seed
+            difference = np.abs(np.asarray(image.convert("RGB")).astype(int) - np.asarray(expected.images[i]).astype(int))
+            assert difference.max() <= 1
+
+
+def test_sample_with_a_too_long_prompt_warns_once_and_succeeds(run_cli, tiny_model, tmp_path):
+    prompt = "a red circle on the left " * 8 + "and a purple zebra"
+    out = tmp_path / "long.png"
+    out.write_bytes(SENTINEL)  # a successful run replaces an earlier grid
+    result = run_cli("sample.py", "--model", tiny_model, prompt, "-n", "1", "--steps", "2", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = [line.strip() for line in re.split(r"[\r\n]", result.stderr) if line.strip()]
+    warnings = [line for line in lines if line.startswith("warning:")]
+    assert len(warnings) == 1, result.stderr
+    cut = re.search(r'cut: "(.*)"$', warnings[0]).group(1)
+    assert cut.endswith("and a purple zebra") and prompt.endswith(cut)
+    assert not any(line.startswith("error:") for line in lines)
+    with Image.open(out) as grid:
+        assert grid.text["prompts"] == prompt
+    assert out.with_name("long-000.png").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["long-000.png", "long.png"]  # no temporary files left

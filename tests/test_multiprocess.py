@@ -1,0 +1,39 @@
+"""Two-process data-parallel training on the CPU (torchrun, gloo): the ranks stay in sync."""
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_two_processes_end_with_identical_weights(tmp_path, tiny_overrides):
+    torchrun = shutil.which("torchrun")
+    if torchrun is None:
+        pytest.skip("torchrun is not on PATH")
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(name, None)  # a fresh job, whatever launched pytest
+    result = subprocess.run(
+        [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_worker.py"), str(out),
+         *tiny_overrides],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "2 process(es)" in result.stdout
+
+    rank0, rank1 = load_file(out / "rank0.safetensors"), load_file(out / "rank1.safetensors")
+    saved = load_file(out / "checkpoints" / "step-000004" / "model.safetensors")  # written by rank 0 only
+    assert rank0.keys() == rank1.keys() == saved.keys()
+    for name in rank0:
+        assert torch.equal(rank0[name], rank1[name]), name
+        assert torch.equal(rank0[name], saved[name]), name
+    # the ranks did train: the weights moved since the step-2 checkpoint
+    earlier = load_file(out / "checkpoints" / "step-000002" / "model.safetensors")
+    assert any(not torch.equal(earlier[name], rank0[name]) for name in rank0)
+    assert (out / "model" / "model_index.json").is_file()

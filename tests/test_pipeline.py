@@ -1,0 +1,236 @@
+"""Tests for diffusion/pipeline.py against the tiny trained model of the session."""
+import json
+import re
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.attention import AttentionController
+from diffusion.errors import UserError
+from diffusion.pipeline import SAMPLERS, Pipeline
+
+PROMPTS = ["a red circle on the left", "a blue square"]
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return Pipeline.from_pretrained(tiny_model, device="cpu")
+
+
+def pixels(images):
+    return np.stack([np.asarray(image) for image in images]).astype(int)
+
+
+def test_a_copied_model_folder_loads_on_its_own(tiny_model, tmp_path, pipe):
+    """The exported folder is self-contained: nothing from the run directory is needed."""
+    alone = tmp_path / "elsewhere" / "model"
+    shutil.copytree(tiny_model, alone)
+    copy = Pipeline.from_pretrained(alone, device="cpu")
+    assert copy.unet.config.sample_size == 16
+    a = copy(PROMPTS[0], seed=3, steps=2, progress=False).images[0]
+    b = pipe(PROMPTS[0], seed=3, steps=2, progress=False).images[0]
+    assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_images_have_the_model_size_and_count(pipe):
+    out = pipe(PROMPTS, num_images_per_prompt=3, seed=7, steps=2, progress=False)
+    assert len(out.images) == 6
+    assert all(isinstance(image, Image.Image) and image.size == (16, 16) and image.mode == "RGB"
+               for image in out.images)
+    assert out.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
+    assert out.seeds == [7, 8, 9, 7, 8, 9]
+    assert {k: out.settings[k] for k in ("sampler", "steps", "guidance", "negative_prompt")} == \
+        {"sampler": "dpm++", "steps": 2, "guidance": 3.0, "negative_prompt": ""}
+
+
+def test_a_single_prompt_string(pipe):
+    out = pipe(PROMPTS[0], steps=2, progress=False)
+    assert len(out.images) == 1 and out.prompts == [PROMPTS[0]] and out.seeds == [0]
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddim", "ddpm", "euler"])
+def test_every_sampler_gives_finite_images(pipe, sampler):
+    x = pipe.denoise(PROMPTS, [0, 1], steps=3, sampler=sampler)
+    assert x.shape == (2, 3, 16, 16)
+    assert torch.isfinite(x).all()
+    assert x.min() >= -1 and x.max() <= 1
+    assert x.std() > 0.05  # not a constant image
+    out = pipe(PROMPTS, steps=3, sampler=sampler, progress=False)
+    assert out.settings["sampler"] == sampler and len(out.images) == 2
+
+
+def test_samplers_are_the_four_documented_ones():
+    assert set(SAMPLERS) == {"dpm++", "ddim", "ddpm", "euler"}
+
+
+def test_same_seed_same_images_different_seed_different_images(pipe):
+    a = pixels(pipe(PROMPTS, num_images_per_prompt=2, seed=11, steps=3, sampler="ddpm", progress=False).images)
+    b = pixels(pipe(PROMPTS, num_images_per_prompt=2, seed=11, steps=3, sampler="ddpm", progress=False).images)
+    c = pixels(pipe(PROMPTS, num_images_per_prompt=2, seed=12, steps=3, sampler="ddpm", progress=False).images)
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+    # image i of a prompt uses seed + i: seed 12's first image is seed 11's second
+    assert np.array_equal(c[0], a[1])
+    assert not np.array_equal(a[0], a[1])
+
+
+@pytest.mark.parametrize("sampler", ["dpm++", "ddpm"])
+def test_an_image_does_not_depend_on_the_batch_size(pipe, sampler):
+    kwargs = dict(num_images_per_prompt=3, seed=0, steps=3, sampler=sampler, progress=False)
+    one = pixels(pipe(PROMPTS, batch_size=1, **kwargs).images)
+    four = pixels(pipe(PROMPTS, batch_size=4, **kwargs).images)  # batches of 4 and 2
+    # Exactly equal on the development machine; batched matrix products may round differently
+    # elsewhere, which can move a pixel across a rounding boundary by at most one level.
+    assert np.abs(one - four).max() <= 1
+    assert (one != four).mean() < 0.01
+    # in floats: the same up to float32 rounding
+    alone = pipe.denoise([PROMPTS[1]], [2], steps=3, sampler=sampler)
+    batched = pipe.denoise([PROMPTS[0], PROMPTS[0], PROMPTS[1], PROMPTS[1]], [0, 1, 2, 3], steps=3, sampler=sampler)
+    torch.testing.assert_close(alone[0], batched[2], rtol=0, atol=1e-5)
+
+
+def test_guidance_one_skips_the_unconditional_half(pipe):
+    class BatchSize(AttentionController):
+        def __init__(self):
+            self.sizes = set()
+
+        def wants(self, site):
+            return True
+
+        def process(self, site, probabilities):
+            self.sizes.add(probabilities.shape[0])
+
+    off, on = BatchSize(), BatchSize()
+    x1 = pipe.denoise(PROMPTS, [0, 1], steps=2, guidance=1.0, attention_controller=off)
+    x3 = pipe.denoise(PROMPTS, [0, 1], steps=2, guidance=3.0, attention_controller=on)
+    assert off.sizes == {2} and on.sizes == {4}
+    assert torch.isfinite(x1).all()
+    assert (x1 - x3).abs().max() > 1e-5
+    out = pipe(PROMPTS[0], guidance=1.0, steps=2, progress=False)
+    assert len(out.images) == 1
+
+
+def test_negative_prompt_changes_the_output(pipe):
+    plain = pipe.denoise([PROMPTS[0]], [0], steps=3)
+    negative = pipe.denoise([PROMPTS[0]], [0], steps=3, negative_prompt="a blue square")
+    empty = pipe.denoise([PROMPTS[0]], [0], steps=3, negative_prompt="")
+    assert (plain - negative).abs().max() > 1e-4
+    assert torch.equal(plain, empty)  # "" is the default negative prompt
+    out = pipe(PROMPTS[0], steps=3, negative_prompt="a blue square", progress=False)
+    assert out.settings["negative_prompt"] == "a blue square"
+
+
+def test_the_controller_sees_every_sampling_step(pipe):
+    class Steps(AttentionController):
+        def __init__(self):
+            self.steps = []
+
+        def wants(self, site):
+            return site.name == "mid.attn.0"
+
+        def process(self, site, probabilities):
+            self.steps.append(site.step)
+
+    controller = Steps()
+    pipe(PROMPTS[0], steps=4, attention_controller=controller, progress=False)
+    assert controller.steps == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    (dict(steps=0), "steps"),
+    (dict(guidance=float("nan")), "guidance"),
+    (dict(guidance=float("inf")), "guidance"),
+    (dict(guidance=-1.0), "guidance"),
+    (dict(num_images_per_prompt=0), "images per prompt"),
+    (dict(batch_size=0), "batch size"),
+    (dict(sampler="plms"), "unknown sampler 'plms'"),
+])
+def test_bad_sampling_arguments_are_user_errors(pipe, kwargs, fragment):
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        pipe(PROMPTS[0], progress=False, **{"steps": 2, **kwargs})
+
+
+def test_no_prompt_is_a_user_error(pipe):
+    with pytest.raises(UserError, match="no prompt"):
+        pipe([], steps=2, progress=False)
+
+
+def test_a_too_long_prompt_warns_with_the_cut_text_and_still_samples(pipe):
+    prompt = "a red circle on the left " * 8 + "and a purple zebra"
+    with pytest.warns(UserWarning, match="prompt truncated") as record:
+        out = pipe(prompt, steps=2, progress=False)
+    messages = [str(w.message) for w in record if "truncated" in str(w.message)]
+    assert len(messages) == 1
+    cut = re.search(r'cut: "(.*)"', messages[0]).group(1)
+    assert cut.endswith("a purple zebra") and prompt.endswith(cut) and len(cut) < len(prompt)
+    assert len(out.images) == 1 and out.images[0].size == (16, 16)
+
+
+def test_save_pretrained_round_trip_replaces_an_existing_folder(pipe, tmp_path):
+    target = tmp_path / "model"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    pipe.save_pretrained(target, {"note.txt": "hello"})
+    assert not (target / "stale.txt").exists()
+    assert (target / "note.txt").read_text() == "hello"
+    assert not list(tmp_path.glob(".model.*"))  # no temporary folders left behind
+    again = Pipeline.from_pretrained(target, device="cpu")
+    for (name, a), (_, b) in zip(pipe.unet.state_dict().items(), again.unet.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+# ---- loading errors ---------------------------------------------------------------------------
+@pytest.fixture
+def model_copy(tiny_model, tmp_path):
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_model, copy)
+    return copy
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(UserError, match="model folder .*nothere' not found"):
+        Pipeline.from_pretrained(tmp_path / "nothere")
+
+
+def test_folder_without_model_index(tmp_path):
+    with pytest.raises(UserError, match="model_index.json is missing"):
+        Pipeline.from_pretrained(tmp_path)
+
+
+def test_corrupt_model_index(model_copy):
+    (model_copy / "model_index.json").write_text("{not json")
+    with pytest.raises(UserError, match="corrupt"):
+        Pipeline.from_pretrained(model_copy)
+
+
+@pytest.mark.parametrize("version", [2, 0, None])
+def test_model_index_from_another_format_version(model_copy, version):
+    index = json.loads((model_copy / "model_index.json").read_text())
+    index["format_version"] = version
+    (model_copy / "model_index.json").write_text(json.dumps(index))
+    with pytest.raises(UserError, match="incompatible version"):
+        Pipeline.from_pretrained(model_copy)
+
+
+@pytest.mark.parametrize("part", ["unet", "text_encoder", "tokenizer", "scheduler"])
+def test_missing_subfolder(model_copy, part):
+    shutil.rmtree(model_copy / part)
+    with pytest.raises(UserError, match=f"missing '{part}/'"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_missing_unet_weights(model_copy):
+    for weights in (model_copy / "unet").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(UserError, match="cannot load .*unet"):
+        Pipeline.from_pretrained(model_copy)
+
+
+def test_missing_text_encoder_weights(model_copy):
+    for weights in (model_copy / "text_encoder").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(UserError):
+        Pipeline.from_pretrained(model_copy)

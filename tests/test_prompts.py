@@ -1,0 +1,320 @@
+"""Tests for diffusion/prompts.py: weighting syntax, words, token/word maps and token alignment."""
+import pytest
+import torch
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from diffusion.errors import UserError, exit_on_user_error
+from diffusion.prompts import (
+    PromptSyntaxError,
+    WeightedPrompt,
+    align_tokens,
+    find_word,
+    parse_prompt,
+    split_words,
+    token_word_index,
+    word_token_weights,
+    word_tokens,
+)
+from diffusion.text_encoder import TextEncoder, fit_tokenizer
+
+CAPTIONS = [
+    f"a {colour} {shape} on the {side}"
+    for colour in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for side in ("left", "right")
+]
+T = 16
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fit_tokenizer(CAPTIONS * 4, vocab_size=600, model_max_length=T)
+
+
+def offsets_of(tokenizer, prompt):
+    """(T, 2) offsets of one prompt, padded (and truncated) to T tokens, as TextEncoder.tokenize gives."""
+    tokens = tokenizer(prompt, return_offsets_mapping=True, padding="max_length", truncation=True,
+                       max_length=T, return_tensors="pt")
+    return tokens["offset_mapping"][0]
+
+
+# --- the weighting syntax ---------------------------------------------------------------------
+
+GOOD = [
+    # (written, plain text, [(weighted substring, start, weight), ...])
+    ("a red circle", "a red circle", []),
+    ("", "", []),
+    ("a (red:1.5) circle", "a red circle", [("red", 2, 1.5)]),
+    ("(several words:0.5) here", "several words here", [("several words", 0, 0.5)]),
+    ("(red:1)", "red", [("red", 0, 1.0)]),
+    ("(red:.5)", "red", [("red", 0, 0.5)]),
+    ("(red:2.)", "red", [("red", 0, 2.0)]),
+    ("(red:0) circle", "red circle", [("red", 0, 0.0)]),
+    ("(red:0.0)", "red", [("red", 0, 0.0)]),
+    ("(red: 1.25 )", "red", [("red", 0, 1.25)]),
+    ("a ( red :2) b", "a  red  b", [("red", 3, 2.0)]),
+    ("(a:2)(b:3)", "ab", [("a", 0, 2.0), ("b", 1, 3.0)]),
+    ("(a red:2) circle (on the left:0.25)", "a red circle on the left",
+     [("a red", 0, 2.0), ("on the left", 13, 0.25)]),
+    (r"a \(red\) circle", "a (red) circle", []),
+    (r"(\(red\):2)", "(red)", [("(red)", 0, 2.0)]),
+    (r"back\\slash", "back\\slash", []),
+    ("ratio 1:2", "ratio 1:2", []),
+    (r"(ratio 1\:2:3)", "ratio 1:2", [("ratio 1:2", 0, 3.0)]),
+    ("(red:10)dish", "reddish", [("red", 0, 10.0)]),
+    ("(red, blue:0.5)!", "red, blue!", [("red, blue", 0, 0.5)]),
+    ("(héllo 日本:1.5)", "héllo 日本", [("héllo 日本", 0, 1.5)]),
+]
+
+
+@pytest.mark.parametrize("written, text, spans", GOOD, ids=[case[0] or "<empty>" for case in GOOD])
+def test_parse_good(written, text, spans):
+    parsed = parse_prompt(written)
+    assert parsed.text == text
+    assert parsed.weights == tuple((start, start + len(sub), weight) for sub, start, weight in spans)
+    for sub, start, weight in spans:
+        assert parsed.text[start : start + len(sub)] == sub
+        assert parsed.weight_at(start, start + len(sub)) == weight
+    if not spans:
+        assert parsed.weight_at(0, len(text)) == 1.0
+
+
+BAD = [
+    # (written, reason (a prefix), 1-based column)
+    ("a red) circle", "unbalanced ')'", 6),
+    (")", "unbalanced ')'", 1),
+    ("a (red circle", "'(' is never closed", 3),
+    ("a (red:1.5 circle", "'(' is never closed", 3),
+    ("(red:abc)", "bad weight 'abc' (expected a number like 1.5)", 6),
+    ("(red:  abc )", "bad weight 'abc'", 8),
+    ("(red:1e3)", "bad weight '1e3'", 6),
+    ("(red:+1)", "bad weight '+1'", 6),
+    ("(red:1.5.2)", "bad weight '1.5.2'", 6),
+    ("(red:.)", "bad weight '.'", 6),
+    ("(red:1:2)", "bad weight '1:2'", 6),
+    ("(ratio 1:2 thing:1.5)", "bad weight '2 thing:1.5'", 10),
+    ("(red:1.5 (blue:2)", "bad weight '1.5 (blue:2'", 6),
+    ("(red:-1)", "negative weight '-1'", 6),
+    ("(red:)", "missing weight after ':'", 6),
+    ("(red:   )", "missing weight after ':'", 9),
+    ("(a (red:2) b:2)", "nested '('", 4),
+    ("a (red) circle", "missing ':weight' before ')'", 7),
+    ("()", "missing ':weight' before ')'", 2),
+    ("(:1.5)", "nothing to weight before ':'", 1),
+    ("x (  :1.5)", "nothing to weight before ':'", 3),
+    ("red\\", "dangling '\\' at the end", 4),
+    ("a \\n b", "unknown escape '\\n'", 3),
+]
+
+
+@pytest.mark.parametrize("written, reason, column", BAD, ids=[case[0] for case in BAD])
+def test_parse_malformed(written, reason, column):
+    with pytest.raises(PromptSyntaxError) as caught:
+        parse_prompt(written)
+    error = caught.value
+    assert isinstance(error, UserError)
+    assert error.reason.startswith(reason)
+    assert error.column == column
+    first, prompt_line, caret_line = str(error).split("\n")
+    assert first == f"malformed prompt: {error.reason} at column {column}"
+    assert prompt_line == "  " + written
+    assert caret_line == " " * (column + 1) + "^"
+    assert written[caret_line.index("^") - 2] == written[column - 1]
+
+
+def test_caret_stays_under_the_column_with_tabs_newlines_and_wide_characters():
+    with pytest.raises(PromptSyntaxError) as caught:
+        parse_prompt("a\tb\n日本 x)")
+    _, prompt_line, caret_line = str(caught.value).split("\n")
+    assert caught.value.column == 9
+    assert prompt_line == "  a b 日本 x)"  # whitespace shown as spaces: still three lines
+    assert caret_line == "  " + " " * 10 + "^"  # 日本 take two columns each
+
+
+def test_cli_prints_the_error_line_then_the_prompt_and_caret(capsys):
+    @exit_on_user_error
+    def main():
+        parse_prompt("a (red:abc)")
+
+    with pytest.raises(SystemExit) as exited:
+        main()
+    assert exited.value.code == 2
+    assert capsys.readouterr().err == (
+        "error: malformed prompt: bad weight 'abc' (expected a number like 1.5) at column 8\n"
+        "  a (red:abc)\n"
+        "         ^\n"
+    )
+
+
+def test_parse_rejects_non_text():
+    with pytest.raises(UserError, match="must be text"):
+        parse_prompt(None)
+
+
+def test_weight_at_takes_the_most_overlapping_span():
+    prompt = WeightedPrompt("abcdefgh", ((0, 2, 2.0), (2, 6, 0.5)))
+    assert prompt.weight_at(6, 8) == 1.0
+    assert prompt.weight_at(0, 1) == 2.0
+    assert prompt.weight_at(1, 4) == 0.5  # 2 characters at 0.5 against 1 at 2.0
+    assert prompt.weight_at(1, 3) == 2.0  # a tie: the first span
+    assert parse_prompt("(red:3)dish").weight_at(0, 7) == 3.0  # a partly bracketed word
+
+
+# --- words --------------------------------------------------------------------------------------
+
+def test_split_words_labels_repeats_case_insensitively():
+    words = split_words("A red circle, a RED square; don't red!")
+    assert [word.text for word in words] == ["A", "red", "circle", "a", "RED", "square", "don't", "red"]
+    assert [word.label for word in words] == ["A", "red", "circle", "a#2", "RED#2", "square", "don't", "red#3"]
+    assert [word.occurrence for word in words] == [1, 1, 1, 2, 2, 1, 1, 3]
+    assert all(word.text == "A red circle, a RED square; don't red!"[word.start : word.end] for word in words)
+    assert split_words(" ,.! ") == []
+
+
+def test_find_word():
+    words = split_words("a red circle and a Red square")
+    assert find_word(words, "red") == 1
+    assert find_word(words, "red#1") == 1
+    assert find_word(words, "RED#2") == 5
+    assert find_word(words, "a#2") == 4
+    with pytest.raises(UserError, match=r"no word 'red#3'.*a, red, circle, and, a#2, Red#2, square") as caught:
+        find_word(words, "red#3")
+    assert "\n" not in str(caught.value)
+    with pytest.raises(UserError, match="did you mean 'circle'"):
+        find_word(words, "circel")
+    with pytest.raises(UserError, match="no words"):
+        find_word([], "red")
+
+
+# --- tokens ---------------------------------------------------------------------------------------
+
+def test_rare_word_is_split_into_several_tokens(tokenizer):
+    pieces = tokenizer.tokenize("zebra")
+    assert len(pieces) >= 3, pieces
+    assert tokenizer.tokenize("red") == ["red</w>"]
+
+
+def test_token_word_index_subwords_repeats_punctuation_and_specials(tokenizer):
+    prompt = "a zebra, a Red red"
+    words = split_words(prompt)
+    offsets = offsets_of(tokenizer, prompt)
+    index = token_word_index(offsets, words)
+    assert len(index) == T
+    n_zebra = len(tokenizer.tokenize("zebra"))
+    expected = [None, 0] + [1] * n_zebra + [None, 2, 3, 4] + [None] * (T - 6 - n_zebra)  # start, ..., end + padding
+    assert index == expected
+    assert [word.label for word in words] == ["a", "zebra", "a#2", "Red", "red#2"]
+    # a list of pairs works the same
+    assert token_word_index(offsets.tolist(), words) == index
+    assert word_tokens(offsets, words)[1] == list(range(2, 2 + n_zebra))
+
+
+def test_token_word_index_truncated_words_get_no_tokens(tokenizer):
+    prompt = "a red circle on the left a blue square on the right a green triangle"  # one token a word
+    words = split_words(prompt)
+    offsets = offsets_of(tokenizer, prompt)
+    index = token_word_index(offsets, words)
+    assert index[0] is None and index[-1] is None  # start and the end token that replaced the cut text
+    assert index[1 : T - 1] == list(range(T - 2))
+    tokens = word_tokens(offsets, words)
+    assert all(tokens[i] == [i + 1] for i in range(T - 2))
+    assert all(tokens[i] == [] for i in range(T - 2, len(words)))
+
+
+def test_token_word_index_rejects_a_batch(tokenizer):
+    with pytest.raises(ValueError, match="index the batch"):
+        token_word_index(offsets_of(tokenizer, "a red")[None], split_words("a red"))
+
+
+def test_word_token_weights(tokenizer):
+    parsed = parse_prompt("a (zebra, red:1.5) (ci:0)rcle!")
+    assert parsed.text == "a zebra, red circle!"
+    offsets = offsets_of(tokenizer, parsed.text)
+    weights = word_token_weights(parsed, offsets, T)
+    assert weights.shape == (T,) and weights.dtype == torch.float32
+    n_zebra = len(tokenizer.tokenize("zebra"))
+    n_circle = len(tokenizer.tokenize("circle"))
+    expected = [1.0, 1.0] + [1.5] * n_zebra + [1.5, 1.5] + [0.0] * n_circle + [1.0]  # comma in the span, '!' not
+    expected += [1.0] * (T - len(expected))  # end and padding
+    assert weights.tolist() == expected
+
+
+def test_word_token_weights_apply_to_every_subword_and_pad_short_offsets(tokenizer):
+    parsed = parse_prompt("a (zebra:2)")
+    unpadded = tokenizer(parsed.text, return_offsets_mapping=True)["offset_mapping"]
+    weights = word_token_weights(parsed, unpadded, T)
+    n_zebra = len(tokenizer.tokenize("zebra"))
+    assert weights.tolist() == [1.0, 1.0] + [2.0] * n_zebra + [1.0] * (T - 2 - n_zebra)
+
+
+# --- alignment ------------------------------------------------------------------------------------
+
+def align(tokenizer, source, target):
+    return align_tokens(offsets_of(tokenizer, source), source, offsets_of(tokenizer, target), target, T)
+
+
+def test_align_same_prompt_is_identity(tokenizer):
+    for prompt in ["a red circle, on the left!", "", "a zebra and a zebra", "a red circle on the left " * 3]:
+        assert align(tokenizer, prompt, prompt).tolist() == list(range(T)), prompt
+
+
+def test_align_word_swap_keeps_every_position(tokenizer):
+    mapping = align(tokenizer, "a red circle on the left", "a blue circle on the left")
+    assert mapping.tolist() == list(range(T))
+    mapping = align(tokenizer, "a red circle on the left", "A GREEN circle on the right")
+    assert mapping.tolist() == list(range(T))
+
+
+def test_align_inserted_word_gets_minus_one(tokenizer):
+    source, target = "a red circle", "a big red circle"
+    n_big = len(tokenizer.tokenize("big"))
+    assert n_big > 1
+    mapping = align(tokenizer, source, target).tolist()
+    # start, a, big..., red, circle, end, padding
+    assert mapping == [0, 1] + [-1] * n_big + [2, 3] + list(range(4, 4 + T - 4 - n_big))
+    # the other way round "big" is deleted: unused, and the rest maps back
+    back = align(tokenizer, target, source).tolist()
+    assert back == [0, 1, 2 + n_big, 3 + n_big] + [min(4 + n_big + k, T - 1) for k in range(T - 4)]
+
+
+def test_align_multi_token_words(tokenizer):
+    n_zebra = len(tokenizer.tokenize("zebra"))
+    # the same split word at a new position: token i -> token i
+    mapping = align(tokenizer, "a zebra circle", "a big zebra circle").tolist()
+    n_big = len(tokenizer.tokenize("big"))
+    zebra_at = 2 + n_big
+    assert mapping[zebra_at : zebra_at + n_zebra] == list(range(2, 2 + n_zebra))
+    assert mapping[zebra_at + n_zebra] == 2 + n_zebra  # circle
+    # a swap between words of different token counts: every piece takes the source word's first token
+    mapping = align(tokenizer, "a red circle", "a zebra circle").tolist()
+    assert mapping[: 3 + n_zebra] == [0, 1] + [2] * n_zebra + [3]
+    mapping = align(tokenizer, "a zebra circle", "a red circle").tolist()
+    assert mapping[:4] == [0, 1, 2, 2 + n_zebra]
+
+
+def test_align_unequal_replacement_and_truncation(tokenizer):
+    # one word replaced by two: no positional counterpart, so -1 for both
+    mapping = align(tokenizer, "a red circle", "a green big circle").tolist()
+    n_green, n_big = len(tokenizer.tokenize("green")), len(tokenizer.tokenize("big"))
+    assert mapping[: 2 + n_green + n_big + 1] == [0, 1] + [-1] * (n_green + n_big) + [3]
+    # two replaced by two: word to word in order
+    mapping = align(tokenizer, "a red square", "a green big").tolist()
+    assert mapping[: 2 + n_green + n_big] == [0, 1] + [2] * n_green + [3] * n_big
+    # a source truncated to T tokens: its end token is at T-1, and padding clips there
+    long = "a red circle on the left a blue square on the right a green triangle"
+    mapping = align(tokenizer, long, "a red circle").tolist()
+    assert mapping == [0, 1, 2, 3] + [T - 1] * (T - 4)
+
+
+def test_with_text_encoder_tokenize(tokenizer):
+    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                            num_attention_heads=2, max_position_embeddings=T)
+    encoder = TextEncoder(tokenizer, CLIPTextModel(config))
+    prompts = [parse_prompt("a (red:2) zebra"), parse_prompt("a (blue:2) zebra")]
+    offsets = encoder.tokenize([prompt.text for prompt in prompts])["offsets"]  # (B, T, 2)
+    words = split_words(prompts[0].text)
+    n_zebra = len(tokenizer.tokenize("zebra"))
+    assert token_word_index(offsets[0], words)[: 3 + n_zebra + 1] == [None, 0, 1] + [2] * n_zebra + [None]
+    assert word_token_weights(prompts[0], offsets[0], encoder.max_length)[:4].tolist() == [1.0, 1.0, 2.0, 1.0]
+    mapping = align_tokens(offsets[0], prompts[0].text, offsets[1], prompts[1].text, encoder.max_length)
+    assert mapping.tolist() == list(range(T))

@@ -1,0 +1,208 @@
+"""Tests for diffusion/training.py and diffusion/checkpoint.py: what a run writes, resuming, failures."""
+import hashlib
+import json
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from diffusion import checkpoint as ckpt
+from diffusion.config import config_from_dict
+from diffusion.errors import UserError
+from diffusion.pipeline import FORMAT_VERSION
+from diffusion.training import train
+
+CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
+
+
+def weights(run, step, name="model"):
+    return load_file(run / "checkpoints" / f"step-{step:06d}" / f"{name}.safetensors")
+
+
+def assert_same(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def tree_digest(folder):
+    """{relative path: sha256} of every file under `folder`."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the session's tiny run that a test may change."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy
+
+
+# ---- what a run writes --------------------------------------------------------------------------
+def test_run_keeps_the_newest_checkpoints(tiny_run):
+    names = [p.name for p in ckpt.list_checkpoints(tiny_run / "checkpoints")]
+    assert names == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == names  # no leftovers
+
+
+def test_checkpoints_are_safetensors_and_json(tiny_run):
+    for step in (2, 4):
+        folder = tiny_run / "checkpoints" / f"step-{step:06d}"
+        assert {p.name for p in folder.iterdir()} == CHECKPOINT_FILES
+        state = json.loads((folder / "state.json").read_text())
+        assert state["step"] == step
+        assert state["config"]["train"]["max_steps"] == 4
+        assert state["lr_scheduler"]["last_epoch"] == step
+        model, ema, optimizer = (weights(tiny_run, step, n) for n in ("model", "ema", "optimizer"))
+        assert model and model.keys() >= ema.keys() and optimizer
+        assert "torch" in load_file(folder / "rng.safetensors")
+
+
+def test_no_pickle_files_anywhere_in_the_run(tiny_run):
+    pickled = [p for p in tiny_run.rglob("*") if p.suffix in {".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt"}]
+    assert pickled == []
+
+
+def test_training_changes_the_weights(tiny_run):
+    a, b = weights(tiny_run, 2), weights(tiny_run, 4)
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_validation_grids_are_written(tiny_run):
+    grids = sorted((tiny_run / "samples").glob("*.png"))
+    assert [p.name for p in grids] == ["step-000004.png"]  # validate_every=4
+    with Image.open(grids[0]) as grid:
+        assert grid.width > 16 * 2 and grid.height > 16  # two labelled images, scaled up
+        assert grid.text["step"] == "4"
+        assert grid.text["sampler"] == "dpm++"
+
+
+def test_the_exported_model_folder(tiny_run):
+    model = tiny_run / "model"
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        assert (model / part).is_dir(), part
+    index = json.loads((model / "model_index.json").read_text())
+    assert index["format_version"] == FORMAT_VERSION
+    assert index["text_encoder_options"]["max_length"] == 32
+    assert (model / "unet" / "config.json").is_file()
+    assert (model / "config.yaml").is_file() and (tiny_run / "config.yaml").is_file()
+    assert not list(tiny_run.glob(".model*"))  # no temporary export folders left behind
+    # the export holds the EMA weights of the last step
+    exported = load_file(next((model / "unet").glob("*.safetensors")))
+    ema = weights(tiny_run, 4, "ema")
+    for name, tensor in ema.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+# ---- resuming -----------------------------------------------------------------------------------
+def test_resume_latest_continues_from_the_newest_checkpoint(run_copy, tiny_dict, capsys):
+    tiny_dict["train"]["max_steps"] = 6
+    train(config_from_dict(tiny_dict), run_copy, resume="latest")
+    assert f"resumed from {run_copy / 'checkpoints' / 'step-000004'} at step 4" in capsys.readouterr().out
+    names = [p.name for p in ckpt.list_checkpoints(run_copy / "checkpoints")]
+    assert names == ["step-000004", "step-000006"]  # keep_checkpoints=2 pruned step 2
+    assert json.loads((run_copy / "checkpoints" / "step-000006" / "state.json").read_text())["step"] == 6
+    before, after = weights(run_copy, 4), weights(run_copy, 6)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert (run_copy / "samples" / "step-000006.png").is_file()
+
+
+def test_resuming_reproduces_the_uninterrupted_run_exactly(tiny_run, run_copy, tiny_dict):
+    """RNG, optimizer, LR schedule and EMA are restored: steps 3-4 after a resume from step 2
+    give bit-identical weights to the original run."""
+    original = {name: weights(tiny_run, 4, name) for name in ("model", "ema", "optimizer")}
+    train(config_from_dict(tiny_dict), run_copy, resume=str(run_copy / "checkpoints" / "step-000002"))
+    for name, tensors in original.items():
+        assert_same(weights(run_copy, 4, name), tensors)
+    assert_same(load_file(next((run_copy / "model" / "unet").glob("*.safetensors"))),
+                load_file(next((tiny_run / "model" / "unet").glob("*.safetensors"))))
+
+
+def test_resume_latest_without_checkpoints_starts_fresh(tiny_run, tmp_path, tiny_dict, capsys):
+    out = tmp_path / "fresh"
+    train(config_from_dict(tiny_dict), out, resume="latest")
+    assert "resumed" not in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(out / "checkpoints")] == ["step-000002", "step-000004"]
+    # training is a pure function of the config: the same weights as the session's run
+    assert_same(weights(out, 4), weights(tiny_run, 4))
+
+
+@pytest.mark.parametrize("name, corrupt", [
+    ("model.safetensors", lambda data: data[: len(data) // 2]),
+    ("model.safetensors", lambda data: b""),
+    ("optimizer.safetensors", lambda data: data[:-8]),
+    ("rng.safetensors", lambda data: b"not a safetensors file"),
+    ("state.json", lambda data: b"\x00\xff garbage {"),
+    ("state.json", lambda data: b"{}"),
+], ids=["model-half", "model-empty", "optimizer-truncated", "rng-garbage", "state-garbage", "state-no-step"])
+def test_a_corrupt_checkpoint_is_a_user_error_naming_it(run_copy, tiny_dict, name, corrupt):
+    latest = run_copy / "checkpoints" / "step-000004"
+    path = latest / name
+    path.write_bytes(corrupt(path.read_bytes()))
+    tiny_dict["train"]["max_steps"] = 6
+    for resume in ("latest", str(latest)):
+        with pytest.raises(UserError, match=f"checkpoint '{latest}' is corrupt"):
+            train(config_from_dict(tiny_dict), run_copy, resume=resume)
+    assert not (run_copy / "checkpoints" / "step-000006").exists()
+
+
+def test_a_checkpoint_with_a_missing_file_is_a_user_error_naming_it(run_copy, tiny_dict):
+    latest = run_copy / "checkpoints" / "step-000004"
+    (latest / "ema.safetensors").unlink()
+    with pytest.raises(UserError, match=f"checkpoint '{latest}' is incomplete: ema.safetensors is missing"):
+        train(config_from_dict(tiny_dict), run_copy, resume="latest")
+
+
+def test_resume_from_a_missing_checkpoint_folder(run_copy, tiny_dict):
+    with pytest.raises(UserError, match="checkpoint .*step-000099' not found"):
+        train(config_from_dict(tiny_dict), run_copy, resume=str(run_copy / "checkpoints" / "step-000099"))
+
+
+def test_resume_with_another_model_config_is_a_user_error(run_copy, tiny_dict):
+    tiny_dict["model"]["channels"] = [16, 16]
+    tiny_dict["train"]["max_steps"] = 6
+    with pytest.raises(UserError, match="step-000004' does not fit the model of this config"):
+        train(config_from_dict(tiny_dict), run_copy, resume="latest")
+
+
+def test_an_interrupted_save_is_ignored_and_the_last_good_checkpoint_kept(run_copy, tiny_dict, capsys):
+    checkpoints = run_copy / "checkpoints"
+    partial = checkpoints / "step-000008.tmp"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half written")
+    assert ckpt.resolve_resume("latest", checkpoints) == checkpoints / "step-000004"
+
+    tiny_dict["train"]["max_steps"] = 6
+    train(config_from_dict(tiny_dict), run_copy, resume="latest")
+    assert f"resumed from {checkpoints / 'step-000004'} at step 4" in capsys.readouterr().out
+    assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step-000004", "step-000006"]
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused(run_copy, tiny_dict):
+    before = tree_digest(run_copy)
+    with pytest.raises(UserError, match="already holds checkpoints; pass --resume latest"):
+        train(config_from_dict(tiny_dict), run_copy)
+    assert tree_digest(run_copy) == before
+
+
+def test_an_output_folder_under_a_file_is_a_user_error(tmp_path, tiny_dict):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match="cannot create output folder"):
+        train(config_from_dict(tiny_dict), tmp_path / "afile" / "run")
+
+
+def test_save_checkpoint_replaces_and_prune_keeps_the_newest(tiny_run, tmp_path):
+    """list_checkpoints ignores .tmp folders and files; prune keeps the newest `keep`."""
+    folder = tmp_path / "checkpoints"
+    for step in (1, 5, 10, 20):
+        shutil.copytree(tiny_run / "checkpoints" / "step-000002", folder / f"step-{step:06d}")
+    (folder / "step-000030.tmp").mkdir()
+    (folder / "step-000040").write_text("a file, not a checkpoint")
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-000001", "step-000005", "step-000010",
+                                                                "step-000020"]
+    ckpt.prune_checkpoints(folder, 2)
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-000010", "step-000020"]
+    assert (folder / "step-000030.tmp").is_dir()

@@ -1,0 +1,231 @@
+"""Tests for diffusion/unet.py and diffusion/attention.py: shapes, the cross-attention hook, saving."""
+import pytest
+import torch
+
+from diffusion.attention import AttentionController
+from diffusion.unet import UNet
+
+T, D = 6, 24  # text tokens, text embedding width
+
+
+def make_unet(**kwargs) -> UNet:
+    """A UNet with every weight perturbed: the zero-initialised output layers would otherwise hide
+    what the attention layers do."""
+    settings = dict(sample_size=16, channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,),
+                    attention_heads=2, context_dim=D)
+    settings.update(kwargs)
+    torch.manual_seed(0)
+    unet = UNet(**settings).eval()
+    with torch.no_grad():
+        for p in unet.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return unet
+
+
+def inputs(batch=2, size=16, seed=1):
+    """Noisy images, timesteps, text embeddings and a key mask with some tokens hidden."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, size, size, generator=g)
+    t = torch.tensor([10, 500][:batch] + [999] * max(0, batch - 2))
+    context = torch.randn(batch, T, D, generator=g)
+    mask = torch.ones(batch, T, dtype=torch.bool)
+    mask[0, 3:] = False  # image 0 reads tokens 0-2 only
+    if batch > 1:
+        mask[1, -1] = False
+    return x, t, context, mask
+
+
+class Recorder(AttentionController):
+    """Records every cross-attention call and its probabilities."""
+
+    def __init__(self):
+        self.calls = []
+
+    def wants(self, site):
+        return True
+
+    def process(self, site, probabilities):
+        self.calls.append((site.name, site.resolution, tuple(probabilities.shape), probabilities.clone(), site))
+        return None
+
+
+class AllOnFirstToken(AttentionController):
+    """Every pixel reads only token 0."""
+
+    def wants(self, site):
+        return True
+
+    def process(self, site, probabilities):
+        edited = torch.zeros_like(probabilities)
+        edited[..., 0] = 1
+        return edited
+
+
+@pytest.mark.parametrize("settings, size", [
+    (dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)), 16),
+    (dict(channels=(16, 32), blocks_per_level=2, attention_resolutions=(16, 8)), 16),
+    (dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)), 16),
+    (dict(channels=(16,), blocks_per_level=1, attention_resolutions=(), sample_size=8), 8),
+    (dict(channels=(16, 16, 32), blocks_per_level=1, attention_resolutions=(32,), sample_size=32), 32),
+])
+def test_output_has_the_shape_of_the_input(settings, size):
+    unet = make_unet(**settings)
+    x, t, context, mask = inputs(size=size)
+    with torch.no_grad():
+        out = unet(x, t, context, mask)
+    assert out.shape == x.shape
+    assert torch.isfinite(out).all()
+
+
+def test_scalar_timestep_and_no_mask():
+    unet = make_unet()
+    x, _, context, _ = inputs()
+    with torch.no_grad():
+        scalar = unet(x, 500, context)
+        vector = unet(x, torch.tensor([500, 500]), context)
+    assert scalar.shape == x.shape
+    torch.testing.assert_close(scalar, vector)
+
+
+def test_output_depends_on_the_text():
+    unet = make_unet()
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        a = unet(x, t, context, mask)
+        b = unet(x, t, context + 1, mask)
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("settings, expected", [
+    (dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)),
+     [("down.1.attn.0", 8), ("mid.attn.0", 8), ("up.1.attn.0", 8)]),
+    (dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)),
+     [("down.0.attn.0", 16), ("down.0.attn.1", 16), ("down.2.attn.0", 4), ("down.2.attn.1", 4),
+      ("mid.attn.0", 4), ("up.2.attn.0", 4), ("up.2.attn.1", 4), ("up.0.attn.0", 16), ("up.0.attn.1", 16)]),
+])
+def test_cross_attention_queries_are_pixels_and_keys_are_tokens(settings, expected):
+    unet = make_unet(**settings)
+    x, t, context, mask = inputs()
+    recorder = Recorder()
+    with torch.no_grad():
+        unet(x, t, context, mask, attention_controller=recorder, step=3)
+    heads = unet.config.attention_heads
+    assert [(name, resolution) for name, resolution, *_ in recorder.calls] == [(n, (r, r)) for n, r in expected]
+    for name, (h, w), shape, probabilities, site in recorder.calls:
+        assert shape == (2, heads, h * w, T)  # (batch, heads, queries = pixels, keys = tokens)
+        torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, heads, h * w))
+        assert (probabilities >= 0).all()
+        # masked keys get no attention at all; visible ones get some
+        assert (probabilities[0, :, :, 3:] == 0).all()
+        assert (probabilities[1, :, :, -1] == 0).all()
+        assert (probabilities[0, :, :, :3] > 0).all() and (probabilities[1, :, :, :-1] > 0).all()
+        assert site.step == 3
+
+
+def test_site_names_are_stable_across_instances():
+    names = []
+    for _ in range(2):
+        recorder = Recorder()
+        with torch.no_grad():
+            make_unet()(*inputs(), attention_controller=recorder)
+        names.append([c[0] for c in recorder.calls])
+    assert names[0] == names[1]
+    assert len(set(names[0])) == len(names[0])
+
+
+def test_without_step_the_site_step_is_none():
+    recorder = Recorder()
+    with torch.no_grad():
+        make_unet()(*inputs(), attention_controller=recorder)
+    assert all(call[4].step is None for call in recorder.calls)
+
+
+@pytest.mark.parametrize("settings", [
+    dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)),
+    dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)),
+])
+def test_reading_probabilities_does_not_change_the_output(settings):
+    """The explicit softmax path (a controller that returns None) matches the fused SDPA path."""
+    unet = make_unet(**settings)
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        fused = unet(x, t, context, mask)
+        explicit = unet(x, t, context, mask, attention_controller=Recorder())
+        base = unet(x, t, context, mask, attention_controller=AttentionController())
+    torch.testing.assert_close(explicit, fused, rtol=1e-5, atol=1e-5)
+    assert torch.equal(base, fused)  # the base controller wants nothing: the same fused path
+
+
+def test_editing_probabilities_changes_the_output():
+    unet = make_unet()
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        plain = unet(x, t, context, mask)
+        edited = unet(x, t, context, mask, attention_controller=AllOnFirstToken())
+    assert (edited - plain).abs().max() > 1e-3
+
+
+def test_edited_probabilities_are_the_ones_used():
+    """With all attention on token 0, the other tokens' embeddings no longer matter."""
+    unet = make_unet()
+    x, t, context, mask = inputs()
+    other = context.clone()
+    other[:, 1:] = torch.randn_like(other[:, 1:])
+    with torch.no_grad():
+        a = unet(x, t, context, mask, attention_controller=AllOnFirstToken())
+        b = unet(x, t, other, mask, attention_controller=AllOnFirstToken())
+        c = unet(x, t, other, mask)
+    torch.testing.assert_close(a, b)
+    assert not torch.allclose(a, c)
+
+
+def test_controller_that_wants_nothing_is_never_asked_to_process():
+    class Refuses(AttentionController):
+        def __init__(self):
+            self.asked = []
+
+        def wants(self, site):
+            self.asked.append(site.name)
+            return False
+
+        def process(self, site, probabilities):
+            raise AssertionError("process called although wants() said False")
+
+    controller = Refuses()
+    unet = make_unet()
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        out = unet(x, t, context, mask, attention_controller=controller)
+        plain = unet(x, t, context, mask)
+    assert controller.asked == ["down.1.attn.0", "mid.attn.0", "up.1.attn.0"]
+    assert torch.equal(out, plain)
+
+
+def test_controller_sees_only_the_sites_it_wants():
+    class MidOnly(Recorder):
+        def wants(self, site):
+            return site.name == "mid.attn.0"
+
+    controller = MidOnly()
+    with torch.no_grad():
+        make_unet()(*inputs(), attention_controller=controller)
+    assert [c[0] for c in controller.calls] == ["mid.attn.0"]
+
+
+def test_save_and_load_round_trip(tmp_path):
+    unet = make_unet(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4))
+    unet.save_pretrained(tmp_path / "unet")
+    files = {p.name for p in (tmp_path / "unet").iterdir()}
+    assert "config.json" in files
+    assert any(name.endswith(".safetensors") for name in files)
+    assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
+
+    loaded = UNet.from_pretrained(tmp_path / "unet").eval()
+    assert list(loaded.config.channels) == [8, 16, 32]
+    assert loaded.config.blocks_per_level == 2
+    assert list(loaded.config.attention_resolutions) == [16, 4]
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context, mask), unet(x, t, context, mask))
+    for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
+        assert torch.equal(a, b), name
