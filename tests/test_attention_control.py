@@ -1,0 +1,187 @@
+"""Attention controllers: recording per-word maps, reweighting, injection (Prompt-to-Prompt)."""
+import numpy as np
+import pytest
+import torch
+
+from diffusion.attention import AttentionSite, CrossAttention
+from diffusion.attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter,
+                                         ControllerChain, SiteFilter)
+from diffusion.attention import AttentionCall
+from diffusion.pipeline import MapOptions, Pipeline, Weighting, merge_word_maps
+from diffusion.prompts import split_words
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_model):
+    return Pipeline.from_pretrained(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def live_pipe(tiny_model):
+    """The tiny model with its zero-initialised output layers randomised, so the text (and any
+    attention edit) visibly changes the image; 4 training steps leave them nearly zero."""
+    live = Pipeline.from_pretrained(tiny_model, device="cpu")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for parameter in live.unet.parameters():
+            if parameter.abs().max() < 1e-2:
+                parameter.copy_(torch.randn(parameter.shape, generator=g) * 0.2)
+    return live
+
+
+def probabilities(B=2, heads=2, h=4, w=4, T=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(B, heads, h * w, T, generator=g).softmax(-1)
+
+
+def site(resolution=(4, 4), step=0, num_steps=10, conditional=slice(None)):
+    return AttentionSite("down.1.attn.0", resolution, step, num_steps, conditional)
+
+
+# ---- hand-made examples -----------------------------------------------------------------------
+
+def test_reweighting_equals_p_times_w_then_v():
+    torch.manual_seed(0)
+    layer = CrossAttention(channels=8, context_dim=6, heads=2, name="x").eval()
+    x, context = torch.randn(1, 4, 8), torch.randn(1, 5, 6)
+    weights = torch.tensor([[1.0, 2.0, 0.0, 0.5, 1.0]])
+    out = layer(x, context, None, (2, 2), AttentionCall(AttentionReweighter(weights)))
+    # by hand: P = softmax(q k^T / sqrt(d)), then (P * w) V per head, then the output projection
+    q = layer.to_q(x).view(1, 4, 2, 4).transpose(1, 2)
+    k = layer.to_k(context).view(1, 5, 2, 4).transpose(1, 2)
+    v = layer.to_v(context).view(1, 5, 2, 4).transpose(1, 2)
+    p = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
+    expected = layer.to_out(((p * weights[:, None, None, :]) @ v).transpose(1, 2).reshape(1, 4, 8))
+    torch.testing.assert_close(out, expected)
+
+
+def test_reweighting_touches_only_the_conditional_rows():
+    p = probabilities(B=4)
+    edited = AttentionReweighter(torch.zeros(2, 6)).process(site(conditional=slice(2, 4)), p)
+    assert torch.equal(edited[:2], p[:2])
+    assert torch.count_nonzero(edited[2:]) == 0
+
+
+def test_recorder_maps_sum_to_one_over_tokens_at_every_position():
+    recorder = AttentionRecorder(size=8)
+    recorder.process(site((4, 4)), probabilities(h=4, w=4))
+    recorder.process(site((2, 2)), probabilities(h=2, w=2, seed=1))
+    maps = recorder.token_maps()  # (B, T, 8, 8)
+    assert maps.shape == (2, 6, 8, 8)
+    torch.testing.assert_close(maps.sum(1), torch.ones(2, 8, 8))
+
+
+def test_recorder_memory_does_not_grow_with_steps():
+    recorder = AttentionRecorder(size=4)
+    for step in range(50):
+        recorder.process(site(step=step, num_steps=50), probabilities())
+    assert recorder.total.shape == (2, 6, 4, 4) and recorder.history == {}
+
+
+def test_recorder_window_and_resolutions():
+    recorder = AttentionRecorder(size=4, steps=(0.0, 0.5), resolutions={4})
+    assert recorder.wants(site((4, 4), step=4, num_steps=10))
+    assert not recorder.wants(site((4, 4), step=5, num_steps=10))
+    assert not recorder.wants(site((2, 2), step=0, num_steps=10))
+
+
+def test_step_filter_covers_every_step_of_a_full_window():
+    every = SiteFilter((0.0, 1.0))
+    assert all(every(site(step=s, num_steps=7)) for s in range(7))
+
+
+def test_injector_copies_mapped_tokens_and_keeps_new_ones():
+    p = probabilities(B=2)  # rows: source, edit
+    mapping = torch.tensor([[0, 1, 2, -1, 3, 4]])
+    edited = AttentionInjector(mapping, fraction=1.0).process(site(), p)
+    assert torch.equal(edited[0], p[0])
+    for j, m in enumerate(mapping[0].tolist()):
+        assert torch.equal(edited[1, :, :, j], p[0, :, :, m] if m >= 0 else p[1, :, :, j])
+
+
+def test_chain_applies_edits_before_recording():
+    recorder = AttentionRecorder(size=4)
+    chain = ControllerChain([AttentionReweighter(torch.zeros(2, 6)), recorder])
+    chain.process(site(), probabilities())
+    assert torch.count_nonzero(recorder.token_maps()) == 0
+
+
+def test_merge_word_maps_sums_sub_word_tokens_and_separates_repeats():
+    prompt = "a red circle and a red zebra"
+    words = split_words(prompt)
+    # offsets by hand: start token, one token per word except "zebra" in two pieces, end, pad
+    spans = [(0, 0)] + [(w.start, w.end) for w in words[:-1]] + [(23, 25), (25, 28), (0, 0), (0, 0)]
+    T = len(spans)
+    maps = torch.arange(T, dtype=torch.float32)[:, None, None].expand(T, 2, 2)
+    merged = merge_word_maps(maps, prompt, torch.tensor(spans))
+    assert list(merged) == ["a", "red", "circle", "and", "a#2", "red#2", "zebra"]
+    assert merged["red"][0, 0] == 2 and merged["red#2"][0, 0] == 6
+    assert merged["zebra"][0, 0] == 7 + 8  # both pieces
+
+
+# ---- through the pipeline -------------------------------------------------------------------
+
+def test_pipeline_maps_are_per_word_and_hold_the_word_tokens_mass(pipe):
+    out = pipe(["a red circle and a red square"], steps=3, attention_maps=True, progress=False)
+    maps = out.attention_maps[0]
+    assert list(maps) == ["a", "red", "circle", "and", "a#2", "red#2", "square"]
+    size = pipe.unet.config.sample_size
+    assert all(m.shape == (size, size) for m in maps.values())
+    # per position, the words hold at most all of the attention (the start token holds the rest)
+    assert float(torch.stack(list(maps.values())).sum(0).max()) <= 1 + 1e-5
+
+
+def test_weight_one_is_bit_identical(pipe):
+    plain = pipe("a red circle on the left", steps=3, progress=False).images[0]
+    weighted = pipe("a (red:1) circle on the left", steps=3, progress=False).images[0]
+    assert np.array_equal(np.asarray(plain), np.asarray(weighted))
+
+
+@pytest.mark.parametrize("mode", ["attention", "embedding"])
+def test_weights_change_the_image(live_pipe, mode):
+    pipe = live_pipe
+    plain = pipe("a red circle on the left", steps=3, progress=False).images[0]
+    weighted = pipe("a (red:0) circle on the left", steps=3, progress=False, weighting=Weighting(mode)).images[0]
+    assert not np.array_equal(np.asarray(plain), np.asarray(weighted))
+
+
+def test_swap_with_the_same_prompt_keeps_the_source_image(pipe):
+    source, edit = pipe.swap("a red circle on the left", "a red circle on the left", num_images=2, steps=3,
+                             progress=False)
+    for a, b in zip(source.images, edit.images):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_swap_source_is_the_plain_sample(pipe):
+    source, _ = pipe.swap("a red circle on the left", "a blue circle on the left", seed=3, steps=3, progress=False)
+    plain = pipe("a red circle on the left", seed=3, steps=3, progress=False).images[0]
+    assert np.abs(np.asarray(source.images[0], np.int16) - np.asarray(plain, np.int16)).max() <= 1
+
+
+def test_swap_injection_changes_the_edit(live_pipe):
+    _, injected = live_pipe.swap("a red circle on the left", "a blue square on the right", steps=3, progress=False)
+    _, free = live_pipe.swap("a red circle on the left", "a blue square on the right", steps=3, edit_steps=0.0,
+                        progress=False)
+    assert not np.array_equal(np.asarray(injected.images[0]), np.asarray(free.images[0]))
+
+
+def test_map_options_limit_the_recorded_layers(pipe):
+    out = pipe("a red circle", steps=2, attention_maps=MapOptions(resolutions={8}), progress=False)
+    assert "red" in out.attention_maps[0]
+
+
+@pytest.mark.parametrize("kwargs, fragment", [
+    ({"weighting": Weighting("loud")}, "weight mode"),
+    ({"weighting": Weighting(steps=(0.5, 0.2))}, "weight steps"),
+])
+def test_bad_weighting_is_a_user_error(pipe, kwargs, fragment):
+    from diffusion.errors import UserError
+    with pytest.raises(UserError, match=fragment):
+        pipe("a red circle", steps=2, progress=False, **kwargs)
+
+
+def test_malformed_prompt_is_a_user_error_with_a_caret(pipe):
+    from diffusion.prompts import PromptSyntaxError
+    with pytest.raises(PromptSyntaxError) as error:
+        pipe("a (red:abc) circle", steps=2, progress=False)
+    assert "^" in str(error.value)
