@@ -111,12 +111,12 @@ CHOICES = {
 }
 POSITIVE = {
     "model.blocks_per_level", "model.attention_heads", "text.max_length", "text.vocab_size",
-    "text.width", "text.layers", "text.batch_size", "text.lr", "data.resolution", "data.num_samples",
+    "text.width", "text.layers", "text.steps", "text.batch_size", "text.lr", "data.resolution", "data.num_samples",
     "train.max_steps", "train.batch_size", "train.lr", "train.gradient_accumulation_steps",
     "train.num_train_timesteps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.validate_every", "train.log_every", "train.validation_steps",
 }
-NON_NEGATIVE = {"text.steps", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+NON_NEGATIVE = {"train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "train.snr_gamma", "model.dropout", "train.validation_guidance"}
 FRACTIONS = {"train.cond_dropout", "train.ema_decay", "model.dropout"}
 

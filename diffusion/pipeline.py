@@ -16,6 +16,7 @@ import json
 import math
 import os
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -234,13 +235,20 @@ class Pipeline:
             x = scheduler.step(prediction, t, x, generator=generators).prev_sample
         return x.clamp(-1, 1)
 
+    def _offsets(self, texts: list[str]) -> torch.Tensor:
+        """Token character offsets (B, T, 2), without the truncation warning: denoise() encodes the
+        same prompts and warns once."""
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return self.text_encoder.tokenize(texts)["offsets"]
+
     def _sample_batch(self, prompts: list[WeightedPrompt], seeds: list[int], settings: dict, maps: MapOptions | None,
                       weighting: Weighting, attention_controller: AttentionController | None,
                       swap_mapping: torch.Tensor | None = None, swap_fraction: float = 0.0,
                       progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
         """One batch: build the controllers for weights, swaps and maps, denoise, merge maps into words."""
         texts = [p.text for p in prompts]
-        offsets = self.text_encoder.tokenize(texts)["offsets"]  # (B, T, 2)
+        offsets = self._offsets(texts)  # (B, T, 2)
         T = offsets.shape[1]
         token_weights = torch.stack([word_token_weights(p, o, T) for p, o in zip(prompts, offsets)])  # (B, T)
         weighted = bool((token_weights != 1).any())
@@ -321,7 +329,7 @@ class Pipeline:
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
         parsed, settings = self._prepare([source, edit], steps, guidance, sampler, negative_prompt, num_images, 1,
                                          weighting)
-        tokens = self.text_encoder.tokenize([p.text for p in parsed])["offsets"]
+        tokens = self._offsets([p.text for p in parsed])
         T = tokens.shape[1]
         mapping = align_tokens(tokens[0], parsed[0].text, tokens[1], parsed[1].text, T)  # (T,)
         outputs = ([], []), ([], [])

@@ -89,6 +89,12 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
         raise UserError(f"'{output_dir}' already holds checkpoints; pass --resume latest to continue, "
                         "or choose another --output-dir")
     checkpoint = ckpt.load_checkpoint(resume_path) if resume_path else None
+    if checkpoint:
+        saved = checkpoint["state"].get("config", {})
+        for section in ("model", "text", "data"):
+            if saved.get(section) != cfg.to_dict()[section]:
+                raise UserError(f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
+                                "the config it was saved with (its state.json holds it)")
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -137,11 +143,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     step = 0
     data_generator = torch.Generator().manual_seed(cfg.train.seed)  # same on every process
     if checkpoint:
-        try:
-            unet.load_state_dict(checkpoint["model"])
-        except RuntimeError:  # other shapes or names: saved with another model.* / text.* config
-            raise UserError(f"checkpoint '{resume_path}' does not fit the model of this config; resume with the "
-                            "config it was saved with (its state.json holds it)") from None
+        unet.load_state_dict(checkpoint["model"])
         ema_state = dict(checkpoint["state"]["ema"])
         ema_state["shadow_params"] = [checkpoint["ema"][n] for n, _ in unet.named_parameters()]
         ema.load_state_dict(ema_state)

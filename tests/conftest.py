@@ -7,6 +7,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+# The models here are tiny: a second thread only adds synchronisation (several times slower on 2 cores).
+torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # `import diffusion` without installing the package
@@ -20,6 +24,11 @@ TINY = {
               "keep_checkpoints": 2, "validation_steps": 2,
               "validation_prompts": ["a red circle on the left", "a blue square"]},
 }
+
+
+def pytest_configure(config):
+    # diffusers' schedulers trip a numpy 2 deprecation on every set_timesteps; it is not ours to fix
+    config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
 
 
 @pytest.fixture
@@ -56,7 +65,8 @@ def run_cli():
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
 
     def run(script, *args, timeout=300):
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        env = {**os.environ, "OMP_NUM_THREADS": "1",
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=timeout)
 

@@ -47,7 +47,8 @@ def broken_models(tiny_model, tmp_path_factory):
     (["model.attention_resolutions=[5]"], ["model.attention_resolutions has 5"]),
     (["train.max_steps"], ["must look like key=value"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
-])
+], ids=["missing-config", "unknown-key", "negative-steps", "zero-batch", "infinite-lr", "attention-not-a-level",
+        "override-without-value", "unknown-option"])
 def test_train_rejects_bad_arguments_in_one_line(run_cli, tmp_path, args, fragments):
     result = run_cli("train.py", "--output-dir", tmp_path / "out", *args)
     assert_one_line_error(result, *fragments)
@@ -81,7 +82,8 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
     (["--prompt-file", "/nonexistent/prompts.txt"], ["cannot read --prompt-file"]),
     (["--sampler", "plms", "a red circle"], ["invalid choice: 'plms'"]),
     (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
-])
+], ids=["guidance-inf", "guidance-nan", "steps-0", "n-0", "no-prompt", "missing-prompt-file", "unknown-sampler",
+        "n-not-a-number"])
 def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model, tmp_path, args, fragments):
     out = tmp_path / "grid.png"
     out.write_bytes(SENTINEL)
@@ -96,7 +98,7 @@ def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model
     ("old-version", ["incompatible version", "format 99"]),
     ("no-unet-weights", ["cannot load", "unet"]),
     ("no-text-weights", ["could not load a CLIP text encoder"]),
-])
+], ids=["missing", "old-version", "no-unet-weights", "no-text-weights"])
 def test_sample_rejects_bad_model_folders_and_keeps_the_old_grid(run_cli, broken_models, tmp_path, model, fragments):
     out = tmp_path / "grid.png"
     out.write_bytes(SENTINEL)
@@ -145,8 +147,8 @@ def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_
             assert image.text["steps"] == "3" and image.text["guidance"] == "2.5"
             assert image.text["model"] == str(tiny_model.resolve())
             # the file holds the image the pipeline makes for this prompt and seed
-            difference = np.abs(np.asarray(image.convert("RGB")).astype(int) - np.asarray(expected.images[i]).astype(int))
-            assert difference.max() <= 1
+            written, made = np.asarray(image.convert("RGB")).astype(int), np.asarray(expected.images[i]).astype(int)
+            assert np.abs(written - made).max() <= 1
 
 
 def test_sample_with_a_too_long_prompt_warns_once_and_succeeds(run_cli, tiny_model, tmp_path):

@@ -2,6 +2,7 @@
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def test_two_processes_end_with_identical_weights(tmp_path, tiny_overrides):
-    torchrun = shutil.which("torchrun")
+    # prefer the torchrun of this interpreter's environment (a venv's bin/ need not be on PATH)
+    search = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
+    torchrun = shutil.which("torchrun", path=search)
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
     out = tmp_path / "ddp"

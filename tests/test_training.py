@@ -164,8 +164,10 @@ def test_resume_from_a_missing_checkpoint_folder(run_copy, tiny_dict):
 def test_resume_with_another_model_config_is_a_user_error(run_copy, tiny_dict):
     tiny_dict["model"]["channels"] = [16, 16]
     tiny_dict["train"]["max_steps"] = 6
-    with pytest.raises(UserError, match="step-000004' does not fit the model of this config"):
+    saved_config = (run_copy / "config.yaml").read_text()
+    with pytest.raises(UserError, match="step-000004' was saved with other model.. settings"):
         train(config_from_dict(tiny_dict), run_copy, resume="latest")
+    assert (run_copy / "config.yaml").read_text() == saved_config  # nothing written before the error
 
 
 def test_an_interrupted_save_is_ignored_and_the_last_good_checkpoint_kept(run_copy, tiny_dict, capsys):
