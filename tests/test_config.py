@@ -135,7 +135,7 @@ def test_wrong_type_names_the_key(override, key):
     ("train.max_steps=-1", "train.max_steps", "positive"),
     ("train.max_steps=0", "train.max_steps", "positive"),
     ("train.batch_size=0", "train.batch_size", "positive"),
-    ("text.steps=-5", "text.steps", "negative"),
+    ("text.steps=-5", "text.steps", "positive"),
     ("train.warmup_steps=-1", "train.warmup_steps", "negative"),
     ("train.lr=-1e-3", "train.lr", "positive"),
     ("train.lr=inf", "train.lr", "finite"),
