@@ -77,6 +77,8 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
+    grounding_weight: float = 0.0
+    grounding_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     ema_decay: float = 0.999
     checkpoint_every: int = 1000
     keep_checkpoints: int = 2
@@ -116,7 +118,7 @@ POSITIVE = {
     "train.num_train_timesteps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.validate_every", "train.log_every", "train.validation_steps",
 }
-NON_NEGATIVE = {"train.warmup_steps", "train.weight_decay", "train.grad_clip",
+NON_NEGATIVE = {"train.grounding_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "train.snr_gamma", "model.dropout", "train.validation_guidance"}
 FRACTIONS = {"train.cond_dropout", "train.ema_decay", "model.dropout"}
 
@@ -205,6 +207,12 @@ def _validate(cfg: Config) -> None:
     if cfg.data.resolution % 2 ** (len(cfg.model.channels) - 1):
         raise UserError(f"data.resolution ({cfg.data.resolution}) must be divisible by "
                         f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels")
+    if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
+        raise UserError("train.grounding_weight needs object masks, which only data.kind shapes has; set it to 0")
+    for r in cfg.train.grounding_resolutions if cfg.train.grounding_weight > 0 else []:
+        if r not in cfg.model.attention_resolutions:
+            raise UserError(f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "
+                            f"{cfg.model.attention_resolutions}")
     for r in cfg.model.attention_resolutions:
         if r not in levels:
             raise UserError(f"model.attention_resolutions has {r}, but the UNet's levels are at "

@@ -21,7 +21,15 @@ from tokenizers import Tokenizer, pre_tokenizers, trainers
 from tokenizers.models import BPE
 from torch import nn
 from tqdm.auto import tqdm
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig
+from transformers import (
+    CLIPConfig,
+    CLIPModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTokenizer,
+    CLIPVisionConfig,
+    PretrainedConfig,
+)
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as transformers_logging
 
@@ -274,14 +282,16 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
         raise UserError(f"could not load a CLIP text encoder from '{name_or_path}': no such folder; {hint}")
     split = path.is_dir() and (path / "text_encoder").is_dir()
     source = str(path) if path.is_dir() else name_or_path
+    model_folder, tokenizer_folder = ("text_encoder", "tokenizer") if split else ("", "")
     try:
         with _quiet_transformers():
             # The model first: CLIPTokenizer.from_pretrained "succeeds" with an empty vocabulary
             # when there are no tokenizer files, whereas a missing model raises.
-            model, info = CLIPTextModel.from_pretrained(
-                source, subfolder="text_encoder" if split else "", output_loading_info=True
-            )
-            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer" if split else "")
+            config, _ = PretrainedConfig.get_config_dict(source, subfolder=model_folder)
+            if config.get("model_type") not in ("clip", "clip_text_model"):
+                raise ValueError(f"its config.json describes a {config.get('model_type')!r} model, not a CLIP text model")
+            model, info = CLIPTextModel.from_pretrained(source, subfolder=model_folder, output_loading_info=True)
+            tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_folder)
     except Exception as error:  # any failure to read user files is a bad path, not a bug
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__
         if not path.is_dir():

@@ -35,6 +35,7 @@ from . import checkpoint as ckpt
 from .config import Config
 from .data import build_dataset
 from .errors import UserError
+from .grounding import GroundingLoss, grounding_targets
 from .images import labelled_grid, save_png
 from .pipeline import Pipeline
 from .text_encoder import EmbeddingCache, TextEncoder, fit_tokenizer, train_clip
@@ -122,6 +123,11 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     empty_embedding, empty_mask = cache.get([""])
     caption_rows = torch.tensor([row_of[c] for c in captions])
     device = accelerator.device
+    grounding = None
+    if cfg.train.grounding_weight > 0:
+        token_object, object_masks = grounding_targets(dataset, lambda c: encoder.tokenize(c)["offsets"], main)
+        token_object, object_masks = token_object.to(device), object_masks.to(device)
+        grounding = GroundingLoss(set(cfg.train.grounding_resolutions))
     caption_embeddings, caption_masks = caption_embeddings.to(device), caption_masks.to(device)
     empty_embedding, empty_mask = empty_embedding.to(device), empty_mask.to(device)
     images = images.to(device)
@@ -202,14 +208,20 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             timesteps = torch.randint(0, cfg.train.num_train_timesteps, (B,), device=device)
             noisy = noise_scheduler.add_noise(x0, noise, timesteps)
             target = noise if cfg.train.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
+            if grounding is not None:
+                grounding.set_batch(token_object[index.to(device)].long().masked_fill(dropped[:, None], -1),
+                                    object_masks[index.to(device)].float())
             with accelerator.autocast():
-                prediction = unet(noisy, timesteps, embeddings, key_mask)
+                prediction = unet(noisy, timesteps, embeddings, key_mask, attention_controller=grounding)
             loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
             if cfg.train.snr_gamma is not None:
                 snr = compute_snr(noise_scheduler, timesteps)
                 clipped = snr.clamp(max=cfg.train.snr_gamma)
                 loss = loss * (clipped / snr if cfg.train.prediction_type == "epsilon" else clipped / (snr + 1))
             loss = loss.mean()
+            if grounding is not None:
+                grounding_loss = grounding.loss()
+                loss = loss + cfg.train.grounding_weight * grounding_loss
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)
@@ -225,8 +237,12 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
         if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             rate = images_seen / (time.time() - start)
-            progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", lr=f"{lr_scheduler.get_last_lr()[0]:.2e}")
-            accelerator.log({"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate}, step=step)
+            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate}
+            if grounding is not None:
+                logs["grounding"] = accelerator.reduce(grounding_loss.detach(), reduction="mean").item()
+            progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", lr=f"{logs['lr']:.2e}",
+                                 **({"ground": f"{logs['grounding']:.3f}"} if grounding is not None else {}))
+            accelerator.log(logs, step=step)
             if not math.isfinite(loss_value):
                 raise RuntimeError(f"loss became {loss_value} at step {step}; lower train.lr or enable grad_clip")
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:

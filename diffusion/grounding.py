@@ -1,0 +1,86 @@
+"""Token-level grounding loss on the cross-attention maps (after TokenCompose, Wang et al. 2024).
+
+Why: with a frozen CLIP, a UNet can draw every prompt right while its per-word maps point
+anywhere, because later tokens of a causal encoder summarise the caption and the UNet reads
+what it needs from them. Where the data has object masks (the shapes set), this loss asks each
+colour and shape word to put its attention on its own object:
+
+    for every colour/shape token t naming object k, at every grounded layer:
+        share_t = sum_p A[p, t] * M_k[p] / sum_p A[p, t]      A: head-averaged probabilities
+        loss   += (1 - share_t)^2                             M_k: object mask at that layer's size
+
+averaged over tokens and layers, and added to the denoising loss with weight
+`train.grounding_weight`. It runs through the same `AttentionController` hook as map recording.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .attention import AttentionController, AttentionSite
+from .data import ShapesDataset
+
+
+def grounding_targets(dataset: ShapesDataset, offsets_of, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every sample: which object each token names, and the object masks.
+
+    offsets_of: a function captions -> (B, T, 2) token character offsets (TextEncoder.tokenize).
+    Returns token_object (N, T) int8 (object index, -1 for tokens that name no colour or shape)
+    and masks (N, K, R, R) bool with K = dataset.max_objects (unused slots empty)."""
+    N, K, R = len(dataset), dataset.max_objects, dataset.resolution
+    masks = torch.zeros(N, K, R, R, dtype=torch.bool)
+    scenes = []
+    for i in tqdm(range(N), desc="grounding masks", disable=not progress):
+        sample = dataset.sample(i)
+        masks[i, :len(sample.masks)] = torch.from_numpy(sample.masks)
+        scenes.append(sample.scene)
+    token_object = None
+    for start in range(0, N, 1024):
+        chunk = scenes[start:start + 1024]
+        offsets = offsets_of([s.caption for s in chunk])  # (b, T, 2)
+        if token_object is None:
+            token_object = torch.full((N, offsets.shape[1]), -1, dtype=torch.int8)
+        begin, end = offsets[..., 0], offsets[..., 1]  # (b, T)
+        for row, scene in enumerate(chunk):
+            for k, spans in enumerate(zip(scene.colour_spans, scene.shape_spans)):
+                for s, e in spans:
+                    overlaps = (begin[row] < e) & (end[row] > s) & (end[row] > begin[row])
+                    token_object[start + row, overlaps] = k
+    return token_object, masks
+
+
+class GroundingLoss(AttentionController):
+    """Collects the grounding loss of one training forward pass (see module docstring).
+
+    resolutions: feature-map sides whose cross-attention layers are grounded."""
+
+    def __init__(self, resolutions: set[int]):
+        self.resolutions = set(resolutions)
+        self.token_object: torch.Tensor | None = None
+        self.masks: torch.Tensor | None = None
+        self.terms: list[torch.Tensor] = []
+
+    def set_batch(self, token_object: torch.Tensor, masks: torch.Tensor) -> None:
+        """token_object: (B, T) long, -1 for ungrounded tokens (and for dropped captions);
+        masks: (B, K, R, R) float object masks of the batch."""
+        self.token_object, self.masks, self.terms = token_object, masks, []
+
+    def wants(self, site: AttentionSite) -> bool:
+        return site.resolution[0] in self.resolutions
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> None:
+        B, _, N, T = probabilities.shape
+        h, w = site.resolution
+        attention = probabilities.float().mean(1).transpose(1, 2)  # (B, T, h*w)
+        masks = F.adaptive_avg_pool2d(self.masks, (h, w)).flatten(2)  # (B, K, h*w), soft at low resolution
+        index = self.token_object.clamp(min=0).long()[:, :, None].expand(B, T, h * w)
+        token_masks = torch.gather(masks, 1, index)  # (B, T, h*w): the mask of each token's object
+        share = (attention * token_masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)  # (B, T)
+        valid = (self.token_object >= 0).float()
+        self.terms.append(((1 - share) ** 2 * valid).sum() / valid.sum().clamp_min(1))
+        return None
+
+    def loss(self) -> torch.Tensor:
+        """The mean over the grounded layers of this forward pass."""
+        return torch.stack(self.terms).mean()

@@ -1,0 +1,54 @@
+"""The token-level grounding loss: targets from the shapes generator, the loss on hand-made maps."""
+import torch
+
+from diffusion.attention import AttentionSite
+from diffusion.data import ShapesDataset
+from diffusion.grounding import GroundingLoss, grounding_targets
+from diffusion.text_encoder import TextEncoder
+
+
+def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):
+    encoder = TextEncoder.from_pretrained(str(tiny_model))
+    dataset = ShapesDataset(resolution=16, num_samples=20, max_objects=2)
+    token_object, masks = grounding_targets(dataset, lambda c: encoder.tokenize(c)["offsets"], progress=False)
+    for i in range(len(dataset)):
+        sample = dataset.sample(i)
+        offsets = encoder.tokenize([sample.scene.caption])["offsets"][0]
+        named = {}
+        for (start, end), k in zip(offsets.tolist(), token_object[i].tolist()):
+            if k >= 0:
+                named.setdefault(k, []).append(sample.scene.caption[start:end])
+        for k, obj in enumerate(sample.scene.objects):
+            assert "".join(named[k]).startswith(obj.colour) and "".join(named[k]).endswith(obj.shape)
+            assert torch.equal(masks[i, k], torch.from_numpy(sample.masks[k]))
+
+
+def make_loss(attention_on_object: bool):
+    # one sample, tokens: [start, "red", "circle", end]; object 0 covers the left half of a 4x4 map
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, :, :2] = 1
+    token_object = torch.tensor([[-1, 0, 0, -1]])
+    probabilities = torch.full((1, 2, 16, 4), 0.25)
+    if attention_on_object:
+        probabilities[:, :, :, 1:3] = 0.0
+        left = masks[0, 0].flatten().bool()
+        probabilities[:, :, left, 1:3] = 0.5
+        probabilities[:, :, left, 0] = 0.0
+        probabilities[:, :, left, 3] = 0.0
+        probabilities[:, :, ~left, 0] = 1.0
+    loss = GroundingLoss({4})
+    loss.set_batch(token_object, masks)
+    loss.process(AttentionSite("mid.attn.0", (4, 4)), probabilities)
+    return loss.loss()
+
+
+def test_loss_is_zero_when_words_attend_inside_their_object_and_high_when_spread():
+    assert make_loss(True).item() < 1e-6
+    assert abs(make_loss(False).item() - 0.25) < 1e-6  # half the attention outside: (1 - 0.5)^2
+
+
+def test_dropped_captions_contribute_nothing():
+    loss = GroundingLoss({4})
+    loss.set_batch(torch.full((1, 4), -1), torch.zeros(1, 1, 4, 4))
+    loss.process(AttentionSite("mid.attn.0", (4, 4)), torch.full((1, 2, 16, 4), 0.25))
+    assert loss.loss().item() == 0
