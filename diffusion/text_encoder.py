@@ -406,14 +406,19 @@ class TextEncoder(nn.Module):
         }
 
     def _warn_truncated(self, prompts: list[str]) -> None:
-        """Warn, for each prompt longer than `max_length` tokens, which text was cut off."""
+        """Warn once about the prompts longer than `max_length` tokens, quoting the text cut off."""
         untruncated = self.tokenizer(prompts, return_offsets_mapping=True, verbose=False)
+        cuts = []
         for prompt, ids, offsets in zip(prompts, untruncated["input_ids"], untruncated["offset_mapping"]):
-            if len(ids) <= self.max_length:
-                continue
-            # Kept: start token + the first T-2 tokens + end token; cut: tokens T-1 .. n-2.
-            cut = prompt[offsets[self.max_length - 1][0] : offsets[len(ids) - 2][1]]
-            warnings.warn(f'prompt truncated to {self.max_length} tokens; cut: "{cut}"', stacklevel=3)
+            if len(ids) > self.max_length:
+                # Kept: start token + the first T-2 tokens + end token; cut: tokens T-1 .. n-2.
+                cuts.append(prompt[offsets[self.max_length - 1][0] : offsets[len(ids) - 2][1]])
+        if not cuts:
+            return
+        # One warning per call, so encoding thousands of long captions does not flood the log.
+        quoted = ", ".join(f'"{cut}"' for cut in cuts[:3]) + (f" and {len(cuts) - 3} more" if len(cuts) > 3 else "")
+        subject = "prompt" if len(cuts) == 1 else f"{len(cuts)} prompts"
+        warnings.warn(f"{subject} truncated to {self.max_length} tokens; cut: {quoted}", stacklevel=3)
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -161,6 +161,8 @@ def test_truncation_warns_with_the_cut_words(tokenizer, clip, recwarn):
     with pytest.warns(UserWarning, match='prompt truncated to 6 tokens; cut: "the  left, and a blue square"'):
         tokens = short.tokenize(["a red circle on the  left, and a blue square"])
     assert tokens["input_ids"].shape == (1, 6) and tokens["input_ids"][0, -1] == tokenizer.eos_token_id
+    with pytest.warns(UserWarning, match='^2 prompts truncated to 6 tokens; cut: "the left", "yellow"$'):
+        short.tokenize(["a red circle on the left", "a", "a blue square on yellow"])
 
 
 def test_user_errors_for_bad_prompts(encoder):
