@@ -1,0 +1,42 @@
+"""Train the small shapes model that tests/assets/small-shapes holds (a few minutes on 2 cores).
+
+    python tests/make_small_model.py
+
+Tests that need a model which actually follows its prompts (e.g. "weight 0 on a colour word
+lowers that colour's share of the image") use this one; the session's 4-step model in
+conftest.py is only good for plumbing. 16 px, one object per image, grounding loss on.
+"""
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusion.config import config_from_dict  # noqa: E402
+from diffusion.training import train  # noqa: E402
+
+SMALL = {
+    "model": {"channels": [32, 64], "attention_resolutions": [16, 8], "attention_heads": 4},
+    "data": {"resolution": 16, "num_samples": 5000, "max_objects": 1},
+    "text": {"width": 64, "layers": 2, "steps": 150, "batch_size": 256, "vocab_size": 600, "max_length": 16},
+    "train": {"max_steps": 800, "batch_size": 64, "lr": 0.002, "warmup_steps": 50, "checkpoint_every": 800,
+              "validate_every": 800, "grounding_weight": 0.01, "grounding_resolutions": [16, 8],
+              "validation_prompts": ["a red circle on the left", "a blue square on the right",
+                                     "a green cross at the top", "a yellow triangle in the centre"]},
+}
+TARGET = REPO / "tests" / "assets" / "small-shapes"
+
+
+def main():
+    with tempfile.TemporaryDirectory() as run:
+        model = train(config_from_dict(SMALL), Path(run) / "run")
+        shutil.rmtree(TARGET, ignore_errors=True)
+        shutil.copytree(model, TARGET)
+        shutil.copy(Path(run) / "run" / "samples" / "step-000800.png", TARGET.parent / "small-shapes-samples.png")
+    print(f"wrote {TARGET}")
+
+
+if __name__ == "__main__":
+    main()
