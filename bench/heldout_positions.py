@@ -17,7 +17,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from diffusion.data import COLOURS, SHAPES  # noqa: E402
-from diffusion.evaluation import colour_at_position, heldout_single_object_prompts  # noqa: E402
+from diffusion.evaluation import colour_at_position, colour_labels, heldout_single_object_prompts  # noqa: E402
 from diffusion.images import labelled_grid, save_png, to_pil  # noqa: E402
 from diffusion.pipeline import Pipeline  # noqa: E402
 
@@ -31,7 +31,10 @@ def score(pipe, prompts, args):
                          steps=args.steps, guidance=args.guidance)
         images += to_pil(x)
     hits = [colour_at_position(np.asarray(img), c, pos) for img, (_, c, pos) in zip(images, prompts)]
-    return images, hits
+    # the colour anywhere: its pixels cover at least 1% of the image
+    present = [(colour_labels(np.asarray(img)) == list(COLOURS).index(c)).mean() >= 0.01
+               for img, (_, c, _) in zip(images, prompts)]
+    return images, hits, present
 
 
 def main():
@@ -50,9 +53,10 @@ def main():
     results = {}
     for name, pairs in (("held-out pairs", holdout), ("training pairs", seen)):
         prompts = heldout_single_object_prompts(pairs, args.n)
-        images, hits = score(pipe, prompts, args)
+        images, hits, present = score(pipe, prompts, args)
         results[name] = (images, prompts, hits)
-        print(f"{name}: colour at the prompted position in {sum(hits)}/{len(hits)} = {np.mean(hits):.2f}")
+        print(f"{name}: colour at the prompted position in {sum(hits)}/{len(hits)} = {np.mean(hits):.2f}; "
+              f"colour present anywhere in {sum(present)}/{len(present)} = {np.mean(present):.2f}")
     images, prompts, hits = results["held-out pairs"]
     labels = [f"{'ok' if h else 'MISS'}: {p}" for (p, _, _), h in zip(prompts, hits)]
     path = Path(args.out) if args.out else Path(args.model).parent / "heldout.png"

@@ -40,7 +40,7 @@ class TextConfig:
     vocab_size: int = 1024
     width: int = 128
     layers: int = 4
-    steps: int = 600
+    steps: int = 150
     batch_size: int = 256
     lr: float = 1e-3
     seed: int = 0
@@ -64,7 +64,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    max_steps: int = 4000
+    max_steps: int = 800
     batch_size: int = 64
     lr: float = 2e-3
     warmup_steps: int = 200
@@ -80,9 +80,9 @@ class TrainConfig:
     grounding_weight: float = 0.0
     grounding_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     ema_decay: float = 0.999
-    checkpoint_every: int = 1000
+    checkpoint_every: int = 400
     keep_checkpoints: int = 2
-    validate_every: int = 1000
+    validate_every: int = 400
     log_every: int = 50
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a red circle on the left", "a blue square on the right", "a green cross at the top",

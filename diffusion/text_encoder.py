@@ -175,7 +175,12 @@ def train_clip(
         warnings.warn(f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
                       f"and are truncated; raise max_length to keep them whole")
     tokens = tokenizer(
-        distinct, padding="max_length", padding_side="right", truncation=True, max_length=max_length, return_tensors="pt"
+        distinct,
+        padding="max_length",
+        padding_side="right",  # trimming a batch to its longest caption cuts from the right
+        truncation=True,
+        max_length=max_length,
+        return_tensors="pt",
     )
     all_ids = tokens["input_ids"].to(device)  # (U_all, T)
     all_mask = tokens["attention_mask"].to(device)  # (U_all, T)
@@ -277,7 +282,9 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
             "such as openai/clip-vit-base-patch32")
     # A path-like name that does not exist is a typo, not a hub id: say so at once instead of
     # waiting for the hub to time out.
-    path_like = path.is_absolute() or name_or_path.startswith((".", "~")) or ("/" in name_or_path and path.parent.is_dir())
+    path_like = (
+        path.is_absolute() or name_or_path.startswith((".", "~")) or ("/" in name_or_path and path.parent.is_dir())
+    )
     if not path.is_dir() and path_like:
         raise UserError(f"could not load a CLIP text encoder from '{name_or_path}': no such folder; {hint}")
     split = path.is_dir() and (path / "text_encoder").is_dir()
@@ -289,7 +296,8 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
             # when there are no tokenizer files, whereas a missing model raises.
             config, _ = PretrainedConfig.get_config_dict(source, subfolder=model_folder)
             if config.get("model_type") not in ("clip", "clip_text_model"):
-                raise ValueError(f"its config.json describes a {config.get('model_type')!r} model, not a CLIP text model")
+                kind = config.get("model_type")
+                raise ValueError(f"its config.json describes a {kind!r} model, not a CLIP text model")
             model, info = CLIPTextModel.from_pretrained(source, subfolder=model_folder, output_loading_info=True)
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_folder)
     except Exception as error:  # any failure to read user files is a bad path, not a bug
@@ -301,7 +309,9 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
         raise UserError(f"'{name_or_path}' holds no CLIP text weights (missing {len(info['missing_keys'])} "
                         f"tensors, e.g. {sorted(info['missing_keys'])[0]}); {hint}")
     if len(tokenizer) < len(BYTE_ALPHABET):
-        raise UserError(f"'{name_or_path}' has no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json); {hint}")
+        raise UserError(
+            f"'{name_or_path}' has no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json); {hint}"
+        )
     if len(tokenizer) > model.config.vocab_size:
         raise UserError(f"'{name_or_path}': the tokenizer has {len(tokenizer)} tokens but the text model only "
                         f"{model.config.vocab_size}; they come from different models, use a matching pair")
