@@ -347,8 +347,10 @@ class TextEncoder(nn.Module):
             max_length = min(tokenizer.model_max_length, positions)
         if not 3 <= max_length <= positions:
             raise UserError(f"text max_length {max_length} is out of range; this CLIP takes 3 to {positions} tokens")
-        if not -layers <= hidden_layer <= -1:
-            raise UserError(f"text hidden_layer {hidden_layer} is out of range; this CLIP has layers -1 to {-layers}")
+        # -(layers + 1) is the embedding layer: each token's own embedding, with no context mixed in
+        if not -(layers + 1) <= hidden_layer <= -1:
+            raise UserError(f"text hidden_layer {hidden_layer} is out of range; this CLIP has layers -1 to "
+                            f"{-(layers + 1)} (the token embeddings)")
         self.tokenizer = tokenizer
         self.model = model.requires_grad_(False).eval()
         self.hidden_layer = hidden_layer

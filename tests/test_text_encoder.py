@@ -148,7 +148,18 @@ def test_hidden_layer_selects_a_different_layer(tokenizer, clip, encoder):
     skipped, _ = penultimate.encode(["a red circle"])
     assert not torch.allclose(last, skipped)
     with pytest.raises(UserError, match="hidden_layer"):
-        TextEncoder(tokenizer, clip.text_model, hidden_layer=-3)
+        TextEncoder(tokenizer, clip.text_model, hidden_layer=-4)
+
+
+def test_the_embedding_layer_carries_no_context(tokenizer, clip, encoder):
+    # "circle" at the same position after "red" or "blue": the same vector only without context
+    words = TextEncoder(tokenizer, clip.text_model, hidden_layer=-3)
+    position = len(tokenizer("a red")["input_ids"]) - 1  # the token after "red" (its end token dropped)
+    assert tokenizer("a blue circle")["input_ids"][position] == tokenizer("a red circle")["input_ids"][position]
+    context_free, _ = words.encode(["a red circle", "a blue circle"])
+    contextual, _ = encoder.encode(["a red circle", "a blue circle"])
+    torch.testing.assert_close(context_free[0, position], context_free[1, position])
+    assert not torch.allclose(contextual[0, position], contextual[1, position])
     with pytest.raises(UserError, match="max_length"):
         TextEncoder(tokenizer, clip.text_model, max_length=MAX_LENGTH + 1)
 
