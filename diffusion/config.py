@@ -77,8 +77,8 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
-    grounding_weight: float = 0.0
-    grounding_resolutions: list[int] = field(default_factory=lambda: [16, 8])
+    grounding_weight: float = 0.01
+    grounding_resolutions: list[int] | None = None
     ema_decay: float = 0.999
     checkpoint_every: int = 400
     keep_checkpoints: int = 2
@@ -209,7 +209,7 @@ def _validate(cfg: Config) -> None:
                         f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels")
     if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
         raise UserError("train.grounding_weight needs object masks, which only data.kind shapes has; set it to 0")
-    for r in cfg.train.grounding_resolutions if cfg.train.grounding_weight > 0 else []:
+    for r in cfg.train.grounding_resolutions or []:
         if r not in cfg.model.attention_resolutions:
             raise UserError(f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "
                             f"{cfg.model.attention_resolutions}")

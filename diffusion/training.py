@@ -127,7 +127,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     if cfg.train.grounding_weight > 0:
         token_object, object_masks = grounding_targets(dataset, lambda c: encoder.tokenize(c)["offsets"], main)
         token_object, object_masks = token_object.to(device), object_masks.to(device)
-        grounding = GroundingLoss(set(cfg.train.grounding_resolutions))
+        grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions))
     caption_embeddings, caption_masks = caption_embeddings.to(device), caption_masks.to(device)
     empty_embedding, empty_mask = empty_embedding.to(device), empty_mask.to(device)
     images = images.to(device)

@@ -14,7 +14,7 @@ def test_defaults_load_and_are_valid():
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.model.channels == [32, 64, 128]
-    assert cfg.train.max_steps == 4000 and cfg.train.lr == 2e-3
+    assert cfg.train.max_steps == 800 and cfg.train.lr == 2e-3
     assert cfg.text.pretrained is None
     assert isinstance(cfg.to_dict()["train"]["validation_prompts"], list)
 
@@ -63,7 +63,7 @@ def test_overrides_apply_after_the_file(tmp_path):
     ("text.pretrained=null", "text.pretrained", None),
     ("data.random_flip=true", "data.random_flip", True),
     ("text.mask_eos=false", "text.mask_eos", False),
-    ("data.kind=imagefolder", "data.kind", "imagefolder"),
+    ("data.kind=shapes", "data.kind", "shapes"),
     ("text.hidden_layer=-2", "text.hidden_layer", -2),
 ])
 def test_dotted_overrides_are_parsed_as_yaml(override, key, expected):
@@ -195,3 +195,9 @@ def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
     path = tmp_path / "empty.yaml"
     path.write_text("# nothing here\n")
     assert load_config(path) == Config()
+
+
+def test_grounding_needs_masks():
+    with pytest.raises(UserError, match="train.grounding_weight needs object masks"):
+        config_from_dict({}, ["data.kind=imagefolder"])
+    assert config_from_dict({}, ["data.kind=imagefolder", "train.grounding_weight=0"]).data.kind == "imagefolder"
