@@ -248,7 +248,7 @@ class Pipeline:
             warnings.simplefilter("ignore", UserWarning)
             return self.text_encoder.tokenize(texts)["offsets"]
 
-    def _sample_batch(self, prompts: list[WeightedPrompt], seeds: list[int], settings: dict, maps: MapOptions | None,
+    def sample_batch(self, prompts: list[WeightedPrompt], seeds: list[int], settings: dict, maps: MapOptions | None,
                       weighting: Weighting, attention_controller: AttentionController | None,
                       swap_mapping: torch.Tensor | None = None, swap_fraction: float = 0.0,
                       progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
@@ -312,7 +312,7 @@ class Pipeline:
         images, word_maps = [], []
         batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
         for batch in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-            x, batch_maps = self._sample_batch([parsed[k] for k, _ in batch], [s for _, s in batch], settings, maps,
+            x, batch_maps = self.sample_batch([parsed[k] for k, _ in batch], [s for _, s in batch], settings, maps,
                                                weighting, attention_controller, progress=progress)
             images.extend(to_pil(x))
             word_maps.extend(batch_maps or [])
@@ -340,7 +340,7 @@ class Pipeline:
         mapping = align_tokens(tokens[0], parsed[0].text, tokens[1], parsed[1].text, T)  # (T,)
         outputs = ([], []), ([], [])
         for i in tqdm(range(num_images), desc="pairs", disable=not progress or num_images == 1):
-            x, pair_maps = self._sample_batch(parsed, [seed + i, seed + i], settings, maps, weighting, None,
+            x, pair_maps = self.sample_batch(parsed, [seed + i, seed + i], settings, maps, weighting, None,
                                               swap_mapping=mapping[None], swap_fraction=edit_steps,
                                               progress=progress)
             for k, image in enumerate(to_pil(x)):
