@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+from diffusers.models.embeddings import get_2d_sincos_pos_embed
 from torch import nn
 
 
@@ -123,10 +124,20 @@ class CrossAttention(nn.Module):
 
 class TransformerBlock(nn.Module):
     """Self-attention over positions, cross-attention to the text, then a feed-forward layer,
-    each pre-normed and residual, between 1x1 projections in and out of the feature map."""
+    each pre-normed and residual, between 1x1 projections in and out of the feature map.
 
-    def __init__(self, channels: int, context_dim: int, heads: int, name: str, groups: int = 8):
+    position_grid: if set (the side of the feature map), a fixed 2D sine-cosine position embedding
+    (as in ViT/DiT) is added to the features after the input projection, so queries know where
+    they are: convolutions alone only learn it from the zero padding at the borders."""
+
+    def __init__(self, channels: int, context_dim: int, heads: int, name: str, groups: int = 8,
+                 position_grid: int | None = None):
         super().__init__()
+        position = None
+        if position_grid:
+            position = get_2d_sincos_pos_embed(channels, position_grid, base_size=position_grid,
+                                               output_type="pt").float()[None]  # (1, side*side, C)
+        self.register_buffer("position", position, persistent=False)
         self.norm = nn.GroupNorm(groups, channels)
         self.proj_in = nn.Linear(channels, channels)
         self.norm1 = nn.LayerNorm(channels)
@@ -143,6 +154,8 @@ class TransformerBlock(nn.Module):
     def forward(self, x, context, context_mask, call: AttentionCall | None = None):
         B, C, H, W = x.shape
         h = self.proj_in(self.norm(x).flatten(2).transpose(1, 2))  # (B, H*W, C)
+        if self.position is not None:
+            h = h + self.position.to(h.dtype)
         h = h + self.self_attention(self.norm1(h))
         h = h + self.cross_attention(self.norm2(h), context, context_mask, (H, W), call)
         h = h + self.feed_forward(self.norm3(h))

@@ -29,12 +29,14 @@ class ModelConfig:
     attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     attention_heads: int = 4
     dropout: float = 0.0
+    position_embedding: bool = False
 
 
 @dataclass
 class TextConfig:
     pretrained: str | None = None
     hidden_layer: int = -1
+    concat_token_embeddings: bool = False
     mask_eos: bool = True
     max_length: int = 32
     vocab_size: int = 1024

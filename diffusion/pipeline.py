@@ -180,7 +180,8 @@ class Pipeline:
             "scheduler": ["diffusers", "DDPMScheduler"],
             "text_encoder_options": {"max_length": self.text_encoder.max_length,
                                      "hidden_layer": self.text_encoder.hidden_layer,
-                                     "mask_eos": self.text_encoder.mask_eos},
+                                     "mask_eos": self.text_encoder.mask_eos,
+                                     "concat_token_embeddings": self.text_encoder.concat_token_embeddings},
         }
         (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         for name, text in (extra_files or {}).items():

@@ -328,6 +328,7 @@ class TextEncoder(nn.Module):
         max_length: int | None = None,
         hidden_layer: int = -1,
         mask_eos: bool = True,
+        concat_token_embeddings: bool = False,
     ):
         """
         Args:
@@ -339,6 +340,11 @@ class TextEncoder(nn.Module):
                 skip"), ...; the final layer norm is applied either way.
             mask_eos: hide the end-of-text token from the UNet, leaving only the words and the
                 start token.
+            concat_token_embeddings: append each token's own embedding (the embedding layer,
+                final layer norm applied) to the chosen layer's states, D -> 2D features: the
+                UNet sees what the word is as well as its context. A small CLIP trained here
+                blurs words it did not need for retrieval (measured: "left" vs "right" in the
+                same caption have cosine 0.98 at its last layer, 0.5 at the embedding layer).
         """
         super().__init__()
         positions = model.config.max_position_embeddings
@@ -355,11 +361,13 @@ class TextEncoder(nn.Module):
         self.model = model.requires_grad_(False).eval()
         self.hidden_layer = hidden_layer
         self.mask_eos = mask_eos
+        self.concat_token_embeddings = concat_token_embeddings
         self._max_length = max_length
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, max_length: int | None = None, hidden_layer: int = -1, mask_eos: bool = True
+        cls, name_or_path: str | Path, max_length: int | None = None, hidden_layer: int = -1, mask_eos: bool = True,
+        concat_token_embeddings: bool = False,
     ) -> "TextEncoder":
         """Load a CLIP text encoder.
 
@@ -367,15 +375,16 @@ class TextEncoder(nn.Module):
             name_or_path: a folder with `tokenizer/` and `text_encoder/` (from `train_clip` or
                 `save_pretrained`, or a diffusers pipeline), or a folder or hub id of a plain CLIP
                 (a CLIPModel or CLIPTextModel checkpoint with its tokenizer files at the root).
-            max_length, hidden_layer, mask_eos: as in `TextEncoder.__init__`.
+            max_length, hidden_layer, mask_eos, concat_token_embeddings: as in `TextEncoder.__init__`.
         """
         tokenizer, model = _load_clip_text(str(name_or_path))
-        return cls(tokenizer, model, max_length=max_length, hidden_layer=hidden_layer, mask_eos=mask_eos)
+        return cls(tokenizer, model, max_length=max_length, hidden_layer=hidden_layer, mask_eos=mask_eos,
+                   concat_token_embeddings=concat_token_embeddings)
 
     @property
     def embedding_dim(self) -> int:
-        """Size D of each token embedding."""
-        return self.model.config.hidden_size
+        """Size D of each token embedding (twice the CLIP width with concat_token_embeddings)."""
+        return self.model.config.hidden_size * (2 if self.concat_token_embeddings else 1)
 
     @property
     def max_length(self) -> int:
@@ -451,11 +460,15 @@ class TextEncoder(nn.Module):
         attention_mask = tokens["attention_mask"].to(device)  # (B, T)
         # No attention mask for the model: CLIP is causal, so real tokens never see the padding
         # after them, and padded positions are hidden by key_mask anyway.
-        output = self.model(input_ids=input_ids, output_hidden_states=self.hidden_layer != -1)
+        all_layers = self.hidden_layer != -1 or self.concat_token_embeddings
+        output = self.model(input_ids=input_ids, output_hidden_states=all_layers)
         if self.hidden_layer == -1:
             embeddings = output.last_hidden_state  # (B, T, D), after the final layer norm
         else:
             embeddings = self.model.final_layer_norm(output.hidden_states[self.hidden_layer])  # (B, T, D)
+        if self.concat_token_embeddings:
+            own = self.model.final_layer_norm(output.hidden_states[0])  # (B, T, D): no context mixed in
+            embeddings = torch.cat([embeddings, own], dim=-1)  # (B, T, 2D)
 
         key_mask = attention_mask.bool()  # (B, T)
         if self.mask_eos:

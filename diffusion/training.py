@@ -58,7 +58,8 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, images: torch.Tensor, ca
                          accelerator: Accelerator) -> TextEncoder:
     """Load the pretrained CLIP named by text.pretrained, or train the small one (once: a
     finished `output_dir/clip` is reused on resume)."""
-    options = {"hidden_layer": cfg.text.hidden_layer, "mask_eos": cfg.text.mask_eos}
+    options = {"hidden_layer": cfg.text.hidden_layer, "mask_eos": cfg.text.mask_eos,
+               "concat_token_embeddings": cfg.text.concat_token_embeddings}
     if cfg.text.pretrained:
         return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
     clip_dir = output_dir / "clip"
@@ -137,7 +138,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
                 blocks_per_level=cfg.model.blocks_per_level,
                 attention_resolutions=tuple(cfg.model.attention_resolutions),
                 attention_heads=cfg.model.attention_heads, context_dim=encoder.embedding_dim,
-                dropout=cfg.model.dropout)
+                dropout=cfg.model.dropout, position_embedding=cfg.model.position_embedding)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps,
                                     beta_schedule=cfg.train.beta_schedule,
                                     prediction_type=cfg.train.prediction_type, clip_sample=True)

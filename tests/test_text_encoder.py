@@ -245,3 +245,17 @@ def test_train_clip_rejects_bad_images(tokenizer, tmp_path):
         train_clip(torch.zeros(2, 3, 8, 8), ["a", "b"], tokenizer, config, tmp_path)
     with pytest.raises(UserError, match="one caption"):
         train_clip(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), ["a"], tokenizer, config, tmp_path)
+
+
+def test_concatenated_token_embeddings_carry_both_the_word_and_its_context(tokenizer, clip, encoder):
+    both = TextEncoder(tokenizer, clip.text_model, concat_token_embeddings=True)
+    words = TextEncoder(tokenizer, clip.text_model, hidden_layer=-3)
+    assert both.embedding_dim == 2 * encoder.embedding_dim
+    prompts = ["a red circle on the left", "a blue square"]
+    joined, mask = both.encode(prompts)
+    contextual, contextual_mask = encoder.encode(prompts)
+    own, _ = words.encode(prompts)
+    D = encoder.embedding_dim
+    torch.testing.assert_close(joined[..., :D], contextual)
+    torch.testing.assert_close(joined[..., D:], own)
+    assert torch.equal(mask, contextual_mask)

@@ -229,3 +229,21 @@ def test_save_and_load_round_trip(tmp_path):
         assert torch.equal(loaded(x, t, context, mask), unet(x, t, context, mask))
     for (name, a), (_, b) in zip(unet.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_position_embedding_tells_the_attention_where_it_is(tmp_path):
+    """Same weights with and without the fixed 2D embedding give different outputs, so the
+    embedding reaches the attention. It is no weight: it is rebuilt from the saved config."""
+    plain = make_unet()
+    placed = make_unet(position_embedding=True)
+    placed.load_state_dict(plain.state_dict())
+    assert "down.1.attentions.0.position" not in placed.state_dict()
+    assert placed.down[1].attentions[0].position.shape == (1, 8 * 8, 32)
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        assert not torch.allclose(placed(x, t, context, mask), plain(x, t, context, mask))
+    placed.save_pretrained(tmp_path / "unet")
+    loaded = UNet.from_pretrained(tmp_path / "unet").eval()
+    assert loaded.config.position_embedding is True
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, context, mask), placed(x, t, context, mask))
