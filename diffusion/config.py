@@ -29,14 +29,14 @@ class ModelConfig:
     attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
     attention_heads: int = 4
     dropout: float = 0.0
-    position_embedding: bool = False
+    position_embedding: bool = True
 
 
 @dataclass
 class TextConfig:
     pretrained: str | None = None
     hidden_layer: int = -1
-    concat_token_embeddings: bool = False
+    concat_token_embeddings: bool = True
     mask_eos: bool = True
     max_length: int = 32
     vocab_size: int = 1024
@@ -74,8 +74,8 @@ class TrainConfig:
     grad_clip: float = 1.0
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"
-    prediction_type: str = "epsilon"
-    snr_gamma: float | None = 5.0
+    prediction_type: str = "v_prediction"
+    snr_gamma: float | None = None
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
