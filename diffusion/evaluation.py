@@ -43,14 +43,13 @@ from tqdm.auto import tqdm
 
 from .attention_control import AttentionRecorder
 from .data import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, ShapesDataset,
-                   parse_holdout, render_scene)
+                   parse_holdout)
 from .detector import Detection, detect, detector_accuracy
 from .errors import UserError
 from .images import _font, uint8_images
 from .pipeline import SAMPLERS, Weighting
 from .prompts import parse_prompt
 
-_PALETTE_NAMES = list(COLOURS) + ["background"]
 _PALETTE = np.array(list(COLOURS.values()) + [BACKGROUND], dtype=np.float32)  # (K, 3)
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
@@ -63,7 +62,7 @@ REFERENCE = ("dpm++", 250)
 IOU_THRESHOLD = 0.4
 LOCALISATION_TIMESTEPS = (250, 500, 750)
 
-# name -> (target, higher is better); the targets of the default model (README, issue 4)
+# report key -> the least value the default model should reach (README, issue 4)
 TARGETS = {
     "faithfulness/single object": 0.99,
     "faithfulness/colour binding": 0.95,
