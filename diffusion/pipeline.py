@@ -204,7 +204,7 @@ class Pipeline:
         prompts: plain prompts (no weighting syntax); seeds: one noise seed per prompt;
         attention_controller: sees every cross-attention call (`site.conditional` marks the
         conditional rows); embedding_weights: (B, T) per-token weights applied to the text
-        embeddings relative to the empty prompt's, e' = e0 + w (e - e0) (None: no weighting).
+        embeddings (see `_weight_embeddings`; None: no weighting).
 
         The noise of each image comes from its own generator seeded with its seed, so an image
         does not depend on what else is in the batch."""
@@ -218,9 +218,7 @@ class Pipeline:
         B = len(prompts)
         embeddings, key_mask = self.text_encoder.encode(prompts)  # (B, T, D), (B, T)
         if embedding_weights is not None:
-            empty, _ = self.text_encoder.encode([""])
-            weights = embedding_weights.to(embeddings.device)[:, :, None]
-            embeddings = empty + weights * (embeddings - empty)
+            embeddings, key_mask = self._weight_embeddings(prompts, embeddings, key_mask, embedding_weights)
         use_guidance = guidance != 1.0
         conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
         if use_guidance:  # unconditional half first, conditional second
@@ -241,6 +239,26 @@ class Pipeline:
                 prediction = unconditional + guidance * (conditional_prediction - unconditional)
             x = scheduler.step(prediction, t, x, generator=generators).prev_sample
         return x.clamp(-1, 1)
+
+    def _weight_embeddings(self, prompts: list[str], embeddings: torch.Tensor, key_mask: torch.Tensor,
+                           weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embedding-mode weights (B, T). A weighted token's own state moves from the empty
+        prompt's, e0 + w (e - e0). A word weighted below 1 also fades out of the other tokens'
+        context: they become e_without + s (e - e_without), where e_without is the encoding in
+        which no token sees the down-weighted words and s is the prompt's smallest weight (the
+        causal CLIP writes "red" into the state of "circle" in "a red circle"; without this,
+        weight 0 on "red" still draws red). A word at weight 0 is also no longer a key, so weight
+        0 is the prompt without the word."""
+        weights = weights.to(embeddings.device)
+        down = weights < 1  # (B, T)
+        if down.any():
+            without, _ = self.text_encoder.encode(prompts, hide=down)
+            scale = weights.masked_fill(~down, 1.0).amin(dim=1)[:, None, None]  # (B, 1, 1)
+            context = without + scale * (embeddings - without)
+            embeddings = torch.where(down[:, :, None], embeddings, context)
+            key_mask = key_mask & (weights != 0)
+        empty, _ = self.text_encoder.encode([""])
+        return empty + weights[:, :, None] * (embeddings - empty), key_mask
 
     def _offsets(self, texts: list[str]) -> torch.Tensor:
         """Token character offsets (B, T, 2), without the truncation warning: denoise() encodes the

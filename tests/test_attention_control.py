@@ -145,6 +145,18 @@ def test_weights_change_the_image(live_pipe, mode):
     assert not np.array_equal(np.asarray(plain), np.asarray(weighted))
 
 
+def test_embedding_weight_zero_removes_the_word(live_pipe):
+    # At weight 0 the word is neither a key nor in the other tokens' context, so which colour it
+    # named no longer matters; at weight 0.5 it still does.
+    zero = Weighting("embedding")
+    red, blue = (live_pipe(f"a ({c}:0) circle on the left", steps=3, progress=False, weighting=zero).images[0]
+                 for c in ("red", "blue"))
+    assert np.array_equal(np.asarray(red), np.asarray(blue))
+    red, blue = (live_pipe(f"a ({c}:0.5) circle on the left", steps=3, progress=False, weighting=zero).images[0]
+                 for c in ("red", "blue"))
+    assert not np.array_equal(np.asarray(red), np.asarray(blue))
+
+
 def test_swap_with_the_same_prompt_keeps_the_source_image(pipe):
     source, edit = pipe.swap("a red circle on the left", "a red circle on the left", num_images=2, steps=3,
                              progress=False)
