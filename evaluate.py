@@ -8,6 +8,7 @@ Prints a table and writes the same numbers as JSON (--out, default <model>/../re
 example grid and the edit-response plot beside it. What each number means: diffusion/evaluation.py.
 """
 import json
+import math
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
@@ -34,6 +35,8 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="JSON report path (default: <model>/../report.json)")
     parser.add_argument("--n-edit", type=int, default=16, help="prompts of the edit-response sweep (default 16)")
     parser.add_argument("--n-samplers", type=int, default=24, help="prompts of the sampler sweep (default 24)")
+    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of every sample "
+                        "(default 3.0, as sample.py)")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
@@ -42,6 +45,8 @@ def main(argv=None):
     for name in ("n", "n_edit", "n_samplers", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if not math.isfinite(args.guidance) or args.guidance < 0:
+        raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
 
     import yaml
 
@@ -61,7 +66,7 @@ def main(argv=None):
     report, examples = evaluate(pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed,
                                 holdout=data.get("holdout", []), training_seed=data.get("seed", 0),
                                 n_edit=args.n_edit, n_samplers=args.n_samplers, batch_size=args.batch_size,
-                                parts=args.parts)
+                                guidance=args.guidance, parts=args.parts)
     report["model"] = str(model.resolve())
     print(format_report(report))
     temporary = out.with_name(f".{out.name}.tmp")

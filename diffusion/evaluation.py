@@ -279,7 +279,8 @@ def _sample(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = F
 
 # ---- the report ----------------------------------------------------------------------------
 
-def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, progress) -> tuple[dict, dict, list]:
+def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, progress,
+                 guidance: float = 3.0) -> tuple[dict, dict, list]:
     """Scores per category, localisation on the generated images, and a few examples per category."""
     scores, localisation, examples = {}, _Localisation(), []
     for category, cases in cases_by_category.items():
@@ -287,7 +288,7 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
             scores[category] = None
             continue
         images, token_maps, offsets = _sample(pipe, [c.prompt for c in cases], seed, batch_size, maps=True,
-                                              progress=progress)
+                                              guidance=guidance, progress=progress)
         results = []
         for case, image, maps, offs in zip(cases, images, token_maps, offsets):
             detections = detect(image)
@@ -349,7 +350,8 @@ def edit_prompts(n: int, seed: int, holdout: list[str]) -> list[Scene]:
     return out
 
 
-def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress) -> list[dict]:
+def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
+                  guidance: float = 3.0) -> list[dict]:
     """Rows (word, mode, weight, present, area, mass) averaged over `n` prompts; image k of every
     setting uses the same noise, so rows differ only by the weight."""
     prompts = edit_prompts(n, seed, holdout)
@@ -365,7 +367,7 @@ def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
                 if weight == 1.0 and plain is not None:
                     images, token_maps, offsets = plain
                 else:
-                    images, token_maps, offsets = _sample(pipe, texts, seed, batch_size, maps=True, progress=progress,
+                    images, token_maps, offsets = _sample(pipe, texts, seed, batch_size, maps=True, progress=progress, guidance=guidance,
                                                           weighting=Weighting(mode=mode))
                     if weight == 1.0:
                         plain = images, token_maps, offsets
@@ -382,11 +384,11 @@ def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
     return rows
 
 
-def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress) -> dict:
+def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress, guidance: float = 3.0) -> dict:
     """Faithfulness of each sampler and step count on `cases`, and of the reference."""
     def score(sampler, steps):
         images, _, _ = _sample(pipe, [c.prompt for c in cases], seed, batch_size, sampler=sampler, steps=steps,
-                               progress=progress)
+                               guidance=guidance, progress=progress)
         return float(np.mean([passes(c, detect(im)) for c, im in zip(cases, images)]))
 
     reference = score(*REFERENCE)
@@ -396,7 +398,7 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress)
 
 
 def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
-             n_edit: int = 16, n_samplers: int = 24, batch_size: int = 50, detector_n: int = 300,
+             n_edit: int = 16, n_samplers: int = 24, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
              parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers")) -> tuple[dict, list]:
     """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid."""
     if seed == training_seed:
@@ -404,7 +406,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     holdout = list(holdout or [])
     resolution = pipe.unet.config.sample_size
     started = time.time()
-    report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout}
+    report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout, "guidance": guidance}
     report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
     examples = []
     cases = {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES}
@@ -420,14 +422,14 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
         total += len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS))
     progress = tqdm(total=total, desc="evaluating (images)", dynamic_ncols=True)
     if "faithfulness" in parts:
-        report["faithfulness"], generated, examples = faithfulness(pipe, cases, seed, batch_size, progress)
+        report["faithfulness"], generated, examples = faithfulness(pipe, cases, seed, batch_size, progress, guidance)
         report["localisation"] = {"generated": generated}
     if "localisation" in parts:
         report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
     if "edit" in parts:
-        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress)
+        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance)
     if "samplers" in parts:
-        report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress)
+        report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
     progress.close()
     report["targets"] = targets(report)
     report["seconds"] = round(time.time() - started, 1)
@@ -476,7 +478,7 @@ def _fmt(value) -> str:
 
 def format_report(report: dict) -> str:
     lines = [f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
-             f"{report.get('seconds', 0):.0f} s", ""]
+             f"guidance {report.get('guidance', 3.0):g}, DPM-Solver++ 20 steps, {report.get('seconds', 0):.0f} s", ""]
     lines.append("detector accuracy on generator images: " +
                  ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n"))
     if "faithfulness" in report:
