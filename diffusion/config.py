@@ -80,6 +80,7 @@ class TrainConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
     grounding_weight: float = 0.01
+    grounding_pixel_weight: float = 0.0
     grounding_resolutions: list[int] | None = None
     ema_decay: float = 0.999
     checkpoint_every: int = 400
@@ -120,7 +121,7 @@ POSITIVE = {
     "train.num_train_timesteps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.validate_every", "train.log_every", "train.validation_steps",
 }
-NON_NEGATIVE = {"train.grounding_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+NON_NEGATIVE = {"train.grounding_weight", "train.grounding_pixel_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "train.snr_gamma", "model.dropout", "train.validation_guidance"}
 FRACTIONS = {"train.cond_dropout", "train.ema_decay", "model.dropout"}
 
@@ -211,6 +212,9 @@ def _validate(cfg: Config) -> None:
                         f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels")
     if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
         raise UserError("train.grounding_weight needs object masks, which only data.kind shapes has; set it to 0")
+    if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
+        raise UserError("train.grounding_pixel_weight is added to the grounding loss, which is off; "
+                        "set train.grounding_weight > 0 too (e.g. 0.05)")
     for r in cfg.train.grounding_resolutions or []:
         if r not in cfg.model.attention_resolutions:
             raise UserError(f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "

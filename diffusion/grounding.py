@@ -10,7 +10,15 @@ colour and shape word to put its attention on its own object:
         loss   += (1 - share_t)^2                             M_k: object mask at that layer's size
 
 averaged over tokens and layers, and added to the denoising loss with weight
-`train.grounding_weight`. It runs through the same `AttentionController` hook as map recording.
+`train.grounding_weight`. The token loss asks for the word's attention to be *inside* its object;
+a map that sits on the object's centre satisfies it. TokenCompose's pixel loss also asks it to
+*cover* the object: per pixel, binary cross-entropy between the token's attention probability
+and the mask,
+
+        pixel += mean_p BCE(A[p, t], M_k[p])
+
+averaged the same way, weighted by `train.grounding_pixel_weight` (0: not computed). It runs
+through the same `AttentionController` hook as map recording.
 """
 from __future__ import annotations
 
@@ -53,18 +61,21 @@ def grounding_targets(dataset: ShapesDataset, offsets_of, progress: bool = True)
 class GroundingLoss(AttentionController):
     """Collects the grounding loss of one training forward pass (see module docstring).
 
-    resolutions: feature-map sides whose cross-attention layers are grounded."""
+    resolutions: feature-map sides whose cross-attention layers are grounded; pixel: also
+    collect the pixel loss."""
 
-    def __init__(self, resolutions: set[int]):
+    def __init__(self, resolutions: set[int], pixel: bool = False):
         self.resolutions = set(resolutions)
+        self.pixel = pixel
         self.token_object: torch.Tensor | None = None
         self.masks: torch.Tensor | None = None
         self.terms: list[torch.Tensor] = []
+        self.pixel_terms: list[torch.Tensor] = []
 
     def set_batch(self, token_object: torch.Tensor, masks: torch.Tensor) -> None:
         """token_object: (B, T) long, -1 for ungrounded tokens (and for dropped captions);
         masks: (B, K, R, R) float object masks of the batch."""
-        self.token_object, self.masks, self.terms = token_object, masks, []
+        self.token_object, self.masks, self.terms, self.pixel_terms = token_object, masks, [], []
 
     def wants(self, site: AttentionSite) -> bool:
         return site.resolution[0] in self.resolutions
@@ -79,8 +90,15 @@ class GroundingLoss(AttentionController):
         share = (attention * token_masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)  # (B, T)
         valid = (self.token_object >= 0).float()
         self.terms.append(((1 - share) ** 2 * valid).sum() / valid.sum().clamp_min(1))
+        if self.pixel:
+            bce = F.binary_cross_entropy(attention.clamp(1e-6, 1 - 1e-6), token_masks, reduction="none").mean(-1)
+            self.pixel_terms.append((bce * valid).sum() / valid.sum().clamp_min(1))
         return None
 
     def loss(self) -> torch.Tensor:
-        """The mean over the grounded layers of this forward pass."""
+        """The token loss: the mean over the grounded layers of this forward pass."""
         return torch.stack(self.terms).mean()
+
+    def pixel_loss(self) -> torch.Tensor:
+        """The pixel loss (with `pixel`): the mean over the grounded layers of this forward pass."""
+        return torch.stack(self.pixel_terms).mean()

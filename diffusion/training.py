@@ -128,7 +128,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     if cfg.train.grounding_weight > 0:
         token_object, object_masks = grounding_targets(dataset, lambda c: encoder.tokenize(c)["offsets"], main)
         token_object, object_masks = token_object.to(device), object_masks.to(device)
-        grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions))
+        grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions),
+                                  pixel=cfg.train.grounding_pixel_weight > 0)
     caption_embeddings, caption_masks = caption_embeddings.to(device), caption_masks.to(device)
     empty_embedding, empty_mask = empty_embedding.to(device), empty_mask.to(device)
     images = images.to(device)
@@ -223,6 +224,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             if grounding is not None:
                 grounding_loss = grounding.loss()
                 loss = loss + cfg.train.grounding_weight * grounding_loss
+                if grounding.pixel:
+                    loss = loss + cfg.train.grounding_pixel_weight * grounding.pixel_loss()
             accelerator.backward(loss)
             if accelerator.sync_gradients and cfg.train.grad_clip > 0:
                 accelerator.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)

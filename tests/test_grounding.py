@@ -52,3 +52,26 @@ def test_dropped_captions_contribute_nothing():
     loss.set_batch(torch.full((1, 4), -1), torch.zeros(1, 1, 4, 4))
     loss.process(AttentionSite("mid.attn.0", (4, 4)), torch.full((1, 2, 16, 4), 0.25))
     assert loss.loss().item() == 0
+
+
+def test_pixel_loss_prefers_a_map_that_covers_the_object():
+    # Both maps keep all of "red"'s attention inside its object (token loss 0); only the one
+    # that spreads over the whole object, not one pixel of it, lowers the pixel loss.
+    masks = torch.zeros(1, 1, 4, 4)
+    masks[0, 0, :, :2] = 1
+    inside = masks[0, 0].flatten().bool()
+    token_object = torch.tensor([[-1, 0]])
+
+    def losses(covering: bool):
+        probabilities = torch.zeros(1, 1, 16, 2)
+        probabilities[..., 0] = 1.0
+        cells = inside.nonzero().flatten() if covering else inside.nonzero().flatten()[:1]
+        probabilities[:, :, cells, 1], probabilities[:, :, cells, 0] = 0.9, 0.1
+        loss = GroundingLoss({4}, pixel=True)
+        loss.set_batch(token_object, masks)
+        loss.process(AttentionSite("mid.attn.0", (4, 4)), probabilities)
+        return loss.loss().item(), loss.pixel_loss().item()
+
+    (token_cover, pixel_cover), (token_point, pixel_point) = losses(True), losses(False)
+    assert token_cover < 1e-6 and token_point < 1e-6
+    assert pixel_cover < 0.1 < pixel_point

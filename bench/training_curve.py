@@ -1,0 +1,109 @@
+"""Faithfulness and localisation against training length, from evaluate.py reports.
+
+    python bench/training_curve.py --out docs/training-curve.png \
+        25600=runs/curve-400/report.json 51200=runs/shapes/report.json 102400=runs/curve-1600/report.json
+
+Each argument is IMAGES=REPORT: the number of training images the model saw and its report.json.
+Prints a markdown table (one row per report, one column per target) and draws one line chart
+with a line per target metric against the training images (log scale), each target marked at the
+right edge. It answers "would more training reach the targets, and how much more?".
+"""
+import json
+import math
+import sys
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from diffusion.cli import ArgumentParser  # noqa: E402
+from diffusion.errors import UserError, exit_on_user_error  # noqa: E402
+from diffusion.evaluation import TARGETS  # noqa: E402
+from diffusion.images import _font, save_png  # noqa: E402
+
+COLOURS = [(220, 50, 50), (240, 150, 30), (200, 180, 0), (40, 160, 60), (40, 120, 220), (120, 60, 200),
+           (200, 60, 160), (90, 90, 90), (0, 160, 160), (150, 100, 50)]
+
+
+def _value(report: dict, key: str):
+    node = report
+    for part in key.split("/"):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node["score"] if isinstance(node, dict) else node
+
+
+def load(points: list[str]) -> list[tuple[int, dict]]:
+    out = []
+    for point in points:
+        images, sep, path = point.partition("=")
+        if not sep or not images.isdigit() or int(images) < 1:
+            raise UserError(f"'{point}' is not IMAGES=REPORT (e.g. 51200=runs/shapes/report.json)")
+        try:
+            out.append((int(images), json.loads(Path(path).read_text())))
+        except (OSError, ValueError) as error:
+            raise UserError(f"cannot read report '{path}': {error}") from None
+    return sorted(out, key=lambda p: p[0])
+
+
+def table(points: list[tuple[int, dict]], keys: list[str]) -> str:
+    short = [k.split("/")[-1] for k in keys]
+    lines = ["| training images | " + " | ".join(short) + " |", "|---" * (len(keys) + 1) + "|"]
+    lines.append("| target | " + " | ".join(f"{TARGETS[k]:g}" for k in keys) + " |")
+    for images, report in points:
+        values = [_value(report, k) for k in keys]
+        lines.append(f"| {images:,} | " + " | ".join("-" if v is None else f"{v:.2f}" for v in values) + " |")
+    return "\n".join(lines)
+
+
+def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, height: int = 340) -> Image.Image:
+    image = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(image)
+    font = _font(11)
+    left, right, top, bottom = 40, 230, 20, height - 34
+    lo, hi = math.log2(points[0][0]), math.log2(points[-1][0])
+    span = max(hi - lo, 1e-9)
+
+    def xy(images, value):
+        x = left + (width - right - left) * ((math.log2(images) - lo) / span if hi > lo else 0.5)
+        return x, bottom - (bottom - top) * value
+
+    draw.rectangle([left, top, width - right, bottom], outline=(160, 160, 160))
+    for v in (0, 0.5, 1):
+        draw.text((8, xy(points[0][0], v)[1] - 6), f"{v:g}", fill="black", font=font)
+    for images, _ in points:
+        x, _ = xy(images, 0)
+        draw.text((x - 16, bottom + 4), f"{images // 1000}k", fill="black", font=font)
+    draw.text((left, height - 14), "training images (log scale); ticks at the right edge: targets",
+              fill="black", font=font)
+    for k, key in enumerate(keys):
+        colour = COLOURS[k % len(COLOURS)]
+        line = [xy(images, v) for images, report in points if (v := _value(report, key)) is not None]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        for x, y in line:
+            draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+        _, ty = xy(points[-1][0], TARGETS[key])
+        draw.line([width - right, ty, width - right + 10, ty], fill=colour, width=3)
+        draw.line([width - right + 20, top + 6 + 16 * k, width - right + 36, top + 6 + 16 * k], fill=colour, width=3)
+        draw.text((width - right + 40, top + 16 * k), key.replace("faithfulness/", "").replace("localisation/", ""),
+                  fill="black", font=font)
+    return image
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("points", nargs="+", help="IMAGES=REPORT pairs (training images seen, report.json)")
+    parser.add_argument("--out", default="training-curve.png", help="chart PNG path (default training-curve.png)")
+    args = parser.parse_args(argv)
+    points = load(args.points)
+    keys = [k for k in TARGETS if any(_value(r, k) is not None for _, r in points)]
+    print(table(points, keys))
+    print(f"wrote {save_png(chart(points, keys), args.out)}")
+
+
+if __name__ == "__main__":
+    main()
