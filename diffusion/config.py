@@ -38,7 +38,7 @@ class TextConfig:
     hidden_layer: int = -1
     concat_token_embeddings: bool = True
     mask_eos: bool = True
-    max_length: int = 32
+    max_length: int = 40
     vocab_size: int = 1024
     width: int = 128
     layers: int = 4
@@ -55,7 +55,7 @@ class DataConfig:
     resolution: int = 32
     num_samples: int = 20000
     min_objects: int = 1
-    max_objects: int = 2
+    max_objects: int = 4
     seed: int = 0
     holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])
     center_crop: bool = True
@@ -79,8 +79,8 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
-    grounding_weight: float = 0.01
-    grounding_pixel_weight: float = 0.0
+    grounding_weight: float = 0.05
+    grounding_pixel_weight: float = 0.05
     grounding_resolutions: list[int] | None = None
     ema_decay: float = 0.999
     checkpoint_every: int = 400
@@ -211,10 +211,11 @@ def _validate(cfg: Config) -> None:
         raise UserError(f"data.resolution ({cfg.data.resolution}) must be divisible by "
                         f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels")
     if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
-        raise UserError("train.grounding_weight needs object masks, which only data.kind shapes has; set it to 0")
+        raise UserError("train.grounding_weight needs object masks, which only data.kind shapes has; "
+                        "set train.grounding_weight=0 and train.grounding_pixel_weight=0")
     if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
-        raise UserError("train.grounding_pixel_weight is added to the grounding loss, which is off; "
-                        "set train.grounding_weight > 0 too (e.g. 0.05)")
+        raise UserError("train.grounding_pixel_weight is part of the grounding loss, which is off; "
+                        "set train.grounding_pixel_weight=0 too, or train.grounding_weight > 0 (e.g. 0.05)")
     for r in cfg.train.grounding_resolutions or []:
         if r not in cfg.model.attention_resolutions:
             raise UserError(f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "

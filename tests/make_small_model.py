@@ -22,7 +22,7 @@ SMALL = {
     "data": {"resolution": 16, "num_samples": 5000, "max_objects": 1},
     "text": {"width": 64, "layers": 2, "hidden_layer": -3, "steps": 150, "batch_size": 256, "vocab_size": 600, "max_length": 16},
     "train": {"max_steps": 800, "batch_size": 64, "lr": 0.002, "warmup_steps": 50, "checkpoint_every": 800,
-              "validate_every": 800, "grounding_weight": 0.01, "grounding_resolutions": [16, 8],
+              "validate_every": 800, "grounding_weight": 0.01, "grounding_pixel_weight": 0.0, "grounding_resolutions": [16, 8],
               "validation_prompts": ["a red circle on the left", "a blue square on the right",
                                      "a green cross at the top", "a yellow triangle in the centre"]},
 }

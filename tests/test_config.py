@@ -200,10 +200,10 @@ def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
 def test_grounding_needs_masks():
     with pytest.raises(UserError, match="train.grounding_weight needs object masks"):
         config_from_dict({}, ["data.kind=imagefolder"])
-    assert config_from_dict({}, ["data.kind=imagefolder", "train.grounding_weight=0"]).data.kind == "imagefolder"
+    assert config_from_dict({}, ["data.kind=imagefolder", "train.grounding_weight=0", "train.grounding_pixel_weight=0"]).data.kind == "imagefolder"
 
 
 def test_the_pixel_loss_needs_the_grounding_loss():
-    with pytest.raises(UserError, match="set train.grounding_weight > 0"):
+    with pytest.raises(UserError, match="train.grounding_weight > 0"):
         config_from_dict({}, ["train.grounding_weight=0", "train.grounding_pixel_weight=0.05"])
     assert config_from_dict({}, ["train.grounding_pixel_weight=0.05"]).train.grounding_pixel_weight == 0.05

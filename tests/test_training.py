@@ -4,6 +4,7 @@ import json
 import shutil
 
 import pytest
+import yaml
 import torch
 from PIL import Image
 from safetensors.torch import load_file
@@ -86,7 +87,8 @@ def test_the_exported_model_folder(tiny_run):
         assert (model / part).is_dir(), part
     index = json.loads((model / "model_index.json").read_text())
     assert index["format_version"] == FORMAT_VERSION
-    assert index["text_encoder_options"]["max_length"] == 32
+    config = yaml.safe_load((tiny_run / "config.yaml").read_text())
+    assert index["text_encoder_options"]["max_length"] == config["text"]["max_length"] == 40
     assert (model / "unet" / "config.json").is_file()
     assert (model / "config.yaml").is_file() and (tiny_run / "config.yaml").is_file()
     assert not list(tiny_run.glob(".model*"))  # no temporary export folders left behind
