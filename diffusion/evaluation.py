@@ -384,6 +384,22 @@ def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
     return rows
 
 
+def edit_baseline(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
+                  guidance: float = 3.0) -> dict:
+    """How often the edit prompts' colour (shape) is present when the word is deleted from the
+    prompt: the model's own prior for it, the floor a weight of 0 reaches by removing the word.
+    Same prompts and noise as `edit_response`."""
+    prompts = edit_prompts(n, seed, holdout)
+    out = {"n": n}
+    for word in ("colour", "shape"):  # also the names of a Detection's attributes
+        named = [colour if word == "colour" else shape for colour, shape, _ in prompts]
+        texts = [text.replace(f" {target}", "", 1) for target, (_, _, text) in zip(named, prompts)]
+        images, _, _ = _sample(pipe, texts, seed, batch_size, progress=progress, guidance=guidance)
+        out[word] = float(np.mean([any(getattr(d, word) == target for d in detect(image))
+                                   for target, image in zip(named, images)]))
+    return out
+
+
 def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress, guidance: float = 3.0) -> dict:
     """Faithfulness of each sampler and step count on `cases`, and of the reference."""
     def score(sampler, steps):
@@ -414,7 +430,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     if "faithfulness" in parts:
         total += sum(len(c) for c in cases.values())
     if "edit" in parts:
-        total += n_edit * (len(EDIT_WEIGHTS) * 4 - 3)
+        total += n_edit * (len(EDIT_WEIGHTS) * 4 - 3 + 2)
     sweep_cases = []
     if "samplers" in parts:
         half = n_samplers // 2
@@ -428,6 +444,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
         report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
     if "edit" in parts:
         report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance)
+        report["edit_baseline"] = edit_baseline(pipe, n_edit, seed, holdout, batch_size, progress, guidance)
     if "samplers" in parts:
         report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
     progress.close()
@@ -456,6 +473,8 @@ def targets(report: dict) -> dict:
         zero = [r["present"] for r in rows if r["weight"] == 0]
         out["edit/colour weight 0 present (at most)"] = {"value": max(zero), "target": 0.10,
                                                          "met": max(zero) <= 0.10}
+        if "edit_baseline" in report:  # the word deleted: the model's own rate for that colour
+            out["edit/colour weight 0 present (at most)"]["word deleted"] = report["edit_baseline"]["colour"]
         attention = sorted((r["weight"], r["mass"]) for r in rows if r["mode"] == "attention")
         monotone = all(a[1] <= b[1] for a, b in zip(attention, attention[1:]))
         out["edit/attention mode mass monotone in weight"] = {"value": monotone, "target": True, "met": monotone}
@@ -492,6 +511,10 @@ def format_report(report: dict) -> str:
         for r in report["edit_response"]:
             lines.append(f"{r['word']:<10} {r['mode']:<10} {r['weight']:>6g} {r['present']:>8.3f} "
                          f"{r['area']:>6.3f} {r['mass']:>6.3f}")
+    if "edit_baseline" in report:
+        base = report["edit_baseline"]
+        lines.append(f"word deleted from the prompt: colour present {base['colour']:.3f}, shape present "
+                     f"{base['shape']:.3f} (the model's prior; weight 0 removing the word lands here)")
     if "samplers" in report:
         sweep = report["samplers"]
         lines += ["", f"samplers (n={sweep['n']}; reference {sweep['reference']['sampler']} "

@@ -129,6 +129,8 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
     assert {"shape miou", "shape pointing", "colour miou", "colour pointing"} <= set(report["localisation"]["dataset"])
     assert report["localisation"]["dataset"]["shape words"] > 0
     assert len(report["edit_response"]) == 20
+    assert set(report["edit_baseline"]) == {"n", "colour", "shape"} and 0 <= report["edit_baseline"]["colour"] <= 1
+    assert report["targets"]["edit/colour weight 0 present (at most)"]["word deleted"] == report["edit_baseline"]["colour"]
     assert set(report["samplers"]["scores"]) == {"dpm++", "ddim", "ddpm", "euler"}
     assert set(TARGETS) <= set(report["targets"])
     assert min(report["detector"][k] for k in ("colour", "shape", "size", "position")) >= 0.9
