@@ -84,11 +84,10 @@ def sampler_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
 
 def set_sampler_timesteps(scheduler, steps: int, device=None) -> None:
     """`scheduler.set_timesteps` for `steps` steps on the timesteps of `sampler_timesteps`."""
-    if isinstance(scheduler, DPMSolverMultistepScheduler):
-        timesteps = sampler_timesteps(steps, scheduler.config.num_train_timesteps)
+    timesteps = sampler_timesteps(steps, scheduler.config.num_train_timesteps)  # also the range check
+    if isinstance(scheduler, DPMSolverMultistepScheduler):  # its own "leading" rule differs
         scheduler.set_timesteps(timesteps=timesteps, device=device)
-    else:
-        sampler_timesteps(steps, scheduler.config.num_train_timesteps)  # the same range check
+    else:  # DDIM takes no `timesteps`; "leading" spacing gives these same ones (tested)
         scheduler.set_timesteps(steps, device=device)
 
 
