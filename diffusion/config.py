@@ -66,14 +66,14 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    max_steps: int = 800
-    batch_size: int = 64
+    max_steps: int = 1600
+    batch_size: int = 32
     lr: float = 2e-3
-    warmup_steps: int = 200
+    warmup_steps: int = 400
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     gradient_accumulation_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: str = "auto"
     prediction_type: str = "v_prediction"
     snr_gamma: float | None = None
     num_train_timesteps: int = 1000
@@ -83,9 +83,9 @@ class TrainConfig:
     grounding_pixel_weight: float = 0.05
     grounding_resolutions: list[int] | None = None
     ema_decay: float = 0.999
-    checkpoint_every: int = 400
+    checkpoint_every: int = 800
     keep_checkpoints: int = 2
-    validate_every: int = 400
+    validate_every: int = 800
     log_every: int = 50
     validation_prompts: list[str] = field(default_factory=lambda: [
         "a red circle on the left", "a blue square on the right", "a green cross at the top",
@@ -110,7 +110,7 @@ class Config:
 
 CHOICES = {
     "data.kind": ("shapes", "imagefolder"),
-    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
     "train.prediction_type": ("epsilon", "v_prediction"),
     "train.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }

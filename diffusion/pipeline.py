@@ -31,7 +31,8 @@ from .attention import AttentionController
 from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
 from .errors import UserError
 from .images import to_pil
-from .prompts import WeightedPrompt, align_tokens, parse_prompt, split_words, token_word_index, word_token_weights
+from .prompts import (WeightedPrompt, align_tokens, delete_tokens, parse_prompt, split_words, token_word_index,
+                      word_token_weights)
 from .text_encoder import TextEncoder
 from .unet import UNet
 
@@ -266,15 +267,24 @@ class Pipeline:
                            weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Embedding-mode weights (B, T). A weighted token's own state moves from the empty
         prompt's, e0 + w (e - e0). A word weighted below 1 also fades out of the other tokens'
-        context: they become e_without + s (e - e_without), where e_without is the encoding in
-        which no token sees the down-weighted words and s is the prompt's smallest weight (the
-        causal CLIP writes "red" into the state of "circle" in "a red circle"; without this,
-        weight 0 on "red" still draws red). A word at weight 0 is also no longer a key, so weight
-        0 is the prompt without the word."""
+        context: they become e_without + s (e - e_without), where e_without is the encoding of
+        the prompt with the down-weighted words deleted (token by token aligned back onto this
+        prompt) and s is the prompt's smallest weight. The causal CLIP writes "red" into the
+        state of "circle" in "a red circle"; without this, weight 0 on "red" still draws red. A
+        word at weight 0 is no longer a key either, so weight 0 gives exactly the prompt with the
+        word deleted (as compel's down-weighting does)."""
         weights = weights.to(embeddings.device)
         down = weights < 1  # (B, T)
         if down.any():
-            without, _ = self.text_encoder.encode(prompts, hide=down)
+            T, D = embeddings.shape[1:]
+            offsets = self._offsets(prompts)
+            deleted = [delete_tokens(p, o, d) for p, o, d in zip(prompts, offsets, down.tolist())]
+            without, _ = self.text_encoder.encode(deleted)
+            # where each of this prompt's tokens sits in the deleted prompt (-1: a deleted word)
+            mapping = torch.stack([align_tokens(o_without, text_without, o, p, T) for o_without, text_without, o, p
+                                   in zip(self._offsets(deleted), deleted, offsets, prompts)]).to(embeddings.device)
+            without = torch.gather(without, 1, mapping.clamp(min=0)[:, :, None].expand(-1, -1, D))
+            without = torch.where((mapping >= 0)[:, :, None], without, embeddings)
             scale = weights.masked_fill(~down, 1.0).amin(dim=1)[:, None, None]  # (B, 1, 1)
             context = without + scale * (embeddings - without)
             embeddings = torch.where(down[:, :, None], embeddings, context)

@@ -354,6 +354,22 @@ def word_token_weights(prompt: WeightedPrompt, offsets: torch.Tensor | list, len
     return weights
 
 
+def delete_tokens(text: str, offsets: torch.Tensor | list, drop) -> str:
+    """`text` with the characters of the tokens where `drop` is True removed, and the runs of
+    spaces this leaves collapsed: `delete_tokens("a red circle", offsets, <"red">)` is
+    "a circle". Tokens are whole words or pieces of one, so whole words go.
+
+    Args:
+        offsets: (T, 2) token character spans of `text` (as `TextEncoder.tokenize` gives).
+        drop: (T,) bools (a tensor or a list), True at the tokens to delete.
+    """
+    keep = [True] * len(text)
+    for (start, end), gone in zip(_spans(offsets), drop):
+        if gone:
+            keep[start:end] = [False] * (end - start)
+    return " ".join("".join(c for c, k in zip(text, keep) if k).split())
+
+
 def align_tokens(
     source_offsets: torch.Tensor | list,
     source_prompt: str,

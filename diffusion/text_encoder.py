@@ -442,14 +442,11 @@ class TextEncoder(nn.Module):
         warnings.warn(f"{subject} truncated to {self.max_length} tokens; cut: {quoted}", stacklevel=3)
 
     @torch.no_grad()
-    def encode(self, prompts: list[str], hide: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts token by token.
 
         Args:
             prompts: B prompts; longer ones are truncated with a warning.
-            hide: optional (B, T') bool, True at tokens no other token may attend to inside the
-                encoder (the prompt as if those words were not there, positions kept). Their own
-                states are still computed. T' may be shorter than T (the rest are not hidden).
 
         Returns:
             `embeddings` (B, T, D) float32 and `key_mask` (B, T) bool, on the model's device.
@@ -463,15 +460,8 @@ class TextEncoder(nn.Module):
         attention_mask = tokens["attention_mask"].to(device)  # (B, T)
         # No padding mask for the model: CLIP is causal, so real tokens never see the padding
         # after them, and padded positions are hidden by key_mask anyway.
-        encoder_mask = None
-        if hide is not None:
-            hidden = torch.zeros_like(attention_mask, dtype=torch.bool)
-            width = min(hide.shape[1], hidden.shape[1])
-            hidden[:, :width] = hide[:, :width].to(device)
-            hidden[:, 0] = False  # the start token stays: every query keeps one key
-            encoder_mask = (~hidden).long()
         all_layers = self.hidden_layer != -1 or self.concat_token_embeddings
-        output = self.model(input_ids=input_ids, attention_mask=encoder_mask, output_hidden_states=all_layers)
+        output = self.model(input_ids=input_ids, output_hidden_states=all_layers)
         if self.hidden_layer == -1:
             embeddings = output.last_hidden_state  # (B, T, D), after the final layer norm
         else:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import set_seed
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
@@ -42,11 +42,32 @@ from .text_encoder import EmbeddingCache, TextEncoder, fit_tokenizer, train_clip
 from .unet import UNet
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes in bf16 natively (CPUs with AVX512-BF16/AMX, or ARM BF16; recent
+    GPUs). Elsewhere bf16 is emulated and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def resolve_mixed_precision(setting: str, device: torch.device) -> str:
+    """train.mixed_precision "auto": bf16 autocast where the device does bf16 natively, else float32."""
+    if setting != "auto":
+        return setting
+    return "bf16" if native_bf16(device) else "no"
+
+
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     distributed_cpu = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     log_with = "tensorboard" if importlib.util.find_spec("tensorboard") else None
+    device = PartialState(cpu=distributed_cpu).device  # the device Accelerator will pick
     return Accelerator(
-        mixed_precision=cfg.train.mixed_precision,
+        mixed_precision=resolve_mixed_precision(cfg.train.mixed_precision, device),
         gradient_accumulation_steps=cfg.train.gradient_accumulation_steps,
         log_with=log_with,
         project_dir=str(output_dir),
@@ -167,7 +188,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     model = accelerator.unwrap_model(unet)
     accelerator.print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
                       f"{len(distinct)} distinct captions, {len(captions)} images, device {device}, "
-                      f"{accelerator.num_processes} process(es)")
+                      f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
 
     def save(step: int) -> None:
         if main:

@@ -149,6 +149,12 @@ def test_embedding_weight_zero_removes_the_word(live_pipe):
     # At weight 0 the word is neither a key nor in the other tokens' context, so which colour it
     # named no longer matters; at weight 0.5 it still does.
     zero = Weighting("embedding")
+    deleted = np.asarray(live_pipe("a circle on the left", steps=3, progress=False).images[0], np.int16)
+    for prompt in ("a (red:0) circle on the left", "a (red:0) circle (on the left:0)"):
+        weighted = live_pipe(prompt, steps=3, progress=False, weighting=zero).images[0]
+        if "left:0" in prompt:  # two words at 0: the prompt without either
+            deleted = np.asarray(live_pipe("a circle", steps=3, progress=False).images[0], np.int16)
+        assert np.abs(np.asarray(weighted, np.int16) - deleted).max() <= 1, prompt
     red, blue = (live_pipe(f"a ({c}:0) circle on the left", steps=3, progress=False, weighting=zero).images[0]
                  for c in ("red", "blue"))
     assert np.array_equal(np.asarray(red), np.asarray(blue))

@@ -14,7 +14,7 @@ def test_defaults_load_and_are_valid():
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.model.channels == [32, 64, 128]
-    assert cfg.train.max_steps == 800 and cfg.train.lr == 2e-3
+    assert cfg.train.max_steps == 1600 and cfg.train.batch_size == 32 and cfg.train.lr == 2e-3
     assert cfg.text.pretrained is None
     assert isinstance(cfg.to_dict()["train"]["validation_prompts"], list)
 
@@ -143,7 +143,7 @@ def test_wrong_type_names_the_key(override, key):
     ("train.validation_guidance=.inf", "train.validation_guidance", "finite"),
     ("train.cond_dropout=1.0", "train.cond_dropout", "[0, 1)"),
     ("train.ema_decay=-0.1", "train.ema_decay", "[0, 1)"),
-    ("train.mixed_precision=fp8", "train.mixed_precision", "no, fp16, bf16"),
+    ("train.mixed_precision=fp8", "train.mixed_precision", "auto, no, fp16, bf16"),
     ("train.prediction_type=x0", "train.prediction_type", "epsilon"),
     ("train.beta_schedule=cosine", "train.beta_schedule", "squaredcos_cap_v2"),
     ("data.kind=webdataset", "data.kind", "shapes, imagefolder"),

@@ -102,14 +102,18 @@ def test_the_generators_own_images_pass_almost_every_prompt():
 def test_targets_and_plot_from_a_report():
     rows = [{"word": w, "mode": m, "weight": x, "present": p, "area": 0.1, "mass": 0.05 * x}
             for w in ("colour", "shape") for m in ("attention", "embedding")
-            for x, p in ((0.0, 0.05), (0.5, 0.5), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))]
-    report = {"faithfulness": {"single object": {"score": 0.995, "n": 200}},
-              "localisation": {"dataset": {"shape miou": 0.5}}, "edit_response": rows}
+            for x, p in ((0.0, 0.05 if m == "embedding" else 0.5), (0.5, 0.5), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))]
+    report = {"faithfulness": {"single object": {"score": 0.995, "n": 200}, "counting": {"score": 0.9, "n": 200}},
+              "localisation": {"dataset": {"shape miou": 0.5}}, "edit_response": rows,
+              "samplers": {"reference": {"score": 0.85}, "scores": {"dpm++": {"20": 0.83}}}}
     result = targets(report)
     assert result["faithfulness/single object"]["met"] is True
     assert result["localisation/dataset/shape miou"]["met"] is False
-    assert result["faithfulness/counting"]["met"] is None
-    assert result["edit/colour weight 0 present (at most)"]["met"] is True
+    assert result["faithfulness/counting"]["met"] is True  # exactly at the goal
+    assert result["faithfulness/position"]["met"] is None
+    assert result["edit/colour weight 0 present, embedding mode (at most)"]["met"] is True
+    assert result["edit/colour weight 0 present, attention mode (at most)"]["met"] is False
+    assert result["samplers/dpm++ 20 steps gap to reference (at most)"]["met"] is True  # 0.85 - 0.83 == 0.02
     assert result["edit/attention mode mass monotone in weight"]["met"] is True
     rows[2]["mass"] = 1.0  # attention mode, weight 0.5: now above weight 1
     assert targets(report)["edit/attention mode mass monotone in weight"]["met"] is False
@@ -130,7 +134,9 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
     assert report["localisation"]["dataset"]["shape words"] > 0
     assert len(report["edit_response"]) == 20
     assert set(report["edit_baseline"]) == {"n", "colour", "shape"} and 0 <= report["edit_baseline"]["colour"] <= 1
-    assert report["targets"]["edit/colour weight 0 present (at most)"]["word deleted"] == report["edit_baseline"]["colour"]
+    for mode in ("embedding", "attention"):
+        entry = report["targets"][f"edit/colour weight 0 present, {mode} mode (at most)"]
+        assert entry["word deleted"] == report["edit_baseline"]["colour"]
     assert set(report["samplers"]["scores"]) == {"dpm++", "ddim", "ddpm", "euler"}
     assert set(TARGETS) <= set(report["targets"])
     assert min(report["detector"][k] for k in ("colour", "shape", "size", "position")) >= 0.9

@@ -8,6 +8,7 @@ from diffusion.prompts import (
     PromptSyntaxError,
     WeightedPrompt,
     align_tokens,
+    delete_tokens,
     find_word,
     parse_prompt,
     split_words,
@@ -245,6 +246,17 @@ def test_word_token_weights_apply_to_every_subword_and_pad_short_offsets(tokeniz
     weights = word_token_weights(parsed, unpadded, T)
     n_zebra = len(tokenizer.tokenize("zebra"))
     assert weights.tolist() == [1.0, 1.0] + [2.0] * n_zebra + [1.0] * (T - 2 - n_zebra)
+
+
+def test_delete_tokens_removes_whole_words_and_their_spaces(tokenizer):
+    for prompt, gone, expected in [("a red circle on the left", {"red"}, "a circle on the left"),
+                                   ("a zebra and a red circle", {"zebra", "red"}, "a and a circle"),
+                                   ("a red circle, on the left", {"left"}, "a red circle, on the"),
+                                   ("a red circle", set(), "a red circle")]:
+        offsets = offsets_of(tokenizer, prompt)
+        spans = [(w.start, w.end) for w in split_words(prompt) if w.text in gone]
+        drop = [end > start and any(s <= start and end <= e for s, e in spans) for start, end in offsets.tolist()]
+        assert delete_tokens(prompt, offsets, drop) == expected, prompt
 
 
 # --- alignment ------------------------------------------------------------------------------------
