@@ -43,8 +43,8 @@ from .unet import UNet
 
 
 def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively (CPUs with AVX512-BF16/AMX, or ARM BF16; recent
-    GPUs). Elsewhere bf16 is emulated and slower than float32."""
+    """Whether `device` computes in bf16 natively, as oneDNN reports it for CPUs (AVX512-BF16, AMX)
+    and CUDA for GPUs. Elsewhere bf16 is emulated and usually slower than float32."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
