@@ -77,12 +77,13 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
     (["--guidance", "inf", "a red circle"], ["guidance must be a finite number"]),
     (["--guidance", "nan", "a red circle"], ["guidance must be a finite number"]),
     (["--steps", "0", "a red circle"], ["steps must be a positive whole number, got 0"]),
+    (["--steps", "5000", "a red circle"], ["steps must be between 1 and the model's", "got 5000"]),
     (["-n", "0", "a red circle"], ["images per prompt must be at least 1, got 0"]),
     ([], ["no prompt given"]),
     (["--prompt-file", "/nonexistent/prompts.txt"], ["cannot read --prompt-file"]),
     (["--sampler", "plms", "a red circle"], ["invalid choice: 'plms'"]),
     (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
-], ids=["guidance-inf", "guidance-nan", "steps-0", "n-0", "no-prompt", "missing-prompt-file", "unknown-sampler",
+], ids=["guidance-inf", "guidance-nan", "steps-0", "steps-over-training", "n-0", "no-prompt", "missing-prompt-file", "unknown-sampler",
         "n-not-a-number"])
 def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model, tmp_path, args, fragments):
     out = tmp_path / "grid.png"
