@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
+from diffusion.config import MIXED_PRECISION
 from diffusion.errors import UserError, exit_on_user_error
 
 PARTS = ("faithfulness", "localisation", "edit", "samplers")
@@ -40,6 +41,8 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
+                        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
     args = parser.parse_args(argv)
     one_line_warnings()
     for name in ("n", "n_edit", "n_samplers", "batch_size"):
@@ -57,7 +60,7 @@ def main(argv=None):
     model = Path(args.model)
     out = Path(args.out) if args.out else model.parent / "report.json"
     check_writable(out)
-    pipe = Pipeline.from_pretrained(model, device=args.device)
+    pipe = Pipeline.from_pretrained(model, device=args.device, mixed_precision=args.mixed_precision)
     config_file = model / "config.yaml"
     config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
     data = config.get("data", {})

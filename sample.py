@@ -12,6 +12,7 @@ and settings are stored in every PNG's text metadata.
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
+from diffusion.config import MIXED_PRECISION
 from diffusion.errors import UserError, exit_on_user_error
 
 SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
@@ -75,6 +76,8 @@ def main(argv=None):
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--batch-size", type=int, default=16, help="images denoised together (does not change them)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
+    parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
+                        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
     parser.add_argument("--attention", metavar="OUT_DIR", help="write per-word attention panels and raw maps here")
     parser.add_argument("--weight-mode", default="attention", choices=("attention", "embedding"),
                         help="how (word:w) weights act: scale cross-attention (default) or text embeddings")
@@ -110,7 +113,7 @@ def main(argv=None):
     if maps and args.attention_resolutions:
         from diffusion.pipeline import MapOptions
         maps = MapOptions(resolutions=args.attention_resolutions)
-    pipeline = Pipeline.from_pretrained(args.model, device=args.device)
+    pipeline = Pipeline.from_pretrained(args.model, device=args.device, mixed_precision=args.mixed_precision)
     common = {"model": str(Path(args.model).resolve())}
     if args.edit:
         results = pipeline.swap(prompts[0], args.edit, num_images=args.num_images, seed=args.seed,

@@ -108,9 +108,10 @@ class Config:
         return dataclasses.asdict(self)
 
 
+MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # also sample.py's and evaluate.py's --mixed-precision
 CHOICES = {
     "data.kind": ("shapes", "imagefolder"),
-    "train.mixed_precision": ("auto", "no", "fp16", "bf16"),
+    "train.mixed_precision": MIXED_PRECISION,
     "train.prediction_type": ("epsilon", "v_prediction"),
     "train.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }

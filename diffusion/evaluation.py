@@ -325,8 +325,9 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
         for t in LOCALISATION_TIMESTEPS:
             timesteps = torch.full((len(samples),), t)
             noisy = scheduler.add_noise(x0, noise, timesteps).to(pipe.device, dtype)
-            pipe.unet(noisy, timesteps.to(pipe.device), embeddings.to(pipe.device, dtype),
-                      key_mask.to(pipe.device), attention_controller=recorder)
+            with pipe.autocast():
+                pipe.unet(noisy, timesteps.to(pipe.device), embeddings.to(pipe.device, dtype),
+                          key_mask.to(pipe.device), attention_controller=recorder)
         token_maps = recorder.token_maps().cpu()
         offsets = pipe.text_encoder.tokenize(captions)["offsets"]
         for sample, maps, offs in zip(samples, token_maps, offsets):
@@ -422,7 +423,8 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     holdout = list(holdout or [])
     resolution = pipe.unet.config.sample_size
     started = time.time()
-    report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout, "guidance": guidance}
+    report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout, "guidance": guidance,
+              "mixed_precision": pipe.mixed_precision}
     report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
     examples = []
     cases = {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES}
@@ -503,7 +505,8 @@ def _fmt(value) -> str:
 
 def format_report(report: dict) -> str:
     lines = [f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
-             f"guidance {report.get('guidance', 3.0):g}, DPM-Solver++ 20 steps, {report.get('seconds', 0):.0f} s", ""]
+             f"guidance {report.get('guidance', 3.0):g}, DPM-Solver++ 20 steps, "
+             f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s", ""]
     lines.append("detector accuracy on generator images: " +
                  ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n"))
     if "faithfulness" in report:

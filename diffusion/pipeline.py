@@ -31,6 +31,7 @@ from .attention import AttentionController
 from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
 from .errors import UserError
 from .images import to_pil
+from .precision import autocast, resolve_mixed_precision
 from .prompts import (WeightedPrompt, align_tokens, delete_tokens, parse_prompt, split_words, token_word_index,
                       word_token_weights)
 from .text_encoder import TextEncoder
@@ -142,17 +143,20 @@ class Weighting:
 
 class Pipeline:
     def __init__(self, unet: UNet, text_encoder: TextEncoder, scheduler_config: dict,
-                 device: torch.device | str | None = None):
+                 device: torch.device | str | None = None, mixed_precision: str = "auto"):
         """unet: the denoiser; text_encoder: the frozen CLIP text encoder; scheduler_config: the
-        training noise schedule (a DDPMScheduler config dict)."""
+        training noise schedule (a DDPMScheduler config dict); mixed_precision: autocast of the
+        UNet (auto, no, fp16, bf16; auto: bf16 where the device does it natively, as in training)."""
         self.device = torch.device(device) if device is not None else default_device()
+        self.mixed_precision = resolve_mixed_precision(mixed_precision, self.device)
         self.unet = unet.to(self.device).eval()
         self.text_encoder = text_encoder.to(self.device)
         self.scheduler_config = dict(scheduler_config)
 
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None) -> "Pipeline":
+    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None,
+                        mixed_precision: str = "auto") -> "Pipeline":
         path = Path(path)
         if not path.is_dir():
             raise UserError(f"model folder '{path}' not found; pass the folder train.py exported (e.g. runs/shapes/model)")
@@ -182,7 +186,7 @@ class Pipeline:
         options = index.get("text_encoder_options", {})
         text_encoder = TextEncoder.from_pretrained(str(path), **options)
         scheduler_config = DDPMScheduler.load_config(path / "scheduler")
-        return cls(unet, text_encoder, scheduler_config, device)
+        return cls(unet, text_encoder, scheduler_config, device, mixed_precision)
 
     def save_pretrained(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
         """Write the pipeline folder atomically: a temporary folder is filled, then swapped in,
@@ -217,6 +221,10 @@ class Pipeline:
         shutil.rmtree(old, ignore_errors=True)
 
     # ---- sampling -----------------------------------------------------------------------
+    def autocast(self):
+        """The autocast context every UNet call of this pipeline runs in (see `mixed_precision`)."""
+        return autocast(self.device, self.mixed_precision)
+
     @torch.no_grad()
     def denoise(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0,
                 sampler: str = "dpm++", negative_prompt: str | None = None,
@@ -255,8 +263,9 @@ class Pipeline:
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
             model_input = torch.cat([x, x]) if use_guidance else x
             model_input = scheduler.scale_model_input(model_input, t).to(dtype)
-            prediction = self.unet(model_input, t, embeddings, key_mask, attention_controller=attention_controller,
-                                   step=i, num_steps=steps, conditional=conditional).float()
+            with self.autocast():
+                prediction = self.unet(model_input, t, embeddings, key_mask, attention_controller=attention_controller,
+                                       step=i, num_steps=steps, conditional=conditional).float()
             if use_guidance:
                 unconditional, conditional_prediction = prediction.chunk(2)
                 prediction = unconditional + guidance * (conditional_prediction - unconditional)
@@ -368,7 +377,8 @@ class Pipeline:
                                                weighting, attention_controller, progress=progress)
             images.extend(to_pil(x))
             word_maps.extend(batch_maps or [])
-        settings = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode}
+        settings = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode,
+                    "mixed_precision": self.mixed_precision}
         return PipelineOutput(images, [prompts[k] for k, _ in jobs], [s for _, s in jobs], settings,
                               word_maps if maps is not None else None)
 

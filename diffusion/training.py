@@ -38,28 +38,9 @@ from .errors import UserError
 from .grounding import GroundingLoss, grounding_targets
 from .images import labelled_grid, save_png
 from .pipeline import Pipeline
+from .precision import resolve_mixed_precision
 from .text_encoder import EmbeddingCache, TextEncoder, fit_tokenizer, train_clip
 from .unet import UNet
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether `device` computes in bf16 natively, as oneDNN reports it for CPUs (AVX512-BF16, AMX)
-    and CUDA for GPUs. Elsewhere bf16 is emulated and usually slower than float32."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """train.mixed_precision "auto": bf16 autocast where the device does bf16 natively, else float32."""
-    if setting != "auto":
-        return setting
-    return "bf16" if native_bf16(device) else "no"
 
 
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
@@ -200,7 +181,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     def ema_pipeline() -> Pipeline:
         ema.store(model.parameters())
         ema.copy_to(model.parameters())
-        return Pipeline(model, encoder, noise_scheduler.config, device)
+        return Pipeline(model, encoder, noise_scheduler.config, device, mixed_precision=accelerator.mixed_precision)
 
     def validate(step: int) -> None:
         if main:

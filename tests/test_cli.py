@@ -126,7 +126,7 @@ def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_
     out = tmp_path / "new" / "grid.png"  # the folder is created
     prompts = ["a red circle on the left", "a blue square"]
     result = run_cli("sample.py", "--model", tiny_model, *prompts, "-n", "2", "--seed", "5", "--steps", "3",
-                     "--sampler", "ddim", "--guidance", "2.5", "--out", out)
+                     "--sampler", "ddim", "--guidance", "2.5", "--mixed-precision", "no", "--out", out)
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "error:" not in result.stderr
     assert f"wrote {out} and 4 images beside it" in result.stdout
@@ -137,7 +137,7 @@ def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_
         assert grid.text["seed"] == "5" and grid.text["sampler"] == "ddim"
         assert grid.width > 2 * 16 and grid.height > 2 * 16
 
-    expected = Pipeline.from_pretrained(tiny_model, device="cpu")(
+    expected = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")(
         prompts, num_images_per_prompt=2, seed=5, steps=3, guidance=2.5, sampler="ddim", progress=False)
     for i, (prompt, seed) in enumerate([(prompts[0], 5), (prompts[0], 6), (prompts[1], 5), (prompts[1], 6)]):
         with Image.open(out.with_name(f"grid-{i:03d}.png")) as image:
@@ -146,6 +146,7 @@ def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_
             assert image.text["seed"] == str(seed)
             assert image.text["sampler"] == "ddim"
             assert image.text["steps"] == "3" and image.text["guidance"] == "2.5"
+            assert image.text["mixed_precision"] == "no"
             assert image.text["model"] == str(tiny_model.resolve())
             # the file holds the image the pipeline makes for this prompt and seed
             written, made = np.asarray(image.convert("RGB")).astype(int), np.asarray(expected.images[i]).astype(int)

@@ -147,11 +147,11 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "report.json"
     result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
-                     "--parts", "faithfulness,edit", "--guidance", 5, "--out", out)
+                     "--parts", "faithfulness,edit", "--guidance", 5, "--mixed-precision", "no", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "faithfulness" in report and "edit_response" in report and "samplers" not in report
-    assert report["guidance"] == 5
+    assert report["guidance"] == 5 and report["mixed_precision"] == "no"
     assert (tmp_path / "report-examples.png").is_file() and (tmp_path / "report-edit.png").is_file()
     assert "single object" in result.stdout
 
@@ -161,6 +161,7 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     (["--parts", "speed"], "unknown part"),
     (["--seed", "0"], "training data seed"),
     (["--guidance", "-1"], "--guidance must be a finite number"),
+    (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
 ])
 def test_evaluate_cli_bad_input_is_one_line(tiny_model, run_cli, args, message):
     result = run_cli("evaluate.py", "--model", tiny_model, *args)

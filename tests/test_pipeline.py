@@ -69,7 +69,9 @@ def test_ddim_and_euler_take_the_same_ode_step(steps):
     two samplers must give the same images. Clipping DDIM's x0 estimate to [-1, 1] at every step
     (diffusers' clip_sample, on in the training scheduler's config) breaks this: with guidance the
     x0 estimate overshoots, and clipped it dragged faithfulness at 50 steps from 0.80 to 0.23."""
-    small = Pipeline.from_pretrained(Path(__file__).parent / "assets" / "small-shapes", device="cpu")
+    # float32: the two differ only by rounding, which bf16 autocast would raise to 0.02
+    small = Pipeline.from_pretrained(Path(__file__).parent / "assets" / "small-shapes", device="cpu",
+                                     mixed_precision="no")
     prompts, seeds = ["a red circle", "a blue square", "a green cross", "a yellow triangle"], [0, 1, 2, 3]
     ddim = small.denoise(prompts, seeds, steps=steps, sampler="ddim")
     euler = small.denoise(prompts, seeds, steps=steps, sampler="euler")
@@ -265,3 +267,18 @@ def test_missing_text_encoder_weights(model_copy):
         weights.unlink()
     with pytest.raises(UserError):
         Pipeline.from_pretrained(model_copy)
+
+
+def test_bf16_autocast_changes_images_only_by_rounding(tiny_model):
+    exact = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")
+    bf16 = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="bf16")
+    assert (exact.mixed_precision, bf16.mixed_precision) == ("no", "bf16")
+    a = exact.denoise(PROMPTS, [0, 1], steps=5)
+    b = bf16.denoise(PROMPTS, [0, 1], steps=5)
+    assert not torch.equal(a, b)  # the UNet really ran in bf16
+    assert (a - b).abs().mean() < 0.02  # about 2 grey levels of 255
+
+
+def test_unknown_mixed_precision_is_a_user_error(tiny_model):
+    with pytest.raises(UserError, match="auto, no, fp16, bf16"):
+        Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="fp8")

@@ -210,15 +210,3 @@ def test_save_checkpoint_replaces_and_prune_keeps_the_newest(tiny_run, tmp_path)
     ckpt.prune_checkpoints(folder, 2)
     assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-000010", "step-000020"]
     assert (folder / "step-000030.tmp").is_dir()
-
-
-def test_auto_mixed_precision_is_bf16_only_where_it_is_native(monkeypatch):
-    import diffusion.training as training
-
-    cpu = torch.device("cpu")
-    for native, expected in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(training, "native_bf16", lambda device: native)
-        assert training.resolve_mixed_precision("auto", cpu) == expected
-    for setting in ("no", "bf16", "fp16"):  # an explicit setting is kept as it is
-        assert training.resolve_mixed_precision(setting, cpu) == setting
-    assert training.native_bf16(torch.device("meta")) is False
