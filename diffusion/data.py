@@ -302,18 +302,25 @@ def sample_scene(
     max_objects: int,
     holdout: set[tuple[str, str]] | None,
     holdout_mode: str,
+    object_weights: list[float] | None = None,
 ) -> Scene:
     """Draw a random scene and its caption.
 
     rng: the only source of randomness, so the scene is a function of its state.
     resolution: side of the image the scene will be rendered at, in pixels.
-    min_objects, max_objects: the number of objects is uniform in [min_objects, max_objects].
+    min_objects, max_objects: the number of objects is in [min_objects, max_objects].
     holdout: (colour, shape) pairs kept apart for testing compositional generalisation.
     holdout_mode: "exclude" (no object is a held-out pair), "only" (at least one object is a
         held-out pair) or "any" (holdout is ignored).
+    object_weights: relative frequencies of 1, 2, 3 and 4 objects, of which only the counts in
+        [min_objects, max_objects] are drawn (None: uniform in that range).
     """
     allowed, forced = _candidate_pairs(holdout or set(), holdout_mode)
-    count = int(rng.integers(min_objects, max_objects + 1))
+    if object_weights is None:
+        count = int(rng.integers(min_objects, max_objects + 1))
+    else:
+        p = np.asarray(object_weights[min_objects - 1:max_objects], dtype=float)
+        count = min_objects + int(rng.choice(len(p), p=p / p.sum()))
     pairs = [allowed[k] for k in rng.integers(len(allowed), size=count)]
     if forced:
         pairs[rng.integers(count)] = forced[rng.integers(len(forced))]
@@ -416,10 +423,14 @@ class ShapesDataset(Dataset):
         seed: int = 0,
         holdout=(),
         holdout_mode: str = "exclude",
+        object_weights: list[float] | None = None,
     ):
         """resolution: image side in pixels (>= 16).
         num_samples: number of distinct samples (the dataset's length).
         min_objects, max_objects: range of objects per scene, 1 <= min <= max <= 4.
+        object_weights: relative frequencies of scenes with 1, 2, 3 and 4 objects (four
+            non-negative weights; counts outside [min_objects, max_objects] are never drawn).
+            None: uniform in [min_objects, max_objects].
         seed: selects the whole dataset; two seeds give different samples.
         holdout: iterable of "colour shape" strings, e.g. ["red square"].
         holdout_mode: "exclude", "only" or "any"; see `sample_scene`.
@@ -429,6 +440,13 @@ class ShapesDataset(Dataset):
         _check_int("data.min_objects", min_objects, 1, 4)
         _check_int("data.max_objects", max_objects, min_objects, 4)
         _check_int("data.seed", seed, 0)
+        if object_weights is not None and (
+                len(object_weights) != 4 or min(object_weights) < 0
+                or sum(object_weights[min_objects - 1:max_objects]) <= 0):
+            raise UserError(f"data.object_weights must be 4 non-negative weights (of 1, 2, 3, 4 objects), with a "
+                            f"positive weight between data.min_objects={min_objects} and data.max_objects="
+                            f"{max_objects}; got {list(object_weights)}")
+        self.object_weights = None if object_weights is None else list(object_weights)
         self.resolution = resolution
         self.num_samples = num_samples
         self.min_objects = min_objects
@@ -448,7 +466,7 @@ class ShapesDataset(Dataset):
         rng = np.random.default_rng([self.seed, i])
         return sample_scene(
             rng, self.resolution, self.min_objects, self.max_objects, self.holdout,
-            self.holdout_mode,
+            self.holdout_mode, self.object_weights,
         )
 
     def sample(self, i: int) -> ShapesSample:
@@ -666,7 +684,7 @@ class ImageFolderDataset(Dataset):
 def build_dataset(data_config) -> Dataset:
     """The dataset described by `data_config`, the config's `data` section: any object with
     attributes kind ("shapes" or "imagefolder"), resolution, num_samples, min_objects,
-    max_objects, seed, holdout (list of "colour shape"), path, center_crop, random_flip, skip_bad.
+    max_objects, object_weights, seed, holdout (list of "colour shape"), path, center_crop, random_flip, skip_bad.
     Shapes training data always excludes the holdout pairs."""
     kind = data_config.kind
     if kind == "shapes":
@@ -677,6 +695,7 @@ def build_dataset(data_config) -> Dataset:
             max_objects=data_config.max_objects,
             seed=data_config.seed,
             holdout=data_config.holdout,
+            object_weights=data_config.object_weights,
         )
     if kind == "imagefolder":
         if data_config.path is None:

@@ -335,11 +335,27 @@ def test_impossible_holdout_modes_raise_user_error():
     [({"resolution": 8}, "data.resolution"), ({"num_samples": 0}, "data.num_samples"),
      ({"min_objects": 0}, "data.min_objects"), ({"max_objects": 5}, "data.max_objects"),
      ({"min_objects": 3, "max_objects": 2}, "data.max_objects"),
-     ({"resolution": 32.0}, "data.resolution")],
+     ({"resolution": 32.0}, "data.resolution"),
+     ({"max_objects": 4, "object_weights": [1, 2]}, "data.object_weights"),
+     ({"max_objects": 2, "object_weights": [1, -1, 1, 1]}, "data.object_weights"),
+     ({"max_objects": 2, "object_weights": [0, 0, 1, 1]}, "data.object_weights")],
 )
 def test_bad_shapes_arguments_name_the_config_key(kwargs, key):
     with pytest.raises(UserError, match=re.escape(key)):
         ShapesDataset(**kwargs)
+
+
+def test_object_weights_set_how_often_each_count_is_drawn():
+    def counts(**kwargs):
+        dataset = ShapesDataset(num_samples=800, seed=3, **kwargs)
+        return np.bincount([len(dataset.scene(i).objects) for i in range(len(dataset))], minlength=5)
+
+    assert counts(min_objects=1, max_objects=4, object_weights=[0, 0, 1, 0])[3] == 800
+    # weights need not sum to 1, and counts outside [min_objects, max_objects] are never drawn
+    mixed = counts(min_objects=2, max_objects=3, object_weights=[5, 1, 3, 5])
+    assert mixed[2] + mixed[3] == 800 and 150 < mixed[2] < 250  # a quarter has 2 objects (expected 200)
+    uniform = counts(min_objects=1, max_objects=4)
+    assert all(150 < c < 250 for c in uniform[1:])
 
 
 def test_four_objects_fit_at_32_px_and_never_touch():
@@ -503,7 +519,7 @@ def test_unusable_folders_raise_user_error(tmp_path):
 
 def data_config(**overrides):
     values = dict(kind="shapes", resolution=32, num_samples=10, min_objects=1, max_objects=2,
-                  seed=0, holdout=["red square"], path=None, center_crop=True,
+                  object_weights=[1, 3, 0, 0], seed=0, holdout=["red square"], path=None, center_crop=True,
                   random_flip=False, skip_bad=False)
     return SimpleNamespace(**{**values, **overrides})
 
@@ -512,6 +528,7 @@ def test_build_dataset(tmp_path):
     shapes = build_dataset(data_config())
     assert isinstance(shapes, ShapesDataset) and len(shapes) == 10
     assert shapes.holdout == {("red", "square")} and shapes.holdout_mode == "exclude"
+    assert shapes.object_weights == [1, 3, 0, 0]
 
     write_png(tmp_path / "a.png")
     (tmp_path / "a.txt").write_text("a caption")
