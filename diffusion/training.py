@@ -14,6 +14,7 @@ precision, gradient accumulation and several processes (`accelerate launch` / `t
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import math
 import os
@@ -56,10 +57,21 @@ def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
     )
 
 
-def prepare_text_encoder(cfg: Config, output_dir: Path, images: torch.Tensor, captions: list[str],
-                         accelerator: Accelerator) -> TextEncoder:
-    """Load the pretrained CLIP named by text.pretrained, or train the small one (once: a
-    finished `output_dir/clip` is reused on resume)."""
+def clip_training_data(cfg: Config, images: torch.Tensor, captions: list[str], main: bool):
+    """Images and captions for the small CLIP: the training set, except that a shapes set with
+    `data.object_weights` is drawn again with every object count equally likely, so the CLIP
+    learns long captions as well as short ones. Measured: a CLIP trained on the 3 : 4 : 2 : 1.5
+    mix took three-object prompts from 1.00 to 0.65 and counting from 0.92 to 0.79 (n = 200 and
+    100 against a CLIP of the uniform mix, same UNet stage)."""
+    if cfg.data.kind != "shapes" or cfg.data.object_weights is None:
+        return images, captions
+    uniform = build_dataset(dataclasses.replace(cfg.data, object_weights=None))
+    return uniform.render_all(progress=main)
+
+
+def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: Accelerator) -> TextEncoder:
+    """Load the pretrained CLIP named by text.pretrained, or train the small one on
+    `clip_data()` (images, captions), once: a finished `output_dir/clip` is reused on resume."""
     options = {"hidden_layer": cfg.text.hidden_layer, "mask_eos": cfg.text.mask_eos,
                "concat_token_embeddings": cfg.text.concat_token_embeddings}
     if cfg.text.pretrained:
@@ -67,6 +79,7 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, images: torch.Tensor, ca
     clip_dir = output_dir / "clip"
     if accelerator.is_main_process and not (clip_dir / "text_encoder").is_dir():
         start = time.time()
+        images, captions = clip_data()
         tokenizer = fit_tokenizer(captions + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length)
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
@@ -117,7 +130,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     # ---- data and text embeddings (computed once per distinct caption) ---------------------
     dataset = build_dataset(cfg.data)
     images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
-    encoder = prepare_text_encoder(cfg, output_dir, images, captions, accelerator)
+    encoder = prepare_text_encoder(cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main),
+                                   accelerator)
     encoder.to(accelerator.device)
     distinct = sorted(set(captions))
     row_of = {caption: i for i, caption in enumerate(distinct)}

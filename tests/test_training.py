@@ -210,3 +210,23 @@ def test_save_checkpoint_replaces_and_prune_keeps_the_newest(tiny_run, tmp_path)
     ckpt.prune_checkpoints(folder, 2)
     assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-000010", "step-000020"]
     assert (folder / "step-000030.tmp").is_dir()
+
+
+def test_the_small_clip_learns_from_every_object_count_equally():
+    """With data.object_weights the UNet sees the weighted mix, but the CLIP trains on the same
+    seed's uniform mix (on the weighted one it encoded long captions worse: three objects 0.65)."""
+    from diffusion.config import load_config
+    from diffusion.data import build_dataset
+    from diffusion.training import clip_training_data
+
+    cfg = load_config(None, ["data.num_samples=400", "data.object_weights=[1,0,0,0]"])
+    dataset = build_dataset(cfg.data)
+    images, captions = dataset.render_all(progress=False)
+    assert all(len(dataset.scene(i).objects) == 1 for i in range(len(dataset)))
+    clip_images, clip_captions = clip_training_data(cfg, images, captions, main=False)
+    uniform = build_dataset(load_config(None, ["data.num_samples=400", "data.object_weights=null"]).data)
+    assert clip_captions == [uniform.scene(i).caption for i in range(len(uniform))]
+    assert clip_images.shape == images.shape and not torch.equal(clip_images, images)
+    plain = load_config(None, ["data.num_samples=400", "data.object_weights=null"])
+    same_images, same_captions = clip_training_data(plain, images, captions, main=False)
+    assert same_images is images and same_captions is captions
