@@ -112,6 +112,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             if saved.get(section) != cfg.to_dict()[section]:
                 raise UserError(f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
                                 "the config it was saved with (its state.json holds it)")
+    dataset = build_dataset(cfg.data)  # checks the data settings before anything is written
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -128,7 +129,6 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
 
     # ---- data and text embeddings (computed once per distinct caption) ---------------------
-    dataset = build_dataset(cfg.data)
     images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
     encoder = prepare_text_encoder(cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main),
                                    accelerator)

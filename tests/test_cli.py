@@ -47,8 +47,10 @@ def broken_models(tiny_model, tmp_path_factory):
     (["model.attention_resolutions=[5]"], ["model.attention_resolutions has 5"]),
     (["train.max_steps"], ["must look like key=value"]),
     (["--bogus"], ["unrecognized arguments: --bogus"]),
+    (["data.max_objects=7"], ["data.max_objects must be an integer between 1 and 4"]),
+    (["data.object_weights=[1,2]"], ["data.object_weights must be 4 non-negative weights"]),
 ], ids=["missing-config", "unknown-key", "negative-steps", "zero-batch", "infinite-lr", "attention-not-a-level",
-        "override-without-value", "unknown-option"])
+        "override-without-value", "unknown-option", "too-many-objects", "object-weights-length"])
 def test_train_rejects_bad_arguments_in_one_line(run_cli, tmp_path, args, fragments):
     result = run_cli("train.py", "--output-dir", tmp_path / "out", *args)
     assert_one_line_error(result, *fragments)
