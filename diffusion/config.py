@@ -56,7 +56,7 @@ class DataConfig:
     num_samples: int = 20000
     min_objects: int = 1
     max_objects: int = 4
-    object_weights: list[float] | None = field(default_factory=lambda: [3.0, 4.0, 2.0, 1.5])
+    object_weights: list[float] | None = field(default_factory=lambda: [2.0, 5.0, 2.0, 1.0])
     seed: int = 0
     holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])
     center_crop: bool = True

@@ -257,13 +257,15 @@ def passes(case: Case, detections: list[Detection]) -> bool:
 # ---- sampling -------------------------------------------------------------------------------
 
 def _sample(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False, sampler: str = "dpm++",
-            steps: int = 20, guidance: float = 3.0, progress=None, weighting=None):
+            steps: int = 20, guidance: float = 3.0, progress=None, weighting=None, negative_prompts=None):
     """Images (uint8 arrays) for `prompts` (weighting syntax allowed), prompt k with noise seed
-    `seed + k`; with `maps`, also (T, R, R) token maps and (T, 2) offsets per image."""
+    `seed + k` (and negative prompt k, if given); with `maps`, also (T, R, R) token maps and
+    (T, 2) offsets per image."""
     images, token_maps, offsets = [], [], []
-    settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": None}
     for start in range(0, len(prompts), batch_size):
         parsed = [parse_prompt(p) for p in prompts[start:start + batch_size]]
+        negatives = None if negative_prompts is None else list(negative_prompts[start:start + batch_size])
+        settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negatives}
         seeds = [seed + start + k for k in range(len(parsed))]
         recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
         x, _ = pipe.sample_batch(parsed, seeds, settings, None, weighting or Weighting(), recorder)
@@ -300,6 +302,12 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
                         localisation.add("colour", span_map(maps, offs, case.scene.colour_spans[k]), det.mask)
                         localisation.add("shape", span_map(maps, offs, case.scene.shape_spans[k]), det.mask)
         scores[category] = {"score": float(np.mean(results)), "n": len(results)}
+        if category == "counting":  # which counts fail
+            by_count = {}
+            for case, ok in zip(cases, results):
+                by_count.setdefault(len(case.scene.objects), []).append(ok)
+            scores[category]["by_count"] = {str(k): {"score": float(np.mean(v)), "n": len(v)}
+                                            for k, v in sorted(by_count.items())}
         examples += [(Image.fromarray(image), f"{'ok' if ok else 'MISS'}: {case.prompt}")
                      for case, image, ok in list(zip(cases, images, results))[:4]]
     return scores, localisation.summary(), examples
@@ -389,15 +397,18 @@ def edit_baseline(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
                   guidance: float = 3.0) -> dict:
     """How often the edit prompts' colour (shape) is present when the word is deleted from the
     prompt: the model's own prior for it, the floor a weight of 0 reaches by removing the word.
-    Same prompts and noise as `edit_response`."""
+    And, under "negative", when the deleted word is also the negative prompt, which guidance
+    pushes away from. Same prompts and noise as `edit_response`."""
     prompts = edit_prompts(n, seed, holdout)
-    out = {"n": n}
+    out = {"n": n, "negative": {}}
     for word in ("colour", "shape"):  # also the names of a Detection's attributes
         named = [colour if word == "colour" else shape for colour, shape, _ in prompts]
         texts = [text.replace(f" {target}", "", 1) for target, (_, _, text) in zip(named, prompts)]
-        images, _, _ = _sample(pipe, texts, seed, batch_size, progress=progress, guidance=guidance)
-        out[word] = float(np.mean([any(getattr(d, word) == target for d in detect(image))
-                                   for target, image in zip(named, images)]))
+        for negatives, where in ((None, out), (named, out["negative"])):
+            images, _, _ = _sample(pipe, texts, seed, batch_size, progress=progress, guidance=guidance,
+                                   negative_prompts=negatives)
+            where[word] = float(np.mean([any(getattr(d, word) == target for d in detect(image))
+                                         for target, image in zip(named, images)]))
     return out
 
 
@@ -432,7 +443,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     if "faithfulness" in parts:
         total += sum(len(c) for c in cases.values())
     if "edit" in parts:
-        total += n_edit * (len(EDIT_WEIGHTS) * 4 - 3 + 2)
+        total += n_edit * (len(EDIT_WEIGHTS) * 4 - 3 + 4)  # weight 1 sampled once; deleted and negative, per word
     sweep_cases = []
     if "samplers" in parts:
         half = n_samplers // 2
@@ -481,6 +492,8 @@ def targets(report: dict) -> dict:
             out[key] = {"value": zero[0], "target": 0.10, "met": zero[0] <= 0.10 + eps}
             if "edit_baseline" in report:  # the word deleted: the model's own rate for that colour
                 out[key]["word deleted"] = report["edit_baseline"]["colour"]
+                if "negative" in report["edit_baseline"]:
+                    out[key]["word deleted, as negative prompt"] = report["edit_baseline"]["negative"]["colour"]
     if rows:
         attention = sorted((r["weight"], r["mass"]) for r in rows if r["mode"] == "attention")
         monotone = all(a[1] <= b[1] for a, b in zip(attention, attention[1:]))
@@ -513,6 +526,8 @@ def format_report(report: dict) -> str:
         lines += ["", f"{'faithfulness':<20} {'score':>6} {'n':>5}"]
         for category, value in report["faithfulness"].items():
             lines.append(f"{category:<20} {_fmt(value and value['score']):>6} {value['n'] if value else 0:>5}")
+            for count, part in ((value or {}).get("by_count") or {}).items():
+                lines.append(f"  {count} object(s){'':<8} {part['score']:>6.3f} {part['n']:>5}")
     for where, values in report.get("localisation", {}).items():
         lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
     if "edit_response" in report:
@@ -524,6 +539,9 @@ def format_report(report: dict) -> str:
         base = report["edit_baseline"]
         lines.append(f"word deleted from the prompt: colour present {base['colour']:.3f}, shape present "
                      f"{base['shape']:.3f} (the model's prior; weight 0 removing the word lands here)")
+        if "negative" in base:
+            lines.append(f"word deleted and given as the negative prompt: colour present {base['negative']['colour']:.3f}, "
+                         f"shape present {base['negative']['shape']:.3f}")
     if "samplers" in report:
         sweep = report["samplers"]
         lines += ["", f"samplers (n={sweep['n']}; reference {sweep['reference']['sampler']} "

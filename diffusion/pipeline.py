@@ -227,12 +227,14 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0,
-                sampler: str = "dpm++", negative_prompt: str | None = None,
+                sampler: str = "dpm++", negative_prompt: str | list[str] | None = None,
                 attention_controller: AttentionController | None = None,
                 embedding_weights: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Sample one image per (prompt, seed) pair in one batch. Returns (B, 3, R, R) in [-1, 1].
 
         prompts: plain prompts (no weighting syntax); seeds: one noise seed per prompt;
+        negative_prompt: replaces the empty prompt of the unconditional half, one for all or a
+        list with one per prompt;
         attention_controller: sees every cross-attention call (`site.conditional` marks the
         conditional rows); embedding_weights: (B, T) per-token weights applied to the text
         embeddings (see `_weight_embeddings`; None: no weighting).
@@ -253,7 +255,10 @@ class Pipeline:
         use_guidance = guidance != 1.0
         conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
         if use_guidance:  # unconditional half first, conditional second
-            negative, negative_mask = self.text_encoder.encode([negative_prompt or ""] * B)
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * B
+            if len(negatives) != B:
+                raise ValueError(f"{len(negatives)} negative prompts for {B} prompts")
+            negative, negative_mask = self.text_encoder.encode(negatives)
             embeddings = torch.cat([negative, embeddings])
             key_mask = torch.cat([negative_mask, key_mask])
         dtype = next(self.unet.parameters()).dtype

@@ -129,14 +129,19 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
     assert set(report["faithfulness"]) == set(CATEGORIES)
     for value in report["faithfulness"].values():
         assert value["n"] == 2 and 0 <= value["score"] <= 1
+    by_count = report["faithfulness"]["counting"]["by_count"]  # the counting score split by count
+    assert set(by_count) <= {"1", "2", "3", "4"} and sum(v["n"] for v in by_count.values()) == 2
+    assert sum(v["score"] * v["n"] for v in by_count.values()) == pytest.approx(2 * report["faithfulness"]["counting"]["score"])
     assert set(report["localisation"]) == {"generated", "dataset"}
     assert {"shape miou", "shape pointing", "colour miou", "colour pointing"} <= set(report["localisation"]["dataset"])
     assert report["localisation"]["dataset"]["shape words"] > 0
     assert len(report["edit_response"]) == 20
-    assert set(report["edit_baseline"]) == {"n", "colour", "shape"} and 0 <= report["edit_baseline"]["colour"] <= 1
+    assert set(report["edit_baseline"]) == {"n", "colour", "shape", "negative"} and 0 <= report["edit_baseline"]["colour"] <= 1
+    assert set(report["edit_baseline"]["negative"]) == {"colour", "shape"}
     for mode in ("embedding", "attention"):
         entry = report["targets"][f"edit/colour weight 0 present, {mode} mode (at most)"]
         assert entry["word deleted"] == report["edit_baseline"]["colour"]
+        assert entry["word deleted, as negative prompt"] == report["edit_baseline"]["negative"]["colour"]
     assert set(report["samplers"]["scores"]) == {"dpm++", "ddim", "ddpm", "euler"}
     assert set(TARGETS) <= set(report["targets"])
     assert min(report["detector"][k] for k in ("colour", "shape", "size", "position")) >= 0.9

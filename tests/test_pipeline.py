@@ -156,6 +156,17 @@ def test_negative_prompt_changes_the_output(pipe):
     assert out.settings["negative_prompt"] == "a blue square"
 
 
+def test_one_negative_prompt_per_prompt(pipe):
+    """A list gives each prompt its own negative prompt: the same images as sampling each prompt
+    alone with its negative."""
+    both = pipe.denoise(PROMPTS, [0, 1], steps=3, negative_prompt=["a blue square", ""])
+    first = pipe.denoise(PROMPTS[:1], [0], steps=3, negative_prompt="a blue square")
+    second = pipe.denoise(PROMPTS[1:], [1], steps=3)
+    assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
+    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+        pipe.denoise(PROMPTS, [0, 1], steps=1, negative_prompt=["a blue square"])
+
+
 def test_the_controller_sees_every_sampling_step(pipe):
     class Steps(AttentionController):
         def __init__(self):
