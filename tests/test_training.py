@@ -214,7 +214,7 @@ def test_save_checkpoint_replaces_and_prune_keeps_the_newest(tiny_run, tmp_path)
 
 def test_the_small_clip_learns_from_every_object_count_equally():
     """With data.object_weights the UNet sees the weighted mix, but the CLIP trains on the same
-    seed's uniform mix (on the weighted one it encoded long captions worse: three objects 0.65)."""
+    seed's uniform mix (see `clip_training_data` for why)."""
     from diffusion.config import load_config
     from diffusion.data import build_dataset
     from diffusion.training import clip_training_data
