@@ -80,6 +80,8 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.5
     grounding_weight: float = 0.05
     grounding_pixel_weight: float = 0.05
     grounding_resolutions: list[int] | None = None
@@ -123,9 +125,9 @@ POSITIVE = {
     "train.num_train_timesteps", "train.checkpoint_every", "train.keep_checkpoints",
     "train.validate_every", "train.log_every", "train.validation_steps",
 }
-NON_NEGATIVE = {"train.grounding_weight", "train.grounding_pixel_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+NON_NEGATIVE = {"train.timestep_bias_multiplier", "train.grounding_weight", "train.grounding_pixel_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "train.snr_gamma", "model.dropout", "train.validation_guidance"}
-FRACTIONS = {"train.cond_dropout", "train.ema_decay", "model.dropout"}
+FRACTIONS = {"train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
 
 
 def _type_name(annotation) -> str:

@@ -99,6 +99,18 @@ def validation_grid(pipeline: Pipeline, cfg: Config, path: Path, step: int) -> N
     save_png(grid, path, {"step": step, "seed": cfg.train.validation_seed, **out.settings})
 
 
+def sample_timesteps(train_cfg, batch_size: int, device) -> torch.Tensor:
+    """Training timesteps of one batch: uniform over the noise levels, or, with
+    `timestep_bias_multiplier` != 1, the noisiest `timestep_bias_portion` of them drawn that many
+    times as often (diffusers' "later" timestep bias; layout and binding are decided there)."""
+    T = train_cfg.num_train_timesteps
+    if train_cfg.timestep_bias_multiplier == 1 or train_cfg.timestep_bias_portion == 0:
+        return torch.randint(0, T, (batch_size,), device=device)
+    weights = torch.ones(T)
+    weights[T - max(1, round(T * train_cfg.timestep_bias_portion)):] *= train_cfg.timestep_bias_multiplier
+    return torch.multinomial(weights, batch_size, replacement=True).to(device)
+
+
 def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Path:
     """Train per `cfg` into `output_dir`; returns the exported model folder."""
     output_dir = Path(output_dir)
@@ -225,7 +237,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             key_mask = torch.where(dropped[:, None], empty_mask, key_mask)
 
             noise = torch.randn_like(x0)
-            timesteps = torch.randint(0, cfg.train.num_train_timesteps, (B,), device=device)
+            timesteps = sample_timesteps(cfg.train, B, device)
             noisy = noise_scheduler.add_noise(x0, noise, timesteps)
             target = noise if cfg.train.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
             if grounding is not None:

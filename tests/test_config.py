@@ -143,6 +143,8 @@ def test_wrong_type_names_the_key(override, key):
     ("train.validation_guidance=.inf", "train.validation_guidance", "finite"),
     ("train.cond_dropout=1.0", "train.cond_dropout", "[0, 1)"),
     ("train.ema_decay=-0.1", "train.ema_decay", "[0, 1)"),
+    ("train.timestep_bias_portion=1.5", "train.timestep_bias_portion", "[0, 1)"),
+    ("train.timestep_bias_multiplier=-2", "train.timestep_bias_multiplier", "negative"),
     ("train.mixed_precision=fp8", "train.mixed_precision", "auto, no, fp16, bf16"),
     ("train.prediction_type=x0", "train.prediction_type", "epsilon"),
     ("train.beta_schedule=cosine", "train.beta_schedule", "squaredcos_cap_v2"),
