@@ -220,6 +220,11 @@ def _validate(cfg: Config) -> None:
     if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
         raise UserError("train.grounding_pixel_weight is part of the grounding loss, which is off; "
                         "set train.grounding_pixel_weight=0 too, or train.grounding_weight > 0 (e.g. 0.05)")
+    train = cfg.train
+    if train.timestep_bias_multiplier == 0 and train.timestep_bias_portion > 0 and \
+            biased_timestep_count(train) == train.num_train_timesteps:
+        raise UserError(f"train.timestep_bias_multiplier=0 with train.timestep_bias_portion={train.timestep_bias_portion} "
+                        "leaves no timestep to train on; lower the portion (e.g. 0.5) or raise the multiplier")
     for r in cfg.train.grounding_resolutions or []:
         if r not in cfg.model.attention_resolutions:
             raise UserError(f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "
@@ -228,6 +233,11 @@ def _validate(cfg: Config) -> None:
         if r not in levels:
             raise UserError(f"model.attention_resolutions has {r}, but the UNet's levels are at "
                             f"{levels} px for data.resolution {cfg.data.resolution}")
+
+
+def biased_timestep_count(train) -> int:
+    """How many of the noisiest training timesteps `train.timestep_bias_multiplier` applies to."""
+    return max(1, round(train.num_train_timesteps * train.timestep_bias_portion))
 
 
 def parse_override(text: str) -> tuple[str, object]:

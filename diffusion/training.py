@@ -33,7 +33,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
-from .config import Config
+from .config import Config, biased_timestep_count
 from .data import build_dataset
 from .errors import UserError
 from .grounding import GroundingLoss, grounding_targets
@@ -99,15 +99,22 @@ def validation_grid(pipeline: Pipeline, cfg: Config, path: Path, step: int) -> N
     save_png(grid, path, {"step": step, "seed": cfg.train.validation_seed, **out.settings})
 
 
-def sample_timesteps(train_cfg, batch_size: int, device) -> torch.Tensor:
-    """Training timesteps of one batch: uniform over the noise levels, or, with
-    `timestep_bias_multiplier` != 1, the noisiest `timestep_bias_portion` of them drawn that many
-    times as often (diffusers' "later" timestep bias; layout and binding are decided there)."""
-    T = train_cfg.num_train_timesteps
+def timestep_weights(train_cfg) -> torch.Tensor | None:
+    """Relative draw weight of each training timestep: None (uniform) by default; with
+    `timestep_bias_multiplier` != 1, the noisiest `timestep_bias_portion` of them weigh that much
+    (diffusers' "later" timestep bias; layout and binding are decided there)."""
     if train_cfg.timestep_bias_multiplier == 1 or train_cfg.timestep_bias_portion == 0:
-        return torch.randint(0, T, (batch_size,), device=device)
-    weights = torch.ones(T)
-    weights[T - max(1, round(T * train_cfg.timestep_bias_portion)):] *= train_cfg.timestep_bias_multiplier
+        return None
+    weights = torch.ones(train_cfg.num_train_timesteps)
+    weights[-biased_timestep_count(train_cfg):] *= train_cfg.timestep_bias_multiplier
+    return weights
+
+
+def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, batch_size: int, device) -> torch.Tensor:
+    """Training timesteps of one batch, drawn per `timestep_weights` (uniform: `torch.randint`,
+    so runs without a bias reproduce draw for draw)."""
+    if weights is None:
+        return torch.randint(0, num_timesteps, (batch_size,), device=device)
     return torch.multinomial(weights, batch_size, replacement=True).to(device)
 
 
@@ -221,6 +228,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
 
     # ---- the loop ---------------------------------------------------------------------------
     B = cfg.train.batch_size
+    t_weights = timestep_weights(cfg.train)
     world, rank = accelerator.num_processes, accelerator.process_index
     progress = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
     unet.train()
@@ -237,7 +245,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             key_mask = torch.where(dropped[:, None], empty_mask, key_mask)
 
             noise = torch.randn_like(x0)
-            timesteps = sample_timesteps(cfg.train, B, device)
+            timesteps = sample_timesteps(t_weights, cfg.train.num_train_timesteps, B, device)
             noisy = noise_scheduler.add_noise(x0, noise, timesteps)
             target = noise if cfg.train.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
             if grounding is not None:

@@ -162,6 +162,13 @@ def test_invalid_values_are_user_errors_naming_the_key(override, key, fragment):
     assert fragment in message
 
 
+def test_timestep_bias_must_leave_a_timestep_to_train_on():
+    # multiplier 0 skips the noisiest portion, which is valid until the portion rounds to every timestep
+    assert config_from_dict({}, ["train.timestep_bias_multiplier=0", "train.timestep_bias_portion=0.5"])
+    with pytest.raises(UserError, match="leaves no timestep to train on"):
+        config_from_dict({}, ["train.timestep_bias_multiplier=0", "train.timestep_bias_portion=0.9999"])
+
+
 def test_attention_resolution_must_be_a_level_of_the_resized_model():
     ok = config_from_dict({}, ["data.resolution=16", "model.channels=[16, 32]", "model.attention_resolutions=[8]"])
     assert ok.model.attention_resolutions == [8]

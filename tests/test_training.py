@@ -13,7 +13,7 @@ from diffusion import checkpoint as ckpt
 from diffusion.config import config_from_dict
 from diffusion.errors import UserError
 from diffusion.pipeline import FORMAT_VERSION
-from diffusion.training import sample_timesteps, train
+from diffusion.training import sample_timesteps, timestep_weights, train
 
 CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
 
@@ -235,7 +235,8 @@ def test_the_small_clip_learns_from_every_object_count_equally():
 def test_timesteps_are_uniform_by_default_and_biased_to_the_noisiest_on_request():
     uniform = config_from_dict({}).train
     torch.manual_seed(0)
-    t = sample_timesteps(uniform, 40000, "cpu")
+    assert timestep_weights(uniform) is None
+    t = sample_timesteps(None, uniform.num_train_timesteps, 40000, "cpu")
     assert t.min() >= 0 and t.max() < uniform.num_train_timesteps
     assert abs((t >= 500).float().mean().item() - 0.5) < 0.02
     assert abs((t >= 750).float().mean().item() - 0.25) < 0.02
@@ -243,7 +244,7 @@ def test_timesteps_are_uniform_by_default_and_biased_to_the_noisiest_on_request(
     torch.manual_seed(0)
     assert torch.equal(t, torch.randint(0, uniform.num_train_timesteps, (40000,)))
     biased = config_from_dict({}, ["train.timestep_bias_multiplier=3", "train.timestep_bias_portion=0.25"]).train
-    t = sample_timesteps(biased, 40000, "cpu")
+    t = sample_timesteps(timestep_weights(biased), biased.num_train_timesteps, 40000, "cpu")
     assert t.min() >= 0 and t.max() < biased.num_train_timesteps
     # the noisiest quarter weighs 3 x 250 against 750 for the rest: half of all draws
     assert abs((t >= 750).float().mean().item() - 0.5) < 0.02
