@@ -37,6 +37,7 @@ def write_attention(out_dir: Path, stem: str, result, common: dict) -> None:
     """One labelled panel (image + a heat-map overlay per word) and the raw maps per image."""
     from safetensors.torch import save_file
 
+    from diffusion.checkpoint import default_file_modes
     from diffusion.images import attention_panel, save_png
 
     for i, (image, prompt, seed, maps) in enumerate(zip(result.images, result.prompts, result.seeds,
@@ -46,6 +47,7 @@ def write_attention(out_dir: Path, stem: str, result, common: dict) -> None:
                  {"prompt": prompt, "seed": seed, **common})
         save_file({word: m.contiguous() for word, m in maps.items()}, str(out_dir / f"{name}.safetensors"),
                   metadata={"prompt": prompt, "seed": str(seed)})
+        default_file_modes(out_dir / f"{name}.safetensors")
 
 
 def read_prompts(args) -> list[str]:

@@ -13,6 +13,7 @@ replaces or corrupts the last good one; `state.json` is written last and marks i
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 import shutil
@@ -51,6 +52,18 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def default_file_modes(path: Path) -> None:
+    """Give the .safetensors files at `path` (a file, or a folder searched recursively) the mode
+    an ordinary new file gets (0o666 less the umask). safetensors 0.8 writes through a temporary
+    file created 0o600 (safetensors issue #782), which would leave a saved model readable by its
+    owner only, beside config files everyone may read."""
+    path = Path(path)
+    umask = os.umask(0)
+    os.umask(umask)
+    for file in [path] if path.is_file() else path.rglob("*.safetensors"):
+        os.chmod(file, 0o666 & ~umask)
+
+
 def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, ema, optimizer, lr_scheduler,
                     data_generator: torch.Generator, config: dict) -> Path:
     """Write checkpoint `directory/step-XXXXXX` atomically; returns its path."""
@@ -79,6 +92,7 @@ def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, ema, opt
         "config": config,
     }
     (temporary / "state.json").write_text(json.dumps(state))
+    default_file_modes(temporary)
     if final.exists():
         shutil.rmtree(final)
     temporary.rename(final)

@@ -28,6 +28,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionController
+from .checkpoint import default_file_modes
 from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
 from .errors import UserError
 from .images import to_pil
@@ -213,6 +214,7 @@ class Pipeline:
         (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         for name, text in (extra_files or {}).items():
             (temporary / name).write_text(text)
+        default_file_modes(temporary)
         old = path.with_name(f".{path.name}.old")
         shutil.rmtree(old, ignore_errors=True)
         if path.exists():

@@ -86,6 +86,7 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: 
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         train_clip(images, captions, tokenizer, cfg.text, temporary, device=accelerator.device)
+        ckpt.default_file_modes(temporary)
         os.replace(temporary, clip_dir)
         accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
     accelerator.wait_for_everyone()

@@ -156,6 +156,25 @@ def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_
             assert np.abs(written - made).max() <= 1
 
 
+def test_sample_writes_attention_panels_and_raw_maps(run_cli, tiny_model, tmp_path):
+    from safetensors.torch import load_file
+
+    maps = tmp_path / "maps"
+    result = run_cli("sample.py", "--model", tiny_model, "a red circle", "-n", "1", "--steps", "2",
+                     "--out", tmp_path / "grid.png", "--attention", maps)
+    assert result.returncode == 0, result.stderr
+    assert f"attention maps in {maps}" in result.stdout
+    assert sorted(p.name for p in maps.iterdir()) == ["grid-000.png", "grid-000.safetensors"]
+    words = load_file(maps / "grid-000.safetensors")
+    assert {"red", "circle"} <= set(words)
+    for word, m in words.items():
+        assert m.ndim == 2 and m.min() >= 0, word
+    with Image.open(maps / "grid-000.png") as panel:
+        assert panel.text["prompt"] == "a red circle"
+    # the raw maps are as readable as the panel beside them (safetensors alone would write them 0o600)
+    assert (maps / "grid-000.safetensors").stat().st_mode & 0o777 == (maps / "grid-000.png").stat().st_mode & 0o777
+
+
 def test_sample_with_a_too_long_prompt_warns_once_and_succeeds(run_cli, tiny_model, tmp_path):
     prompt = "a red circle on the left " * 8 + "and a purple zebra"
     out = tmp_path / "long.png"

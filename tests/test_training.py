@@ -1,6 +1,7 @@
 """Tests for diffusion/training.py and diffusion/checkpoint.py: what a run writes, resuming, failures."""
 import hashlib
 import json
+import os
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from diffusion import checkpoint as ckpt
-from diffusion.config import config_from_dict
+from diffusion.config import Config, config_from_dict
 from diffusion.errors import UserError
 from diffusion.pipeline import FORMAT_VERSION
 from diffusion.training import sample_timesteps, timestep_weights, train
@@ -47,6 +48,17 @@ def test_run_keeps_the_newest_checkpoints(tiny_run):
     names = [p.name for p in ckpt.list_checkpoints(tiny_run / "checkpoints")]
     assert names == ["step-000002", "step-000004"]
     assert sorted(p.name for p in (tiny_run / "checkpoints").iterdir()) == names  # no leftovers
+
+
+@pytest.mark.skipif(os.name != "posix", reason="permission bits are POSIX")
+def test_weight_files_are_as_readable_as_the_config_files_beside_them(tiny_run):
+    # safetensors 0.8 creates its files 0o600 (its issue #782); a saved model, CLIP or checkpoint
+    # must be readable by whoever may read its config
+    expected = (tiny_run / "config.yaml").stat().st_mode & 0o777
+    modes = {str(f.relative_to(tiny_run)): f.stat().st_mode & 0o777 for f in tiny_run.rglob("*.safetensors")}
+    assert any(name.startswith("model/unet") for name in modes) and any(name.startswith("clip/") for name in modes)
+    assert any(name.startswith("checkpoints/") for name in modes)
+    assert modes == dict.fromkeys(modes, expected)
 
 
 def test_checkpoints_are_safetensors_and_json(tiny_run):
