@@ -80,7 +80,7 @@ class TrainConfig:
     num_train_timesteps: int = 1000
     beta_schedule: str = "squaredcos_cap_v2"
     cond_dropout: float = 0.1
-    timestep_bias_multiplier: float = 1.0
+    timestep_bias_multiplier: float = 3.0
     timestep_bias_portion: float = 0.5
     grounding_weight: float = 0.05
     grounding_pixel_weight: float = 0.05

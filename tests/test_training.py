@@ -244,20 +244,24 @@ def test_the_small_clip_learns_from_every_object_count_equally():
     assert same_images is images and same_captions is captions
 
 
-def test_timesteps_are_uniform_by_default_and_biased_to_the_noisiest_on_request():
-    uniform = config_from_dict({}).train
-    torch.manual_seed(0)
+def test_timesteps_are_biased_to_the_noisiest_by_default_and_uniform_on_request():
+    T = Config().train.num_train_timesteps
+    uniform = config_from_dict({}, ["train.timestep_bias_multiplier=1"]).train
     assert timestep_weights(uniform) is None
-    t = sample_timesteps(None, uniform.num_train_timesteps, 40000, "cpu")
-    assert t.min() >= 0 and t.max() < uniform.num_train_timesteps
+    torch.manual_seed(0)
+    t = sample_timesteps(None, T, 40000, "cpu")
+    assert t.min() >= 0 and t.max() < T
     assert abs((t >= 500).float().mean().item() - 0.5) < 0.02
     assert abs((t >= 750).float().mean().item() - 0.25) < 0.02
-    # the default draws exactly what torch.randint draws, so old runs reproduce bit for bit
+    # uniform draws exactly what torch.randint draws, so runs from before the bias reproduce bit for bit
     torch.manual_seed(0)
-    assert torch.equal(t, torch.randint(0, uniform.num_train_timesteps, (40000,)))
-    biased = config_from_dict({}, ["train.timestep_bias_multiplier=3", "train.timestep_bias_portion=0.25"]).train
-    t = sample_timesteps(timestep_weights(biased), biased.num_train_timesteps, 40000, "cpu")
-    assert t.min() >= 0 and t.max() < biased.num_train_timesteps
+    assert torch.equal(t, torch.randint(0, T, (40000,)))
+    # the default: the noisiest half weighs 3 x 500 against 500 for the rest, three quarters of all draws
+    t = sample_timesteps(timestep_weights(Config().train), T, 40000, "cpu")
+    assert t.min() >= 0 and t.max() < T
+    assert abs((t >= 500).float().mean().item() - 0.75) < 0.02
+    biased = config_from_dict({}, ["train.timestep_bias_portion=0.25"]).train
+    t = sample_timesteps(timestep_weights(biased), T, 40000, "cpu")
     # the noisiest quarter weighs 3 x 250 against 750 for the rest: half of all draws
     assert abs((t >= 750).float().mean().item() - 0.5) < 0.02
     assert abs((t < 250).float().mean().item() - 1 / 6) < 0.02
