@@ -28,8 +28,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionController
-from .checkpoint import default_file_modes
 from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
+from .checkpoint import default_file_modes
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
