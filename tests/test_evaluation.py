@@ -100,7 +100,7 @@ def test_the_generators_own_images_pass_almost_every_prompt():
 
 
 def test_targets_and_plot_from_a_report():
-    rows = [{"word": w, "mode": m, "weight": x, "present": p, "area": 0.1, "mass": 0.05 * x}
+    rows = [{"word": w, "mode": m, "weight": x, "present": p, "drawn": 0.25 if x == 0 else 1.0, "area": 0.1, "mass": 0.05 * x}
             for w in ("colour", "shape") for m in ("attention", "embedding")
             for x, p in ((0.0, 0.05 if m == "embedding" else 0.5), (0.5, 0.5), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))]
     report = {"faithfulness": {"single object": {"score": 0.995, "n": 200}, "counting": {"score": 0.9, "n": 200}},
@@ -112,6 +112,7 @@ def test_targets_and_plot_from_a_report():
     assert result["faithfulness/counting"]["met"] is True  # exactly at the goal
     assert result["faithfulness/position"]["met"] is None
     assert result["edit/colour weight 0 present, embedding mode (at most)"]["met"] is True
+    assert result["edit/colour weight 0 present, embedding mode (at most)"]["object drawn"] == 0.25
     assert result["edit/colour weight 0 present, attention mode (at most)"]["met"] is False
     assert result["samplers/dpm++ 20 steps gap to reference (at most)"]["met"] is True  # 0.85 - 0.83 == 0.02
     assert result["edit/attention mode mass monotone in weight"]["met"] is True
@@ -136,6 +137,10 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
     assert {"shape miou", "shape pointing", "colour miou", "colour pointing"} <= set(report["localisation"]["dataset"])
     assert report["localisation"]["dataset"]["shape words"] > 0
     assert len(report["edit_response"]) == 20
+    for row in report["edit_response"]:
+        assert set(row) == {"word", "mode", "weight", "present", "drawn", "area", "mass"}
+        assert 0 <= row["present"] <= row["drawn"] <= 1  # an attribute is only present on a drawn object
+        assert (row["area"] > 0) == (row["drawn"] > 0)
     assert set(report["edit_baseline"]) == {"n", "colour", "shape", "negative"} and 0 <= report["edit_baseline"]["colour"] <= 1
     assert set(report["edit_baseline"]["negative"]) == {"colour", "shape"}
     for mode in ("embedding", "attention"):
