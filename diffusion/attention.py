@@ -7,8 +7,8 @@ softmax(Q K^T / sqrt(d)) say, for every pixel, how much of each text token it re
 The hook is an `AttentionController` handed to the UNet's forward call (no monkeypatching, no
 global state). For every cross-attention layer the UNet asks `controller.wants(site)`; only if it
 answers True are the probabilities materialised and passed to `controller.process(site, probs)`,
-which may return edited probabilities. Otherwise the layer stays on the fused
-`scaled_dot_product_attention` path.
+which may return edited probabilities. Otherwise the layer goes through `attend`: the fused
+`scaled_dot_product_attention`, or plain ops over batch slices when training on CPU.
 """
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ class AttentionController:
     """Reads or edits cross-attention probabilities. Subclass it; this base does nothing.
 
     wants(site) -> bool: whether this call's probabilities are needed. Answer False wherever you
-        can: a False keeps the layer on the fused SDPA path.
+        can: a False keeps the layer on `attend`, which never materialises them when sampling.
     process(site, probabilities) -> Tensor | None: `probabilities` has shape
         (B, heads, H*W, T) and sums to 1 over T at every query (masked keys hold 0). Return an
         edited tensor of the same shape to use it in place of the original, or None to keep it.
@@ -66,8 +66,40 @@ class AttentionController:
         return None
 
 
+CPU_CHUNK = 2**21  # attention scores computed at once on CPU (4 MiB in bf16): they stay in cache
+
+
+def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                     chunk: int = CPU_CHUNK) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v in plain ops, over slices of the batch whose scores hold at most
+    `chunk` numbers. Shapes as in `attend`."""
+    B, heads, N, _ = q.shape
+    rows = max(1, chunk // (heads * N * k.shape[2]))
+    outputs = []
+    for i in range(0, B, rows):
+        scores = (q[i:i + rows] @ k[i:i + rows].transpose(-1, -2)) * q.shape[-1] ** -0.5
+        if mask is not None:
+            scores = scores.masked_fill(~(mask if mask.shape[0] == 1 else mask[i:i + rows]), float("-inf"))
+        outputs.append(scores.softmax(dim=-1) @ v[i:i + rows])
+    return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v for (B, heads, N, d) queries and (B, heads, T, d) keys/values;
+    mask: (B or 1, 1, 1, T) bool, True where a key may be read.
+
+    Training on CPU (queries that need a gradient): `sliced_attention`. At this model's sizes
+    (16 px self-attention: 256 queries of width 16) the fused kernel's backward is slow, and
+    unsliced scores fall out of cache (`bench/bench_attention_kernel.py` measures both, per layer
+    and per training step). Everywhere else the fused kernel, which never materialises the
+    probabilities (sampling on CPU: the two agree within the noise)."""
+    if q.device.type == "cpu" and q.requires_grad:
+        return sliced_attention(q, k, v, mask)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
 class SelfAttention(nn.Module):
-    """Multi-head self-attention over spatial positions, always through SDPA."""
+    """Multi-head self-attention over spatial positions."""
 
     def __init__(self, channels: int, heads: int):
         super().__init__()
@@ -78,7 +110,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape  # batch, positions (H*W), channels
         q, k, v = self.to_qkv(x).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, C/heads)
+        out = attend(q, k, v)  # (B, heads, N, C/heads)
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -111,7 +143,7 @@ class CrossAttention(nn.Module):
         if call is not None:
             site = AttentionSite(self.name, resolution, call.step, call.num_steps, call.conditional)
         if site is None or not call.controller.wants(site):
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = attend(q, k, v, mask)
         else:
             scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, heads, N, T)
             if mask is not None:

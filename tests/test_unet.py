@@ -1,8 +1,9 @@
 """Tests for diffusion/unet.py and diffusion/attention.py: shapes, the cross-attention hook, saving."""
 import pytest
 import torch
+import torch.nn.functional as F
 
-from diffusion.attention import AttentionController
+from diffusion.attention import AttentionController, sliced_attention
 from diffusion.unet import UNet
 
 T, D = 6, 24  # text tokens, text embedding width
@@ -247,3 +248,37 @@ def test_position_embedding_tells_the_attention_where_it_is(tmp_path):
     assert loaded.config.position_embedding is True
     with torch.no_grad():
         assert torch.equal(loaded(x, t, context, mask), placed(x, t, context, mask))
+
+
+@pytest.mark.parametrize("mask_rows", [None, 1, 6])
+def test_sliced_attention_is_attention_in_value_and_gradient(mask_rows):
+    """Training on CPU uses plain ops over batch slices: same output and gradients as the fused
+    kernel, whatever the slicing (one row at a time, uneven slices, the whole batch)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(6, 2, 9, 4), torch.randn(6, 2, 5, 4), torch.randn(6, 2, 5, 4)
+    mask = None
+    if mask_rows:
+        mask = torch.rand(mask_rows, 1, 1, 5) > 0.4
+        mask[..., 0] = True  # every query can read something
+    reference_inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    reference = F.scaled_dot_product_attention(*reference_inputs, attn_mask=mask)
+    reference.square().sum().backward()
+    for chunk in (2 * 9 * 5, 4 * 2 * 9 * 5, 10**6):  # 1 row, slices of 4 and 2, all 6 rows at once
+        inputs = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        out = sliced_attention(*inputs, mask, chunk=chunk)
+        out.square().sum().backward()
+        torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+        for mine, theirs in zip(inputs, reference_inputs):
+            torch.testing.assert_close(mine.grad, theirs.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_attend_takes_the_fused_kernel_without_a_gradient(monkeypatch):
+    """Sampling keeps the fused kernel (bit for bit what it was); only training slices."""
+    import diffusion.attention as attention_module
+    calls = []
+    monkeypatch.setattr(attention_module, "sliced_attention", lambda *a, **k: calls.append(1) or sliced_attention(*a, **k))
+    q = torch.randn(2, 2, 4, 4)
+    out = attention_module.attend(q, q, q)
+    assert calls == [] and torch.equal(out, F.scaled_dot_product_attention(q, q, q))
+    attention_module.attend(q.requires_grad_(True), q, q)
+    assert calls == [1]
