@@ -69,18 +69,24 @@ class AttentionController:
 CPU_CHUNK = 2**21  # attention scores computed at once on CPU (4 MiB in bf16): they stay in cache
 
 
+def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) in plain ops: (B, heads, N, T), masked keys 0. Shapes as in `attend`."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return scores.softmax(dim=-1)
+
+
 def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                      chunk: int = CPU_CHUNK) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d)) v in plain ops, over slices of the batch whose scores hold at most
-    `chunk` numbers. Shapes as in `attend`."""
+    """`attention_probabilities` @ v over slices of the batch whose scores hold at most `chunk`
+    numbers. Shapes as in `attend`."""
     B, heads, N, _ = q.shape
     rows = max(1, chunk // (heads * N * k.shape[2]))
     outputs = []
     for i in range(0, B, rows):
-        scores = (q[i:i + rows] @ k[i:i + rows].transpose(-1, -2)) * q.shape[-1] ** -0.5
-        if mask is not None:
-            scores = scores.masked_fill(~(mask if mask.shape[0] == 1 else mask[i:i + rows]), float("-inf"))
-        outputs.append(scores.softmax(dim=-1) @ v[i:i + rows])
+        rows_mask = None if mask is None else mask if mask.shape[0] == 1 else mask[i:i + rows]
+        outputs.append(attention_probabilities(q[i:i + rows], k[i:i + rows], rows_mask) @ v[i:i + rows])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -145,10 +151,7 @@ class CrossAttention(nn.Module):
         if site is None or not call.controller.wants(site):
             out = attend(q, k, v, mask)
         else:
-            scores = (q @ k.transpose(-1, -2)) * d**-0.5  # (B, heads, N, T)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, float("-inf"))
-            probabilities = scores.softmax(dim=-1)
+            probabilities = attention_probabilities(q, k, mask)  # (B, heads, N, T)
             edited = call.controller.process(site, probabilities)
             out = (probabilities if edited is None else edited.to(v.dtype)) @ v
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
