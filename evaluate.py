@@ -1,6 +1,6 @@
 """Measure a trained shapes model: faithfulness, attention localisation, edit response, samplers.
 
-    python evaluate.py --model runs/shapes/model                      # about 5 minutes on 2 CPU cores
+    python evaluate.py --model runs/shapes/model                      # about 4.5 minutes on 2 CPU cores
     python evaluate.py --model runs/shapes/model --n 200 --out runs/shapes/report.json
     python evaluate.py --model runs/shapes/model --parts faithfulness,localisation
 
@@ -35,7 +35,7 @@ def main(argv=None):
                         "must differ from the training data seed)")
     parser.add_argument("--out", default=None, help="JSON report path (default: <model>/../report.json)")
     parser.add_argument("--n-edit", type=int, default=16, help="prompts of the edit-response sweep (default 16)")
-    parser.add_argument("--n-samplers", type=int, default=24, help="prompts of the sampler sweep (default 24)")
+    parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of every sample "
                         "(default 3.0, as sample.py)")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")

@@ -429,7 +429,7 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress,
 
 
 def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
-             n_edit: int = 16, n_samplers: int = 24, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
+             n_edit: int = 16, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
              parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers")) -> tuple[dict, list]:
     """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid."""
     if seed == training_seed:
