@@ -123,13 +123,17 @@ class SelfAttention(nn.Module):
 class CrossAttention(nn.Module):
     """Multi-head cross-attention: queries from pixels, keys and values from text tokens."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, name: str):
+    def __init__(self, channels: int, context_dim: int, heads: int, name: str, value_start: int = 0):
+        """value_start: the values read only the context's features from this index on (0: all)."""
         super().__init__()
+        if not 0 <= value_start < context_dim:
+            raise ValueError(f"value_start must be in [0, {context_dim}), got {value_start}")
         self.heads = heads
         self.name = name
+        self.value_start = value_start
         self.to_q = nn.Linear(channels, channels, bias=False)
         self.to_k = nn.Linear(context_dim, channels, bias=False)
-        self.to_v = nn.Linear(context_dim, channels, bias=False)
+        self.to_v = nn.Linear(context_dim - value_start, channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
@@ -142,7 +146,7 @@ class CrossAttention(nn.Module):
         d = C // self.heads
         q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)        # (B, heads, N, d)
         k = self.to_k(context).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
-        v = self.to_v(context).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
+        v = self.to_v(context[..., self.value_start:]).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, T)
 
         site = None
@@ -166,7 +170,7 @@ class TransformerBlock(nn.Module):
     they are: convolutions alone only learn it from the zero padding at the borders."""
 
     def __init__(self, channels: int, context_dim: int, heads: int, name: str, groups: int = 8,
-                 position_grid: int | None = None):
+                 position_grid: int | None = None, value_start: int = 0):
         super().__init__()
         position = None
         if position_grid:
@@ -178,7 +182,7 @@ class TransformerBlock(nn.Module):
         self.norm1 = nn.LayerNorm(channels)
         self.self_attention = SelfAttention(channels, heads)
         self.norm2 = nn.LayerNorm(channels)
-        self.cross_attention = CrossAttention(channels, context_dim, heads, name)
+        self.cross_attention = CrossAttention(channels, context_dim, heads, name, value_start)
         self.norm3 = nn.LayerNorm(channels)
         self.feed_forward = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
                                           nn.Linear(4 * channels, channels))

@@ -30,6 +30,7 @@ class ModelConfig:
     attention_heads: int = 4
     dropout: float = 0.0
     position_embedding: bool = True
+    values_from_token_embeddings: bool = False
 
 
 @dataclass
@@ -220,6 +221,9 @@ def _validate(cfg: Config) -> None:
     if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
         raise UserError("train.grounding_pixel_weight is part of the grounding loss, which is off; "
                         "set train.grounding_pixel_weight=0 too, or train.grounding_weight > 0 (e.g. 0.05)")
+    if cfg.model.values_from_token_embeddings and not cfg.text.concat_token_embeddings:
+        raise UserError("model.values_from_token_embeddings reads the token embeddings that "
+                        "text.concat_token_embeddings appends; set text.concat_token_embeddings=true too")
     train = cfg.train
     if train.timestep_bias_multiplier == 0 and train.timestep_bias_portion > 0 and \
             biased_timestep_count(train) == train.num_train_timesteps:

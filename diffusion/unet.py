@@ -48,11 +48,13 @@ class Level(nn.Module):
     """The ResNet (+ transformer) blocks of one resolution, on the way down or up."""
 
     def __init__(self, in_channels: list[int], out_channels: int, time_dim: int, context_dim: int,
-                 heads: int, attention: bool, dropout: float, name: str, position_grid: int | None = None):
+                 heads: int, attention: bool, dropout: float, name: str, position_grid: int | None = None,
+                 value_start: int = 0):
         super().__init__()
         self.resnets = nn.ModuleList(ResBlock(c, out_channels, time_dim, dropout) for c in in_channels)
         self.attentions = nn.ModuleList(
-            TransformerBlock(out_channels, context_dim, heads, f"{name}.attn.{i}", position_grid=position_grid)
+            TransformerBlock(out_channels, context_dim, heads, f"{name}.attn.{i}", position_grid=position_grid,
+                             value_start=value_start)
             for i in range(len(in_channels))
         ) if attention else None
 
@@ -71,12 +73,16 @@ class UNet(ModelMixin, ConfigMixin):
         context_dim: int = 128,
         dropout: float = 0.0,
         position_embedding: bool = False,
+        value_context_start: int = 0,
     ):
         """sample_size: image side in pixels; channels: width of each level (level i works at
         sample_size / 2**i); attention_resolutions: the sides (px) whose levels carry
         transformer blocks; attention_heads: number of heads (head width = channels / heads);
         context_dim: width D of the text-token embeddings; position_embedding: add a fixed 2D
-        sine-cosine position embedding in every transformer block (queries know where they are)."""
+        sine-cosine position embedding in every transformer block (queries know where they are);
+        value_context_start: cross-attention values read only the text features from this index
+        on (keys read them all): with the token embeddings appended to the contextual states, their
+        start, so that a word's value carries that word alone and no context (0: values read all)."""
         super().__init__()
         time_dim = 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
@@ -91,14 +97,15 @@ class UNet(ModelMixin, ConfigMixin):
             ins = [previous] + [width] * (blocks_per_level - 1)
             grid = self.resolutions[i] if position_embedding else None
             self.down.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"down.{i}",
-                                   grid))
+                                   grid, value_context_start))
             last = i == len(channels) - 1
             self.downsamples.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
             previous = width
 
         self.mid_resnet1 = ResBlock(previous, previous, time_dim, dropout)
         self.mid_attention = TransformerBlock(previous, context_dim, attention_heads, "mid.attn.0",
-                                              position_grid=self.resolutions[-1] if position_embedding else None)
+                                              position_grid=self.resolutions[-1] if position_embedding else None,
+                                              value_start=value_context_start)
         self.mid_resnet2 = ResBlock(previous, previous, time_dim, dropout)
 
         self.up = nn.ModuleList()
@@ -109,7 +116,8 @@ class UNet(ModelMixin, ConfigMixin):
             # every block takes one skip connection from the same level of the down path
             ins = [previous + width] + [2 * width] * (blocks_per_level - 1)
             grid = self.resolutions[i] if position_embedding else None
-            self.up.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"up.{i}", grid))
+            self.up.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"up.{i}", grid,
+                                 value_context_start))
             self.upsamples.append(nn.Conv2d(width, channels[i - 1], 3, padding=1) if i > 0 else nn.Identity())
             previous = channels[i - 1] if i > 0 else width
 

@@ -212,6 +212,12 @@ def test_grounding_needs_masks():
     assert config_from_dict({}, ["data.kind=imagefolder", "train.grounding_weight=0", "train.grounding_pixel_weight=0"]).data.kind == "imagefolder"
 
 
+def test_values_from_token_embeddings_needs_them_appended():
+    with pytest.raises(UserError, match="text.concat_token_embeddings=true"):
+        config_from_dict({}, ["model.values_from_token_embeddings=true", "text.concat_token_embeddings=false"])
+    assert config_from_dict({}, ["model.values_from_token_embeddings=true"]).model.values_from_token_embeddings
+
+
 def test_the_pixel_loss_needs_the_grounding_loss():
     with pytest.raises(UserError, match="train.grounding_weight > 0"):
         config_from_dict({}, ["train.grounding_weight=0", "train.grounding_pixel_weight=0.05"])

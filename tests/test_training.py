@@ -265,3 +265,24 @@ def test_timesteps_are_biased_to_the_noisiest_by_default_and_uniform_on_request(
     # the noisiest quarter weighs 3 x 250 against 750 for the rest: half of all draws
     assert abs((t >= 750).float().mean().item() - 0.5) < 0.02
     assert abs((t < 250).float().mean().item() - 1 / 6) < 0.02
+
+
+def test_values_from_token_embeddings_trains_a_unet_whose_values_read_them(tmp_path, tiny_dict):
+    """The option reaches the exported UNet: its values read the appended token embeddings (the
+    second half of the text features) and the model samples."""
+    from diffusion.pipeline import Pipeline, Weighting
+    from diffusion.prompts import parse_prompt
+
+    tiny_dict["model"]["values_from_token_embeddings"] = True
+    tiny_dict["train"].update(max_steps=2, checkpoint_every=2, validate_every=2)
+    out = tmp_path / "run"
+    train(config_from_dict(tiny_dict), out)
+    pipe = Pipeline.from_pretrained(out / "model")
+    width = tiny_dict["text"]["width"]
+    assert pipe.text_encoder.embedding_dim == 2 * width
+    assert pipe.unet.config.value_context_start == width
+    assert pipe.unet.mid_attention.cross_attention.to_v.in_features == width
+    assert pipe.unet.mid_attention.cross_attention.to_k.in_features == 2 * width
+    x, _ = pipe.sample_batch([parse_prompt("a (red:0) circle")], [0], {"steps": 2, "guidance": 3.0, "sampler": "dpm++",
+                             "negative_prompt": None}, None, Weighting(), None)
+    assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()

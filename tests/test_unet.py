@@ -250,6 +250,31 @@ def test_position_embedding_tells_the_attention_where_it_is(tmp_path):
         assert torch.equal(loaded(x, t, context, mask), placed(x, t, context, mask))
 
 
+@pytest.mark.parametrize("start", [0, D // 2])
+def test_values_read_the_context_from_value_context_start(tmp_path, start):
+    """Each image reads one token, so its attention is 1 whatever the keys: then the output
+    follows the features the values read and no others."""
+    unet = make_unet(value_context_start=start)
+    assert unet.mid_attention.cross_attention.to_v.in_features == D - start
+    x, t, context, _ = inputs()
+    mask = torch.zeros(2, T, dtype=torch.bool)
+    mask[:, 2] = True
+    front, back = context.clone(), context.clone()
+    front[..., :D // 2] += 1.0
+    back[..., D // 2:] += 1.0
+    with torch.no_grad():
+        out = unet(x, t, context, mask)
+        assert torch.equal(unet(x, t, front, mask), out) == (start == D // 2)
+        assert not torch.allclose(unet(x, t, back, mask), out)
+        # with every token readable the keys see the whole context again
+        assert not torch.allclose(unet(x, t, front), unet(x, t, context))
+    unet.save_pretrained(tmp_path / "unet")
+    loaded = UNet.from_pretrained(tmp_path / "unet").eval()
+    assert loaded.config.value_context_start == start
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, front, mask), unet(x, t, front, mask))
+
+
 @pytest.mark.parametrize("mask_rows", [None, 1, 6])
 def test_sliced_attention_is_attention_in_value_and_gradient(mask_rows):
     """Training on CPU uses plain ops over batch slices: same output and gradients as the fused
