@@ -31,6 +31,7 @@ class ModelConfig:
     dropout: float = 0.0
     position_embedding: bool = True
     values_from_token_embeddings: bool = False
+    token_value_resolutions: list[int] | None = None
 
 
 @dataclass
@@ -237,6 +238,15 @@ def _validate(cfg: Config) -> None:
         if r not in levels:
             raise UserError(f"model.attention_resolutions has {r}, but the UNet's levels are at "
                             f"{levels} px for data.resolution {cfg.data.resolution}")
+    if cfg.model.token_value_resolutions is not None:
+        if not cfg.model.values_from_token_embeddings:
+            raise UserError("model.token_value_resolutions picks the levels of model.values_from_token_embeddings, "
+                            "which is off; set model.values_from_token_embeddings=true or remove it")
+        attended = set(cfg.model.attention_resolutions) | {levels[-1]}  # the middle block always attends
+        for r in cfg.model.token_value_resolutions:
+            if r not in attended:
+                raise UserError(f"model.token_value_resolutions has {r}, but cross-attention runs at "
+                                f"{sorted(attended, reverse=True)} px")
 
 
 def biased_timestep_count(train) -> int:

@@ -74,6 +74,7 @@ class UNet(ModelMixin, ConfigMixin):
         dropout: float = 0.0,
         position_embedding: bool = False,
         value_context_start: int = 0,
+        value_context_resolutions: tuple[int, ...] | None = None,
     ):
         """sample_size: image side in pixels; channels: width of each level (level i works at
         sample_size / 2**i); attention_resolutions: the sides (px) whose levels carry
@@ -82,12 +83,19 @@ class UNet(ModelMixin, ConfigMixin):
         sine-cosine position embedding in every transformer block (queries know where they are);
         value_context_start: cross-attention values read only the text features from this index
         on (keys read them all): with the token embeddings appended to the contextual states, their
-        start, so that a word's value carries that word alone and no context (0: values read all)."""
+        start, so that a word's value carries that word alone and no context (0: values read all);
+        value_context_resolutions: the feature-map sides whose cross-attention that applies to
+        (None: all)."""
         super().__init__()
         time_dim = 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
         self.resolutions = [sample_size // 2**i for i in range(len(channels))]
+
+        def value_start(resolution: int) -> int:
+            if value_context_resolutions is None or resolution in value_context_resolutions:
+                return value_context_start
+            return 0
 
         self.down = nn.ModuleList()
         self.downsamples = nn.ModuleList()
@@ -97,7 +105,7 @@ class UNet(ModelMixin, ConfigMixin):
             ins = [previous] + [width] * (blocks_per_level - 1)
             grid = self.resolutions[i] if position_embedding else None
             self.down.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"down.{i}",
-                                   grid, value_context_start))
+                                   grid, value_start(self.resolutions[i])))
             last = i == len(channels) - 1
             self.downsamples.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
             previous = width
@@ -105,7 +113,7 @@ class UNet(ModelMixin, ConfigMixin):
         self.mid_resnet1 = ResBlock(previous, previous, time_dim, dropout)
         self.mid_attention = TransformerBlock(previous, context_dim, attention_heads, "mid.attn.0",
                                               position_grid=self.resolutions[-1] if position_embedding else None,
-                                              value_start=value_context_start)
+                                              value_start=value_start(self.resolutions[-1]))
         self.mid_resnet2 = ResBlock(previous, previous, time_dim, dropout)
 
         self.up = nn.ModuleList()
@@ -117,7 +125,7 @@ class UNet(ModelMixin, ConfigMixin):
             ins = [previous + width] + [2 * width] * (blocks_per_level - 1)
             grid = self.resolutions[i] if position_embedding else None
             self.up.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"up.{i}", grid,
-                                 value_context_start))
+                                 value_start(self.resolutions[i])))
             self.upsamples.append(nn.Conv2d(width, channels[i - 1], 3, padding=1) if i > 0 else nn.Identity())
             previous = channels[i - 1] if i > 0 else width
 

@@ -218,6 +218,15 @@ def test_values_from_token_embeddings_needs_them_appended():
     assert config_from_dict({}, ["model.values_from_token_embeddings=true"]).model.values_from_token_embeddings
 
 
+def test_token_value_resolutions_are_attention_levels_of_the_values_option():
+    with pytest.raises(UserError, match="model.values_from_token_embeddings=true"):
+        config_from_dict({}, ["model.token_value_resolutions=[16]"])
+    with pytest.raises(UserError, match=r"has 32, but cross-attention runs at \[16, 8\] px"):
+        config_from_dict({}, ["model.values_from_token_embeddings=true", "model.token_value_resolutions=[32]"])
+    cfg = config_from_dict({}, ["model.values_from_token_embeddings=true", "model.token_value_resolutions=[8]"])
+    assert cfg.model.token_value_resolutions == [8]
+
+
 def test_the_pixel_loss_needs_the_grounding_loss():
     with pytest.raises(UserError, match="train.grounding_weight > 0"):
         config_from_dict({}, ["train.grounding_weight=0", "train.grounding_pixel_weight=0.05"])

@@ -275,6 +275,20 @@ def test_values_read_the_context_from_value_context_start(tmp_path, start):
         assert torch.equal(loaded(x, t, front, mask), unet(x, t, front, mask))
 
 
+@pytest.mark.parametrize("resolutions, token_valued", [(None, {16, 8, 4}), ((16,), {16}), ((8, 4), {8, 4})])
+def test_value_context_resolutions_picks_the_levels(resolutions, token_valued):
+    unet = make_unet(channels=(8, 16, 32), attention_resolutions=(16, 8), value_context_start=D // 2,
+                     value_context_resolutions=resolutions)
+    widths = {}
+    for module in unet.modules():
+        if hasattr(module, "cross_attention"):
+            widths.setdefault(module.cross_attention.name, module.cross_attention.to_v.in_features)
+    levels = {"down.0": 16, "up.0": 16, "down.1": 8, "up.1": 8, "mid": 4}
+    for name, width in widths.items():
+        side = levels[name.rsplit(".attn", 1)[0]]
+        assert width == (D - D // 2 if side in token_valued else D), name
+
+
 @pytest.mark.parametrize("mask_rows", [None, 1, 6])
 def test_sliced_attention_is_attention_in_value_and_gradient(mask_rows):
     """Training on CPU uses plain ops over batch slices: same output and gradients as the fused
