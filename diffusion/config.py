@@ -242,6 +242,9 @@ def _validate(cfg: Config) -> None:
         if not cfg.model.values_from_token_embeddings:
             raise UserError("model.token_value_resolutions picks the levels of model.values_from_token_embeddings, "
                             "which is off; set model.values_from_token_embeddings=true or remove it")
+        if not cfg.model.token_value_resolutions:
+            raise UserError("model.token_value_resolutions is empty, which would apply the option nowhere; "
+                            "list sides such as [16], or set it to null for every cross-attention")
         attended = set(cfg.model.attention_resolutions) | {levels[-1]}  # the middle block always attends
         for r in cfg.model.token_value_resolutions:
             if r not in attended:

@@ -180,7 +180,7 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
                 dropout=cfg.model.dropout, position_embedding=cfg.model.position_embedding,
                 # the token embeddings come after the contextual states (text.concat_token_embeddings)
                 value_context_start=encoder.model.config.hidden_size if cfg.model.values_from_token_embeddings else 0,
-                value_context_resolutions=tuple(cfg.model.token_value_resolutions) if cfg.model.token_value_resolutions else None)
+                value_context_resolutions=tuple(cfg.model.token_value_resolutions) if cfg.model.token_value_resolutions is not None else None)
     noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps,
                                     beta_schedule=cfg.train.beta_schedule,
                                     prediction_type=cfg.train.prediction_type, clip_sample=True)

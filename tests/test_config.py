@@ -223,6 +223,8 @@ def test_token_value_resolutions_are_attention_levels_of_the_values_option():
         config_from_dict({}, ["model.token_value_resolutions=[16]"])
     with pytest.raises(UserError, match=r"has 32, but cross-attention runs at \[16, 8\] px"):
         config_from_dict({}, ["model.values_from_token_embeddings=true", "model.token_value_resolutions=[32]"])
+    with pytest.raises(UserError, match="is empty, which would apply the option nowhere"):
+        config_from_dict({}, ["model.values_from_token_embeddings=true", "model.token_value_resolutions=[]"])
     cfg = config_from_dict({}, ["model.values_from_token_embeddings=true", "model.token_value_resolutions=[8]"])
     assert cfg.model.token_value_resolutions == [8]
 
