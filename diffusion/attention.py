@@ -7,8 +7,10 @@ softmax(Q K^T / sqrt(d)) say, for every pixel, how much of each text token it re
 The hook is an `AttentionController` handed to the UNet's forward call (no monkeypatching, no
 global state). For every cross-attention layer the UNet asks `controller.wants(site)`; only if it
 answers True are the probabilities materialised and passed to `controller.process(site, probs)`,
-which may return edited probabilities. Otherwise the layer goes through `attend`: the fused
-`scaled_dot_product_attention`, or plain ops over batch slices when training on CPU.
+which may return edited probabilities; if it returns None (it only read them) outside training,
+the output still comes from `attend`, so an image is the same with or without recording.
+Otherwise the layer goes through `attend`: the fused `scaled_dot_product_attention`, or plain
+ops over batch slices when training on CPU.
 """
 from __future__ import annotations
 
@@ -157,7 +159,14 @@ class CrossAttention(nn.Module):
         else:
             probabilities = attention_probabilities(q, k, mask)  # (B, heads, N, T)
             edited = call.controller.process(site, probabilities)
-            out = (probabilities if edited is None else edited.to(v.dtype)) @ v
+            if edited is None and not q.requires_grad:
+                # Sampling with a controller that only reads: the output still comes from
+                # `attend`, so recording maps never changes the image (plain ops round
+                # differently from the fused kernel). Training (the grounding loss) reuses the
+                # probabilities it already has.
+                out = attend(q, k, v, mask)
+            else:
+                out = (probabilities if edited is None else edited.to(v.dtype)) @ v
         return self.to_out(out.transpose(1, 2).reshape(B, N, C))
 
 
