@@ -15,7 +15,8 @@ from diffusion.cli import ArgumentParser, one_line_warnings
 from diffusion.config import MIXED_PRECISION
 from diffusion.errors import UserError, exit_on_user_error
 
-SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
+SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")  # diffusion.pipeline.SAMPLERS, without importing torch
+DEFAULT_SAMPLER = "euler"  # diffusion.pipeline.DEFAULT_SAMPLER
 
 
 def fraction_window(text: str) -> tuple[float, float]:
@@ -73,7 +74,8 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="image i of each prompt uses noise seed seed+i")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--sampler", default="dpm++", choices=SAMPLER_NAMES, help="default dpm++ (DPM-Solver++ 2M)")
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
+                        help="euler (default), dpm++ (DPM-Solver++ 2M), ddim, ddpm")
     parser.add_argument("--negative-prompt", default=None, help="used instead of the empty prompt for guidance")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--batch-size", type=int, default=16, help="images denoised together (does not change them)")

@@ -47,7 +47,7 @@ from .data import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Sce
 from .detector import Detection, detect, detector_accuracy
 from .errors import UserError
 from .images import _font, uint8_images
-from .pipeline import SAMPLERS, Weighting
+from .pipeline import DEFAULT_SAMPLER, SAMPLERS, Weighting
 from .prompts import parse_prompt
 
 _PALETTE = np.array(list(COLOURS.values()) + [BACKGROUND], dtype=np.float32)  # (K, 3)
@@ -256,7 +256,7 @@ def passes(case: Case, detections: list[Detection]) -> bool:
 
 # ---- sampling -------------------------------------------------------------------------------
 
-def _sample(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False, sampler: str = "dpm++",
+def _sample(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False, sampler: str = DEFAULT_SAMPLER,
             steps: int = 20, guidance: float = 3.0, progress=None, weighting=None, negative_prompts=None):
     """Images (uint8 arrays) for `prompts` (weighting syntax allowed), prompt k with noise seed
     `seed + k` (and negative prompt k, if given); with `maps`, also (T, R, R) token maps and

@@ -59,6 +59,11 @@ SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {"timestep_spacing": "leading"}),
 }
+# The default sampler. At 20 steps Euler beat DPM++ 2M on the default config at four training
+# seeds: faithfulness means (n = 200) 0.990 / 0.901 / 0.855 / 0.915 / 0.950 / 0.960 / 0.974 against
+# 0.983 / 0.895 / 0.839 / 0.896 / 0.940 / 0.946 / 0.968 (single, two, three objects, binding,
+# position, counting, held-out pairs; README). The second-order step overshoots a little with guidance.
+DEFAULT_SAMPLER = "euler"
 
 
 def default_device() -> torch.device:
@@ -229,7 +234,7 @@ class Pipeline:
 
     @torch.no_grad()
     def denoise(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0,
-                sampler: str = "dpm++", negative_prompt: str | list[str] | None = None,
+                sampler: str = DEFAULT_SAMPLER, negative_prompt: str | list[str] | None = None,
                 attention_controller: AttentionController | None = None,
                 embedding_weights: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
         """Sample one image per (prompt, seed) pair in one batch. Returns (B, 3, R, R) in [-1, 1].
@@ -358,7 +363,7 @@ class Pipeline:
         return parsed, {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negative_prompt}
 
     def __call__(self, prompt: str | list[str], num_images_per_prompt: int = 1, seed: int = 0,
-                 steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++",
+                 steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER,
                  negative_prompt: str | None = None, batch_size: int = 16,
                  attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
                  attention_controller: AttentionController | None = None,
@@ -390,7 +395,7 @@ class Pipeline:
                               word_maps if maps is not None else None)
 
     def swap(self, source: str, edit: str, num_images: int = 1, seed: int = 0, edit_steps: float = 0.6,
-             steps: int = 20, guidance: float = 3.0, sampler: str = "dpm++", negative_prompt: str | None = None,
+             steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER, negative_prompt: str | None = None,
              attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
              progress: bool = True) -> tuple[PipelineOutput, PipelineOutput]:
         """Prompt-to-Prompt word swap / refinement: draw `source` and `edit` from the same noise,

@@ -1,4 +1,5 @@
 """Tests for diffusion/pipeline.py against the tiny trained model of the session."""
+import inspect
 import json
 import re
 import shutil
@@ -11,7 +12,7 @@ from PIL import Image
 
 from diffusion.attention import AttentionController
 from diffusion.errors import UserError
-from diffusion.pipeline import SAMPLERS, Pipeline, make_sampler, sampler_timesteps, set_sampler_timesteps
+from diffusion.pipeline import DEFAULT_SAMPLER, SAMPLERS, Pipeline, make_sampler, sampler_timesteps, set_sampler_timesteps
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 
@@ -97,6 +98,16 @@ def test_more_steps_than_training_timesteps_is_a_clear_error(pipe):
 
 def test_samplers_are_the_four_documented_ones():
     assert set(SAMPLERS) == {"dpm++", "ddim", "ddpm", "euler"}
+
+
+def test_sample_py_lists_the_pipeline_samplers_and_default():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).parents[1] / "sample.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    assert set(cli.SAMPLER_NAMES) == set(SAMPLERS)
+    assert cli.DEFAULT_SAMPLER == DEFAULT_SAMPLER == "euler"
+    assert inspect.signature(Pipeline.__call__).parameters["sampler"].default == DEFAULT_SAMPLER
 
 
 def test_same_seed_same_images_different_seed_different_images(pipe):
