@@ -38,6 +38,9 @@ def main(argv=None):
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of every sample "
                         "(default 3.0, as sample.py)")
+    parser.add_argument("--sampler", default="euler", choices=("dpm++", "ddim", "ddpm", "euler"),
+                        help="sampler of the faithfulness and edit parts, 20 steps (default euler, as sample.py); "
+                        "the sampler sweep measures all four")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
@@ -69,7 +72,7 @@ def main(argv=None):
     report, examples = evaluate(pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed,
                                 holdout=data.get("holdout", []), training_seed=data.get("seed", 0),
                                 n_edit=args.n_edit, n_samplers=args.n_samplers, batch_size=args.batch_size,
-                                guidance=args.guidance, parts=args.parts)
+                                guidance=args.guidance, parts=args.parts, sampler=args.sampler)
     report["model"] = str(model.resolve())
     print(format_report(report))
     temporary = out.with_name(f".{out.name}.tmp")

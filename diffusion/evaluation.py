@@ -3,7 +3,8 @@ samplers. `evaluate.py` is the command line over `evaluate()`.
 
 Every number comes from images the model draws for prompts of the shapes generator with a seed
 disjoint from training, read back by the project's detector (detector.py, whose own accuracy on
-real generator images is part of the report).
+real generator images is part of the report). Faithfulness and edit response sample as
+`sample.py` does by default (Euler, 20 steps, guidance 3; `sampler` chooses another).
 
 - Faithfulness, scored like GenEval (a prompt passes only if every condition it states holds):
     single object    1 object: an object of the named colour and shape is drawn
@@ -282,7 +283,7 @@ def _sample(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = F
 # ---- the report ----------------------------------------------------------------------------
 
 def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, progress,
-                 guidance: float = 3.0) -> tuple[dict, dict, list]:
+                 guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER) -> tuple[dict, dict, list]:
     """Scores per category, localisation on the generated images, and a few examples per category."""
     scores, localisation, examples = {}, _Localisation(), []
     for category, cases in cases_by_category.items():
@@ -290,7 +291,7 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
             scores[category] = None
             continue
         images, token_maps, offsets = _sample(pipe, [c.prompt for c in cases], seed, batch_size, maps=True,
-                                              guidance=guidance, progress=progress)
+                                              guidance=guidance, sampler=sampler, progress=progress)
         results = []
         for case, image, maps, offs in zip(cases, images, token_maps, offsets):
             detections = detect(image)
@@ -360,7 +361,7 @@ def edit_prompts(n: int, seed: int, holdout: list[str]) -> list[Scene]:
 
 
 def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
-                  guidance: float = 3.0) -> list[dict]:
+                  guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER) -> list[dict]:
     """Rows (word, mode, weight, present, drawn, area, mass) averaged over `n` prompts: `drawn` is
     the share of images with any object at all, so an attribute that is absent because nothing
     was drawn is told apart from one replaced by another. Image k of every setting uses the same
@@ -379,7 +380,7 @@ def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
                     images, token_maps, offsets = plain
                 else:
                     images, token_maps, offsets = _sample(pipe, texts, seed, batch_size, maps=True, progress=progress, guidance=guidance,
-                                                          weighting=Weighting(mode=mode))
+                                                          sampler=sampler, weighting=Weighting(mode=mode))
                     if weight == 1.0:
                         plain = images, token_maps, offsets
                 present, drawn, area, mass = [], [], [], []
@@ -397,7 +398,7 @@ def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
 
 
 def edit_baseline(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
-                  guidance: float = 3.0) -> dict:
+                  guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER) -> dict:
     """How often the edit prompts' colour (shape) is present when the word is deleted from the
     prompt: the model's own prior for it, the floor a weight of 0 reaches by removing the word.
     And, under "negative", when the deleted word is also the negative prompt, which guidance
@@ -409,7 +410,7 @@ def edit_baseline(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
         texts = [text.replace(f" {target}", "", 1) for target, (_, _, text) in zip(named, prompts)]
         for negatives, where in ((None, out), (named, out["negative"])):
             images, _, _ = _sample(pipe, texts, seed, batch_size, progress=progress, guidance=guidance,
-                                   negative_prompts=negatives)
+                                   sampler=sampler, negative_prompts=negatives)
             where[word] = float(np.mean([any(getattr(d, word) == target for d in detect(image))
                                          for target, image in zip(named, images)]))
     return out
@@ -430,7 +431,8 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress,
 
 def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
              n_edit: int = 16, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
-             parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers")) -> tuple[dict, list]:
+             parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers"),
+             sampler: str = DEFAULT_SAMPLER) -> tuple[dict, list]:
     """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid."""
     if seed == training_seed:
         raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
@@ -438,6 +440,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     resolution = pipe.unet.config.sample_size
     started = time.time()
     report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout, "guidance": guidance,
+              "sampler": sampler,
               "mixed_precision": pipe.mixed_precision}
     report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
     examples = []
@@ -454,13 +457,13 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
         total += len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS))
     progress = tqdm(total=total, desc="evaluating (images)", dynamic_ncols=True)
     if "faithfulness" in parts:
-        report["faithfulness"], generated, examples = faithfulness(pipe, cases, seed, batch_size, progress, guidance)
+        report["faithfulness"], generated, examples = faithfulness(pipe, cases, seed, batch_size, progress, guidance, sampler)
         report["localisation"] = {"generated": generated}
     if "localisation" in parts:
         report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
     if "edit" in parts:
-        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance)
-        report["edit_baseline"] = edit_baseline(pipe, n_edit, seed, holdout, batch_size, progress, guidance)
+        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler)
+        report["edit_baseline"] = edit_baseline(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler)
     if "samplers" in parts:
         report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
     progress.close()
@@ -521,9 +524,12 @@ def _fmt(value) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
+SAMPLER_LABELS = {"dpm++": "DPM-Solver++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
+
+
 def format_report(report: dict) -> str:
     lines = [f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
-             f"guidance {report.get('guidance', 3.0):g}, DPM-Solver++ 20 steps, "
+             f"guidance {report.get('guidance', 3.0):g}, {SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
              f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s", ""]
     lines.append("detector accuracy on generator images: " +
                  ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n"))

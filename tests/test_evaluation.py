@@ -152,16 +152,32 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
     assert min(report["detector"][k] for k in ("colour", "shape", "size", "position")) >= 0.9
     json.dumps(report)  # JSON-ready
     assert "faithfulness" in format_report(report) and examples
+    assert report["sampler"] == "euler" and "Euler 20 steps" in format_report(report)
+
+
+def test_evaluate_samples_with_the_sampler_it_is_given(tiny_model):
+    from diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
+    drawn = {}
+    for sampler in ("euler", "ddpm"):  # DDPM adds fresh noise at every step: other images
+        report, examples = evaluate(pipe, n=1, holdout=HOLDOUT, batch_size=8, detector_n=1, parts=("faithfulness",),
+                                    sampler=sampler)
+        assert report["sampler"] == sampler
+        drawn[sampler] = np.stack([np.asarray(image, np.int16) for image, _ in examples])
+    assert np.abs(drawn["euler"] - drawn["ddpm"]).max() > 0
 
 
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "report.json"
     result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
-                     "--parts", "faithfulness,edit", "--guidance", 5, "--mixed-precision", "no", "--out", out)
+                     "--parts", "faithfulness,edit", "--guidance", 5, "--mixed-precision", "no", "--sampler", "ddim",
+                     "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "faithfulness" in report and "edit_response" in report and "samplers" not in report
-    assert report["guidance"] == 5 and report["mixed_precision"] == "no"
+    assert report["guidance"] == 5 and report["mixed_precision"] == "no" and report["sampler"] == "ddim"
+    assert "DDIM 20 steps" in result.stdout
     assert (tmp_path / "report-examples.png").is_file() and (tmp_path / "report-edit.png").is_file()
     assert "single object" in result.stdout
 
@@ -172,6 +188,7 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     (["--seed", "0"], "training data seed"),
     (["--guidance", "-1"], "--guidance must be a finite number"),
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+    (["--sampler", "plms"], "invalid choice: 'plms'"),
 ])
 def test_evaluate_cli_bad_input_is_one_line(tiny_model, run_cli, args, message):
     result = run_cli("evaluate.py", "--model", tiny_model, *args)
