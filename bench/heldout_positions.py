@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from diffusion.data import COLOURS, SHAPES  # noqa: E402
 from diffusion.evaluation import colour_at_position, colour_labels, heldout_single_object_prompts  # noqa: E402
 from diffusion.images import labelled_grid, save_png, to_pil  # noqa: E402
-from diffusion.pipeline import Pipeline  # noqa: E402
+from diffusion.pipeline import DEFAULT_SAMPLER, Pipeline  # noqa: E402
 
 
 def score(pipe, prompts, args):
@@ -61,7 +61,7 @@ def main():
     labels = [f"{'ok' if h else 'MISS'}: {p}" for (p, _, _), h in zip(prompts, hits)]
     path = Path(args.out) if args.out else Path(args.model).parent / "heldout.png"
     save_png(labelled_grid(images, labels, columns=10), path,
-             {"sampler": "dpm++", "steps": args.steps, "guidance": args.guidance, "seed": args.seed})
+             {"sampler": DEFAULT_SAMPLER, "steps": args.steps, "guidance": args.guidance, "seed": args.seed})
     print(f"wrote {path}")
 
 
