@@ -1,6 +1,6 @@
 """Measure a trained shapes model: faithfulness, attention localisation, edit response, samplers.
 
-    python evaluate.py --model runs/shapes/model                      # about 4.5 minutes on 2 CPU cores
+    python evaluate.py --model runs/shapes/model                      # about 4.7 minutes on 2 CPU cores
     python evaluate.py --model runs/shapes/model --n 200 --out runs/shapes/report.json
     python evaluate.py --model runs/shapes/model --parts faithfulness,localisation
 
