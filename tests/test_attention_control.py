@@ -143,7 +143,7 @@ def test_recording_maps_does_not_change_the_image(tiny_model, mixed_precision):
     # a controller that only reads must leave the output to the kernel the plain sample uses.
     pipe = _live(tiny_model, mixed_precision)
     prompts, seeds = ["a red circle on the left", "a blue square"], [0, 1]
-    for sampler in ("dpm++", "ddpm"):
+    for sampler in ("euler", "dpm++", "ddpm"):
         plain = pipe.denoise(prompts, seeds, steps=3, sampler=sampler)
         recorder = AttentionRecorder(pipe.unet.config.sample_size)
         recorded = pipe.denoise(prompts, seeds, steps=3, sampler=sampler, attention_controller=recorder)

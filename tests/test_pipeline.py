@@ -45,7 +45,7 @@ def test_images_have_the_model_size_and_count(pipe):
     assert out.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     assert out.seeds == [7, 8, 9, 7, 8, 9]
     assert {k: out.settings[k] for k in ("sampler", "steps", "guidance", "negative_prompt")} == \
-        {"sampler": "dpm++", "steps": 2, "guidance": 3.0, "negative_prompt": ""}
+        {"sampler": "euler", "steps": 2, "guidance": 3.0, "negative_prompt": ""}
 
 
 def test_a_single_prompt_string(pipe):

@@ -90,7 +90,7 @@ def test_validation_grids_are_written(tiny_run):
     with Image.open(grids[0]) as grid:
         assert grid.width > 16 * 2 and grid.height > 16  # two labelled images, scaled up
         assert grid.text["step"] == "4"
-        assert grid.text["sampler"] == "dpm++"
+        assert grid.text["sampler"] == "euler"  # the default sampler
 
 
 def test_the_exported_model_folder(tiny_run):
