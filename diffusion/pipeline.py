@@ -62,7 +62,8 @@ SAMPLERS = {
 # The default sampler. At 20 steps Euler beat DPM++ 2M on the default config at four training
 # seeds: faithfulness means (n = 200) 0.990 / 0.901 / 0.855 / 0.915 / 0.950 / 0.960 / 0.974 against
 # 0.983 / 0.895 / 0.839 / 0.896 / 0.940 / 0.946 / 0.968 (single, two, three objects, binding,
-# position, counting, held-out pairs; README). The second-order step overshoots a little with guidance.
+# position, counting, held-out pairs; README). Why the second-order step does worse here was not
+# investigated.
 DEFAULT_SAMPLER = "euler"
 
 
