@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
-from diffusion.config import MIXED_PRECISION
+from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES
 from diffusion.errors import UserError, exit_on_user_error
 
 PARTS = ("faithfulness", "localisation", "edit", "samplers")
@@ -38,8 +38,8 @@ def main(argv=None):
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of every sample "
                         "(default 3.0, as sample.py)")
-    parser.add_argument("--sampler", default="euler", choices=("dpm++", "ddim", "ddpm", "euler"),
-                        help="sampler of the faithfulness and edit parts, 20 steps (default euler, as sample.py); "
+    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
+                        help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as sample.py); "
                         "the sampler sweep measures all four")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")

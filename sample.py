@@ -12,11 +12,8 @@ and settings are stored in every PNG's text metadata.
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
-from diffusion.config import MIXED_PRECISION
+from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES
 from diffusion.errors import UserError, exit_on_user_error
-
-SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")  # diffusion.pipeline.SAMPLERS, without importing torch
-DEFAULT_SAMPLER = "euler"  # diffusion.pipeline.DEFAULT_SAMPLER
 
 
 def fraction_window(text: str) -> tuple[float, float]:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .attention import AttentionController
 from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
 from .checkpoint import default_file_modes
+from .config import DEFAULT_SAMPLER
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
@@ -59,12 +60,6 @@ SAMPLERS = {
     "ddpm": (DDPMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {"timestep_spacing": "leading"}),
 }
-# The default sampler. At 20 steps Euler beat DPM++ 2M on the default config at four training
-# seeds: faithfulness means (n = 200) 0.990 / 0.901 / 0.855 / 0.915 / 0.950 / 0.960 / 0.974 against
-# 0.983 / 0.895 / 0.839 / 0.896 / 0.940 / 0.946 / 0.968 (single, two, three objects, binding,
-# position, counting, held-out pairs; README). Why the second-order step does worse here was not
-# investigated.
-DEFAULT_SAMPLER = "euler"
 
 
 def default_device() -> torch.device:
