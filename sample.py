@@ -12,7 +12,7 @@ and settings are stored in every PNG's text metadata.
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
-from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES
+from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS, WEIGHT_MODES
 from diffusion.errors import UserError, exit_on_user_error
 
 
@@ -80,8 +80,11 @@ def main(argv=None):
     parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
                         help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
     parser.add_argument("--attention", metavar="OUT_DIR", help="write per-word attention panels and raw maps here")
-    parser.add_argument("--weight-mode", default="attention", choices=("attention", "embedding"),
+    parser.add_argument("--weight-mode", default=WEIGHT_MODES[0], choices=WEIGHT_MODES,
                         help="how (word:w) weights act: scale cross-attention (default) or text embeddings")
+    parser.add_argument("--weight-context", default=WEIGHT_CONTEXTS[0], choices=WEIGHT_CONTEXTS,
+                        help="fade (default): a word weighted below 1 also fades out of the other words' text "
+                        "states, where the causal CLIP wrote it; keep: leave them (plain Prompt-to-Prompt)")
     parser.add_argument("--weight-steps", default="0,1", type=fraction_window,
                         help="window of steps (fractions start,end) where attention weights act (default 0,1)")
     parser.add_argument("--attention-resolutions", type=resolution_set, default=None,
@@ -99,7 +102,7 @@ def main(argv=None):
     from diffusion.prompts import parse_prompt
 
     check_sampling_args(args.steps, args.guidance, args.num_images, args.batch_size)
-    weighting = Weighting(args.weight_mode, args.weight_steps, args.attention_resolutions)
+    weighting = Weighting(args.weight_mode, args.weight_steps, args.attention_resolutions, args.weight_context)
     weighting.check()
     for prompt in prompts + ([args.edit] if args.edit else []):
         parse_prompt(prompt)  # a malformed prompt fails before the model is loaded

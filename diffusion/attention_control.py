@@ -23,12 +23,17 @@ import torch.nn.functional as F
 from .attention import AttentionController, AttentionSite
 
 
+def step_in_window(step: int, num_steps: int, window: tuple[float, float]) -> bool:
+    """Whether step `step` of `num_steps` lies in `window`, a [start, end) fraction of the steps."""
+    return window[0] <= step / num_steps < window[1]
+
+
 def in_window(site: AttentionSite, window: tuple[float, float]) -> bool:
-    """Whether the site's step lies in `window`, a [start, end) fraction of the sampling steps.
-    Calls outside sampling (no step) are always in."""
+    """Whether the site's step lies in `window` (see `step_in_window`). Calls outside sampling
+    (no step) are always in."""
     if site.step is None or not site.num_steps:
         return True
-    return window[0] <= site.step / site.num_steps < window[1]
+    return step_in_window(site.step, site.num_steps, window)
 
 
 class SiteFilter:

@@ -122,6 +122,10 @@ SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
 # position, counting, held-out pairs; README). Why the second-order step does worse here was not
 # investigated.
 DEFAULT_SAMPLER = "euler"
+# How (word:w) weights act (diffusion/pipeline.py's Weighting; sample.py's --weight-mode and
+# --weight-context): the first of each is the default.
+WEIGHT_MODES = ("attention", "embedding")
+WEIGHT_CONTEXTS = ("fade", "keep")
 CHOICES = {
     "data.kind": ("shapes", "imagefolder"),
     "train.mixed_precision": MIXED_PRECISION,

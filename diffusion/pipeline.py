@@ -28,9 +28,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from .attention import AttentionController
-from .attention_control import AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain
+from .attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain,
+                                step_in_window)
 from .checkpoint import default_file_modes
-from .config import DEFAULT_SAMPLER
+from .config import DEFAULT_SAMPLER, WEIGHT_CONTEXTS, WEIGHT_MODES
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
@@ -40,7 +41,6 @@ from .text_encoder import TextEncoder
 from .unet import UNet
 
 FORMAT_VERSION = 1
-WEIGHT_MODES = ("attention", "embedding")
 
 # name -> (scheduler class, settings over the training scheduler's config).
 # Every sampler visits the same timesteps, DDIM's "leading" ones: (K-1)r, ..., r, 0 with
@@ -129,15 +129,21 @@ class Weighting:
     """How prompt weights act. mode "attention": scale the weighted tokens' cross-attention
     probabilities (Prompt-to-Prompt reweighting), within `steps` (fraction window) and at
     `resolutions` (None: all); mode "embedding": scale their text embeddings relative to the
-    empty prompt's (compel / AUTOMATIC1111 style). `resolutions` also limits word-swap injection."""
+    empty prompt's (compel / AUTOMATIC1111 style). `resolutions` also limits word-swap injection.
+    context "fade": in either mode, a word weighted below 1 also fades out of the other tokens'
+    text states, where the causal CLIP wrote it (see `Pipeline.condition`); "keep": leave those
+    states as encoded (plain Prompt-to-Prompt reweighting or embedding scaling)."""
 
-    mode: str = "attention"
+    mode: str = WEIGHT_MODES[0]  # "attention"
     steps: tuple[float, float] = (0.0, 1.0)
     resolutions: set[int] | None = None
+    context: str = WEIGHT_CONTEXTS[0]  # "fade"
 
     def check(self) -> None:
         if self.mode not in WEIGHT_MODES:
             raise UserError(f"unknown weight mode '{self.mode}'; choose {' or '.join(WEIGHT_MODES)}")
+        if self.context not in WEIGHT_CONTEXTS:
+            raise UserError(f"unknown weight context '{self.context}'; choose {' or '.join(WEIGHT_CONTEXTS)}")
         start, end = self.steps
         if not (0 <= start < end <= 1):
             raise UserError(f"weight steps must be a window 0 <= start < end <= 1, got {start},{end}")
@@ -232,15 +238,17 @@ class Pipeline:
     def denoise(self, prompts: list[str], seeds: list[int], steps: int = 20, guidance: float = 3.0,
                 sampler: str = DEFAULT_SAMPLER, negative_prompt: str | list[str] | None = None,
                 attention_controller: AttentionController | None = None,
-                embedding_weights: torch.Tensor | None = None, progress: bool = False) -> torch.Tensor:
+                token_weights: torch.Tensor | None = None, weighting: Weighting | None = None,
+                progress: bool = False) -> torch.Tensor:
         """Sample one image per (prompt, seed) pair in one batch. Returns (B, 3, R, R) in [-1, 1].
 
         prompts: plain prompts (no weighting syntax); seeds: one noise seed per prompt;
         negative_prompt: replaces the empty prompt of the unconditional half, one for all or a
         list with one per prompt;
         attention_controller: sees every cross-attention call (`site.conditional` marks the
-        conditional rows); embedding_weights: (B, T) per-token weights applied to the text
-        embeddings (see `_weight_embeddings`; None: no weighting).
+        conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
+        `weighting` says (see `condition`; None: no weighting). Attention-mode weights act through
+        the controller (`AttentionReweighter`), which the caller passes in.
 
         The noise of each image comes from its own generator seeded with its seed, so an image
         does not depend on what else is in the batch."""
@@ -252,9 +260,13 @@ class Pipeline:
         x = noise.to(self.device) * scheduler.init_noise_sigma
 
         B = len(prompts)
-        embeddings, key_mask = self.text_encoder.encode(prompts)  # (B, T, D), (B, T)
-        if embedding_weights is not None:
-            embeddings, key_mask = self._weight_embeddings(prompts, embeddings, key_mask, embedding_weights)
+        embeddings, key_mask = self.condition(prompts, token_weights, weighting)  # (B, T, D), (B, T)
+        # Attention-mode weights act within their window of steps, and so does their fading of
+        # the other words' states: outside it the UNet reads the plain encoding.
+        outside = None
+        if token_weights is not None and weighting is not None and weighting.mode == "attention" \
+                and weighting.context == "fade" and tuple(weighting.steps) != (0.0, 1.0):
+            outside, _ = self.text_encoder.encode(prompts)
         use_guidance = guidance != 1.0
         conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
         if use_guidance:  # unconditional half first, conditional second
@@ -263,16 +275,19 @@ class Pipeline:
                 raise ValueError(f"{len(negatives)} negative prompts for {B} prompts")
             negative, negative_mask = self.text_encoder.encode(negatives)
             embeddings = torch.cat([negative, embeddings])
+            outside = None if outside is None else torch.cat([negative, outside])
             key_mask = torch.cat([negative_mask, key_mask])
         dtype = next(self.unet.parameters()).dtype
         embeddings = embeddings.to(self.device, dtype)
+        outside = None if outside is None else outside.to(self.device, dtype)
         key_mask = key_mask.to(self.device)
 
         for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
             model_input = torch.cat([x, x]) if use_guidance else x
             model_input = scheduler.scale_model_input(model_input, t).to(dtype)
+            context = outside if outside is not None and not step_in_window(i, steps, weighting.steps) else embeddings
             with self.autocast():
-                prediction = self.unet(model_input, t, embeddings, key_mask, attention_controller=attention_controller,
+                prediction = self.unet(model_input, t, context, key_mask, attention_controller=attention_controller,
                                        step=i, num_steps=steps, conditional=conditional).float()
             if use_guidance:
                 unconditional, conditional_prediction = prediction.chunk(2)
@@ -280,19 +295,29 @@ class Pipeline:
             x = scheduler.step(prediction, t, x, generator=generators).prev_sample
         return x.clamp(-1, 1)
 
-    def _weight_embeddings(self, prompts: list[str], embeddings: torch.Tensor, key_mask: torch.Tensor,
-                           weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embedding-mode weights (B, T). A weighted token's own state moves from the empty
-        prompt's, e0 + w (e - e0). A word weighted below 1 also fades out of the other tokens'
-        context: they become e_without + s (e - e_without), where e_without is the encoding of
-        the prompt with the down-weighted words deleted (token by token aligned back onto this
-        prompt) and s is the prompt's smallest weight. The causal CLIP writes "red" into the
-        state of "circle" in "a red circle"; without this, weight 0 on "red" still draws red. A
-        word at weight 0 is no longer a key either, so weight 0 gives exactly the prompt with the
-        word deleted (as compel's down-weighting does)."""
-        weights = weights.to(embeddings.device)
+    def condition(self, prompts: list[str], token_weights: torch.Tensor | None = None,
+                  weighting: Weighting | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text states (B, T, D) the UNet attends to for `prompts` and their key mask (B, T),
+        under per-token weights (B, T) (None: the plain encoding).
+
+        With context "fade", a word weighted below 1 fades out of the other tokens' states: they
+        become e_without + s (e - e_without), where e_without is the encoding of the prompt with
+        the down-weighted words deleted (token by token aligned back onto this prompt) and s is
+        the prompt's smallest weight. The causal CLIP writes "red" into the state of "circle" in
+        "a red circle"; without this, weight 0 on "red" still draws red, in either mode. The
+        weighted tokens' own states are left to the mode.
+        In embedding mode a weighted token's own state moves from the empty prompt's,
+        e0 + w (e - e0), and with "fade" a word at weight 0 is no longer a key either, so weight
+        0 gives exactly the prompt with the word deleted (as compel's down-weighting does). In
+        attention mode the states are only faded; the controller scales the probabilities."""
+        embeddings, key_mask = self.text_encoder.encode(prompts)
+        if token_weights is None or bool((token_weights == 1).all()):
+            return embeddings, key_mask
+        weighting = weighting or Weighting()
+        weights = token_weights.to(embeddings.device)
         down = weights < 1  # (B, T)
-        if down.any():
+        fade = weighting.context == "fade" and bool(down.any())
+        if fade:
             T, D = embeddings.shape[1:]
             offsets = self._offsets(prompts)
             deleted = [delete_tokens(p, o, d) for p, o, d in zip(prompts, offsets, down.tolist())]
@@ -305,9 +330,12 @@ class Pipeline:
             scale = weights.masked_fill(~down, 1.0).amin(dim=1)[:, None, None]  # (B, 1, 1)
             context = without + scale * (embeddings - without)
             embeddings = torch.where(down[:, :, None], embeddings, context)
-            key_mask = key_mask & (weights != 0)
-        empty, _ = self.text_encoder.encode([""])
-        return empty + weights[:, :, None] * (embeddings - empty), key_mask
+        if weighting.mode == "embedding":
+            if fade:
+                key_mask = key_mask & (weights != 0)
+            empty, _ = self.text_encoder.encode([""])
+            embeddings = empty + weights[:, :, None] * (embeddings - empty)
+        return embeddings, key_mask
 
     def _offsets(self, texts: list[str]) -> torch.Tensor:
         """Token character offsets (B, T, 2), without the truncation warning: denoise() encodes the
@@ -338,8 +366,8 @@ class Pipeline:
         if attention_controller is not None:
             controllers.append(attention_controller)
         controller = ControllerChain(controllers) if controllers else None
-        embedding_weights = token_weights if weighted and weighting.mode == "embedding" else None
-        x = self.denoise(texts, seeds, attention_controller=controller, embedding_weights=embedding_weights,
+        x = self.denoise(texts, seeds, attention_controller=controller,
+                         token_weights=token_weights if weighted else None, weighting=weighting,
                          progress=progress, **settings)
         word_maps = None
         if recorder is not None:
@@ -386,6 +414,7 @@ class Pipeline:
             images.extend(to_pil(x))
             word_maps.extend(batch_maps or [])
         settings = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode,
+                    "weight_context": weighting.context,
                     "mixed_precision": self.mixed_precision}
         return PipelineOutput(images, [prompts[k] for k, _ in jobs], [s for _, s in jobs], settings,
                               word_maps if maps is not None else None)

@@ -183,6 +183,51 @@ def test_embedding_weight_zero_removes_the_word(live_pipe):
     assert not np.array_equal(np.asarray(red), np.asarray(blue))
 
 
+def _token_index(pipe, text: str, word: str) -> int:
+    """Index of the first token of `word` in `text`."""
+    start = text.index(word)
+    return int((pipe._offsets([text])[0, :, 0] == start).nonzero()[0, 0])
+
+
+@pytest.mark.parametrize("mode", ["attention", "embedding"])
+def test_fading_context_moves_the_later_tokens_to_the_prompt_without_the_word(pipe, mode):
+    # "red" is written into the states of the tokens after it by the causal CLIP; fading moves
+    # those states to the encoding of the prompt with "red" deleted, by the weight.
+    text, deleted = "a red circle on the left", "a circle on the left"
+    red, circle, left = (_token_index(pipe, text, w) for w in ("red", "circle", "left"))
+    full, _ = pipe.text_encoder.encode([text])
+    without, _ = pipe.text_encoder.encode([deleted])
+    without_circle, without_left = (_token_index(pipe, deleted, w) for w in ("circle", "left"))
+    for weight in (0.0, 0.5):
+        weights = torch.ones(1, full.shape[1])
+        weights[0, red] = weight
+        faded, _ = pipe.condition([text], weights, Weighting(mode))
+        kept, _ = pipe.condition([text], weights, Weighting(mode, context="keep"))
+        for k, k_without in ((circle, without_circle), (left, without_left)):
+            expected = without[0, k_without] + weight * (full[0, k] - without[0, k_without])
+            assert torch.allclose(faded[0, k], expected, atol=1e-5)  # embedding mode: e0 + 1 (e - e0) at weight 1
+            assert torch.allclose(kept[0, k], full[0, k], atol=1e-5)  # keep: as encoded
+        assert torch.allclose(faded[0, :red], full[0, :red], atol=1e-5)  # the tokens before it cannot hold it
+    assert not torch.allclose(full[0, circle], without[0, without_circle], atol=1e-3)  # the test can fail
+
+
+def test_attention_mode_fades_the_context_only_below_weight_one(live_pipe):
+    weighting, keep = Weighting("attention"), Weighting("attention", context="keep")
+    for prompt, differ in (("a (red:2) circle on the left", False), ("a (red:0) circle on the left", True)):
+        faded = live_pipe(prompt, steps=3, progress=False, weighting=weighting).images[0]
+        kept = live_pipe(prompt, steps=3, progress=False, weighting=keep).images[0]
+        assert np.array_equal(np.asarray(faded), np.asarray(kept)) != differ, prompt
+
+
+def test_attention_weights_and_their_fading_act_only_within_the_window(live_pipe):
+    # 3 steps sit at fractions 0, 1/3, 2/3: a window of [0.9, 1) holds none, so nothing changes
+    plain = live_pipe("a red circle on the left", steps=3, progress=False).images[0]
+    for window, changed in (((0.9, 1.0), False), ((0.0, 0.5), True)):
+        weighted = live_pipe("a (red:0) circle on the left", steps=3, progress=False,
+                             weighting=Weighting("attention", steps=window)).images[0]
+        assert np.array_equal(np.asarray(plain), np.asarray(weighted)) != changed, window
+
+
 def test_swap_with_the_same_prompt_keeps_the_source_image(pipe):
     source, edit = pipe.swap("a red circle on the left", "a red circle on the left", num_images=2, steps=3,
                              progress=False)
@@ -211,6 +256,7 @@ def test_map_options_limit_the_recorded_layers(pipe):
 @pytest.mark.parametrize("kwargs, fragment", [
     ({"weighting": Weighting("loud")}, "weight mode"),
     ({"weighting": Weighting(steps=(0.5, 0.2))}, "weight steps"),
+    ({"weighting": Weighting(context="forget")}, "weight context"),
 ])
 def test_bad_weighting_is_a_user_error(pipe, kwargs, fragment):
     from diffusion.errors import UserError

@@ -86,8 +86,9 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
     (["--sampler", "plms", "a red circle"], ["invalid choice: 'plms'"]),
     (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
     (["--mixed-precision", "fp8", "a red circle"], ["invalid choice: 'fp8'"]),
+    (["--weight-context", "forget", "a (red:0) circle"], ["invalid choice: 'forget'"]),
 ], ids=["guidance-inf", "guidance-nan", "steps-0", "steps-over-training", "n-0", "no-prompt", "missing-prompt-file", "unknown-sampler",
-        "n-not-a-number", "unknown-mixed-precision"])
+        "n-not-a-number", "unknown-mixed-precision", "unknown-weight-context"])
 def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model, tmp_path, args, fragments):
     out = tmp_path / "grid.png"
     out.write_bytes(SENTINEL)
