@@ -12,7 +12,7 @@ import math
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings
-from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES
+from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS
 from diffusion.errors import UserError, exit_on_user_error
 
 PARTS = ("faithfulness", "localisation", "edit", "samplers")
@@ -41,6 +41,9 @@ def main(argv=None):
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
                         help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as sample.py); "
                         "the sampler sweep measures all four")
+    parser.add_argument("--weight-context", default=WEIGHT_CONTEXTS[0], choices=WEIGHT_CONTEXTS,
+                        help="how the edit part's weights treat the other words' text states (default "
+                        f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
@@ -72,7 +75,8 @@ def main(argv=None):
     report, examples = evaluate(pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed,
                                 holdout=data.get("holdout", []), training_seed=data.get("seed", 0),
                                 n_edit=args.n_edit, n_samplers=args.n_samplers, batch_size=args.batch_size,
-                                guidance=args.guidance, parts=args.parts, sampler=args.sampler)
+                                guidance=args.guidance, parts=args.parts, sampler=args.sampler,
+                                weight_context=args.weight_context)
     report["model"] = str(model.resolve())
     print(format_report(report))
     temporary = out.with_name(f".{out.name}.tmp")
@@ -84,7 +88,7 @@ def main(argv=None):
         written.append(save_png(labelled_grid(list(images), list(labels), columns=8),
                                 out.with_name(f"{out.stem}-examples.png"), {"model": report["model"]}))
     if "edit_response" in report:
-        written.append(save_png(edit_plot(report["edit_response"]), out.with_name(f"{out.stem}-edit.png"),
+        written.append(save_png(edit_plot(report["edit_response"], report.get("edit_baseline")), out.with_name(f"{out.stem}-edit.png"),
                                 {"model": report["model"]}))
     print("wrote " + ", ".join(str(p) for p in written))
 

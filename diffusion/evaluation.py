@@ -23,8 +23,9 @@ real generator images is part of the report). Faithfulness and edit response sam
   exact masks: the image is noised to t = 250, 500 and 750 (same noise) and one conditional
   pass at each t is recorded and summed.
 - Edit response: one-object prompts, weight 0, 0.5, 1, 2, 4 on the colour or the shape word, in
-  both weight modes: how often the attribute is present, how often any object is drawn at all,
-  the area the objects cover, and the word's share of the cross-attention mass.
+  both weight modes (with the word faded out of the other words' states, `weight_context`): how
+  often the attribute is present, how often any object is drawn at all, the area the objects
+  cover, and the word's share of the cross-attention mass.
 - Samplers: a mixed set of single-object and position prompts with each sampler at 5, 10, 20
   and 50 steps, against DPM-Solver++ at 250 steps.
 
@@ -43,12 +44,13 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from .attention_control import AttentionRecorder
+from .config import DEFAULT_SAMPLER, WEIGHT_CONTEXTS
 from .data import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, ShapesDataset,
                    parse_holdout)
 from .detector import Detection, detect, detector_accuracy
 from .errors import UserError
 from .images import _font, uint8_images
-from .pipeline import DEFAULT_SAMPLER, SAMPLERS, Weighting
+from .pipeline import SAMPLERS, Weighting
 from .prompts import parse_prompt
 
 _PALETTE = np.array(list(COLOURS.values()) + [BACKGROUND], dtype=np.float32)  # (K, 3)
@@ -58,6 +60,7 @@ CATEGORIES = ("single object", "two objects", "three objects", "colour binding",
               "held-out pairs")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 EDIT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
+WEIGHT_ZERO_TARGET = 0.10  # issue 4: the colour at most this often with weight 0 on its word
 SAMPLER_STEPS = (5, 10, 20, 50)
 REFERENCE = ("dpm++", 250)
 IOU_THRESHOLD = 0.4
@@ -361,11 +364,11 @@ def edit_prompts(n: int, seed: int, holdout: list[str]) -> list[Scene]:
 
 
 def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
-                  guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER) -> list[dict]:
+                  guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER, context: str = WEIGHT_CONTEXTS[0]) -> list[dict]:
     """Rows (word, mode, weight, present, drawn, area, mass) averaged over `n` prompts: `drawn` is
     the share of images with any object at all, so an attribute that is absent because nothing
     was drawn is told apart from one replaced by another. Image k of every setting uses the same
-    noise, so rows differ only by the weight."""
+    noise, so rows differ only by the weight. `context`: as `Weighting.context`."""
     prompts = edit_prompts(n, seed, holdout)
     rows = []
     plain = None
@@ -380,7 +383,7 @@ def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
                     images, token_maps, offsets = plain
                 else:
                     images, token_maps, offsets = _sample(pipe, texts, seed, batch_size, maps=True, progress=progress, guidance=guidance,
-                                                          sampler=sampler, weighting=Weighting(mode=mode))
+                                                          sampler=sampler, weighting=Weighting(mode=mode, context=context))
                     if weight == 1.0:
                         plain = images, token_maps, offsets
                 present, drawn, area, mass = [], [], [], []
@@ -432,7 +435,7 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress,
 def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
              n_edit: int = 16, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
              parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers"),
-             sampler: str = DEFAULT_SAMPLER) -> tuple[dict, list]:
+             sampler: str = DEFAULT_SAMPLER, weight_context: str = WEIGHT_CONTEXTS[0]) -> tuple[dict, list]:
     """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid."""
     if seed == training_seed:
         raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
@@ -462,7 +465,9 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     if "localisation" in parts:
         report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
     if "edit" in parts:
-        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler)
+        report["weight_context"] = weight_context
+        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler,
+                                                weight_context)
         report["edit_baseline"] = edit_baseline(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler)
     if "samplers" in parts:
         report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
@@ -495,7 +500,8 @@ def targets(report: dict) -> dict:
         zero = [r for r in rows if r["weight"] == 0 and r["mode"] == mode]
         if zero:
             key = f"edit/colour weight 0 present, {mode} mode (at most)"
-            out[key] = {"value": zero[0]["present"], "target": 0.10, "met": zero[0]["present"] <= 0.10 + eps}
+            out[key] = {"value": zero[0]["present"], "target": WEIGHT_ZERO_TARGET,
+                        "met": zero[0]["present"] <= WEIGHT_ZERO_TARGET + eps}
             if "drawn" in zero[0]:  # a colour absent because nothing was drawn is not an edit
                 out[key]["object drawn"] = zero[0]["drawn"]
             if "edit_baseline" in report:  # the word deleted: the model's own rate for that colour
@@ -542,7 +548,8 @@ def format_report(report: dict) -> str:
     for where, values in report.get("localisation", {}).items():
         lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
     if "edit_response" in report:
-        lines += ["", f"{'edit word':<10} {'mode':<10} {'weight':>6} {'present':>8} {'drawn':>6} {'area':>6} {'mass':>6}"]
+        lines += ["", f"edit response (weight context: {report.get('weight_context', 'not recorded')})",
+                  f"{'edit word':<10} {'mode':<10} {'weight':>6} {'present':>8} {'drawn':>6} {'area':>6} {'mass':>6}"]
         for r in report["edit_response"]:
             lines.append(f"{r['word']:<10} {r['mode']:<10} {r['weight']:>6g} {r['present']:>8.3f} "
                          f"{r.get('drawn', float('nan')):>6.3f} {r['area']:>6.3f} {r['mass']:>6.3f}")
@@ -562,13 +569,24 @@ def format_report(report: dict) -> str:
             lines.append(f"{name:<8} " + " ".join(f"{scores[str(s)]:>6.3f}" for s in SAMPLER_STEPS))
     lines += ["", f"{'target':<58} {'value':>6} {'goal':>6} met"]
     for key, t in report["targets"].items():
-        lines.append(f"{key:<58} {_fmt(t['value']):>6} {_fmt(t['target']):>6} {_fmt(t['met'])}")
+        line = f"{key:<58} {_fmt(t['value']):>6} {_fmt(t['target']):>6} {_fmt(t['met'])}"
+        if "object drawn" in t:  # a colour can be absent because nothing was drawn at all
+            line += f" (an object drawn in {t['object drawn']:.2f}"
+            line += f"; word deleted {t['word deleted']:.2f})" if "word deleted" in t else ")"
+        lines.append(line)
     return "\n".join(lines)
 
 
-def edit_plot(rows: list[dict], width: int = 720, height: int = 240) -> Image.Image:
+def _dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, fill, dash: int = 5) -> None:
+    for x in range(int(x0), int(x1), 2 * dash):
+        draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
+
+
+def edit_plot(rows: list[dict], baseline: dict | None = None, width: int = 720, height: int = 240) -> Image.Image:
     """Three small line charts (present, area, mass against the weight), one line per word and
-    mode."""
+    mode. With `baseline` (`edit_baseline`), the present chart also shows, dashed, how often each
+    attribute is present with its word deleted (the floor weight 0 reaches by removing the word)
+    and the weight-0 target for the colour word."""
     styles = {("colour", "attention"): (220, 50, 50), ("colour", "embedding"): (240, 150, 150),
               ("shape", "attention"): (40, 80, 220), ("shape", "embedding"): (140, 170, 240)}
     image = Image.new("RGB", (width, height), "white")
@@ -587,6 +605,15 @@ def edit_plot(rows: list[dict], width: int = 720, height: int = 240) -> Image.Im
             return (x0 + (x1 - x0) * weight / max(EDIT_WEIGHTS), bottom - (bottom - top) * value / top_value)
         for w in EDIT_WEIGHTS:
             draw.text((xy(w, 0)[0] - 6, bottom + 2), f"{w:g}", fill="black", font=font)
+        if metric == "present" and baseline is not None:
+            floors = [(baseline["colour"], (150, 20, 20), "colour word deleted"),
+                      (baseline["shape"], (20, 40, 150), "shape word deleted"),
+                      (WEIGHT_ZERO_TARGET, (120, 120, 120), "weight-0 target, colour")]
+            for k, (value, colour, label) in enumerate(floors):
+                _dashed(draw, x0, x1, xy(0, value)[1], colour)
+                x = 10 + k * (width // 4)
+                _dashed(draw, x, x + 20, height - 32, colour, dash=3)
+                draw.text((x + 24, height - 38), f"{label} ({value:.2f})", fill="black", font=font)
         for (word, mode), colour in styles.items():
             points = [xy(r["weight"], r[metric]) for r in rows if r["word"] == word and r["mode"] == mode]
             if len(points) > 1:

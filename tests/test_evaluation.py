@@ -120,6 +120,12 @@ def test_targets_and_plot_from_a_report():
     assert targets(report)["edit/attention mode mass monotone in weight"]["met"] is False
     plot = edit_plot(rows)
     assert plot.size == (720, 240) and len(np.unique(np.asarray(plot).reshape(-1, 3), axis=0)) > 5
+    # with the word-deleted floors: one dashed line each in the present chart, at its value
+    pixels = np.asarray(edit_plot(rows, {"colour": 0.5, "shape": 0.25}))
+    colour_floor = np.nonzero((pixels[:, :240] == (150, 20, 20)).all(-1))[0]
+    shape_floor = np.nonzero((pixels[:, :240] == (20, 40, 150)).all(-1))[0]
+    assert len(colour_floor) and len(shape_floor)
+    assert np.median(colour_floor) < np.median(shape_floor)  # 0.5 sits higher (smaller y) than 0.25
 
 
 def test_evaluate_smoke_on_the_tiny_model(tiny_model):
@@ -153,31 +159,40 @@ def test_evaluate_smoke_on_the_tiny_model(tiny_model):
     json.dumps(report)  # JSON-ready
     assert "faithfulness" in format_report(report) and examples
     assert report["sampler"] == "euler" and "Euler 20 steps" in format_report(report)
+    assert report["weight_context"] == "fade" and "weight context: fade" in format_report(report)
+    drawn = report["targets"]["edit/colour weight 0 present, attention mode (at most)"]["object drawn"]
+    assert f"(an object drawn in {drawn:.2f}; word deleted" in format_report(report)
 
 
-def test_evaluate_samples_with_the_sampler_it_is_given(tiny_model):
+def test_evaluate_edits_with_the_weight_context_it_is_given(tiny_model, monkeypatch):
     from diffusion.pipeline import Pipeline
 
     pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
-    drawn = {}
-    for sampler in ("euler", "ddpm"):  # DDPM adds fresh noise at every step: other images
-        report, examples = evaluate(pipe, n=1, holdout=HOLDOUT, batch_size=8, detector_n=1, parts=("faithfulness",),
-                                    sampler=sampler)
-        assert report["sampler"] == sampler
-        drawn[sampler] = np.stack([np.asarray(image, np.int16) for image, _ in examples])
-    assert np.abs(drawn["euler"] - drawn["ddpm"]).max() > 0
+    used = set()  # (mode, context) of every batch that holds a weighted prompt
+    sample_batch = pipe.sample_batch
+
+    def recording(prompts, seeds, settings, maps, weighting, *args, **kwargs):
+        if any(w != 1 for p in prompts for _, _, w in p.weights):
+            used.add((weighting.mode, weighting.context))
+        return sample_batch(prompts, seeds, settings, maps, weighting, *args, **kwargs)
+
+    monkeypatch.setattr(pipe, "sample_batch", recording)
+    report, _ = evaluate(pipe, n=1, holdout=HOLDOUT, n_edit=1, batch_size=8, detector_n=1, parts=("edit",),
+                         weight_context="keep")
+    assert report["weight_context"] == "keep"
+    assert used == {("attention", "keep"), ("embedding", "keep")}
 
 
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "report.json"
     result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
                      "--parts", "faithfulness,edit", "--guidance", 5, "--mixed-precision", "no", "--sampler", "ddim",
-                     "--out", out)
+                     "--weight-context", "keep", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "faithfulness" in report and "edit_response" in report and "samplers" not in report
     assert report["guidance"] == 5 and report["mixed_precision"] == "no" and report["sampler"] == "ddim"
-    assert "DDIM 20 steps" in result.stdout
+    assert "DDIM 20 steps" in result.stdout and report["weight_context"] == "keep"
     assert (tmp_path / "report-examples.png").is_file() and (tmp_path / "report-edit.png").is_file()
     assert "single object" in result.stdout
 
@@ -189,6 +204,7 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     (["--guidance", "-1"], "--guidance must be a finite number"),
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
+    (["--weight-context", "forget"], "invalid choice: 'forget'"),
 ])
 def test_evaluate_cli_bad_input_is_one_line(tiny_model, run_cli, args, message):
     result = run_cli("evaluate.py", "--model", tiny_model, *args)
