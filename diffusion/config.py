@@ -172,6 +172,8 @@ def _coerce(key: str, value, annotation):
         return float(value)
     if annotation is str and isinstance(value, str):
         return value
+    if annotation is str and value is False and "no" in CHOICES.get(key, ()):
+        return "no"  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
     if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
         return value
     raise UserError(f"{key} must be {annotation.__name__}, got {value!r}")

@@ -233,3 +233,13 @@ def test_the_pixel_loss_needs_the_grounding_loss():
     with pytest.raises(UserError, match="train.grounding_weight > 0"):
         config_from_dict({}, ["train.grounding_weight=0", "train.grounding_pixel_weight=0.05"])
     assert config_from_dict({}, ["train.grounding_pixel_weight=0.05"]).train.grounding_pixel_weight == 0.05
+
+
+def test_a_bare_no_is_the_mixed_precision_choice_not_false(tmp_path):
+    # YAML 1.1 reads `no` as false; for train.mixed_precision it names the choice "no" (float32)
+    assert config_from_dict({}, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    config = tmp_path / "fp32.yaml"
+    config.write_text("train:\n  mixed_precision: no\n")
+    assert load_config(config).train.mixed_precision == "no"
+    with pytest.raises(UserError, match="train.grounding_weight must be float"):
+        config_from_dict({}, ["train.grounding_weight=no"])  # other fields still reject a boolean
