@@ -11,7 +11,7 @@ and settings are stored in every PNG's text metadata.
 """
 from pathlib import Path
 
-from diffusion.cli import ArgumentParser, one_line_warnings
+from diffusion.cli import ArgumentParser, one_line_warnings, relaunch_with_huge_pages
 from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS, WEIGHT_MODES
 from diffusion.errors import UserError, exit_on_user_error
 
@@ -152,4 +152,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    relaunch_with_huge_pages()  # malloc set up for PyTorch on CPU: sampling 1.11x as fast
     main()

@@ -2,6 +2,7 @@
 import json
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -193,3 +194,106 @@ def test_sample_with_a_too_long_prompt_warns_once_and_succeeds(run_cli, tiny_mod
         assert grid.text["prompts"] == prompt
     assert out.with_name("long-000.png").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long-000.png", "long.png"]  # no temporary files left
+
+
+# ---- huge pages: the command lines start themselves again with glibc.malloc.hugetlb=1 --------------
+@pytest.fixture
+def exec_calls(monkeypatch):
+    """Record os.execv instead of replacing the test process; huge pages count as supported."""
+    import diffusion.cli as cli
+    calls = []
+    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, list(argv))))
+    monkeypatch.setattr(cli, "huge_pages_supported", lambda: True)
+    monkeypatch.setenv("GLIBC_TUNABLES", "")  # recorded, so that teardown removes what the tests set
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    return calls
+
+
+def test_relaunch_runs_the_same_command_again_with_the_tunable(exec_calls, monkeypatch):
+    import os
+    import sys
+
+    from diffusion.cli import MALLOC_TUNABLES, relaunch_with_huge_pages
+    relaunch_with_huge_pages()
+    assert exec_calls == [(sys.executable, sys.orig_argv)]
+    assert os.environ["GLIBC_TUNABLES"] == MALLOC_TUNABLES
+
+    exec_calls.clear()
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # the user's own tunables are kept
+    relaunch_with_huge_pages()
+    assert len(exec_calls) == 1
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + MALLOC_TUNABLES
+
+
+@pytest.mark.parametrize("tunables", ["glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=0",
+                                      "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"])
+def test_relaunch_happens_once_and_can_be_switched_off(exec_calls, monkeypatch, tunables):
+    import os
+
+    from diffusion.cli import relaunch_with_huge_pages
+    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
+    relaunch_with_huge_pages()
+    assert exec_calls == [] and os.environ["GLIBC_TUNABLES"] == tunables
+
+
+def test_no_relaunch_where_huge_pages_are_unsupported(exec_calls, monkeypatch):
+    import os
+
+    import diffusion.cli as cli
+    monkeypatch.setattr(cli, "huge_pages_supported", lambda: False)
+    cli.relaunch_with_huge_pages()
+    assert exec_calls == [] and "GLIBC_TUNABLES" not in os.environ
+
+
+def test_a_failed_relaunch_runs_on_with_the_environment_unchanged(monkeypatch):
+    import os
+
+    import diffusion.cli as cli
+
+    def refuse(path, argv):
+        raise PermissionError(13, "Permission denied")
+    monkeypatch.setattr(cli.os, "execv", refuse)
+    monkeypatch.setattr(cli, "huge_pages_supported", lambda: True)
+    monkeypatch.setenv("GLIBC_TUNABLES", "")
+    monkeypatch.delenv("GLIBC_TUNABLES")
+    cli.relaunch_with_huge_pages()
+    assert "GLIBC_TUNABLES" not in os.environ
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    cli.relaunch_with_huge_pages()
+    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
+
+
+def test_huge_pages_supported_reads_the_platform(monkeypatch):
+    import diffusion.cli as cli
+    monkeypatch.setattr(cli.sys, "platform", "darwin")
+    assert not cli.huge_pages_supported()
+    monkeypatch.setattr(cli.sys, "platform", "linux")
+    monkeypatch.setattr(cli.os, "confstr", lambda name: "glibc 2.31")  # before glibc.malloc.hugetlb
+    assert not cli.huge_pages_supported()
+    monkeypatch.setattr(cli.os, "confstr", lambda name: "musl 1.2")
+    assert not cli.huge_pages_supported()
+
+
+def test_a_script_really_starts_again_with_the_tunable(tmp_path):
+    """A real exec: the script's output comes from the second start, with its arguments intact."""
+    import os
+    import subprocess
+    import sys
+
+    from diffusion.cli import MALLOC_TUNABLES, huge_pages_supported
+    if not huge_pages_supported():
+        pytest.skip("no glibc >= 2.35 with transparent huge pages here")
+    script = tmp_path / "probe.py"
+    script.write_text("import os, sys\nfrom diffusion.cli import relaunch_with_huge_pages\n"
+                      "print('start', os.getpid(), flush=True)\n"
+                      "relaunch_with_huge_pages()\n"
+                      "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
+    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    repo = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    result = subprocess.run([sys.executable, str(script), "a b", "--c"], env=env, capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 3 and lines[0] == lines[1]  # started twice, in the same process (exec keeps the pid)
+    assert lines[2] == MALLOC_TUNABLES + " ['a b', '--c']"
