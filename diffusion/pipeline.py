@@ -260,13 +260,14 @@ class Pipeline:
         x = noise.to(self.device) * scheduler.init_noise_sigma
 
         B = len(prompts)
-        embeddings, key_mask = self.condition(prompts, token_weights, weighting)  # (B, T, D), (B, T)
+        plain = self.text_encoder.encode(prompts)  # (B, T, D), (B, T)
+        embeddings, key_mask = self.condition(prompts, token_weights, weighting, encoded=plain)
         # Attention-mode weights act within their window of steps, and so does their fading of
         # the other words' states: outside it the UNet reads the plain encoding.
         outside = None
         if token_weights is not None and weighting is not None and weighting.mode == "attention" \
                 and weighting.context == "fade" and tuple(weighting.steps) != (0.0, 1.0):
-            outside, _ = self.text_encoder.encode(prompts)
+            outside = plain[0]
         use_guidance = guidance != 1.0
         conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
         if use_guidance:  # unconditional half first, conditional second
@@ -296,9 +297,11 @@ class Pipeline:
         return x.clamp(-1, 1)
 
     def condition(self, prompts: list[str], token_weights: torch.Tensor | None = None,
-                  weighting: Weighting | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  weighting: Weighting | None = None,
+                  encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The text states (B, T, D) the UNet attends to for `prompts` and their key mask (B, T),
-        under per-token weights (B, T) (None: the plain encoding).
+        under per-token weights (B, T) (None: the plain encoding). encoded: the plain encoding of
+        `prompts` when the caller already has it.
 
         With context "fade", a word weighted below 1 fades out of the other tokens' states: they
         become e_without + s (e - e_without), where e_without is the encoding of the prompt with
@@ -310,7 +313,7 @@ class Pipeline:
         e0 + w (e - e0), and with "fade" a word at weight 0 is no longer a key either, so weight
         0 gives exactly the prompt with the word deleted (as compel's down-weighting does). In
         attention mode the states are only faded; the controller scales the probabilities."""
-        embeddings, key_mask = self.text_encoder.encode(prompts)
+        embeddings, key_mask = encoded if encoded is not None else self.text_encoder.encode(prompts)
         if token_weights is None or bool((token_weights == 1).all()):
             return embeddings, key_mask
         weighting = weighting or Weighting()
