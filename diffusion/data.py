@@ -2,8 +2,9 @@
 
 Both datasets yield the same items, `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str,
 "index": int}`, offer `captions()` (every caption, without loading pixels) for fitting a tokenizer
-and caching text embeddings, and `render_all()` for training from memory. `build_dataset` picks
-one from the `data` section of a config.
+and caching text embeddings, and `render_all()` for training from memory (the shapes set also
+`render_with_masks()`, in parallel processes). `build_dataset` picks one from the `data` section
+of a config.
 
 The shapes dataset is the default: scenes of 1-4 coloured shapes on a dark background whose
 captions name each object's colour, shape, optional size and position (absolute, or a relation
@@ -15,9 +16,12 @@ from __future__ import annotations
 
 import json
 import logging
+import multiprocessing
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -485,20 +489,81 @@ class ShapesDataset(Dataset):
         return [self.scene(i).caption for i in range(self.num_samples)]
 
     def render_all(self, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-        """Render every sample once for training from memory.
+        """Render every sample once for training from memory (`render_with_masks`, without the masks).
 
         progress: show a tqdm bar.
         Returns (images (N, 3, H, W) uint8, captions).
         """
+        rendered = self.render_with_masks(progress)
+        return rendered.images, rendered.captions
+
+    def render_with_masks(self, progress: bool = True, workers: int | None = None) -> "RenderedShapes":
+        """Render every sample once, with its object masks and scene, in index order.
+
+        progress: show a tqdm bar.
+        workers: processes that render in parallel (None: `torch.get_num_threads()`, the cores
+            this process computes on; forked, so only on Linux). Sample i is a pure function of
+            (seed, i), so the result does not depend on how many render it.
+        """
+        N, K, side = self.num_samples, self.max_objects, self.resolution
+        images = torch.empty((N, 3, side, side), dtype=torch.uint8)
+        masks = torch.zeros((N, K, side, side), dtype=torch.bool)
+        captions, scenes = [], []
+        chunks = [(start, min(start + RENDER_CHUNK, N)) for start in range(0, N, RENDER_CHUNK)]
+        workers = min(torch.get_num_threads() if workers is None else workers, len(chunks))
+        bar = tqdm(total=N, desc="rendering shapes", disable=not progress)
+        # fork: the workers start at once, with this dataset, and import nothing
+        with (multiprocessing.get_context("fork").Pool(workers) if workers > 1 and sys.platform == "linux"
+              else _InProcess()) as pool:
+            for (start, stop), (chunk_images, chunk_masks, chunk_scenes) in zip(
+                    chunks, pool.imap(self._render_range, chunks)):
+                images[start:stop] = torch.from_numpy(chunk_images)
+                masks[start:stop, :chunk_masks.shape[1]] = torch.from_numpy(chunk_masks)
+                scenes.extend(chunk_scenes)
+                captions.extend(scene.caption for scene in chunk_scenes)
+                bar.update(stop - start)
+        bar.close()
+        return RenderedShapes(images, captions, masks, scenes)
+
+    def _render_range(self, bounds: tuple[int, int]) -> tuple[np.ndarray, np.ndarray, list[Scene]]:
+        """Samples start..stop-1: images (n, 3, H, W) uint8, masks (n, max_objects, H, W) bool, scenes."""
+        start, stop = bounds
         side = self.resolution
-        images = torch.empty((self.num_samples, 3, side, side), dtype=torch.uint8)
-        captions = []
-        for i in tqdm(range(self.num_samples), desc="rendering shapes", disable=not progress):
+        images = np.empty((stop - start, 3, side, side), dtype=np.uint8)
+        masks = np.zeros((stop - start, self.max_objects, side, side), dtype=bool)
+        scenes = []
+        for row, i in enumerate(range(start, stop)):
             scene = self.scene(i)
-            image, _ = render_scene(scene, self.resolution)
-            images[i] = torch.from_numpy(image).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-            captions.append(scene.caption)
-        return images, captions
+            image, object_masks = render_scene(scene, side)
+            images[row] = image.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+            masks[row, :len(object_masks)] = object_masks
+            scenes.append(scene)
+        return images, masks, scenes
+
+
+RENDER_CHUNK = 500  # samples per rendering task
+
+
+class RenderedShapes(NamedTuple):
+    """A whole shapes dataset in memory (`ShapesDataset.render_with_masks`)."""
+
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    captions: list[str]  # N captions
+    masks: torch.Tensor  # (N, max_objects, H, W) bool; object k of sample i is masks[i, k] (unused slots empty)
+    scenes: list[Scene]  # N scenes: objects and the character spans of the words that name them
+
+
+class _InProcess:
+    """Stands in for a process pool with one worker: renders in this process."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def imap(self, function, items):
+        return map(function, items)
 
 
 class ImageFolderDataset(Dataset):

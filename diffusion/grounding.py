@@ -24,25 +24,18 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from .attention import AttentionController, AttentionSite
-from .data import ShapesDataset
+from .data import Scene
 
 
-def grounding_targets(dataset: ShapesDataset, offsets_of, progress: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """For every sample: which object each token names, and the object masks.
+def grounding_targets(scenes: list[Scene], offsets_of) -> torch.Tensor:
+    """Which object each token of every sample's caption names.
 
+    scenes: the samples' scenes (`ShapesDataset.render_with_masks`, which also gives the masks).
     offsets_of: a function captions -> (B, T, 2) token character offsets (TextEncoder.tokenize).
-    Returns token_object (N, T) int8 (object index, -1 for tokens that name no colour or shape)
-    and masks (N, K, R, R) bool with K = dataset.max_objects (unused slots empty)."""
-    N, K, R = len(dataset), dataset.max_objects, dataset.resolution
-    masks = torch.zeros(N, K, R, R, dtype=torch.bool)
-    scenes = []
-    for i in tqdm(range(N), desc="grounding masks", disable=not progress):
-        sample = dataset.sample(i)
-        masks[i, :len(sample.masks)] = torch.from_numpy(sample.masks)
-        scenes.append(sample.scene)
+    Returns token_object (N, T) int8: object index, -1 for tokens that name no colour or shape."""
+    N = len(scenes)
     token_object = None
     for start in range(0, N, 1024):
         chunk = scenes[start:start + 1024]
@@ -55,7 +48,7 @@ def grounding_targets(dataset: ShapesDataset, offsets_of, progress: bool = True)
                 for s, e in spans:
                     overlaps = (begin[row] < e) & (end[row] > s) & (end[row] > begin[row])
                     token_object[start + row, overlaps] = k
-    return token_object, masks
+    return token_object
 
 
 class GroundingLoss(AttentionController):
@@ -75,24 +68,29 @@ class GroundingLoss(AttentionController):
     def set_batch(self, token_object: torch.Tensor, masks: torch.Tensor) -> None:
         """token_object: (B, T) long, -1 for ungrounded tokens (and for dropped captions);
         masks: (B, K, R, R) float object masks of the batch."""
+        # Only the grounded tokens are looked at (a few of the T per caption): the loss reads
+        # their maps alone, so its forward and backward skip the other tokens' probabilities.
+        self.rows, self.tokens = (token_object >= 0).nonzero(as_tuple=True)  # (M,), (M,)
+        self.objects = token_object[self.rows, self.tokens].long()  # (M,)
         self.token_object, self.masks, self.terms, self.pixel_terms = token_object, masks, [], []
+        self.pooled: dict[tuple[int, int], torch.Tensor] = {}
 
     def wants(self, site: AttentionSite) -> bool:
         return site.resolution[0] in self.resolutions
 
     def process(self, site: AttentionSite, probabilities: torch.Tensor) -> None:
-        B, _, N, T = probabilities.shape
         h, w = site.resolution
-        attention = probabilities.float().mean(1).transpose(1, 2)  # (B, T, h*w)
-        masks = F.adaptive_avg_pool2d(self.masks, (h, w)).flatten(2)  # (B, K, h*w), soft at low resolution
-        index = self.token_object.clamp(min=0).long()[:, :, None].expand(B, T, h * w)
-        token_masks = torch.gather(masks, 1, index)  # (B, T, h*w): the mask of each token's object
-        share = (attention * token_masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)  # (B, T)
-        valid = (self.token_object >= 0).float()
-        self.terms.append(((1 - share) ** 2 * valid).sum() / valid.sum().clamp_min(1))
+        if (h, w) not in self.pooled:  # (B, K, h*w), soft at low resolution; once per size and batch
+            self.pooled[h, w] = F.adaptive_avg_pool2d(self.masks, (h, w)).flatten(2)
+        # (M, heads, h*w) -> (M, h*w): each grounded token's head-averaged map
+        attention = probabilities[self.rows, :, :, self.tokens].float().mean(1)
+        token_masks = self.pooled[h, w][self.rows, self.objects]  # (M, h*w): the mask of each token's object
+        count = max(len(self.rows), 1)
+        share = (attention * token_masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)  # (M,)
+        self.terms.append(((1 - share) ** 2).sum() / count)
         if self.pixel:
             bce = F.binary_cross_entropy(attention.clamp(1e-6, 1 - 1e-6), token_masks, reduction="none").mean(-1)
-            self.pixel_terms.append((bce * valid).sum() / valid.sum().clamp_min(1))
+            self.pixel_terms.append(bce.sum() / count)
         return None
 
     def loss(self) -> torch.Tensor:

@@ -151,7 +151,11 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
 
     # ---- data and text embeddings (computed once per distinct caption) ---------------------
-    images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
+    grounded = cfg.train.grounding_weight > 0  # shapes only (config check): the masks come with the images
+    if grounded:
+        images, captions, object_masks, scenes = dataset.render_with_masks(progress=main)
+    else:
+        images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
     encoder = prepare_text_encoder(cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main),
                                    accelerator)
     encoder.to(accelerator.device)
@@ -163,8 +167,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     caption_rows = torch.tensor([row_of[c] for c in captions])
     device = accelerator.device
     grounding = None
-    if cfg.train.grounding_weight > 0:
-        token_object, object_masks = grounding_targets(dataset, lambda c: encoder.tokenize(c)["offsets"], main)
+    if grounded:
+        token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"])
         token_object, object_masks = token_object.to(device), object_masks.to(device)
         grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions),
                                   pixel=cfg.train.grounding_pixel_weight > 0)

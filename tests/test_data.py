@@ -207,6 +207,30 @@ def test_getitem_and_render_all_agree_with_sample():
 # Shapes: captions
 
 
+
+def test_rendering_in_parallel_gives_the_serial_result():
+    """Two forked workers and chunks that split the set unevenly: the same images, masks,
+    captions and scenes, in index order, as rendering one sample at a time."""
+    import diffusion.data as data
+
+    dataset = ShapesDataset(num_samples=23, seed=2, max_objects=4)
+    serial = dataset.render_with_masks(progress=False, workers=1)
+    old_chunk = data.RENDER_CHUNK
+    data.RENDER_CHUNK = 5
+    try:
+        parallel = dataset.render_with_masks(progress=False, workers=2)
+    finally:
+        data.RENDER_CHUNK = old_chunk
+    assert torch.equal(serial.images, parallel.images) and torch.equal(serial.masks, parallel.masks)
+    assert serial.captions == parallel.captions == dataset.captions()
+    assert serial.scenes == parallel.scenes
+    for i in (0, 7, 22):
+        sample = dataset.sample(i)
+        assert torch.equal(parallel.images[i], torch.from_numpy(sample.image).permute(2, 0, 1))
+        count = len(sample.masks)
+        assert torch.equal(parallel.masks[i, :count], torch.from_numpy(sample.masks))
+        assert not parallel.masks[i, count:].any()
+
 def test_caption_spans_point_at_the_words_and_positions_are_named():
     rng = np.random.default_rng(123)
     styles = set()

@@ -10,7 +10,8 @@ from diffusion.text_encoder import TextEncoder
 def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):
     encoder = TextEncoder.from_pretrained(str(tiny_model))
     dataset = ShapesDataset(resolution=16, num_samples=20, max_objects=2)
-    token_object, masks = grounding_targets(dataset, lambda c: encoder.tokenize(c)["offsets"], progress=False)
+    rendered = dataset.render_with_masks(progress=False)
+    token_object = grounding_targets(rendered.scenes, lambda c: encoder.tokenize(c)["offsets"])
     for i in range(len(dataset)):
         sample = dataset.sample(i)
         offsets = encoder.tokenize([sample.scene.caption])["offsets"][0]
@@ -20,7 +21,8 @@ def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):
                 named.setdefault(k, []).append(sample.scene.caption[start:end])
         for k, obj in enumerate(sample.scene.objects):
             assert "".join(named[k]).startswith(obj.colour) and "".join(named[k]).endswith(obj.shape)
-            assert torch.equal(masks[i, k], torch.from_numpy(sample.masks[k]))
+            assert torch.equal(rendered.masks[i, k], torch.from_numpy(sample.masks[k]))
+        assert not rendered.masks[i, len(sample.scene.objects):].any()  # unused slots stay empty
 
 
 def make_loss(attention_on_object: bool):
