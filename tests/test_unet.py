@@ -321,3 +321,19 @@ def test_attend_takes_the_fused_kernel_without_a_gradient(monkeypatch):
     assert calls == [] and torch.equal(out, F.scaled_dot_product_attention(q, q, q))
     attention_module.attend(q.requires_grad_(True), q, q)
     assert calls == [1]
+
+
+def test_unet_settings_follow_the_config():
+    from diffusion.config import load_config
+    from diffusion.unet import unet_settings
+
+    cfg = load_config(None, ["model.channels=[16,32]", "model.attention_resolutions=[16]", "data.resolution=32"])
+    settings = unet_settings(cfg, context_dim=24, value_context_start=12)
+    assert settings["channels"] == (16, 32) and settings["attention_resolutions"] == (16,)
+    assert settings["sample_size"] == 32 and settings["context_dim"] == 24
+    assert settings["value_context_start"] == 0  # values read the whole context unless the option is on
+    on = load_config(None, ["model.values_from_token_embeddings=true", "model.token_value_resolutions=[8]"])
+    settings = unet_settings(on, context_dim=24, value_context_start=12)
+    assert settings["value_context_start"] == 12 and settings["value_context_resolutions"] == (8,)
+    unet = UNet(**unet_settings(cfg, context_dim=24))
+    assert unet.resolutions == [32, 16] and unet.config.context_dim == 24
