@@ -60,7 +60,6 @@ class GroundingLoss(AttentionController):
     def __init__(self, resolutions: set[int], pixel: bool = False):
         self.resolutions = set(resolutions)
         self.pixel = pixel
-        self.token_object: torch.Tensor | None = None
         self.masks: torch.Tensor | None = None
         self.terms: list[torch.Tensor] = []
         self.pixel_terms: list[torch.Tensor] = []
@@ -72,7 +71,7 @@ class GroundingLoss(AttentionController):
         # their maps alone, so its forward and backward skip the other tokens' probabilities.
         self.rows, self.tokens = (token_object >= 0).nonzero(as_tuple=True)  # (M,), (M,)
         self.objects = token_object[self.rows, self.tokens].long()  # (M,)
-        self.token_object, self.masks, self.terms, self.pixel_terms = token_object, masks, [], []
+        self.masks, self.terms, self.pixel_terms = masks, [], []
         self.pooled: dict[tuple[int, int], torch.Tensor] = {}
 
     def wants(self, site: AttentionSite) -> bool:
