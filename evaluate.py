@@ -3,6 +3,7 @@
     python evaluate.py --model runs/shapes/model                      # about 4.7 minutes on 2 CPU cores
     python evaluate.py --model runs/shapes/model --n 200 --out runs/shapes/report.json
     python evaluate.py --model runs/shapes/model --parts faithfulness,localisation
+    python evaluate.py --model runs/shapes/model --n 1000 --parts faithfulness --categories "single object"
 
 Prints a table and writes the same numbers as JSON (--out, default <model>/../report.json), an
 example grid and the edit-response plot beside it. What each number means: diffusion/evaluation.py.
@@ -18,8 +19,12 @@ from diffusion.errors import UserError, exit_on_user_error
 PARTS = ("faithfulness", "localisation", "edit", "samplers")
 
 
+def comma_list(text: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in text.split(",") if p.strip())
+
+
 def parts_list(text: str) -> tuple[str, ...]:
-    parts = tuple(p.strip() for p in text.split(",") if p.strip())
+    parts = comma_list(text)
     unknown = [p for p in parts if p not in PARTS]
     if unknown or not parts:
         raise UserError(f"unknown part(s) {', '.join(unknown) or text!r}; choose from {', '.join(PARTS)}")
@@ -46,6 +51,9 @@ def main(argv=None):
                         f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
+    parser.add_argument("--categories", type=comma_list, default=None,
+                        help="comma list of the faithfulness categories to score (default all), e.g. "
+                        "--categories 'single object' --n 1000")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
                         help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
@@ -59,7 +67,7 @@ def main(argv=None):
 
     import yaml
 
-    from diffusion.evaluation import EVAL_SEED, edit_plot, evaluate, format_report
+    from diffusion.evaluation import CATEGORIES, EVAL_SEED, edit_plot, evaluate, format_report
     from diffusion.images import check_writable, labelled_grid, save_png
     from diffusion.pipeline import Pipeline
 
@@ -76,7 +84,7 @@ def main(argv=None):
                                 holdout=data.get("holdout", []), training_seed=data.get("seed", 0),
                                 n_edit=args.n_edit, n_samplers=args.n_samplers, batch_size=args.batch_size,
                                 guidance=args.guidance, parts=args.parts, sampler=args.sampler,
-                                weight_context=args.weight_context)
+                                weight_context=args.weight_context, categories=args.categories or CATEGORIES)
     report["model"] = str(model.resolve())
     print(format_report(report))
     temporary = out.with_name(f".{out.name}.tmp")

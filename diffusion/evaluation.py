@@ -435,8 +435,15 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress,
 def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
              n_edit: int = 16, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
              parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers"),
-             sampler: str = DEFAULT_SAMPLER, weight_context: str = WEIGHT_CONTEXTS[0]) -> tuple[dict, list]:
-    """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid."""
+             sampler: str = DEFAULT_SAMPLER, weight_context: str = WEIGHT_CONTEXTS[0],
+             categories: tuple[str, ...] = CATEGORIES) -> tuple[dict, list]:
+    """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid.
+    `categories`: the faithfulness categories scored (all by default); the others are left out
+    of the report (their targets read "not measured")."""
+    unknown = [c for c in categories if c not in CATEGORIES]
+    if unknown or not categories:
+        raise UserError(f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown)) or 'none'}; "
+                        f"choose from {', '.join(CATEGORIES)}")
     if seed == training_seed:
         raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
     holdout = list(holdout or [])
@@ -447,7 +454,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
               "mixed_precision": pipe.mixed_precision}
     report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
     examples = []
-    cases = {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES}
+    cases = {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES if c in categories}
     total = 0
     if "faithfulness" in parts:
         total += sum(len(c) for c in cases.values())
@@ -456,7 +463,8 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     sweep_cases = []
     if "samplers" in parts:
         half = n_samplers // 2
-        sweep_cases = cases["single object"][:half] + cases["position"][:n_samplers - half]
+        sweep = {c: cases.get(c) or category_cases(c, n, seed, resolution, holdout) for c in ("single object", "position")}
+        sweep_cases = sweep["single object"][:half] + sweep["position"][:n_samplers - half]
         total += len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS))
     progress = tqdm(total=total, desc="evaluating (images)", dynamic_ncols=True)
     if "faithfulness" in parts:

@@ -8,6 +8,7 @@ import torch
 
 from diffusion.data import render_scene
 from diffusion.detector import Detection, detect
+from diffusion.errors import UserError
 from diffusion.evaluation import (CATEGORIES, TARGETS, Case, category_cases, edit_plot, evaluate, format_report,
                                   map_iou, passes, pointing, span_map, stated_positions, targets)
 
@@ -183,6 +184,20 @@ def test_evaluate_edits_with_the_weight_context_it_is_given(tiny_model, monkeypa
     assert used == {("attention", "keep"), ("embedding", "keep")}
 
 
+def test_evaluate_scores_only_the_categories_it_is_given(tiny_model):
+    from diffusion.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
+    report, _ = evaluate(pipe, n=3, holdout=HOLDOUT, n_samplers=2, batch_size=8, detector_n=1,
+                         parts=("faithfulness", "samplers"), categories=("single object",))
+    assert set(report["faithfulness"]) == {"single object"} and report["faithfulness"]["single object"]["n"] == 3
+    assert report["targets"]["faithfulness/single object"]["value"] == report["faithfulness"]["single object"]["score"]
+    assert report["targets"]["faithfulness/position"]["met"] is None  # not measured, not failed
+    assert report["samplers"]["n"] == 2  # the sweep still finds its position prompts
+    with pytest.raises(UserError, match="unknown category 'colour'"):
+        evaluate(pipe, n=1, holdout=HOLDOUT, parts=("faithfulness",), categories=("colour",))
+
+
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "report.json"
     result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
@@ -200,6 +215,7 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
 @pytest.mark.parametrize("args, message", [
     (["--n", "0"], "--n must be at least 1"),
     (["--parts", "speed"], "unknown part"),
+    (["--categories", "single object,shapes"], "unknown category 'shapes'; choose from single object"),
     (["--seed", "0"], "training data seed"),
     (["--guidance", "-1"], "--guidance must be a finite number"),
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
