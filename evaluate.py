@@ -67,7 +67,7 @@ def main(argv=None):
 
     import yaml
 
-    from diffusion.evaluation import CATEGORIES, EVAL_SEED, edit_plot, evaluate, format_report
+    from diffusion.evaluation import EVAL_SEED, edit_plot, evaluate, format_report
     from diffusion.images import check_writable, labelled_grid, save_png
     from diffusion.pipeline import Pipeline
 
@@ -84,7 +84,7 @@ def main(argv=None):
                                 holdout=data.get("holdout", []), training_seed=data.get("seed", 0),
                                 n_edit=args.n_edit, n_samplers=args.n_samplers, batch_size=args.batch_size,
                                 guidance=args.guidance, parts=args.parts, sampler=args.sampler,
-                                weight_context=args.weight_context, categories=args.categories or CATEGORIES)
+                                weight_context=args.weight_context, categories=args.categories)
     report["model"] = str(model.resolve())
     print(format_report(report))
     temporary = out.with_name(f".{out.name}.tmp")

@@ -436,14 +436,16 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
              n_edit: int = 16, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
              parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers"),
              sampler: str = DEFAULT_SAMPLER, weight_context: str = WEIGHT_CONTEXTS[0],
-             categories: tuple[str, ...] = CATEGORIES) -> tuple[dict, list]:
+             categories: tuple[str, ...] | None = None) -> tuple[dict, list]:
     """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid.
-    `categories`: the faithfulness categories scored (all by default); the others are left out
-    of the report (their targets read "not measured")."""
+    `categories`: the faithfulness categories scored (None: all); the others are left out of the
+    report (their targets read "not measured")."""
+    categories = CATEGORIES if categories is None else tuple(categories)
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
-        raise UserError(f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown)) or 'none'}; "
-                        f"choose from {', '.join(CATEGORIES)}")
+        what = f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}" if unknown \
+            else "no category given"
+        raise UserError(f"{what}; choose from {', '.join(CATEGORIES)}")
     if seed == training_seed:
         raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
     holdout = list(holdout or [])

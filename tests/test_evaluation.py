@@ -216,6 +216,7 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     (["--n", "0"], "--n must be at least 1"),
     (["--parts", "speed"], "unknown part"),
     (["--categories", "single object,shapes"], "unknown category 'shapes'; choose from single object"),
+    (["--categories", ","], "no category given; choose from single object"),
     (["--seed", "0"], "training data seed"),
     (["--guidance", "-1"], "--guidance must be a finite number"),
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
