@@ -3,24 +3,39 @@ r"""Prompts as words: weighting syntax, words and their tokens, token alignment 
 Prompt-weighting syntax
 -----------------------
 `parse_prompt` turns a prompt written with weights into the plain text the model sees plus
-weighted character spans of that text:
+weighted character spans of that text. The syntax is the AUTOMATIC1111 web UI's
+(`parse_prompt_attention` in its modules/prompt_parser.py), minus its tolerance of malformed input:
 
-    a (red:1.5) circle on the (far left:0.5)  ->  text  "a red circle on the far left"
-                                                   spans "red" x 1.5, "far left" x 0.5
+    a (red:1.5) circle on the [far left]  ->  text  "a red circle on the far left"
+                                               spans "red" x 1.5, "far left" x 1/1.1
 
-- `(text:weight)` weights `text`, one word or several. The text keeps its whitespace as written,
-  but the weighted span leaves out leading and trailing whitespace: `a ( red :2)` gives the text
-  `a  red ` with the weight on `red`. The text must hold something besides whitespace.
+- `(text)` multiplies the weight of `text` by 1.1, `[text]` divides it by 1.1 (multiplies by
+  1/1.1, as A1111 does). `text` is one word or several.
+- `(text:weight)` multiplies it by `weight` instead of 1.1.
+- Groups nest, and their factors multiply: `((red))` is 1.1 * 1.1, `((red:1.5) circle)` gives
+  `red` 1.5 * 1.1 and `circle` 1.1, `[(red:2)]` gives `red` 2 / 1.1. The factors are multiplied
+  in the order the groups close, innermost first, as A1111 does, so the floats are A1111's.
+- A group keeps its whitespace in the text, but whitespace at the edges of a run of equally
+  weighted characters is not weighted: `a ( red :2) b` gives the text `a  red  b` with the
+  weight on `red`. A group must hold something besides whitespace.
 - The weight is a non-negative decimal: digits with an optional fraction, or a fraction alone:
   `1`, `1.5`, `.5`, `2.`, `0` (0 is allowed). Whitespace around it is ignored: `(red: 1.5 )`.
   Signs, exponents and anything else are errors: `-1`, `+1`, `1e3`, `abc`, and an empty weight.
-- Inside brackets, the first `:` starts the weight, which runs to the next `)`. Outside
-  brackets, `:` is an ordinary character.
-- Brackets need a weight: `(text)` without `:weight` is an error, not a literal or a default
-  boost. Brackets do not nest: `(` inside brackets is an error.
-- Escapes work anywhere: `\(` `\)` `\:` `\\` are a literal `(` `)` `:` `\`. A backslash before
-  any other character, or at the very end, is an error.
-- Everything else is literal text. Character spans of unweighted text have weight 1.0.
+- Inside round brackets, the first `:` starts the weight, which runs to the next `)`. Outside
+  brackets, `:` is an ordinary character. Inside square brackets it is an error: a weight needs
+  round brackets, and A1111's `[from:to:when]` (prompt editing) is not supported.
+- Escapes work anywhere: `\(` `\)` `\[` `\]` `\:` `\\` are a literal `(` `)` `[` `]` `:` `\`.
+  A backslash before any other character, or at the very end, is an error.
+- Everything else is literal text.
+
+`WeightedPrompt.weights` lists the maximal runs of characters that lie inside at least one group
+and share one weight (the product of their groups' factors), trimmed of whitespace at their
+edges; a group with factor 1, `(red:1)`, is still listed, with weight 1.0. Characters outside
+every group have weight 1.0.
+
+Unlike A1111, which silently drops a bracket it cannot match and treats a `(` or `[` it never
+sees closed as weighting the rest of the prompt, malformed input is an error here: a prompt
+either means exactly what it says or is rejected.
 
 A malformed prompt raises `PromptSyntaxError` (a `UserError`) whose message is one
 self-contained line, followed by the prompt and a caret under the offending character:
@@ -31,16 +46,21 @@ self-contained line, followed by the prompt and a caret under the offending char
 
 Columns are 1-based positions in the prompt as written. The errors, and where the caret points:
 
-    unbalanced ')'                                       the ')' with no '(' before it
-    '(' is never closed                                  the '('
-    nested '('                                           the inner '('
-    missing ':weight' before ')'                         the ')' of a '(text)' with no weight
+    unbalanced ')'  /  unbalanced ']'                    the closer with no opener before it
+    '(' is never closed  /  '[' is never closed          the innermost opener left open
+    mismatched ']' (the '(' at column N needs ')')       the closer (also ')' closing a '[')
+    nothing to weight in '()'  /  ... in '[]'            the opener of an empty or blank group
     nothing to weight before ':'                         the '(' of '(:1.5)' or '(  :1.5)'
+    ':' inside '[...]' (a weight needs round brackets;   the ':' of '[red:1.5]' or '[a:b:5]'
+        prompt editing '[a:b:n]' is not supported; ...)
     missing weight after ':' (expected a number ...)     the ')' of '(red:)'
     bad weight '<w>' (expected a number like 1.5)        the weight's first character
     negative weight '<w>' (weights are 0 or more)        the '-'
-    unknown escape '\<c>' (only \( \) \: \\ are escapes) the backslash
+    unknown escape '\<c>' (only \( \) \[ \] \: \\ ...)   the backslash
     dangling '\' at the end                              the backslash
+
+`format_prompt` writes plain text and spans back in this syntax, and `set_word_weight` rewrites
+a prompt with one word's weight changed (for an editor that weights words by clicking them).
 
 Words and tokens
 ----------------
@@ -54,9 +74,12 @@ belongs to the word its character span overlaps, so all sub-word pieces of a rar
 to that word, and words cut off by truncation simply have no tokens.
 """
 import difflib
+import itertools
+import math
 import re
 import unicodedata
 from dataclasses import dataclass
+from decimal import Decimal
 
 import torch
 
@@ -68,14 +91,19 @@ __all__ = [
     "Word",
     "align_tokens",
     "find_word",
+    "format_prompt",
     "parse_prompt",
+    "set_word_weight",
     "split_words",
     "token_word_index",
     "word_token_weights",
     "word_tokens",
 ]
 
-_ESCAPABLE = "():\\"
+_ESCAPABLE = "()[]:\\"
+_CLOSER = {"(": ")", "[": "]"}
+# A1111's factors: `(text)` multiplies by 1.1, `[text]` by 1 / 1.1 (not a division, for its floats).
+_FACTOR = {"(": 1.1, "[": 1 / 1.1}
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _WORD = re.compile(r"[\w']+")
 # Words and runs of punctuation: what token alignment matches between two prompts.
@@ -122,8 +150,9 @@ class WeightedPrompt:
 
     Attributes:
         text: the plain prompt the model sees (brackets and weights removed, escapes resolved).
-        weights: `(start, end, weight)` character spans of `text`, non-overlapping, in order.
-            Every span written in the prompt is listed, weight 1.0 ones included.
+        weights: `(start, end, weight)` character spans of `text`, non-overlapping, in order:
+            the maximal runs of bracketed characters with one weight, whitespace at their edges
+            left out. Weight 1.0 runs, like `(red:1)`, are listed too; unbracketed text is not.
     """
 
     text: str
@@ -144,6 +173,15 @@ class WeightedPrompt:
         return best
 
 
+@dataclass(frozen=True)
+class _Open:
+    """A group being parsed: its bracket, the bracket's index in the prompt, and where its text starts."""
+
+    bracket: str  # "(" or "["
+    at: int  # index in the prompt as written
+    start: int  # index in the plain text
+
+
 def parse_prompt(text: str) -> WeightedPrompt:
     """Parse the prompt-weighting syntax (module docstring) into plain text and weighted spans.
 
@@ -159,51 +197,110 @@ def parse_prompt(text: str) -> WeightedPrompt:
     if not isinstance(text, str):
         raise UserError(f"a prompt must be text, got {type(text).__name__} {text!r}; quote it in the config")
     out: list[str] = []  # characters of the plain text
-    weights: list[tuple[int, int, float]] = []
-    open_at = None  # index in `text` of the '(' we are inside, or None outside brackets
-    group_start = 0  # len(out) at that '('
+    opened: list[_Open] = []  # the groups we are inside, outermost first
+    groups: list[tuple[int, int, float]] = []  # (start, end, factor) of each group, in the order they close
     i = 0
     while i < len(text):
         char = text[i]
         if char == "\\":
-            if i + 1 == len(text):
-                raise PromptSyntaxError(text, i, "dangling '\\' at the end")
-            escaped = text[i + 1]
-            if escaped not in _ESCAPABLE:
-                raise PromptSyntaxError(
-                    text, i, f"unknown escape '\\{_one_line(escaped)}' (only \\( \\) \\: \\\\ are escapes)"
-                )
-            out.append(escaped)
+            out.append(_escaped(text, i))
             i += 2
-        elif char == "(":
-            if open_at is not None:
-                raise PromptSyntaxError(text, i, "nested '('")
-            open_at, group_start = i, len(out)
+        elif char in "([":
+            opened.append(_Open(char, i, len(out)))
             i += 1
-        elif char == ")":
-            if open_at is None:
-                raise PromptSyntaxError(text, i, "unbalanced ')'")
-            raise PromptSyntaxError(text, i, "missing ':weight' before ')'")
-        elif char == ":" and open_at is not None:
-            close = text.find(")", i + 1)
-            if close == -1:
-                raise PromptSyntaxError(text, open_at, "'(' is never closed")
-            start, end = group_start, len(out)
-            while start < end and out[start].isspace():
-                start += 1
-            while end > start and out[end - 1].isspace():
-                end -= 1
-            if start == end:
-                raise PromptSyntaxError(text, open_at, "nothing to weight before ':'")
-            weights.append((start, end, _parse_weight(text, i + 1, close)))
-            open_at = None
+        elif char in ")]":
+            group = _close(text, i, opened, out)
+            groups.append((group.start, len(out), _FACTOR[group.bracket]))
+            i += 1
+        elif char == ":" and opened:
+            group, close = _close_weighted(text, i, opened, out)
+            groups.append((group.start, len(out), _parse_weight(text, i + 1, close)))
             i = close + 1
         else:
             out.append(char)
             i += 1
-    if open_at is not None:
-        raise PromptSyntaxError(text, open_at, "'(' is never closed")
-    return WeightedPrompt("".join(out), tuple(weights))
+    if opened:
+        raise PromptSyntaxError(text, opened[-1].at, f"'{opened[-1].bracket}' is never closed")
+    plain = "".join(out)
+    return WeightedPrompt(plain, _weighted_runs(plain, groups))
+
+
+def _escaped(text: str, i: int) -> str:
+    """The literal character that the backslash at `text[i]` escapes; PromptSyntaxError if none."""
+    if i + 1 == len(text):
+        raise PromptSyntaxError(text, i, "dangling '\\' at the end")
+    escaped = text[i + 1]
+    if escaped not in _ESCAPABLE:
+        raise PromptSyntaxError(
+            text, i, f"unknown escape '\\{_one_line(escaped)}' (only \\( \\) \\[ \\] \\: \\\\ are escapes)"
+        )
+    return escaped
+
+
+def _close(text: str, i: int, opened: list[_Open], out: list[str]) -> _Open:
+    """Close the innermost group with the `)` or `]` at `text[i]`; it must match and hold some text."""
+    closer = text[i]
+    if not opened:
+        raise PromptSyntaxError(text, i, f"unbalanced '{closer}'")
+    group = opened[-1]
+    needed = _CLOSER[group.bracket]
+    if closer != needed:
+        raise PromptSyntaxError(
+            text, i, f"mismatched '{closer}' (the '{group.bracket}' at column {group.at + 1} needs '{needed}')"
+        )
+    if not "".join(out[group.start :]).strip():
+        raise PromptSyntaxError(text, group.at, f"nothing to weight in '{group.bracket}{closer}'")
+    return opened.pop()
+
+
+def _close_weighted(text: str, i: int, opened: list[_Open], out: list[str]) -> tuple[_Open, int]:
+    """Close the innermost group at the `:` at `text[i]`: the group and the index of the `)` ending its weight.
+
+    The weight runs from the `:` to the next `)`, whatever lies between (`_parse_weight` judges it).
+    """
+    group = opened[-1]
+    if group.bracket == "[":
+        raise PromptSyntaxError(
+            text, i, "':' inside '[...]' (a weight needs round brackets, '(red:1.5)'; prompt editing "
+            "'[a:b:n]' is not supported; write '\\:' for a literal ':')"
+        )
+    close = text.find(")", i + 1)
+    if close == -1:
+        raise PromptSyntaxError(text, group.at, "'(' is never closed")
+    if not "".join(out[group.start :]).strip():
+        raise PromptSyntaxError(text, group.at, "nothing to weight before ':'")
+    return opened.pop(), close
+
+
+def _weighted_runs(plain: str, groups: list[tuple[int, int, float]]) -> tuple[tuple[int, int, float], ...]:
+    """The spans of `WeightedPrompt.weights` from the groups' (start, end, factor), in closing order.
+
+    Each character's weight is the product of its groups' factors, multiplied in closing order
+    from 1.0 as A1111's `multiply_range` does. The spans are the maximal runs of characters inside
+    some group with one weight, trimmed of whitespace, whitespace-only runs left out.
+    """
+    weight = [1.0] * len(plain)
+    inside = [False] * len(plain)
+    for start, end, factor in groups:
+        for k in range(start, end):
+            weight[k] *= factor
+            inside[k] = True
+    runs = []
+    for (in_group, run_weight), run in itertools.groupby(range(len(plain)), lambda k: (inside[k], weight[k])):
+        positions = list(run)
+        start, end = _trim(plain, positions[0], positions[-1] + 1)
+        if in_group and start < end:
+            runs.append((start, end, run_weight))
+    return tuple(runs)
+
+
+def _trim(text: str, start: int, end: int) -> tuple[int, int]:
+    """`[start, end)` without the whitespace at its edges (start == end if it is all whitespace)."""
+    while start < end and text[start].isspace():
+        start += 1
+    while end > start and text[end - 1].isspace():
+        end -= 1
+    return start, end
 
 
 def _parse_weight(text: str, start: int, close: int) -> float:
@@ -218,6 +315,56 @@ def _parse_weight(text: str, start: int, close: int) -> float:
     if re.fullmatch("-" + _NUMBER, written):
         raise PromptSyntaxError(text, column, f"negative weight '{written}' (weights are 0 or more)")
     raise PromptSyntaxError(text, column, f"bad weight '{_one_line(written)}' (expected a number like 1.5)")
+
+
+def format_prompt(text: str, weights) -> str:
+    """Write plain text and weighted spans in the weighting syntax: the inverse of `parse_prompt`.
+
+    Every span whose weight is not 1 is written `(span:weight)`, whitespace at its edges left
+    outside the brackets; `( ) [ ] : \\` in the text are escaped. `parse_prompt` of the result
+    gives back `text` and the spans with weight not 1, exactly (floats included), for spans as
+    `parse_prompt` gives them: without whitespace at their edges, and no two touching ones of
+    the same weight (which it would read as one span).
+
+    Args:
+        text: the plain text, e.g. "a red circle".
+        weights: `(start, end, weight)` character spans of `text`, in order, not overlapping.
+
+    Raises:
+        ValueError: spans out of order, overlapping or outside the text.
+        UserError: a weight that is negative or not a finite number.
+    """
+    parts = []
+    written = previous_end = 0  # text[:written] is in parts; spans so far end by previous_end
+    for start, end, weight in weights:
+        if not previous_end <= start <= end <= len(text):
+            raise ValueError(f"span ({start}, {end}) is out of order, overlapping or outside the {len(text)} characters")
+        _check_weight(weight)
+        previous_end = end
+        start, end = _trim(text, start, end)
+        if start < end and weight != 1:
+            parts.append(_escape(text[written:start]))
+            parts.append(f"({_escape(text[start:end])}:{_format_weight(weight)})")
+            written = end
+    parts.append(_escape(text[written:]))
+    return "".join(parts)
+
+
+def _escape(text: str) -> str:
+    """`text` with the syntax's special characters backslash-escaped, to be read literally."""
+    return "".join("\\" + char if char in _ESCAPABLE else char for char in text)
+
+
+def _format_weight(weight: float) -> str:
+    """The shortest decimal that reads back as exactly `weight`, without an exponent: 1.5, 0, 0.00001."""
+    written = format(Decimal(repr(float(weight))), "f")
+    return written.rstrip("0").rstrip(".") if "." in written else written
+
+
+def _check_weight(weight) -> None:
+    """UserError unless `weight` is a finite number >= 0."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
+        raise UserError(f"a weight must be a finite number, 0 or more, got {weight!r}")
 
 
 @dataclass(frozen=True)
@@ -270,6 +417,33 @@ def find_word(words: list[Word], label: str) -> int:
     close = difflib.get_close_matches(wanted, [item.lower() for item in labels], n=1)
     hint = f"did you mean '{labels[[item.lower() for item in labels].index(close[0])]}'? " if close else ""
     raise UserError(f"no word '{label}' in the prompt; {hint}its words are: {', '.join(labels)}")
+
+
+def set_word_weight(prompt: str, label: str, weight: float) -> str:
+    """`prompt` rewritten so that the word with this label has `weight` and every other word keeps its own.
+
+    The result is written by `format_prompt` with one span a word: each word takes the weight
+    the model would give it (`WeightedPrompt.weight_at` its span), brackets are rewritten as
+    `(word:w)`, and the characters between words are kept, unweighted.
+
+    Args:
+        prompt: a prompt in the weighting syntax, e.g. "a ((red)) circle".
+        label: the word, as `split_words` labels it: "red", "red#2", ...
+        weight: the new weight, a finite number >= 0.
+
+    Raises:
+        PromptSyntaxError: `prompt` is malformed.
+        UserError: no word with this label, or a bad weight.
+    """
+    _check_weight(weight)
+    parsed = parse_prompt(prompt)
+    words = split_words(parsed.text)
+    chosen = find_word(words, label)
+    spans = [
+        (word.start, word.end, weight if index == chosen else parsed.weight_at(word.start, word.end))
+        for index, word in enumerate(words)
+    ]
+    return format_prompt(parsed.text, spans)
 
 
 def _spans(offsets, length: int | None = None) -> list[tuple[int, int]]:

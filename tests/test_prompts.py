@@ -10,7 +10,9 @@ from diffusion.prompts import (
     align_tokens,
     delete_tokens,
     find_word,
+    format_prompt,
     parse_prompt,
+    set_word_weight,
     split_words,
     token_word_index,
     word_token_weights,
@@ -80,12 +82,70 @@ def test_parse_good(written, text, spans):
         assert parsed.weight_at(0, len(text)) == 1.0
 
 
+# AUTOMATIC1111's factors (its round_bracket_multiplier and square_bracket_multiplier): every
+# expected weight below is written as A1111's multiply_range computes it, starting from 1.0 and
+# multiplying by each group's factor in the order the groups close, innermost first.
+R, S = 1.1, 1 / 1.1
+
+A1111 = [
+    # (written, plain text, [(weighted substring, start, weight), ...]): the weights AUTOMATIC1111 would give
+    ("(red)", "red", [("red", 0, 1.0 * R)]),
+    ("((red))", "red", [("red", 0, 1.0 * R * R)]),
+    ("(((red)))", "red", [("red", 0, 1.0 * R * R * R)]),
+    ("[red]", "red", [("red", 0, 1.0 * S)]),
+    ("[[red]]", "red", [("red", 0, 1.0 * S * S)]),
+    ("(red:1.3)", "red", [("red", 0, 1.0 * 1.3)]),  # the weight replaces the group's 1.1
+    ("((red:1.5))", "red", [("red", 0, 1.0 * 1.5 * R)]),
+    ("((red:1.5) circle)", "red circle", [("red", 0, 1.0 * 1.5 * R), ("circle", 4, 1.0 * R)]),
+    ("[(red:2)]", "red", [("red", 0, 1.0 * 2 * S)]),
+    ("([red])", "red", [("red", 0, 1.0 * S * R)]),  # listed although it comes to (about) 1
+    ("a (red) [blue] circle", "a red blue circle", [("red", 2, 1.0 * R), ("blue", 6, 1.0 * S)]),
+    (r"\(red\)", "(red)", []),
+    (r"\[red\]", "[red]", []),
+    (r"(a \[b\]:2)", "a [b]", [("a [b]", 0, 1.0 * 2)]),
+    (r"(ratio 1\:2)", "ratio 1:2", [("ratio 1:2", 0, 1.0 * R)]),
+    ("((red)) ratio 1:2", "red ratio 1:2", [("red", 0, 1.0 * R * R)]),
+    ("(red circle) on the left", "red circle on the left", [("red circle", 0, 1.0 * R)]),
+    ("[far left, top]", "far left, top", [("far left, top", 0, 1.0 * S)]),
+    ("( red ) x", " red  x", [("red", 1, 1.0 * R)]),  # whitespace at the edges is not weighted
+    ("((red) )", "red ", [("red", 0, 1.0 * R * R)]),
+    ("(a (b) c)", "a b c", [("a", 0, 1.0 * R), ("b", 2, 1.0 * R * R), ("c", 4, 1.0 * R)]),
+    ("(a (red:2) b:2)", "a red b", [("a", 0, 1.0 * 2), ("red", 2, 1.0 * 2 * 2), ("b", 6, 1.0 * 2)]),
+    ("[a (b:0) c]", "a b c", [("a", 0, 1.0 * S), ("b", 2, 1.0 * 0 * S), ("c", 4, 1.0 * S)]),
+    ("(a [b] (c:2):0.5)", "a b c", [("a", 0, 1.0 * 0.5), ("b", 2, 1.0 * S * 0.5), ("c", 4, 1.0 * 2 * 0.5)]),
+    ("(red) (red)", "red red", [("red", 0, 1.0 * R), ("red", 4, 1.0 * R)]),
+    ("(red)(blue)", "redblue", [("redblue", 0, 1.0 * R)]),  # one run of one weight: one span
+    ("(red)dish [x]", "reddish x", [("red", 0, 1.0 * R), ("x", 8, 1.0 * S)]),
+]
+
+
+@pytest.mark.parametrize("written, text, spans", A1111, ids=[case[0] for case in A1111])
+def test_parse_gives_the_weights_automatic1111_would_give(written, text, spans):
+    parsed = parse_prompt(written)
+    assert parsed.text == text
+    assert [(start, end) for start, end, _ in parsed.weights] == [(start, start + len(sub)) for sub, start, _ in spans]
+    assert [weight for _, _, weight in parsed.weights] == pytest.approx([weight for _, _, weight in spans])
+    for sub, start, weight in spans:
+        assert parsed.text[start : start + len(sub)] == sub
+        assert parsed.weight_at(start, start + len(sub)) == pytest.approx(weight)
+
+
 BAD = [
     # (written, reason (a prefix), 1-based column)
     ("a red) circle", "unbalanced ')'", 6),
     (")", "unbalanced ')'", 1),
+    ("a red] circle", "unbalanced ']'", 6),
+    ("(red))", "unbalanced ')'", 6),
+    ("]", "unbalanced ']'", 1),
     ("a (red circle", "'(' is never closed", 3),
     ("a (red:1.5 circle", "'(' is never closed", 3),
+    ("a [red circle", "'[' is never closed", 3),
+    ("((red)", "'(' is never closed", 1),
+    ("(a [b", "'[' is never closed", 4),  # the innermost one left open
+    ("[(red:1.5]", "'(' is never closed", 2),
+    ("(red]", "mismatched ']' (the '(' at column 1 needs ')')", 5),
+    ("[red)", "mismatched ')' (the '[' at column 1 needs ']')", 5),
+    ("a ([red)]", "mismatched ')' (the '[' at column 4 needs ']')", 8),
     ("(red:abc)", "bad weight 'abc' (expected a number like 1.5)", 6),
     ("(red:  abc )", "bad weight 'abc'", 8),
     ("(red:1e3)", "bad weight '1e3'", 6),
@@ -95,16 +155,27 @@ BAD = [
     ("(red:1:2)", "bad weight '1:2'", 6),
     ("(ratio 1:2 thing:1.5)", "bad weight '2 thing:1.5'", 10),
     ("(red:1.5 (blue:2)", "bad weight '1.5 (blue:2'", 6),
+    ("((red:1.5 circle)", "bad weight '1.5 circle'", 7),
     ("(red:-1)", "negative weight '-1'", 6),
     ("(red:)", "missing weight after ':'", 6),
     ("(red:   )", "missing weight after ':'", 9),
-    ("(a (red:2) b:2)", "nested '('", 4),
-    ("a (red) circle", "missing ':weight' before ')'", 7),
-    ("()", "missing ':weight' before ')'", 2),
+    ("()", "nothing to weight in '()'", 1),
+    ("[]", "nothing to weight in '[]'", 1),
+    ("a (   ) b", "nothing to weight in '()'", 3),
+    ("a [ ] b", "nothing to weight in '[]'", 3),
+    ("(())", "nothing to weight in '()'", 2),
+    ("(red [])", "nothing to weight in '[]'", 6),
     ("(:1.5)", "nothing to weight before ':'", 1),
     ("x (  :1.5)", "nothing to weight before ':'", 3),
+    ("([]:2)", "nothing to weight in '[]'", 2),
+    ("[red:1.5]", "':' inside '[...]' (a weight needs round brackets", 5),
+    ("[a:b:5]", "':' inside '[...]'", 3),
+    ("([red:2])", "':' inside '[...]'", 6),
+    ("[(a) b:2]", "':' inside '[...]'", 7),
     ("red\\", "dangling '\\' at the end", 4),
-    ("a \\n b", "unknown escape '\\n'", 3),
+    ("(red\\", "dangling '\\' at the end", 5),
+    ("a \\n b", "unknown escape '\\n' (only \\( \\) \\[ \\] \\: \\\\ are escapes)", 3),
+    ("\\{red}", "unknown escape '\\{'", 1),
 ]
 
 
@@ -185,6 +256,88 @@ def test_find_word():
         find_word(words, "circel")
     with pytest.raises(UserError, match="no words"):
         find_word([], "red")
+
+
+# --- writing prompts: format_prompt and set_word_weight -----------------------------------------
+
+def test_format_prompt_writes_the_spans_not_weighted_1():
+    assert format_prompt("a red circle", [(2, 5, 1.5)]) == "a (red:1.5) circle"
+    assert format_prompt("a red circle", [(2, 5, 0.0), (6, 12, 0.25)]) == "a (red:0) (circle:0.25)"
+    assert format_prompt("a red circle", [(2, 5, 2), (6, 12, 1.0)]) == "a (red:2) circle"  # weight 1: plain
+    assert format_prompt("a red circle", [(1, 6, 3.0)]) == "a (red:3) circle"  # edge whitespace outside
+    assert format_prompt("a red circle", [(1, 2, 3.0)]) == "a red circle"  # only whitespace: nothing to weight
+    assert format_prompt("", []) == ""
+
+
+def test_format_prompt_escapes_and_writes_weights_without_exponents():
+    assert format_prompt(r"a (red) [b]: c\d", []) == r"a \(red\) \[b\]\: c\\d"
+    assert format_prompt("(x):1", [(0, 3, 2.0)]) == r"(\(x\):2)\:1"
+    assert format_prompt("red", [(0, 3, 1e-05)]) == "(red:0.00001)"
+    assert format_prompt("red", [(0, 3, 1e16)]) == "(red:10000000000000000)"
+    assert format_prompt("red", [(0, 3, 1.1 * 1.1)]) == "(red:1.2100000000000002)"  # exact, to read back
+
+
+ROUND_TRIP = [
+    ("a red circle", [(2, 5, 1.5), (6, 12, 0.5)]),
+    (r"a (red) [blue]: x\y", [(2, 7, 2.0), (8, 14, 0.0), (15, 19, 1.0)]),
+    ("ratio 1:2, (x) [y] \\ z", [(0, 9, 1.1 * 1.1), (11, 18, 1 / 1.1), (19, 20, 3.0)]),
+    ("héllo 日本 world", [(0, 5, 1 / 3), (6, 8, 123.456), (9, 14, 1e-05)]),
+    ("abc", [(0, 1, 2.0), (1, 2, 3.0), (2, 3, 2.0)]),  # touching spans of different weights
+]
+
+
+@pytest.mark.parametrize("text, spans", ROUND_TRIP, ids=[case[0] for case in ROUND_TRIP])
+def test_format_prompt_round_trips_plain_text_and_spans(text, spans):
+    parsed = parse_prompt(format_prompt(text, spans))
+    assert parsed.text == text
+    assert parsed.weights == tuple(span for span in spans if span[2] != 1)  # floats exactly
+
+
+@pytest.mark.parametrize("written", [case[0] for case in GOOD + A1111])
+def test_format_prompt_round_trips_what_parse_prompt_gives(written):
+    parsed = parse_prompt(written)
+    again = parse_prompt(format_prompt(parsed.text, parsed.weights))
+    assert again.text == parsed.text
+    assert again.weights == tuple(span for span in parsed.weights if span[2] != 1)
+
+
+def test_format_prompt_rejects_bad_spans_and_weights():
+    for spans in ([(2, 5, 2.0), (4, 6, 2.0)], [(6, 8, 2.0), (0, 1, 2.0)], [(0, 13, 2.0)], [(3, 2, 2.0)]):
+        with pytest.raises(ValueError, match="out of order, overlapping or outside"):
+            format_prompt("a red circle", spans)
+    for weight in (-1.0, float("nan"), float("inf"), "2", True):
+        with pytest.raises(UserError, match="finite number, 0 or more"):
+            format_prompt("a red circle", [(2, 5, weight)])
+
+
+def test_set_word_weight_writes_the_word_and_keeps_the_others():
+    assert set_word_weight("a red circle", "red", 1.5) == "a (red:1.5) circle"
+    assert set_word_weight("a (red:2) circle", "red", 1) == "a red circle"
+    assert set_word_weight("a (red:2) circle", "circle", 0) == "a (red:2) (circle:0)"
+    assert set_word_weight("red, RED red", "red#2", 2.5) == "red, (RED:2.5) red"
+    assert set_word_weight("(red, blue:0.5)!", "blue", 2) == "(red:0.5), (blue:2)!"  # a group split word by word
+    assert set_word_weight(r"a \(red\) [circle]: \\", "red", 3) == r"a \((red:3)\) (circle:0.9090909090909091)\: \\"
+    assert set_word_weight("(red:10)dish, x", "x", 2) == "(reddish:10), (x:2)"  # whole words, as the model weights them
+
+
+def test_set_word_weight_keeps_every_other_words_weight():
+    written = "a ((red:1.5) circle) on the [far (left)], (ratio 1\\:2:0.5)"
+    before = parse_prompt(written)
+    after = parse_prompt(set_word_weight(written, "on", 0.75))
+    assert after.text == before.text
+    for word in split_words(before.text):
+        expected = 0.75 if word.label == "on" else before.weight_at(word.start, word.end)
+        assert after.weight_at(word.start, word.end) == expected, word.label
+
+
+def test_set_word_weight_errors():
+    with pytest.raises(UserError, match="no word 'green'"):
+        set_word_weight("a red circle", "green", 2)
+    for weight in (-0.5, float("nan"), float("inf"), None):
+        with pytest.raises(UserError, match="finite number, 0 or more"):
+            set_word_weight("a red circle", "red", weight)
+    with pytest.raises(PromptSyntaxError, match="unbalanced"):
+        set_word_weight("a red) circle", "red", 2)
 
 
 # --- tokens ---------------------------------------------------------------------------------------
