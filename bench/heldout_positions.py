@@ -16,7 +16,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.data import COLOURS, SHAPES  # noqa: E402
+from diffusion.shapes import COLOURS, SHAPES  # noqa: E402
 from diffusion.evaluation import colour_at_position, colour_labels, heldout_single_object_prompts  # noqa: E402
 from diffusion.images import labelled_grid, save_png, to_pil  # noqa: E402
 from diffusion.pipeline import DEFAULT_SAMPLER, Pipeline  # noqa: E402

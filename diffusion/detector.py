@@ -1,7 +1,7 @@
 """Finding the objects in a shapes image and naming each one's colour, shape, size and position.
 
 This is the instrument that checks generated images against their prompts, so it is built from
-the generator's own definitions (`diffusion.data`) and measured on the generator's images.
+the generator's own definitions (`diffusion.shapes`) and measured on the generator's images.
 
 Method, per image (numpy only, no training):
 
@@ -19,7 +19,7 @@ Method, per image (numpy only, no training):
    core pixel (a faint object) is its own seed. Regions smaller than MIN_AREA_FRACTION of the
    smallest object's area are noise and dropped.
 3. Shape, size, centre: analysis by synthesis. Every shape at both sizes is drawn with the
-   generator's own `_draw_shape` at PHASES x PHASES sub-pixel centres (512 coverage templates
+   generator's own `draw_shape` at PHASES x PHASES sub-pixel centres (512 coverage templates
    per resolution, built once in under 50 ms). The object's coverage map (its pixels and their
    4-neighbours of its colour, divided by its peak so that faint colours still fit) is compared
    with each template placed on the object's centroid; the least squared error names the shape
@@ -46,7 +46,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .data import (
+from .shapes import (
     BACKGROUND,
     COLOURS,
     POSITIONS,
@@ -54,7 +54,7 @@ from .data import (
     SIZES,
     ShapeObject,
     ShapesDataset,
-    _draw_shape,
+    draw_shape,
 )
 
 # A pixel is an object's when at least this fraction of it is covered (the ground-truth rule).
@@ -163,7 +163,7 @@ def _templates(side: int) -> tuple[np.ndarray, list[tuple[str, str]], np.ndarray
                     centre = (patch / 2 + fx / PHASES, patch / 2 + fy / PHASES)
                     obj = ShapeObject("red", shape, size, "centre", centre, fraction * side)
                     canvas = Image.new("L", big, 0)
-                    _draw_shape(ImageDraw.Draw(canvas), obj, SUPERSAMPLE, 255)
+                    draw_shape(ImageDraw.Draw(canvas), obj, SUPERSAMPLE, 255)
                     small = canvas.resize((patch, patch), Image.Resampling.BOX)
                     maps.append(np.asarray(small, dtype=np.float32) / 255.0)
                     kinds.append((shape, size))

@@ -27,3 +27,15 @@ def exit_on_user_error(main):
             sys.exit(130)
 
     return wrapper
+
+
+def check_int(key: str, value, minimum: int, maximum: int | None = None) -> None:
+    """Raise UserError naming config `key` unless `value` is an int with minimum <= value (<= maximum)."""
+    if (
+        not isinstance(value, int)
+        or isinstance(value, bool)
+        or value < minimum
+        or (maximum is not None and value > maximum)
+    ):
+        allowed = f">= {minimum}" if maximum is None else f"between {minimum} and {maximum}"
+        raise UserError(f"{key} must be an integer {allowed}, got {value!r}; change it in the config")

@@ -45,11 +45,11 @@ from tqdm.auto import tqdm
 
 from .attention_control import AttentionRecorder
 from .config import DEFAULT_SAMPLER, WEIGHT_CONTEXTS
-from .data import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, ShapesDataset,
+from .shapes import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, ShapesDataset,
                    parse_holdout)
 from .detector import Detection, detect, detector_accuracy
 from .errors import UserError
-from .images import _font, uint8_images
+from .images import font, uint8_images
 from .pipeline import SAMPLERS, Weighting
 from .prompts import parse_prompt
 
@@ -601,20 +601,20 @@ def edit_plot(rows: list[dict], baseline: dict | None = None, width: int = 720, 
               ("shape", "attention"): (40, 80, 220), ("shape", "embedding"): (140, 170, 240)}
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = _font(11)
+    label_font = font(11)
     panel_w = width // 3
     left, top, bottom = 40, 24, height - 56
     for p, metric in enumerate(("present", "area", "mass")):
         x0, x1 = p * panel_w + left, (p + 1) * panel_w - 12
         top_value = max([r[metric] for r in rows] + [1e-9]) if metric != "present" else 1.0
         draw.rectangle([x0, top, x1, bottom], outline=(160, 160, 160))
-        draw.text((x0, 4), f"{metric} vs weight", fill="black", font=font)
-        draw.text((x0 - 36, top - 6), f"{top_value:.2g}", fill="black", font=font)
-        draw.text((x0 - 12, bottom - 6), "0", fill="black", font=font)
+        draw.text((x0, 4), f"{metric} vs weight", fill="black", font=label_font)
+        draw.text((x0 - 36, top - 6), f"{top_value:.2g}", fill="black", font=label_font)
+        draw.text((x0 - 12, bottom - 6), "0", fill="black", font=label_font)
         def xy(weight, value):
             return (x0 + (x1 - x0) * weight / max(EDIT_WEIGHTS), bottom - (bottom - top) * value / top_value)
         for w in EDIT_WEIGHTS:
-            draw.text((xy(w, 0)[0] - 6, bottom + 2), f"{w:g}", fill="black", font=font)
+            draw.text((xy(w, 0)[0] - 6, bottom + 2), f"{w:g}", fill="black", font=label_font)
         if metric == "present" and baseline is not None:
             floors = [(baseline["colour"], (150, 20, 20), "colour word deleted"),
                       (baseline["shape"], (20, 40, 150), "shape word deleted"),
@@ -623,7 +623,7 @@ def edit_plot(rows: list[dict], baseline: dict | None = None, width: int = 720, 
                 _dashed(draw, x0, x1, xy(0, value)[1], colour)
                 x = 10 + k * (width // 4)
                 _dashed(draw, x, x + 20, height - 32, colour, dash=3)
-                draw.text((x + 24, height - 38), f"{label} ({value:.2f})", fill="black", font=font)
+                draw.text((x + 24, height - 38), f"{label} ({value:.2f})", fill="black", font=label_font)
         for (word, mode), colour in styles.items():
             points = [xy(r["weight"], r[metric]) for r in rows if r["word"] == word and r["mode"] == mode]
             if len(points) > 1:
@@ -633,5 +633,5 @@ def edit_plot(rows: list[dict], baseline: dict | None = None, width: int = 720, 
     for k, ((word, mode), colour) in enumerate(styles.items()):
         x = 10 + k * (width // 4)
         draw.line([x, height - 14, x + 20, height - 14], fill=colour, width=3)
-        draw.text((x + 24, height - 20), f"{word} word, {mode}", fill="black", font=font)
+        draw.text((x + 24, height - 20), f"{word} word, {mode}", fill="black", font=label_font)
     return image

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from .attention import AttentionController, AttentionSite
-from .data import Scene
+from .shapes import Scene
 
 
 def grounding_targets(scenes: list[Scene], offsets_of) -> torch.Tensor:

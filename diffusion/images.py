@@ -21,7 +21,13 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     return [Image.fromarray(a) for a in uint8_images(images)]
 
 
-def _font(size: int):
+def to_pixel_values(image: np.ndarray) -> torch.Tensor:
+    """(H, W, 3) uint8 -> (3, H, W) float32 in [-1, 1], the model's pixel range."""
+    return torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1.0
+
+
+def font(size: int):
+    """PIL's default font at `size` px (or its fixed size where Pillow lacks FreeType)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow without FreeType sizes
@@ -39,7 +45,7 @@ def labelled_grid(images: list[Image.Image], labels: list[str] | None = None, co
     w, h = images[0].size
     scale = scale or max(1, 128 // max(w, h))
     cell_w, cell_h = w * scale, h * scale
-    font = _font(11)
+    label_font = font(11)
     wrapped = [textwrap.wrap(label, label_width_chars)[:4] for label in (labels or [""] * len(images))]
     text_h = 13 * max((len(lines) for lines in wrapped), default=0) + (4 if labels else 0)
     pad = 4
@@ -50,7 +56,7 @@ def labelled_grid(images: list[Image.Image], labels: list[str] | None = None, co
         y = pad + (i // columns) * (cell_h + text_h + pad)
         grid.paste(image.resize((cell_w, cell_h), Image.NEAREST), (x, y))
         for j, line in enumerate(lines):
-            draw.text((x, y + cell_h + 2 + 13 * j), line, fill="black", font=font)
+            draw.text((x, y + cell_h + 2 + 13 * j), line, fill="black", font=label_font)
     return grid
 
 

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from diffusion.data import (
+from diffusion.shapes import (
     BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, render_scene,
 )
 from diffusion.detector import CATEGORIES, Detection, detect, detector_accuracy, match

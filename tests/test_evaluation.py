@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.data import render_scene
+from diffusion.shapes import render_scene
 from diffusion.detector import Detection, detect
 from diffusion.errors import UserError
 from diffusion.evaluation import (CATEGORIES, TARGETS, Case, category_cases, edit_plot, evaluate, format_report,

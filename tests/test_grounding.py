@@ -2,7 +2,7 @@
 import torch
 
 from diffusion.attention import AttentionSite
-from diffusion.data import ShapesDataset
+from diffusion.shapes import ShapesDataset
 from diffusion.grounding import GroundingLoss, grounding_targets
 from diffusion.text_encoder import TextEncoder
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion.data import COLOURS, POSITION_PHRASES, SHAPES
+from diffusion.shapes import COLOURS, POSITION_PHRASES, SHAPES
 from diffusion.evaluation import colour_labels
 from diffusion.pipeline import Pipeline, Weighting
 

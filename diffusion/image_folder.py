@@ -1,0 +1,205 @@
+"""A folder of captioned images as a training set.
+
+Captions come from `metadata.jsonl` (lines of {"file_name": ..., "text": ...}, the imagefolder
+convention of diffusers' training examples) or from a `.txt` file beside each image. Items are
+`{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from .errors import UserError, check_int
+from .images import to_pixel_values
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolderDataset(Dataset):
+    """A folder of images with captions, from `metadata.jsonl` (lines of
+    {"file_name": ..., "text": ...}, the imagefolder convention) or else from a `.txt` file beside
+    each image. Every image is opened once up front, so a bad file fails at start-up, not hours
+    into training."""
+
+    def __init__(
+        self,
+        root,
+        resolution: int,
+        center_crop: bool = True,
+        random_flip: bool = False,
+        skip_bad: bool = False,
+    ):
+        """root: the folder (searched recursively when there is no metadata.jsonl).
+        resolution: side of the square images produced, in pixels (>= 16).
+        center_crop: crop the centre after resizing the short side; False crops at a random
+            place (torch's global RNG).
+        random_flip: flip horizontally with probability 0.5. Off by default because captions
+            may say "left" or "right".
+        skip_bad: skip unreadable or uncaptioned files, listing them in `self.skipped` as
+            (path, reason), instead of raising UserError.
+        """
+        check_int("data.resolution", resolution, 16)
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise UserError(
+                f"data.path {str(root)!r} is not a directory; point data.path at a folder of "
+                "images with captions"
+            )
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.skip_bad = skip_bad
+        self.skipped: list[tuple[str, str]] = []
+
+        metadata = self.root / "metadata.jsonl"
+        candidates = self._from_metadata(metadata) if metadata.is_file() else self._from_txt()
+        if not candidates and not self.skipped:
+            raise UserError(
+                f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                "add images, or point data.path at the right folder"
+            )
+        self.items = [(path, caption) for path, caption in candidates if self._readable(path)]
+        if self.skipped:
+            logger.warning(
+                "skipped %d bad files in %s (listed in dataset.skipped); first: %s: %s",
+                len(self.skipped), self.root, *self.skipped[0],
+            )
+        if not self.items:
+            raise UserError(
+                f"no usable images in {self.root}: all {len(self.skipped)} were bad (first: "
+                f"{self.skipped[0][0]}: {self.skipped[0][1]}); fix the files or data.path"
+            )
+
+    def _reject(self, path, reason: str, fix: str) -> None:
+        """Record a bad file when skipping, else raise a one-line UserError about it."""
+        if self.skip_bad:
+            self.skipped.append((str(path), reason))
+        else:
+            raise UserError(f"{path}: {reason}; {fix}, or set data.skip_bad to skip bad files")
+
+    def _from_metadata(self, metadata: Path) -> list[tuple[Path, str]]:
+        """(image path, caption) for each usable line of metadata.jsonl."""
+        root = self.root.resolve()
+        fix = 'make each line {"file_name": "<path relative to the folder>", "text": "<caption>"}'
+        candidates = []
+        with metadata.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                where = f"{metadata} line {number}"
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    self._reject(where, "not valid JSON", fix)
+                    continue
+                if not (
+                    isinstance(record, dict)
+                    and isinstance(record.get("file_name"), str)
+                    and isinstance(record.get("text"), str)
+                ):
+                    self._reject(where, "needs string fields file_name and text", fix)
+                    continue
+                # Normalise lexically rather than resolving symlinks: snapshot folders (e.g.
+                # the Hugging Face cache) link to files elsewhere, which is fine; "..", and
+                # absolute paths, are not.
+                path = Path(os.path.normpath(root / record["file_name"]))
+                if not path.is_relative_to(root):
+                    self._reject(
+                        where, f"file_name {record['file_name']!r} points outside {root}",
+                        "use a path relative to the folder",
+                    )
+                elif not path.is_file():
+                    self._reject(path, "image file not found", f"fix file_name on {where}")
+                else:
+                    candidates.append((path, " ".join(record["text"].split())))
+        return candidates
+
+    def _from_txt(self) -> list[tuple[Path, str]]:
+        """(image path, caption) for each image under root with a same-stem .txt beside it."""
+        images = sorted(
+            path
+            for path in self.root.rglob("*")
+            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+        )
+        candidates = []
+        for path in images:
+            caption_file = path.with_suffix(".txt")
+            if not caption_file.is_file():
+                self._reject(
+                    path, "no caption", f"write the caption to {caption_file} or add metadata.jsonl"
+                )
+                continue
+            try:
+                caption = caption_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as error:
+                self._reject(
+                    caption_file, f"caption cannot be read ({error})", "save it as UTF-8 text"
+                )
+                continue
+            candidates.append((path, " ".join(caption.split())))
+        return candidates
+
+    def _readable(self, path: Path) -> bool:
+        """Whether PIL can decode the image fully; rejects it otherwise."""
+        try:
+            with Image.open(path) as image:
+                image.load()
+            return True
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            # Some decoder messages span lines; the UserError must stay on one.
+            detail = " ".join(str(error).split())
+            self._reject(path, f"cannot be read as an image ({detail})", "replace or remove it")
+            return False
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _load(self, i: int) -> np.ndarray:
+        """Image i resized so its short side is `resolution`, cropped square (and maybe
+        flipped); (H, W, 3) uint8."""
+        with Image.open(self.items[i][0]) as file:
+            image = file.convert("RGB")
+        width, height = image.size
+        scale = self.resolution / min(width, height)
+        # max() guards against rounding the short side below the crop size.
+        size = (
+            max(self.resolution, round(width * scale)),
+            max(self.resolution, round(height * scale)),
+        )
+        image = image.resize(size, Image.Resampling.BICUBIC)
+        spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
+        if self.center_crop:
+            left, top = spare_x // 2, spare_y // 2
+        else:
+            left = int(torch.randint(spare_x + 1, ()).item())
+            top = int(torch.randint(spare_y + 1, ()).item())
+        image = image.crop((left, top, left + self.resolution, top + self.resolution))
+        if self.random_flip and torch.rand(()).item() < 0.5:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return np.array(image)
+
+    def __getitem__(self, i: int) -> dict:
+        pixel_values = to_pixel_values(self._load(i))
+        return {"pixel_values": pixel_values, "caption": self.items[i][1], "index": i}
+
+    def captions(self) -> list[str]:
+        """Every caption, in index order (no image decoding)."""
+        return [caption for _, caption in self.items]
+
+    def render_all(self, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+        """Load every image once for training from memory (random crops and flips are drawn
+        once, here). progress: show a tqdm bar. Returns (images (N, 3, H, W) uint8, captions)."""
+        images = torch.empty((len(self), 3, self.resolution, self.resolution), dtype=torch.uint8)
+        for i in tqdm(range(len(self)), desc="loading images", disable=not progress):
+            images[i] = torch.from_numpy(self._load(i)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return images, self.captions()

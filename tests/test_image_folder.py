@@ -1,0 +1,154 @@
+"""Tests for diffusion/image_folder.py: a folder of captioned images."""
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from diffusion.errors import UserError
+from diffusion.image_folder import ImageFolderDataset
+
+# ---------------------------------------------------------------------------------------------
+# Image folder
+
+
+def write_png(path: Path, size=(24, 20), colour=(200, 10, 10)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, colour).save(path)
+    return path
+
+
+def write_metadata(root: Path, records) -> None:
+    lines = [record if isinstance(record, str) else json.dumps(record) for record in records]
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def test_image_folder_with_metadata_jsonl(tmp_path):
+    write_png(tmp_path / "a.png", (40, 20))
+    write_png(tmp_path / "sub" / "b.jpg", (18, 50), (10, 10, 200))
+    write_png(tmp_path / "unlisted.png")  # not in metadata.jsonl, so not used
+    write_metadata(tmp_path, [{"file_name": "a.png", "text": "a red  thing\n"},
+                              {"file_name": "sub/b.jpg", "text": "a blue thing"}, ""])
+    dataset = ImageFolderDataset(tmp_path, 16)
+    assert len(dataset) == 2
+    assert dataset.captions() == ["a red thing", "a blue thing"]
+    for i in range(2):
+        item = dataset[i]
+        assert item["index"] == i and item["caption"] == dataset.captions()[i]
+        assert item["pixel_values"].shape == (3, 16, 16)
+        assert item["pixel_values"].dtype == torch.float32
+        assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
+    assert dataset[1]["pixel_values"][2].mean() > 0.5  # blue channel of the blue image
+    images, captions = dataset.render_all(progress=False)
+    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
+    assert captions == dataset.captions()
+
+
+def test_image_folder_with_txt_captions_searched_recursively(tmp_path):
+    write_png(tmp_path / "one.PNG", (16, 16))
+    (tmp_path / "one.txt").write_text("first caption\n")
+    write_png(tmp_path / "deep" / "er" / "two.jpeg", (32, 17))
+    (tmp_path / "deep" / "er" / "two.txt").write_text("second caption")
+    (tmp_path / "notes.md").write_text("not an image")
+    dataset = ImageFolderDataset(tmp_path, 16)
+    assert sorted(dataset.captions()) == ["first caption", "second caption"]
+    assert all(dataset[i]["pixel_values"].shape == (3, 16, 16) for i in range(2))
+
+
+def test_center_crop_random_crop_and_flip(tmp_path):
+    # 48x16 stripes: red | green | blue, each 16 px wide; the short side is already 16.
+    stripes = np.zeros((16, 48, 3), dtype=np.uint8)
+    stripes[:, :16, 0] = stripes[:, 16:32, 1] = stripes[:, 32:, 2] = 255
+    stripes[:, 16:32, 0] = np.arange(16) * 10  # a ramp, so a flip is visible
+    Image.fromarray(stripes).save(tmp_path / "s.png")
+    (tmp_path / "s.txt").write_text("stripes")
+
+    centre = ImageFolderDataset(tmp_path, 16).render_all(progress=False)[0][0]
+    assert torch.equal(centre.permute(1, 2, 0), torch.from_numpy(stripes[:, 16:32]))
+
+    torch.manual_seed(0)
+    random_crop = ImageFolderDataset(tmp_path, 16, center_crop=False)
+    lefts = set()
+    for _ in range(20):
+        crop = ((random_crop[0]["pixel_values"] + 1) * 127.5).round().byte().permute(1, 2, 0)
+        windows = [torch.from_numpy(stripes[:, x : x + 16]) for x in range(33)]
+        matches = [x for x, window in enumerate(windows) if torch.equal(crop, window)]
+        assert len(matches) == 1
+        lefts.add(matches[0])
+    assert len(lefts) > 3
+
+    flipping = ImageFolderDataset(tmp_path, 16, random_flip=True)
+    crops = {tuple(flipping[0]["pixel_values"][0, 0].tolist()) for _ in range(20)}
+    assert len(crops) == 2
+    unflipped = ImageFolderDataset(tmp_path, 16)
+    assert len({tuple(unflipped[0]["pixel_values"][0, 0].tolist()) for _ in range(5)}) == 1
+
+
+def test_corrupt_image_raises_naming_it_or_is_skipped_and_counted(tmp_path, caplog):
+    write_png(tmp_path / "good.png")
+    (tmp_path / "good.txt").write_text("good")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not really a png")
+    (tmp_path / "broken.txt").write_text("broken")
+    truncated = (tmp_path / "good.png").read_bytes()
+    (tmp_path / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
+    (tmp_path / "truncated.txt").write_text("truncated")
+    with pytest.raises(UserError, match="broken.png") as error:
+        ImageFolderDataset(tmp_path, 16)
+    assert "\n" not in str(error.value) and "skip_bad" in str(error.value)
+
+    with caplog.at_level(logging.WARNING, logger="diffusion.image_folder"):
+        dataset = ImageFolderDataset(tmp_path, 16, skip_bad=True)
+    assert dataset.captions() == ["good"]
+    assert sorted(Path(path).name for path, _ in dataset.skipped) == ["broken.png", "truncated.png"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "skipped 2" in warnings[0].getMessage()
+
+
+@pytest.mark.parametrize("file_name", ["../x.png", "sub/../../x.png", "/etc/x.png"])
+def test_file_name_outside_the_folder_raises(tmp_path, file_name):
+    root = tmp_path / "data"
+    write_png(root / "ok.png")
+    write_png(tmp_path / "x.png")  # exists, but outside the folder
+    write_metadata(root, [{"file_name": "ok.png", "text": "ok"},
+                          {"file_name": file_name, "text": "escape"}])
+    with pytest.raises(UserError, match="outside") as error:
+        ImageFolderDataset(root, 16)
+    assert "line 2" in str(error.value)
+    assert len(ImageFolderDataset(root, 16, skip_bad=True)) == 1
+
+
+def test_missing_caption_raises_or_is_skipped(tmp_path):
+    write_png(tmp_path / "captioned.png")
+    (tmp_path / "captioned.txt").write_text("yes")
+    write_png(tmp_path / "lonely.png")
+    with pytest.raises(UserError, match=r"lonely\.png.*lonely\.txt"):
+        ImageFolderDataset(tmp_path, 16)
+    dataset = ImageFolderDataset(tmp_path, 16, skip_bad=True)
+    assert len(dataset) == 1 and dataset.skipped[0][1] == "no caption"
+
+
+@pytest.mark.parametrize(
+    "line, fragment",
+    [("{not json", "line 2.*not valid JSON"), ('{"file_name": "a.png"}', "line 2.*text"),
+     ('{"file_name": "gone.png", "text": "t"}', "gone.png.*not found")],
+)
+def test_bad_metadata_lines_raise_naming_the_line(tmp_path, line, fragment):
+    write_png(tmp_path / "a.png")
+    write_metadata(tmp_path, [{"file_name": "a.png", "text": "fine"}, line])
+    with pytest.raises(UserError, match=fragment):
+        ImageFolderDataset(tmp_path, 16)
+    assert ImageFolderDataset(tmp_path, 16, skip_bad=True).captions() == ["fine"]
+
+
+def test_unusable_folders_raise_user_error(tmp_path):
+    with pytest.raises(UserError, match="not a directory"):
+        ImageFolderDataset(tmp_path / "nope", 16)
+    (tmp_path / "readme.txt").write_text("no images here")
+    with pytest.raises(UserError, match="no images found"):
+        ImageFolderDataset(tmp_path, 16)
+    write_png(tmp_path / "lonely.png")
+    with pytest.raises(UserError, match="no usable images"):
+        ImageFolderDataset(tmp_path, 16, skip_bad=True)
