@@ -59,6 +59,10 @@ class DataConfig:
     min_objects: int = 1
     max_objects: int = 4
     object_weights: list[float] | None = field(default_factory=lambda: [2.0, 5.0, 2.0, 1.0])
+    omit_colour: float = 0.0
+    omit_shape: float = 0.0
+    omit_position: float = 0.0
+    omit_size: float = 0.5
     seed: int = 0
     holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])
     center_crop: bool = True
@@ -141,6 +145,7 @@ POSITIVE = {
 }
 NON_NEGATIVE = {"train.timestep_bias_multiplier", "train.grounding_weight", "train.grounding_pixel_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
                 "train.snr_gamma", "model.dropout", "train.validation_guidance"}
+PROBABILITIES = {"data.omit_colour", "data.omit_shape", "data.omit_position", "data.omit_size"}
 FRACTIONS = {"train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
 
 
@@ -220,6 +225,8 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"{key} must not be negative, got {value}")
         if key in FRACTIONS and not 0 <= value < 1:
             raise UserError(f"{key} must be in [0, 1), got {value}")
+        if key in PROBABILITIES and not 0 <= value <= 1:
+            raise UserError(f"{key} must be a probability in [0, 1], got {value}")
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
         raise UserError(f"model.channels must be a non-empty list of positive widths, got {cfg.model.channels}")
     for c in cfg.model.channels:

@@ -182,7 +182,7 @@ def stated_positions(scene: Scene) -> list[tuple]:
     caption = scene.caption
     for phrase in RELATIONS:
         if f" {phrase} " in caption:
-            first, second = sorted(range(len(scene.objects)), key=lambda k: scene.colour_spans[k][0])
+            first, second = sorted(range(len(scene.objects)), key=lambda k: scene.phrase_spans[k][0])
             return [("relation", first, second, phrase)]
     return [("at", k, obj.position) for k, obj in enumerate(scene.objects)
             if POSITION_PHRASES[obj.position] in caption]

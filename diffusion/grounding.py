@@ -45,7 +45,7 @@ def grounding_targets(scenes: list[Scene], offsets_of) -> torch.Tensor:
         begin, end = offsets[..., 0], offsets[..., 1]  # (b, T)
         for row, scene in enumerate(chunk):
             for k, spans in enumerate(zip(scene.colour_spans, scene.shape_spans)):
-                for s, e in spans:
+                for s, e in filter(None, spans):  # a word the caption leaves out grounds nothing
                     overlaps = (begin[row] < e) & (end[row] > s) & (end[row] > begin[row])
                     token_object[start + row, overlaps] = k
     return token_object

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 import numpy as np
@@ -56,13 +56,15 @@ GAP_PX = 1.0
 # A relation ("to the left of", "above") is only captioned when the two drawn centres differ by
 # at least this fraction of the side along its axis, so it is unambiguous to a viewer.
 RELATION_MIN_OFFSET = 0.2
-SIZE_WORD_PROBABILITY = 0.5
 NO_POSITION_PROBABILITY = 0.15
 RELATION_PROBABILITY = 0.5
 # Placement is rejection sampling; crowded scenes at tiny resolutions may never fit.
 MAX_PLACEMENT_ATTEMPTS = 10_000
 # Arm width of a cross as a fraction of the shape's full width.
 CROSS_ARM_FRACTION = 0.4
+
+# The noun of an object whose shape the caption leaves out: "a red shape".
+UNNAMED_SHAPE = "shape"
 
 POSITION_PHRASES = {
     "left": "on the left",
@@ -91,14 +93,16 @@ class ShapeObject:
 @dataclass
 class Scene:
     """Objects plus their caption. For object k, `caption[slice(*colour_spans[k])] == colour`,
-    likewise for `shape_spans`; `size_spans[k]` is the span of "small"/"large" or None when the
-    caption leaves the size out."""
+    likewise for `shape_spans` and `size_spans` ("small"/"large"); each is None where the caption
+    leaves that attribute out (an unnamed shape is written "shape": "a red shape").
+    `phrase_spans[k]` is the span of object k's whole noun phrase, "a small red circle"."""
 
     objects: list[ShapeObject]
     caption: str
-    colour_spans: list[tuple[int, int]]
-    shape_spans: list[tuple[int, int]]
+    colour_spans: list[tuple[int, int] | None]
+    shape_spans: list[tuple[int, int] | None]
     size_spans: list[tuple[int, int] | None]
+    phrase_spans: list[tuple[int, int]] = field(default_factory=list)
 
 
 @dataclass
@@ -109,6 +113,24 @@ class ShapesSample:
     image: np.ndarray
     masks: np.ndarray
     scene: Scene
+
+
+@dataclass(frozen=True)
+class Omission:
+    """How often a caption leaves an object's attribute out, so that a model trained on the
+    captions learns what an unnamed attribute looks like (the prior a weight of 0 falls back to).
+    Each is a probability per object: `colour` ("a circle"), `shape` ("a red shape"), `position`
+    (the object's position phrase; relations are kept), and `size`, the share of objects whose
+    size word is left out (half of them by default, as the set always had)."""
+
+    colour: float = 0.0
+    shape: float = 0.0
+    position: float = 0.0
+    size: float = 0.5
+
+    def draws_extra(self) -> bool:
+        """Whether colour, shape or position is ever left out (each object then draws three numbers)."""
+        return any(p > 0 for p in (self.colour, self.shape, self.position))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,15 +234,19 @@ def _true_relations(objects: list[ShapeObject], resolution: int) -> list[tuple[i
 class _CaptionWriter:
     """Builds a caption left to right, recording where each object's words land."""
 
-    def __init__(self, objects: list[ShapeObject], with_size: list[bool]):
-        """`objects` are the scene's objects; `with_size[k]` says whether object k's phrase
-        includes its size word."""
+    def __init__(self, objects: list[ShapeObject], with_size: list[bool], with_colour: list[bool],
+                 with_shape: list[bool]):
+        """`objects` are the scene's objects; `with_size[k]`, `with_colour[k]`, `with_shape[k]`
+        say whether object k's phrase names its size, colour and shape."""
         self.objects = objects
         self.with_size = with_size
+        self.with_colour = with_colour
+        self.with_shape = with_shape
         self.text = ""
         self.colour_spans: list = [None] * len(objects)
         self.shape_spans: list = [None] * len(objects)
         self.size_spans: list = [None] * len(objects)
+        self.phrase_spans: list = [None] * len(objects)
 
     def write(self, text: str) -> tuple[int, int]:
         """Append `text`; return its (start, end) span."""
@@ -229,46 +255,59 @@ class _CaptionWriter:
         return start, len(self.text)
 
     def object(self, k: int) -> None:
-        """Append object k's noun phrase, e.g. "a small red circle" or "an orange cross"."""
+        """Append object k's noun phrase, e.g. "a small red circle", "an orange cross", "a circle",
+        "a red shape"."""
         obj = self.objects[k]
-        first_word = obj.size if self.with_size[k] else obj.colour
-        self.write("an " if first_word[0] in "aeiou" else "a ")
-        if self.with_size[k]:
-            self.size_spans[k] = self.write(obj.size)
-            self.write(" ")
-        self.colour_spans[k] = self.write(obj.colour)
-        self.write(" ")
-        self.shape_spans[k] = self.write(obj.shape)
+        words = [(obj.size, "size_spans")] if self.with_size[k] else []
+        if self.with_colour[k]:
+            words.append((obj.colour, "colour_spans"))
+        words.append((obj.shape, "shape_spans") if self.with_shape[k] else (UNNAMED_SHAPE, None))
+        start = len(self.text)
+        self.write("an " if words[0][0][0] in "aeiou" else "a ")
+        for n, (word, spans) in enumerate(words):
+            span = self.write(word)
+            if spans is not None:
+                getattr(self, spans)[k] = span
+            if n < len(words) - 1:
+                self.write(" ")
+        self.phrase_spans[k] = (start, len(self.text))
 
     def scene(self) -> Scene:
         return Scene(
-            self.objects, self.text, self.colour_spans, self.shape_spans, self.size_spans
+            self.objects, self.text, self.colour_spans, self.shape_spans, self.size_spans, self.phrase_spans
         )
 
 
-def _caption(rng: np.random.Generator, objects: list[ShapeObject], resolution: int) -> Scene:
-    """Pick a caption template for `objects` (drawn at `resolution`) and write it."""
+def _caption(rng: np.random.Generator, objects: list[ShapeObject], resolution: int,
+             omission: Omission = Omission()) -> Scene:
+    """Pick a caption template for `objects` (drawn at `resolution`) and write it, leaving
+    attributes out as `omission` says."""
     count = len(objects)
-    writer = _CaptionWriter(objects, (rng.random(count) < SIZE_WORD_PROBABILITY).tolist())
+    with_size = (rng.random(count) < 1 - omission.size).tolist()
+    with_colour = with_shape = with_position = [True] * count
+    if omission.draws_extra():  # draws nothing otherwise, so such captions stay as they always were
+        kept = rng.random((count, 3)) >= [omission.colour, omission.shape, omission.position]  # (count, 3)
+        with_colour, with_shape, with_position = (kept[:, j].tolist() for j in range(3))
+    writer = _CaptionWriter(objects, with_size, with_colour, with_shape)
 
     def place(k: int) -> str:
-        return POSITION_PHRASES[objects[k].position]
+        return " " + POSITION_PHRASES[objects[k].position] if with_position[k] else ""
 
     if count == 1:
-        if rng.random() < NO_POSITION_PROBABILITY:
+        if rng.random() < NO_POSITION_PROBABILITY or not with_position[0]:
             writer.object(0)  # "a red circle"
         else:
             template = rng.integers(3)
             if template == 0:  # "a red circle on the left"
                 writer.object(0)
-                writer.write(" " + place(0))
+                writer.write(place(0))
             elif template == 1:  # "on the left, a red circle"
-                writer.write(place(0) + ", ")
+                writer.write(place(0)[1:] + ", ")
                 writer.object(0)
             else:  # "there is a red circle on the left"
                 writer.write("there is ")
                 writer.object(0)
-                writer.write(" " + place(0))
+                writer.write(place(0))
         return writer.scene()
 
     relations = _true_relations(objects, resolution) if count == 2 else []
@@ -286,7 +325,7 @@ def _caption(rng: np.random.Generator, objects: list[ShapeObject], resolution: i
         if n:
             writer.write(last_joiner if n == count - 1 else ", ")
         writer.object(k)
-        writer.write(" " + place(k))
+        writer.write(place(k))
     return writer.scene()
 
 
@@ -298,6 +337,7 @@ def sample_scene(
     holdout: set[tuple[str, str]] | None,
     holdout_mode: str,
     object_weights: list[float] | None = None,
+    omission: Omission = Omission(),
 ) -> Scene:
     """Draw a random scene and its caption.
 
@@ -309,6 +349,8 @@ def sample_scene(
         held-out pair) or "any" (holdout is ignored).
     object_weights: relative frequencies of 1, 2, 3 and 4 objects, of which only the counts in
         [min_objects, max_objects] are drawn (None: uniform in that range).
+    omission: how often the caption leaves each attribute of an object out. The objects do not
+        depend on it, only the caption does.
     """
     allowed, forced = _candidate_pairs(holdout or set(), holdout_mode)
     if object_weights is None:
@@ -326,7 +368,7 @@ def sample_scene(
             pairs, sizes, positions, centers, halves
         )
     ]
-    return _caption(rng, objects, resolution)
+    return _caption(rng, objects, resolution, omission)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,6 +442,7 @@ class ShapesDataset(Dataset):
         holdout=(),
         holdout_mode: str = "exclude",
         object_weights: list[float] | None = None,
+        omission: Omission = Omission(),
     ):
         """resolution: image side in pixels (>= 16).
         num_samples: number of distinct samples (the dataset's length).
@@ -410,6 +453,7 @@ class ShapesDataset(Dataset):
         seed: selects the whole dataset; two seeds give different samples.
         holdout: iterable of "colour shape" strings, e.g. ["red square"].
         holdout_mode: "exclude", "only" or "any"; see `sample_scene`.
+        omission: how often captions leave an object's colour, shape, position or size out.
         """
         check_int("data.resolution", resolution, 16)
         check_int("data.num_samples", num_samples, 1)
@@ -430,6 +474,7 @@ class ShapesDataset(Dataset):
         self.seed = seed
         self.holdout = parse_holdout(holdout)
         self.holdout_mode = holdout_mode
+        self.omission = omission
         _candidate_pairs(self.holdout, holdout_mode)  # fail now, not at the first sample
 
     def __len__(self) -> int:
@@ -442,7 +487,7 @@ class ShapesDataset(Dataset):
         rng = np.random.default_rng([self.seed, i])
         return sample_scene(
             rng, self.resolution, self.min_objects, self.max_objects, self.holdout,
-            self.holdout_mode, self.object_weights,
+            self.holdout_mode, self.object_weights, self.omission,
         )
 
     def sample(self, i: int) -> ShapesSample:

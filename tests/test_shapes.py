@@ -1,4 +1,5 @@
 """Tests for diffusion/shapes.py: the procedural shapes dataset, its captions, masks and spans."""
+import hashlib
 import os
 import re
 import subprocess
@@ -16,6 +17,8 @@ from diffusion.shapes import (
     POSITIONS,
     SHAPES,
     SIZES,
+    UNNAMED_SHAPE,
+    Omission,
     Scene,
     ShapeObject,
     ShapesDataset,
@@ -46,10 +49,10 @@ def relation_of(scene) -> tuple[int, int, str] | None:
     """(subject, reference, phrase) if the caption relates two objects, else None."""
     if len(scene.objects) != 2:
         return None
-    first, second = sorted(range(2), key=lambda k: scene.colour_spans[k][0])
-    between = scene.caption[scene.shape_spans[first][1] : scene.colour_spans[second][0]]
+    first, second = sorted(range(2), key=lambda k: scene.phrase_spans[k][0])
+    between = scene.caption[scene.phrase_spans[first][1] : scene.phrase_spans[second][0]]
     for phrase in RELATIONS:
-        if re.fullmatch(rf" {phrase} an? ((small|large) )?", between):
+        if between == f" {phrase} ":
             return first, second, phrase
     return None
 
@@ -255,6 +258,95 @@ def test_caption_spans_point_at_the_words_and_positions_are_named():
     assert {("size", True), ("size", False)} <= styles
     assert {("single", True, True), ("single", True, False), ("single", False, False)} <= styles
     assert {("relation", phrase) for phrase in RELATIONS} <= styles
+
+
+# sha256 of the first 3,000 scenes' captions and spans of two datasets, computed by the code before
+# captions could leave attributes out: with no colour, shape or position left out they must not move.
+CAPTIONS_BEFORE_OMISSION = {
+    (4, (2, 5, 2, 1)): "f70417dafe2684151c64fe7cec5be0893e89def750758395b28ff0dd406b761a",
+    (2, None): "41606ff75f8de26b18842336df9308ee564ef8dbe4d2b3956f7250582ea41743",
+}
+
+
+@pytest.mark.parametrize("max_objects, weights", list(CAPTIONS_BEFORE_OMISSION))
+def test_no_omission_gives_the_captions_the_set_always_had(max_objects, weights):
+    dataset = ShapesDataset(32, 3000, 1, max_objects, 0, ["red square"], object_weights=weights,
+                            omission=Omission(colour=0, shape=0, position=0))
+    text = "\n".join(f"{s.caption}|{s.colour_spans}|{s.shape_spans}|{s.size_spans}"
+                     for s in map(dataset.scene, range(3000)))
+    assert hashlib.sha256(text.encode()).hexdigest() == CAPTIONS_BEFORE_OMISSION[max_objects, weights]
+
+
+def named_words(caption: str) -> tuple[set, set, set]:
+    words = set(re.findall(r"[a-z]+", caption))
+    return words & set(COLOURS), words & set(SHAPES), words & set(SIZES)
+
+
+def test_omitted_attributes_keep_captions_true_and_spans_exact():
+    omission = Omission(colour=0.3, shape=0.2, position=0.4, size=0.5)
+    dataset = ShapesDataset(32, 1500, 1, 4, seed=5, omission=omission)
+    plain = ShapesDataset(32, 1500, 1, 4, seed=5)
+    left_out = {"colour": 0, "shape": 0, "position": 0}
+    objects = listed = 0
+    for i in range(len(dataset)):
+        scene, reference = dataset.scene(i), plain.scene(i)
+        assert scene.objects == reference.objects  # only the caption depends on the omission
+        caption = scene.caption
+        assert caption == caption.strip() and "  " not in caption
+        colours, shapes, sizes = named_words(caption)
+        # never names something absent
+        assert colours <= {o.colour for o in scene.objects} and shapes <= {o.shape for o in scene.objects}
+        assert sizes <= {o.size for o in scene.objects}
+        # one noun phrase per object: a named shape or the word "shape"
+        nouns = re.findall(rf"\b({'|'.join(SHAPES)}|{UNNAMED_SHAPE})\b", caption)
+        assert len(nouns) == len(scene.objects), caption
+        for k, obj in enumerate(scene.objects):
+            objects += 1
+            for attribute, spans in (("colour", scene.colour_spans), ("shape", scene.shape_spans),
+                                     ("size", scene.size_spans)):
+                if spans[k] is not None:
+                    assert caption[slice(*spans[k])] == getattr(obj, attribute)
+            left_out["colour"] += scene.colour_spans[k] is None
+            left_out["shape"] += scene.shape_spans[k] is None
+            if len(scene.objects) > 1 and relation_of(scene) is None:  # a list: each object has its phrase
+                listed += 1
+                left_out["position"] += POSITION_PHRASES[obj.position] not in caption
+        # articles still agree with the word after them
+        for article, word in re.findall(r"\b(an?) (\w+)", caption):
+            assert (article == "an") == (word[0] in "aeiou"), caption
+    assert abs(left_out["colour"] / objects - 0.3) < 0.03
+    assert abs(left_out["shape"] / objects - 0.2) < 0.03
+    assert abs(left_out["position"] / listed - 0.4) < 0.03
+    # the grounding targets tie only the words the caption names
+    from diffusion.grounding import grounding_targets
+
+    scenes = [dataset.scene(i) for i in range(50)]
+
+    def offsets(captions):  # one "token" per word, as character spans
+        spans = [[m.span() for m in re.finditer(r"\w+", c)] for c in captions]
+        length = max(map(len, spans))
+        return torch.tensor([s + [(0, 0)] * (length - len(s)) for s in spans])
+
+    targets = grounding_targets(scenes, offsets)
+    for scene, row in zip(scenes, targets):
+        words = [m.group() for m in re.finditer(r"\w+", scene.caption)]
+        for word, k in zip(words, row.tolist()):
+            if k >= 0:
+                assert word in (scene.objects[k].colour, scene.objects[k].shape)
+        named = sum(span is not None for spans in (scene.colour_spans, scene.shape_spans) for span in spans)
+        assert int((row >= 0).sum()) == named
+
+
+def test_omission_probabilities_are_config_keys():
+    from diffusion.config import config_from_dict
+    from diffusion.data import build_dataset
+
+    cfg = config_from_dict({"data": {"omit_colour": 0.2, "omit_shape": 1.0, "num_samples": 10}})
+    dataset = build_dataset(cfg.data)
+    assert dataset.omission == Omission(colour=0.2, shape=1.0, position=0.0, size=0.5)
+    assert all(UNNAMED_SHAPE in dataset.scene(i).caption for i in range(10))
+    with pytest.raises(UserError, match="data.omit_colour must be a probability in"):
+        config_from_dict({"data": {"omit_colour": 1.5}})
 
 
 def test_relation_captions_are_true_of_the_drawing():
