@@ -56,7 +56,7 @@ def child(workload: str, steps: int, clip_steps: int) -> dict:
     torch.manual_seed(0)
     if workload == "clip":
         from diffusion.data import build_dataset
-        from diffusion.text_encoder import fit_tokenizer, train_clip
+        from diffusion.clip_training import fit_tokenizer, train_clip
         images, captions = build_dataset(dataclasses.replace(cfg.data, num_samples=2000,
                                                              object_weights=None)).render_all(progress=False)
         tokenizer = fit_tokenizer(captions, cfg.text.vocab_size, cfg.text.max_length)

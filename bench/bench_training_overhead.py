@@ -11,7 +11,7 @@ default UNet's parameters with random gradients (`torch.manual_seed(0)`):
   `--steps` steps equal the per-parameter ones bit for bit;
 - CLIP step: `--clip-steps` contrastive steps of the small CLIP (batch text.batch_size, on 2,000
   rendered images, set-up included) with its MLPs on `quick_gelu` (CLIP's own, x * sigmoid(1.702 x))
-  and on `gelu` (`diffusion.text_encoder.ACTIVATION`, used); seconds per step;
+  and on `gelu` (`diffusion.clip_training.ACTIVATION`, used); seconds per step;
 - rendering: the default shapes set (`--samples` images with masks) in this process and in
   `torch.get_num_threads()` forked workers (`ShapesDataset.render_with_masks`); seconds.
 
@@ -46,7 +46,7 @@ def main() -> None:
 
     import tempfile
 
-    import diffusion.text_encoder as text_encoder
+    import diffusion.clip_training as text_encoder
     from diffusion.config import Config
     from diffusion.data import build_dataset
     from diffusion.unet import UNet, unet_settings

@@ -3,262 +3,34 @@
 Two sources of a CLIP text encoder, both loaded the same way by `TextEncoder.from_pretrained`:
 
 - any pretrained CLIP, by hub id or local folder (e.g. `openai/clip-vit-base-patch32`);
-- the offline default: a small CLIP trained contrastively on the training images and captions
-  (`fit_tokenizer` + `train_clip`), saved as `tokenizer/` + `text_encoder/` in the transformers
-  format, so it loads exactly like a pretrained one.
+- the offline default: a small CLIP trained here (clip_training.py), saved as `tokenizer/` +
+  `text_encoder/` in the transformers format, so it loads exactly like a pretrained one.
 
 `EmbeddingCache` computes the embedding of each distinct caption once, since the encoder is frozen.
 """
 import contextlib
-import json
-import math
 import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from tokenizers import Tokenizer, pre_tokenizers, trainers
-from tokenizers.models import BPE
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import (
-    CLIPConfig,
-    CLIPModel,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTokenizer,
-    CLIPVisionConfig,
     PretrainedConfig,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as transformers_logging
 
-from diffusion.errors import UserError
+from .errors import UserError
 
-BOS = "<|startoftext|>"
-EOS = "<|endoftext|>"
-END_OF_WORD = "</w>"
 # CLIP's byte-level alphabet: one printable character per byte value, so any text maps onto it.
 BYTE_ALPHABET = list(bytes_to_unicode().values())
-# Every byte symbol plain and with the end-of-word suffix, plus the two special tokens: a BPE
-# vocabulary cannot be smaller than this without producing unknown tokens.
-MIN_VOCAB_SIZE = 2 * len(BYTE_ALPHABET) + 2
-
-TEXT_HEADS = 4
-VISION_WIDTH = 128
-VISION_LAYERS = 2
-PROJECTION_DIM = 128
-# The small CLIP's MLP activation: PyTorch's fused GELU. CLIP's own quick_gelu, x * sigmoid(1.702 x),
-# runs as three elementwise passes forward and five backward, which took a third of a contrastive
-# step here; with GELU a step took 0.75 s instead of 0.93 (bench/bench_training_overhead.py).
-ACTIVATION = "gelu"
-
-
-def fit_tokenizer(captions: list[str], vocab_size: int = 1024, model_max_length: int = 32) -> CLIPTokenizer:
-    """Fit a CLIP-format byte-level BPE tokenizer on the training captions.
-
-    The vocabulary is laid out like OpenAI CLIP's vocab.json: the 256 byte symbols, the same with
-    `</w>`, the learned merges in priority order, then `<|startoftext|>` and `<|endoftext|>`
-    (which is also the pad token). Text is lowercased, and any text tokenizes without unknowns.
-
-    Args:
-        captions: the training captions; frequent words become single tokens.
-        vocab_size: the largest vocabulary size, special tokens included; at least 514 (the byte
-            alphabet twice, plus two special tokens). Merges stop early when no pair of symbols
-            occurs twice, so a small caption set gives a smaller vocabulary.
-        model_max_length: tokens per prompt, start and end tokens included.
-
-    Returns:
-        A `transformers.CLIPTokenizer`; `save_pretrained` writes it in the standard format.
-    """
-    if not captions or not all(isinstance(caption, str) for caption in captions):
-        raise UserError("fit_tokenizer needs a non-empty list of caption strings; check the dataset captions")
-    if vocab_size < MIN_VOCAB_SIZE:
-        raise UserError(f"vocab_size {vocab_size} is too small; use at least {MIN_VOCAB_SIZE} (CLIP's byte alphabet)")
-    if model_max_length < 3:
-        raise UserError(f"max_length {model_max_length} is too small; use at least 3 (start, one word, end)")
-
-    # Learn merges on exactly the text CLIPTokenizer will see: reuse its normalizer (whitespace
-    # squashing, lowercasing) and pre-tokenizer (CLIP's word regex, then bytes to symbols).
-    clip_pipeline = CLIPTokenizer().backend_tokenizer
-    bpe = Tokenizer(BPE(end_of_word_suffix=END_OF_WORD))
-    bpe.normalizer = clip_pipeline.normalizer
-    bpe.pre_tokenizer = clip_pipeline.pre_tokenizer
-    merge_budget = vocab_size - MIN_VOCAB_SIZE
-    trainer = trainers.BpeTrainer(
-        # The trainer counts its alphabet into vocab_size; this is enough room for merge_budget merges.
-        vocab_size=len(BYTE_ALPHABET) * 2 + merge_budget,
-        min_frequency=2,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix=END_OF_WORD,
-        show_progress=False,
-    )
-    bpe.train_from_iterator(captions, trainer)
-    # A prefix of a BPE merge list is itself a valid merge list, so cutting it keeps the tokenizer consistent.
-    merges = [tuple(pair) for pair in json.loads(bpe.to_str())["model"]["merges"]][:merge_budget]
-
-    tokens = BYTE_ALPHABET + [symbol + END_OF_WORD for symbol in BYTE_ALPHABET]
-    tokens += [left + right for left, right in merges] + [BOS, EOS]
-    # Two merges can spell the same token ("ab"+"c", "a"+"bc"); it needs one id.
-    vocab = {token: index for index, token in enumerate(dict.fromkeys(tokens))}
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
-
-
-def train_clip(
-    images: torch.Tensor,
-    captions: list[str],
-    tokenizer: CLIPTokenizer,
-    config,
-    out_dir: str | Path,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-) -> CLIPModel:
-    """Train a small CLIP contrastively on images and captions; save its text half for the UNet.
-
-    Writes `out_dir/text_encoder` (a `CLIPTextModel`, safetensors) and `out_dir/tokenizer`, which
-    `TextEncoder.from_pretrained(out_dir)` loads.
-
-    Args:
-        images: uint8 images, (N, 3, H, W) with H == W.
-        captions: N captions, one per image.
-        tokenizer: the tokenizer from `fit_tokenizer`; its `model_max_length` sets the text length.
-        config: any object with `width` (text hidden size), `layers` (text layers), `steps`,
-            `batch_size`, `lr` (peak AdamW learning rate) and `seed`.
-        out_dir: folder to write `tokenizer/` and `text_encoder/` into.
-        device: where to train.
-        progress: show a tqdm bar with the loss.
-
-    Returns:
-        The trained `CLIPModel` (both towers, eval mode, on `device`), e.g. to check retrieval.
-    """
-    _check_training_data(images, captions)
-    if config.width % TEXT_HEADS:
-        raise UserError(f"clip width {config.width} must be a multiple of {TEXT_HEADS} (attention heads)")
-    if config.steps < 1 or config.batch_size < 2:
-        raise UserError(f"clip needs steps >= 1 and batch_size >= 2, got {config.steps} and {config.batch_size}")
-    size = images.shape[-1]
-    patch = 8 if size >= 64 else 4
-    if size % patch:
-        raise UserError(f"clip images of {size} px do not split into {patch}-px patches; use a multiple of {patch}")
-    max_length = tokenizer.model_max_length
-
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.width,
-        intermediate_size=4 * config.width,
-        num_hidden_layers=config.layers,
-        num_attention_heads=TEXT_HEADS,
-        hidden_act=ACTIVATION,
-        max_position_embeddings=max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    vision_config = CLIPVisionConfig(
-        image_size=size,
-        patch_size=patch,
-        hidden_size=VISION_WIDTH,
-        intermediate_size=4 * VISION_WIDTH,
-        num_hidden_layers=VISION_LAYERS,
-        num_attention_heads=4,
-        hidden_act=ACTIVATION,
-    )
-    clip_config = CLIPConfig(
-        text_config=text_config.to_dict(), vision_config=vision_config.to_dict(), projection_dim=PROJECTION_DIM
-    )
-    # Seed the initialisation without disturbing the caller's global random state.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        model = CLIPModel(clip_config).to(device)
-    generator = torch.Generator().manual_seed(config.seed)
-
-    # Tokenize each distinct caption once; a batch then refers to captions by index.
-    distinct = list(dict.fromkeys(captions))
-    row_of = {caption: row for row, caption in enumerate(distinct)}
-    caption_rows = torch.tensor([row_of[caption] for caption in captions])  # (N,)
-    too_long = sum(len(ids) > max_length for ids in tokenizer(distinct, verbose=False)["input_ids"])
-    if too_long:
-        warnings.warn(f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
-                      f"and are truncated; raise max_length to keep them whole")
-    tokens = tokenizer(
-        distinct,
-        padding="max_length",
-        padding_side="right",  # trimming a batch to its longest caption cuts from the right
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    all_ids = tokens["input_ids"].to(device)  # (U_all, T)
-    all_mask = tokens["attention_mask"].to(device)  # (U_all, T)
-    lengths = all_mask.sum(1)  # (U_all,)
-    images = images.to(device)
-
-    decay = [p for p in model.parameters() if p.ndim >= 2]
-    no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, logit scale
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=config.lr
-    )
-    warmup = max(1, min(100, config.steps // 10))
-
-    def lr_factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
-
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-
-    batch_size = min(config.batch_size, len(captions))
-    model.train()
-    bar = tqdm(range(config.steps), desc="clip", disable=not progress)
-    for _ in bar:
-        picks = torch.randint(len(captions), (batch_size,), generator=generator)  # (B,)
-        # Procedural captions repeat a lot within a batch, and an image must not be pushed away
-        # from a caption identical to its own. So the text side is de-duplicated: each image is
-        # classified among the batch's U distinct captions (no false negatives), and each caption
-        # must pick out all of its images (a soft target spread evenly over them).
-        rows, caption_of_image = torch.unique(caption_rows[picks], return_inverse=True)  # (U,), (B,)
-        rows, caption_of_image = rows.to(device), caption_of_image.to(device)
-        length = int(lengths[rows].max())  # causal attention: trimming trailing padding changes nothing
-        text = model.text_model(input_ids=all_ids[rows, :length], attention_mask=all_mask[rows, :length])
-        text_embeds = F.normalize(model.text_projection(text.pooler_output), dim=-1)  # (U, P)
-        pixels = images[picks.to(device)].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        vision = model.vision_model(pixel_values=pixels)
-        image_embeds = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)  # (B, P)
-        # CLIP caps the temperature at 100 so the logits cannot blow up.
-        logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (B, U)
-        image_loss = F.cross_entropy(logits, caption_of_image)
-        images_of_caption = F.one_hot(caption_of_image, len(rows)).T.float()  # (U, B)
-        text_loss = F.cross_entropy(logits.T, images_of_caption / images_of_caption.sum(1, keepdim=True))
-        loss = (image_loss + text_loss) / 2
-
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-
-    model.eval()
-    out_dir = Path(out_dir)
-    with _quiet_transformers():
-        model.text_model.save_pretrained(out_dir / "text_encoder")
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    return model
-
-
-def _check_training_data(images, captions):
-    """Raise UserError unless `images` is uint8 (N, 3, S, S) and `captions` holds N strings."""
-    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8 or images.ndim != 4:
-        raise UserError("clip training images must be a uint8 tensor (N, 3, H, W); check the dataset loader")
-    n, channels, height, width = images.shape
-    if channels != 3 or height != width:
-        raise UserError(f"clip training images must be square RGB, got shape {tuple(images.shape)}; resize the dataset")
-    if len(captions) != n or not all(isinstance(caption, str) for caption in captions):
-        raise UserError(f"clip training needs one caption string per image, got {len(captions)} for {n} images")
 
 
 @contextlib.contextmanager
-def _quiet_transformers():
+def quiet_transformers():
     """Silence transformers' progress bars and load reports while loading or saving our own files.
 
     The reports list the vision weights of a full CLIP checkpoint as unused, which is expected
@@ -297,7 +69,7 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     source = str(path) if path.is_dir() else name_or_path
     model_folder, tokenizer_folder = ("text_encoder", "tokenizer") if split else ("", "")
     try:
-        with _quiet_transformers():
+        with quiet_transformers():
             # The model first: CLIPTokenizer.from_pretrained "succeeds" with an empty vocabulary
             # when there are no tokenizer files, whereas a missing model raises.
             config, _ = PretrainedConfig.get_config_dict(source, subfolder=model_folder)
@@ -491,7 +263,7 @@ class TextEncoder(nn.Module):
         """
         out_dir = Path(out_dir)
         self.tokenizer.save_pretrained(out_dir / "tokenizer")
-        with _quiet_transformers():
+        with quiet_transformers():
             self.model.save_pretrained(out_dir / "text_encoder")
 
 

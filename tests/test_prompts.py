@@ -18,7 +18,8 @@ from diffusion.prompts import (
     word_token_weights,
     word_tokens,
 )
-from diffusion.text_encoder import TextEncoder, fit_tokenizer
+from diffusion.clip_training import fit_tokenizer
+from diffusion.text_encoder import TextEncoder
 
 CAPTIONS = [
     f"a {colour} {shape} on the {side}"

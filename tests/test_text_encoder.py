@@ -7,7 +7,8 @@ import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
 from diffusion.errors import UserError
-from diffusion.text_encoder import EmbeddingCache, TextEncoder, fit_tokenizer, train_clip
+from diffusion.clip_training import fit_tokenizer, train_clip
+from diffusion.text_encoder import EmbeddingCache, TextEncoder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 CAPTIONS = [
