@@ -20,6 +20,7 @@ import math
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,7 +41,8 @@ from .grounding import GroundingLoss, grounding_targets
 from .images import labelled_grid, save_png
 from .pipeline import Pipeline
 from .precision import resolve_mixed_precision
-from .text_encoder import EmbeddingCache, TextEncoder, fit_tokenizer, train_clip
+from .clip_training import fit_tokenizer, train_clip
+from .text_encoder import EmbeddingCache, TextEncoder
 from .unet import UNet, unet_settings
 
 
@@ -119,9 +121,130 @@ def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, batch_siz
     return torch.multinomial(weights, batch_size, replacement=True).to(device)
 
 
-def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Path:
-    """Train per `cfg` into `output_dir`; returns the exported model folder."""
-    output_dir = Path(output_dir)
+@dataclass
+class Batch:
+    """One training batch (B images), on the training device."""
+
+    x0: torch.Tensor  # (B, 3, R, R) images in [-1, 1]
+    embeddings: torch.Tensor  # (B, T, D) text states of the captions
+    key_mask: torch.Tensor  # (B, T) bool: the tokens cross-attention may read
+    token_object: torch.Tensor | None = None  # (B, T) long: the object each token names, -1 none (grounding)
+    object_masks: torch.Tensor | None = None  # (B, K, R, R) float object masks (grounding)
+
+
+class InMemoryData:
+    """The training set held on the device: images as uint8, the text states of each distinct
+    caption once (the encoder is frozen), and for grounding each token's object and the masks.
+
+    `batch(index)` gathers the samples at `index` (B,) into a `Batch`."""
+
+    def __init__(self, images: torch.Tensor, captions: list[str], encoder: TextEncoder, device,
+                 token_object: torch.Tensor | None = None, object_masks: torch.Tensor | None = None):
+        """images: (N, 3, R, R) uint8; captions: N strings; token_object: (N, T) int8 and
+        object_masks: (N, K, R, R) bool for the grounding loss (None without it)."""
+        self.distinct = sorted(set(captions))
+        row_of = {caption: i for i, caption in enumerate(self.distinct)}
+        cache = EmbeddingCache(encoder)
+        embeddings, key_mask = cache.get(self.distinct)  # (U, T, D), (U, T)
+        empty_embedding, empty_mask = cache.get([""])
+        self.caption_rows = torch.tensor([row_of[c] for c in captions])  # (N,)
+        self.embeddings, self.key_mask = embeddings.to(device), key_mask.to(device)
+        self.empty = empty_embedding.to(device), empty_mask.to(device)  # (1, T, D), (1, T): dropped captions
+        self.images = images.to(device)
+        self.token_object = None if token_object is None else token_object.to(device)
+        self.object_masks = None if object_masks is None else object_masks.to(device)
+        self.device = device
+
+    def __len__(self) -> int:
+        return len(self.caption_rows)
+
+    def batch(self, index: torch.Tensor) -> Batch:
+        on_device = index.to(self.device)
+        rows = self.caption_rows[index].to(self.device)
+        return Batch(self.images[on_device].float() / 127.5 - 1, self.embeddings[rows], self.key_mask[rows],
+                     None if self.token_object is None else self.token_object[on_device].long(),
+                     None if self.object_masks is None else self.object_masks[on_device].float())
+
+
+def drop_captions(batch: Batch, dropped: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]) -> Batch:
+    """`batch` with the captions where `dropped` (B,) is True replaced by the empty prompt's states
+    (classifier-free guidance learns the unconditional model from them) and grounding nothing."""
+    empty_embedding, empty_mask = empty
+    token_object = batch.token_object
+    if token_object is not None:
+        token_object = token_object.masked_fill(dropped[:, None], -1)
+    return Batch(batch.x0, torch.where(dropped[:, None, None], empty_embedding, batch.embeddings),
+                 torch.where(dropped[:, None], empty_mask, batch.key_mask), token_object, batch.object_masks)
+
+
+class TrainStep:
+    """One step on the denoiser: noise the batch at drawn timesteps, predict (epsilon or v), the
+    MSE loss (min-SNR weighted if asked) plus the grounding losses, backward, clip, update.
+
+    Returns the (detached) loss and grounding loss (None without grounding); `accelerator`
+    handles gradient accumulation, mixed precision and several processes."""
+
+    def __init__(self, cfg: Config, unet, noise_scheduler: DDPMScheduler, optimizer, accelerator: Accelerator,
+                 grounding: GroundingLoss | None = None):
+        self.train_cfg = cfg.train
+        self.unet, self.noise_scheduler, self.optimizer = unet, noise_scheduler, optimizer
+        self.accelerator, self.grounding = accelerator, grounding
+        self.timestep_weights = timestep_weights(cfg.train)
+
+    def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
+        train_cfg, accelerator, grounding = self.train_cfg, self.accelerator, self.grounding
+        with accelerator.accumulate(self.unet):
+            noise = torch.randn_like(batch.x0)
+            timesteps = sample_timesteps(self.timestep_weights, train_cfg.num_train_timesteps, len(batch.x0),
+                                         batch.x0.device)
+            noisy = self.noise_scheduler.add_noise(batch.x0, noise, timesteps)
+            target = noise if train_cfg.prediction_type == "epsilon" else \
+                self.noise_scheduler.get_velocity(batch.x0, noise, timesteps)
+            if grounding is not None:
+                grounding.set_batch(batch.token_object, batch.object_masks)
+            with accelerator.autocast():
+                prediction = self.unet(noisy, timesteps, batch.embeddings, batch.key_mask,
+                                       attention_controller=grounding)
+            loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
+            if train_cfg.snr_gamma is not None:
+                snr = compute_snr(self.noise_scheduler, timesteps)
+                clipped = snr.clamp(max=train_cfg.snr_gamma)
+                loss = loss * (clipped / snr if train_cfg.prediction_type == "epsilon" else clipped / (snr + 1))
+            loss = loss.mean()
+            grounding_loss = None
+            if grounding is not None:
+                grounding_loss = grounding.loss()
+                loss = loss + train_cfg.grounding_weight * grounding_loss
+                if grounding.pixel:
+                    loss = loss + train_cfg.grounding_pixel_weight * grounding.pixel_loss()
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and train_cfg.grad_clip > 0:
+                accelerator.clip_grad_norm_(self.unet.parameters(), train_cfg.grad_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), None if grounding_loss is None else grounding_loss.detach()
+
+
+def new_unet(cfg: Config, encoder: TextEncoder) -> UNet:
+    """The UNet a config describes, for `encoder`'s text states (the token embeddings, when
+    appended, start after the contextual states: text.concat_token_embeddings)."""
+    return UNet(**unet_settings(cfg, encoder.embedding_dim, value_context_start=encoder.model.config.hidden_size))
+
+
+def noise_schedule(cfg: Config) -> DDPMScheduler:
+    return DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps, beta_schedule=cfg.train.beta_schedule,
+                         prediction_type=cfg.train.prediction_type, clip_sample=True)
+
+
+def new_optimizer(cfg: Config, unet: UNet, device: torch.device) -> torch.optim.Optimizer:
+    # One fused kernel for all parameters where PyTorch has it, instead of a loop over them.
+    fused = device.type in ("cpu", "cuda") or None
+    return torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
+
+
+def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | None:
+    """The checkpoint to resume from (None: a fresh run), after checking that a fresh run does not
+    overwrite checkpoints and that a resumed one keeps the model, text and data settings."""
     checkpoint_dir = output_dir / "checkpoints"
     resume_path = ckpt.resolve_resume(resume, checkpoint_dir) if resume else None
     if resume is None and ckpt.list_checkpoints(checkpoint_dir):
@@ -134,7 +257,11 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
             if saved.get(section) != cfg.to_dict()[section]:
                 raise UserError(f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
                                 "the config it was saved with (its state.json holds it)")
-    dataset = build_dataset(cfg.data)  # checks the data settings before anything is written
+        checkpoint["path"] = resume_path
+    return checkpoint
+
+
+def prepare_output_dir(output_dir: Path) -> None:
     try:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as error:
@@ -142,173 +269,162 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     if not os.access(output_dir, os.W_OK):
         raise UserError(f"output folder '{output_dir}' is not writable; choose another --output-dir")
 
-    accelerator = make_accelerator(cfg, output_dir)
-    main = accelerator.is_main_process
-    set_seed(cfg.train.seed, device_specific=True)  # different noise on each process
-    if main:
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if accelerator.trackers is not None and accelerator.log_with:
-            accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
 
-    # ---- data and text embeddings (computed once per distinct caption) ---------------------
+def prepare_data(cfg: Config, dataset, output_dir: Path, accelerator: Accelerator) -> tuple[InMemoryData, TextEncoder]:
+    """Render or load the training set, train or load the text encoder, and embed the captions."""
+    main = accelerator.is_main_process
     grounded = cfg.train.grounding_weight > 0  # shapes only (config check): the masks come with the images
     if grounded:
         images, captions, object_masks, scenes = dataset.render_with_masks(progress=main)
     else:
         images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
+        object_masks = None
     encoder = prepare_text_encoder(cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main),
                                    accelerator)
     encoder.to(accelerator.device)
-    distinct = sorted(set(captions))
-    row_of = {caption: i for i, caption in enumerate(distinct)}
-    cache = EmbeddingCache(encoder)
-    caption_embeddings, caption_masks = cache.get(distinct)  # (U, T, D), (U, T)
-    empty_embedding, empty_mask = cache.get([""])
-    caption_rows = torch.tensor([row_of[c] for c in captions])
-    device = accelerator.device
-    grounding = None
-    if grounded:
-        token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"])
-        token_object, object_masks = token_object.to(device), object_masks.to(device)
-        grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions),
-                                  pixel=cfg.train.grounding_pixel_weight > 0)
-    caption_embeddings, caption_masks = caption_embeddings.to(device), caption_masks.to(device)
-    empty_embedding, empty_mask = empty_embedding.to(device), empty_mask.to(device)
-    images = images.to(device)
+    token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"]) if grounded else None
+    return InMemoryData(images, captions, encoder, accelerator.device, token_object, object_masks), encoder
 
-    # ---- model, noise schedule, optimizer, EMA ---------------------------------------------
-    # the token embeddings come after the contextual states (text.concat_token_embeddings)
-    unet = UNet(**unet_settings(cfg, encoder.embedding_dim, value_context_start=encoder.model.config.hidden_size))
-    noise_scheduler = DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps,
-                                    beta_schedule=cfg.train.beta_schedule,
-                                    prediction_type=cfg.train.prediction_type, clip_sample=True)
-    # One fused kernel for all parameters where PyTorch has it: 4 ms a step here instead of 20 for
-    # the per-parameter loop (the same update, rounded differently; bench/bench_training_overhead.py).
-    fused = device.type in ("cpu", "cuda") or None
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                  fused=fused)
-    lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                                 num_training_steps=cfg.train.max_steps)
-    ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=3 / 4,
-                   model_cls=UNet, model_config=unet.config)
-    step = 0
-    data_generator = torch.Generator().manual_seed(cfg.train.seed)  # same on every process
-    if checkpoint:
-        unet.load_state_dict(checkpoint["model"])
-        ema_state = dict(checkpoint["state"]["ema"])
-        ema_state["shadow_params"] = [checkpoint["ema"][n] for n, _ in unet.named_parameters()]
-        ema.load_state_dict(ema_state)
-        ckpt.restore_optimizer(checkpoint, optimizer)
-        lr_scheduler.load_state_dict(checkpoint["state"]["lr_scheduler"])
-        ckpt.restore_rng(checkpoint, data_generator)
-        step = checkpoint["step"]
-        accelerator.print(f"resumed from {resume_path} at step {step}")
-    ema.to(device)
-    # The LR schedule is stepped by hand once per optimizer step, so it is not prepared.
-    raw_optimizer = optimizer
-    unet, optimizer = accelerator.prepare(unet, optimizer)
-    model = accelerator.unwrap_model(unet)
-    accelerator.print(f"UNet: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, "
-                      f"{len(distinct)} distinct captions, {len(captions)} images, device {device}, "
-                      f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
 
-    def save(step: int) -> None:
-        if main:
-            ckpt.save_checkpoint(checkpoint_dir, step, model, ema, raw_optimizer, lr_scheduler, data_generator,
-                                 cfg.to_dict())
-            ckpt.prune_checkpoints(checkpoint_dir, cfg.train.keep_checkpoints)
-        accelerator.wait_for_everyone()
+class Trainer:
+    """The model, optimiser, schedules and EMA of a run, and its loop with checkpoints and
+    validation grids (see `train`)."""
 
-    def ema_pipeline() -> Pipeline:
-        ema.store(model.parameters())
-        ema.copy_to(model.parameters())
-        return Pipeline(model, encoder, noise_scheduler.config, device, mixed_precision=accelerator.mixed_precision)
+    def __init__(self, cfg: Config, output_dir: Path, accelerator: Accelerator, data: InMemoryData,
+                 encoder: TextEncoder, checkpoint: dict | None):
+        self.cfg, self.output_dir, self.accelerator, self.data, self.encoder = cfg, output_dir, accelerator, data, encoder
+        device = accelerator.device
+        unet = new_unet(cfg, encoder)
+        self.noise_scheduler = noise_schedule(cfg)
+        optimizer = new_optimizer(cfg, unet, device)
+        self.lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
+                                          num_training_steps=cfg.train.max_steps)
+        self.ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=3 / 4,
+                            model_cls=UNet, model_config=unet.config)
+        self.step = 0
+        self.data_generator = torch.Generator().manual_seed(cfg.train.seed)  # same on every process
+        if checkpoint:
+            unet.load_state_dict(checkpoint["model"])
+            ema_state = dict(checkpoint["state"]["ema"])
+            ema_state["shadow_params"] = [checkpoint["ema"][n] for n, _ in unet.named_parameters()]
+            self.ema.load_state_dict(ema_state)
+            ckpt.restore_optimizer(checkpoint, optimizer)
+            self.lr_scheduler.load_state_dict(checkpoint["state"]["lr_scheduler"])
+            ckpt.restore_rng(checkpoint, self.data_generator)
+            self.step = checkpoint["step"]
+            accelerator.print(f"resumed from {checkpoint['path']} at step {self.step}")
+        self.ema.to(device)
+        # The LR schedule is stepped by hand once per optimizer step, so it is not prepared.
+        self.raw_optimizer = optimizer
+        self.unet, optimizer = accelerator.prepare(unet, optimizer)
+        self.model = accelerator.unwrap_model(self.unet)
+        grounding = None
+        if data.token_object is not None:
+            grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions),
+                                      pixel=cfg.train.grounding_pixel_weight > 0)
+        self.train_step = TrainStep(cfg, self.unet, self.noise_scheduler, optimizer, accelerator, grounding)
+        accelerator.print(f"UNet: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+                          f"{len(data.distinct)} distinct captions, {len(data)} images, device {device}, "
+                          f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
 
-    def validate(step: int) -> None:
-        if main:
-            pipeline = ema_pipeline()
-            validation_grid(pipeline, cfg, output_dir / "samples" / f"step-{step:06d}.png", step)
-            ema.restore(model.parameters())
-            model.train()
-        accelerator.wait_for_everyone()
+    def next_batch(self) -> Batch:
+        """Every process draws the same global batch and takes its own slice of it."""
+        B, world, rank = self.cfg.train.batch_size, self.accelerator.num_processes, self.accelerator.process_index
+        index = torch.randint(len(self.data), (B * world,), generator=self.data_generator)[rank * B:(rank + 1) * B]
+        batch = self.data.batch(index)
+        dropped = torch.rand(B, device=self.accelerator.device) < self.cfg.train.cond_dropout
+        return drop_captions(batch, dropped, self.data.empty)
 
-    # ---- the loop ---------------------------------------------------------------------------
-    B = cfg.train.batch_size
-    t_weights = timestep_weights(cfg.train)
-    world, rank = accelerator.num_processes, accelerator.process_index
-    progress = tqdm(total=cfg.train.max_steps, initial=step, desc="training", disable=not main, dynamic_ncols=True)
-    unet.train()
-    images_seen, start = 0, time.time()
-    while step < cfg.train.max_steps:
-        with accelerator.accumulate(unet):
-            # every process draws the same global batch and takes its own slice of it
-            index = torch.randint(len(captions), (B * world,), generator=data_generator)[rank * B:(rank + 1) * B]
-            x0 = images[index.to(device)].float() / 127.5 - 1  # (B, 3, R, R) in [-1, 1]
-            rows = caption_rows[index].to(device)
-            embeddings, key_mask = caption_embeddings[rows], caption_masks[rows]  # (B, T, D), (B, T)
-            dropped = torch.rand(B, device=device) < cfg.train.cond_dropout
-            embeddings = torch.where(dropped[:, None, None], empty_embedding, embeddings)
-            key_mask = torch.where(dropped[:, None], empty_mask, key_mask)
+    def run(self) -> None:
+        cfg, accelerator = self.cfg, self.accelerator
+        main = accelerator.is_main_process
+        progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="training", disable=not main,
+                        dynamic_ncols=True)
+        self.unet.train()
+        images_seen, start = 0, time.time()
+        while self.step < cfg.train.max_steps:
+            loss, grounding_loss = self.train_step(self.next_batch())
+            images_seen += cfg.train.batch_size * accelerator.num_processes
+            if not accelerator.sync_gradients:
+                continue
+            self.lr_scheduler.step()
+            self.ema.step(self.model.parameters())
+            self.step += 1
+            progress.update(1)
+            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
+                self.log(progress, loss, grounding_loss, images_seen / (time.time() - start))
+            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
+                self.save()
+            if self.step % cfg.train.validate_every == 0 or self.step == cfg.train.max_steps:
+                self.validate()
+        progress.close()
+        elapsed = time.time() - start
+        if images_seen:
+            accelerator.print(f"trained {images_seen} images in {elapsed:.0f} s ({images_seen / elapsed:.0f} images/s)")
 
-            noise = torch.randn_like(x0)
-            timesteps = sample_timesteps(t_weights, cfg.train.num_train_timesteps, B, device)
-            noisy = noise_scheduler.add_noise(x0, noise, timesteps)
-            target = noise if cfg.train.prediction_type == "epsilon" else noise_scheduler.get_velocity(x0, noise, timesteps)
-            if grounding is not None:
-                grounding.set_batch(token_object[index.to(device)].long().masked_fill(dropped[:, None], -1),
-                                    object_masks[index.to(device)].float())
-            with accelerator.autocast():
-                prediction = unet(noisy, timesteps, embeddings, key_mask, attention_controller=grounding)
-            loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
-            if cfg.train.snr_gamma is not None:
-                snr = compute_snr(noise_scheduler, timesteps)
-                clipped = snr.clamp(max=cfg.train.snr_gamma)
-                loss = loss * (clipped / snr if cfg.train.prediction_type == "epsilon" else clipped / (snr + 1))
-            loss = loss.mean()
-            if grounding is not None:
-                grounding_loss = grounding.loss()
-                loss = loss + cfg.train.grounding_weight * grounding_loss
-                if grounding.pixel:
-                    loss = loss + cfg.train.grounding_pixel_weight * grounding.pixel_loss()
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.train.grad_clip > 0:
-                accelerator.clip_grad_norm_(unet.parameters(), cfg.train.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        images_seen += B * world
-        if not accelerator.sync_gradients:
-            continue
-        lr_scheduler.step()
-        ema.step(model.parameters())
-        step += 1
-        progress.update(1)
-        if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            rate = images_seen / (time.time() - start)
-            logs = {"loss": loss_value, "lr": lr_scheduler.get_last_lr()[0], "images_per_s": rate}
-            if grounding is not None:
-                logs["grounding"] = accelerator.reduce(grounding_loss.detach(), reduction="mean").item()
-            progress.set_postfix(loss=f"{loss_value:.4f}", img_s=f"{rate:.0f}", lr=f"{logs['lr']:.2e}",
-                                 **({"ground": f"{logs['grounding']:.3f}"} if grounding is not None else {}))
-            accelerator.log(logs, step=step)
-            if not math.isfinite(loss_value):
-                raise RuntimeError(f"loss became {loss_value} at step {step}; lower train.lr or enable grad_clip")
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.max_steps:
-            save(step)
-        if step % cfg.train.validate_every == 0 or step == cfg.train.max_steps:
-            validate(step)
-    progress.close()
-    elapsed = time.time() - start
-    if images_seen:
-        accelerator.print(f"trained {images_seen} images in {elapsed:.0f} s ({images_seen / elapsed:.0f} images/s)")
+    def log(self, progress, loss: torch.Tensor, grounding_loss: torch.Tensor | None, rate: float) -> None:
+        accelerator = self.accelerator
+        loss_value = accelerator.reduce(loss, reduction="mean").item()
+        logs = {"loss": loss_value, "lr": self.lr_scheduler.get_last_lr()[0], "images_per_s": rate}
+        postfix = {"loss": f"{loss_value:.4f}", "img_s": f"{rate:.0f}", "lr": f"{logs['lr']:.2e}"}
+        if grounding_loss is not None:
+            logs["grounding"] = accelerator.reduce(grounding_loss, reduction="mean").item()
+            postfix["ground"] = f"{logs['grounding']:.3f}"
+        progress.set_postfix(**postfix)
+        accelerator.log(logs, step=self.step)
+        if not math.isfinite(loss_value):
+            raise RuntimeError(f"loss became {loss_value} at step {self.step}; lower train.lr or enable grad_clip")
 
-    # ---- export the EMA weights in diffusers' pipeline layout ------------------------------
-    export_dir = output_dir / "model"
-    if main:
-        pipeline = ema_pipeline()
-        pipeline.save_pretrained(export_dir, {"config.yaml": yaml.safe_dump(cfg.to_dict(), sort_keys=False)})
-        ema.restore(model.parameters())
-        accelerator.print(f"exported the EMA model to {export_dir}")
-    accelerator.wait_for_everyone()
+    def save(self) -> None:
+        if self.accelerator.is_main_process:
+            checkpoint_dir = self.output_dir / "checkpoints"
+            ckpt.save_checkpoint(checkpoint_dir, self.step, self.model, self.ema, self.raw_optimizer,
+                                 self.lr_scheduler, self.data_generator, self.cfg.to_dict())
+            ckpt.prune_checkpoints(checkpoint_dir, self.cfg.train.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
+
+    def ema_pipeline(self) -> Pipeline:
+        """A pipeline on the EMA weights (swapped into the model; `ema.restore` puts them back)."""
+        self.ema.store(self.model.parameters())
+        self.ema.copy_to(self.model.parameters())
+        return Pipeline(self.model, self.encoder, self.noise_scheduler.config, self.accelerator.device,
+                        mixed_precision=self.accelerator.mixed_precision)
+
+    def validate(self) -> None:
+        if self.accelerator.is_main_process:
+            validation_grid(self.ema_pipeline(), self.cfg, self.output_dir / "samples" / f"step-{self.step:06d}.png",
+                            self.step)
+            self.ema.restore(self.model.parameters())
+            self.model.train()
+        self.accelerator.wait_for_everyone()
+
+    def export(self) -> Path:
+        """Write the EMA weights in diffusers' pipeline layout to output_dir/model."""
+        export_dir = self.output_dir / "model"
+        if self.accelerator.is_main_process:
+            self.ema_pipeline().save_pretrained(export_dir, {"config.yaml": yaml.safe_dump(self.cfg.to_dict(),
+                                                                                           sort_keys=False)})
+            self.ema.restore(self.model.parameters())
+            self.accelerator.print(f"exported the EMA model to {export_dir}")
+        self.accelerator.wait_for_everyone()
+        return export_dir
+
+
+def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Path:
+    """Train per `cfg` into `output_dir`; returns the exported model folder."""
+    output_dir = Path(output_dir)
+    checkpoint = check_resume(cfg, output_dir, resume)
+    dataset = build_dataset(cfg.data)  # checks the data settings before anything is written
+    prepare_output_dir(output_dir)
+    accelerator = make_accelerator(cfg, output_dir)
+    set_seed(cfg.train.seed, device_specific=True)  # different noise on each process
+    if accelerator.is_main_process:
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if accelerator.trackers is not None and accelerator.log_with:
+            accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
+    data, encoder = prepare_data(cfg, dataset, output_dir, accelerator)
+    trainer = Trainer(cfg, output_dir, accelerator, data, encoder, checkpoint)
+    trainer.run()
+    export_dir = trainer.export()
     accelerator.end_training()
     return export_dir
