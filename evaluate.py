@@ -1,12 +1,13 @@
-"""Measure a trained shapes model: faithfulness, attention localisation, edit response, samplers.
+"""Measure a trained shapes model: faithfulness, attention localisation, weight edits, word swaps, samplers.
 
-    python evaluate.py --model runs/shapes/model                      # about 4.7 minutes on 2 CPU cores
-    python evaluate.py --model runs/shapes/model --n 200 --out runs/shapes/report.json
-    python evaluate.py --model runs/shapes/model --parts faithfulness,localisation
+    python evaluate.py --model runs/shapes/model
+    python evaluate.py --model runs/shapes/model --n 200 --n-edit 64 --n-swap 64 --swap-sweep --out runs/shapes/report.json
+    python evaluate.py --model runs/shapes/model --parts edit,swap
     python evaluate.py --model runs/shapes/model --n 1000 --parts faithfulness --categories "single object"
 
-Prints a table and writes the same numbers as JSON (--out, default <model>/../report.json), an
-example grid and the edit-response plot beside it. What each number means: diffusion/evaluation.py.
+Prints a table and writes the same numbers as JSON (--out, default <model>/../report.json), with
+pictures beside it: example images, the weight-response and word-swap curves, and source | edit
+pairs. What each number means: diffusion/evaluation.py and diffusion/edit_evaluation.py.
 """
 import json
 import math
@@ -16,7 +17,7 @@ from diffusion.cli import ArgumentParser, one_line_warnings, relaunch_with_huge_
 from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS
 from diffusion.errors import UserError, exit_on_user_error
 
-PARTS = ("faithfulness", "localisation", "edit", "samplers")
+PARTS = ("faithfulness", "localisation", "edit", "swap", "samplers")
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -31,6 +32,16 @@ def parts_list(text: str) -> tuple[str, ...]:
     return parts
 
 
+def fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0 <= value <= 1:
+        raise UserError(f"--edit-steps must be a fraction in [0, 1], got '{text}'")
+    return value
+
+
 @exit_on_user_error
 def main(argv=None):
     parser = ArgumentParser(description="Evaluate a trained shapes model.")
@@ -39,16 +50,24 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=None, help="evaluation scene seed (default 1000003; "
                         "must differ from the training data seed)")
     parser.add_argument("--out", default=None, help="JSON report path (default: <model>/../report.json)")
-    parser.add_argument("--n-edit", type=int, default=16, help="prompts of the edit-response sweep (default 16)")
+    parser.add_argument("--n-edit", type=int, default=32, help="prompts of the weight-response sweep (default 32)")
+    parser.add_argument("--n-swap", type=int, default=32, help="source prompts per word-swap kind (default 32)")
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of every sample "
                         "(default 3.0, as sample.py)")
     parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
-                        help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as sample.py); "
-                        "the sampler sweep measures all four")
+                        help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as "
+                        "sample.py); the sampler sweep measures all four")
     parser.add_argument("--weight-context", default=WEIGHT_CONTEXTS[0], choices=WEIGHT_CONTEXTS,
                         help="how the edit part's weights treat the other words' text states (default "
                         f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)")
+    parser.add_argument("--renormalise", action="store_true", help="attention-mode weights renormalised")
+    parser.add_argument("--edit-steps", type=fraction, default=0.6,
+                        help="the word swap's injection fraction that the swap targets check (default 0.6, as sample.py)")
+    parser.add_argument("--swap-sweep", action="store_true",
+                        help="also measure the swap at edit steps 0, 0.2, ..., 1 (a table and a plot)")
+    parser.add_argument("--local-blend", action="store_true", help="word swaps keep the source's pixels outside "
+                        "the changed words' maps (Prompt-to-Prompt's local blend)")
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
     parser.add_argument("--categories", type=comma_list, default=None,
@@ -59,7 +78,7 @@ def main(argv=None):
                         help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
     args = parser.parse_args(argv)
     one_line_warnings()
-    for name in ("n", "n_edit", "n_samplers", "batch_size"):
+    for name in ("n", "n_edit", "n_swap", "n_samplers", "batch_size"):
         if getattr(args, name) < 1:
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
@@ -67,9 +86,10 @@ def main(argv=None):
 
     import yaml
 
-    from diffusion.evaluation import EVAL_SEED, edit_plot, evaluate, format_report
+    from diffusion.evaluation import EVAL_SEED
     from diffusion.images import check_writable, labelled_grid, save_png
-    from diffusion.pipeline import Pipeline
+    from diffusion.pipeline import Pipeline, Weighting
+    from diffusion.report import edit_plot, evaluate, format_report, swap_plot, swap_strip
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model.parent / "report.json"
@@ -80,24 +100,29 @@ def main(argv=None):
     data = config.get("data", {})
     if data.get("kind", "shapes") != "shapes":
         raise UserError(f"'{model}' was trained on data.kind={data.get('kind')}; evaluate.py measures shapes models")
-    report, examples = evaluate(pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed,
-                                holdout=data.get("holdout", []), training_seed=data.get("seed", 0),
-                                n_edit=args.n_edit, n_samplers=args.n_samplers, batch_size=args.batch_size,
-                                guidance=args.guidance, parts=args.parts, sampler=args.sampler,
-                                weight_context=args.weight_context, categories=args.categories)
+    weighting = Weighting(context=args.weight_context, renormalise=args.renormalise)
+    report, examples, swap_examples = evaluate(
+        pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed, holdout=data.get("holdout", []),
+        training_seed=data.get("seed", 0), n_edit=args.n_edit, n_swap=args.n_swap, n_samplers=args.n_samplers,
+        batch_size=args.batch_size, guidance=args.guidance, parts=args.parts, sampler=args.sampler,
+        weighting=weighting, edit_steps=args.edit_steps, swap_sweep=args.swap_sweep, local_blend=args.local_blend,
+        categories=args.categories)
     report["model"] = str(model.resolve())
     print(format_report(report))
     temporary = out.with_name(f".{out.name}.tmp")
     temporary.write_text(json.dumps(report, indent=2) + "\n")
     temporary.replace(out)
     written = [out]
+    metadata = {"model": report["model"]}
     if examples:
         images, labels = zip(*examples)
         written.append(save_png(labelled_grid(list(images), list(labels), columns=8),
-                                out.with_name(f"{out.stem}-examples.png"), {"model": report["model"]}))
-    if "edit_response" in report:
-        written.append(save_png(edit_plot(report["edit_response"], report.get("edit_baseline")), out.with_name(f"{out.stem}-edit.png"),
-                                {"model": report["model"]}))
+                                out.with_name(f"{out.stem}-examples.png"), metadata))
+    if "edit" in report:
+        written.append(save_png(edit_plot(report["edit"]), out.with_name(f"{out.stem}-edit.png"), metadata))
+    if "swap" in report:
+        written.append(save_png(swap_plot(report["swap"]), out.with_name(f"{out.stem}-swap.png"), metadata))
+        written.append(save_png(swap_strip(swap_examples), out.with_name(f"{out.stem}-swap-strip.png"), metadata))
     print("wrote " + ", ".join(str(p) for p in written))
 
 

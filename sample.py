@@ -3,8 +3,8 @@
     python sample.py --model runs/shapes/model "a red circle on the left" -n 4 --out out/circle.png
     python sample.py --model runs/shapes/model --prompt-file prompts.txt --sampler ddim --steps 50
 
-Writes a labelled grid at --out and each image beside it (<stem>-000.png, ...); the prompt, seed
-and settings are stored in every PNG's text metadata.
+Writes each image beside --out as soon as it is made (<stem>-000.png, ...) and a labelled grid of
+the first 64 at --out; the prompt, seed and settings are stored in every PNG's text metadata.
 
     python sample.py --model M "a (red:2) circle on the left" --attention maps/    # per-word maps
     python sample.py --model M "a red circle on the left" --edit "a red square on the left"
@@ -31,15 +31,19 @@ def resolution_set(text: str) -> set[int]:
         raise UserError(f"expected feature-map sides like 16,8, got '{text}'") from None
 
 
-def write_attention(out_dir: Path, stem: str, result, common: dict) -> None:
-    """One labelled panel (image + a heat-map overlay per word) and the raw maps per image."""
+GRID_LIMIT = 64  # images shown in the grid; every image is written beside it
+
+
+def write_attention(out_dir: Path, stem: str, result, common: dict, first: int = 0) -> None:
+    """One labelled panel (image + a heat-map overlay per word) and the raw maps per image; the
+    images of `result` are numbered from `first`."""
     from safetensors.torch import save_file
 
     from diffusion.checkpoint import default_file_modes
     from diffusion.images import attention_panel, save_png
 
     for i, (image, prompt, seed, maps) in enumerate(zip(result.images, result.prompts, result.seeds,
-                                                         result.attention_maps)):
+                                                         result.attention_maps), start=first):
         name = f"{stem}-{i:03d}"
         save_png(attention_panel(image, maps, f"seed {seed}"), out_dir / f"{name}.png",
                  {"prompt": prompt, "seed": seed, **common})
@@ -93,6 +97,8 @@ def main(argv=None):
                         "the (single) prompt, keeping its layout")
     parser.add_argument("--edit-steps", type=float, default=0.6,
                         help="fraction of steps during which the source's maps are injected (default 0.6)")
+    parser.add_argument("--local-blend", action="store_true", help="with --edit: keep the source's pixels outside "
+                        "the changed words' maps (Prompt-to-Prompt's local blend)")
     args = parser.parse_args(argv)
     one_line_warnings()
     prompts = read_prompts(args)
@@ -120,36 +126,47 @@ def main(argv=None):
     pipeline = Pipeline.from_pretrained(args.model, device=args.device, mixed_precision=args.mixed_precision)
     common = {"model": str(Path(args.model).resolve())}
     if args.edit:
-        results = pipeline.swap(prompts[0], args.edit, num_images=args.num_images, seed=args.seed,
-                                edit_steps=args.edit_steps, steps=args.steps, guidance=args.guidance,
-                                sampler=args.sampler, negative_prompt=args.negative_prompt,
-                                attention_maps=maps, weighting=weighting)
-        names = ("source", "edit")
+        batches = swap_batches(pipeline, prompts[0], args, maps, weighting)
     else:
-        results = (pipeline(prompts, num_images_per_prompt=args.num_images, seed=args.seed, steps=args.steps,
-                            guidance=args.guidance, sampler=args.sampler, negative_prompt=args.negative_prompt,
-                            batch_size=args.batch_size, attention_maps=maps, weighting=weighting),)
-        names = ("",)
-    images, labels = [], []
-    for name, result in zip(names, results):
-        settings = {**result.settings, **common}
-        stem = f"{out.stem}-{name}" if name else out.stem
-        for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds)):
-            save_png(image, out.with_name(f"{stem}-{i:03d}.png"), {"prompt": prompt, "seed": seed, **settings})
-        if attention_dir:
-            write_attention(attention_dir, stem, result, settings)
-        images += result.images
-        labels += [f"{p} (seed {s})" for p, s in zip(result.prompts, result.seeds)]
-    if args.edit:  # source and edit side by side, one pair per row
-        order = [k for i in range(args.num_images) for k in (i, args.num_images + i)]
-        images, labels, columns = [images[k] for k in order], [labels[k] for k in order], 2
-    else:
-        columns = args.num_images if args.num_images > 1 else min(len(prompts), 8)
-    save_png(labelled_grid(images, labels, columns=columns), out,
-             {"prompts": "\n".join(prompts + ([args.edit] if args.edit else [])), "seed": args.seed,
-              **results[0].settings, **common})
-    print(f"wrote {out} and {len(images)} images beside it" + (f"; attention maps in {attention_dir}" if attention_dir else ""))
+        batches = ((result,) for result in pipeline.generate(
+            prompts, num_images_per_prompt=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
+            sampler=args.sampler, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
+            attention_maps=maps, weighting=weighting))
+    # Every image is written as soon as it is made; only the grid's images are kept.
+    names = ("source", "edit") if args.edit else ("",)
+    grid, count, settings = [], 0, {}
+    for results in batches:  # (output,), or (source output, edit output) with --edit
+        for name, result in zip(names, results):
+            settings = {**result.settings, **common}
+            stem = f"{out.stem}-{name}" if name else out.stem
+            for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds), start=count):
+                save_png(image, out.with_name(f"{stem}-{i:03d}.png"), {"prompt": prompt, "seed": seed, **settings})
+            if attention_dir:
+                write_attention(attention_dir, stem, result, settings, first=count)
+        count += len(results[0].images)
+        # in order; with --edit each source beside its edit, one pair per row
+        for row in zip(*(zip(r.images, r.prompts, r.seeds) for r in results)):
+            for image, prompt, seed in row:
+                if len(grid) < GRID_LIMIT:
+                    grid.append((image, f"{prompt} (seed {seed})"))
+    columns = 2 if args.edit else args.num_images if args.num_images > 1 else min(len(prompts), 8)
+    images, labels = zip(*grid)
+    save_png(labelled_grid(list(images), list(labels), columns=min(columns, len(images))), out,
+             {"prompts": "\n".join(prompts + ([args.edit] if args.edit else [])), "seed": args.seed, **settings})
+    total = count * len(names)
+    shown = f"; the grid shows the first {len(grid)}" if len(grid) < total else ""
+    print(f"wrote {out} and {total} images beside it{shown}"
+          + (f"; attention maps in {attention_dir}" if attention_dir else ""))
 
+
+def swap_batches(pipeline, source: str, args, maps, weighting):
+    """(source output, edit output) for args.num_images pairs, args.batch_size pairs at a time."""
+    for start in range(0, args.num_images, args.batch_size):
+        count = min(args.batch_size, args.num_images - start)
+        yield pipeline.swap(source, args.edit, num_images=count, seed=args.seed + start, edit_steps=args.edit_steps,
+                            steps=args.steps, guidance=args.guidance, sampler=args.sampler,
+                            negative_prompt=args.negative_prompt, attention_maps=maps, weighting=weighting,
+                            local_blend=args.local_blend, batch_size=count, progress=False)
 
 if __name__ == "__main__":
     relaunch_with_huge_pages()  # malloc set up for PyTorch on CPU: sampling 1.11x as fast

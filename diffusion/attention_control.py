@@ -12,6 +12,9 @@ classifier-free guidance is left alone, as in Prompt-to-Prompt.
   (Prompt-to-Prompt's reweighting): (P * w) V. A weight of 0 removes the token's contribution.
 - `AttentionInjector` replaces the edited prompt's maps by the source prompt's for the first
   steps (Prompt-to-Prompt's word swap and refinement), through a token alignment.
+- `LocalBlend` (Prompt-to-Prompt's local blend) records the changed words' maps of a word swap
+  and, after every sampling step, puts the source's pixels back into the edit wherever those
+  maps are weak, so the edit changes only where the changed words act.
 - `ControllerChain` runs several; edits happen before recording, so the recorded maps are the
   ones the model used.
 """
@@ -93,12 +96,16 @@ class AttentionRecorder(AttentionController):
 class AttentionReweighter(AttentionController):
     """Scale the probabilities of each conditional row's tokens: P[b, :, :, t] * weights[b, t].
 
-    weights: (B, T) one weight per token of each conditional row (1 = unchanged)."""
+    weights: (B, T) one weight per token of each conditional row (1 = unchanged).
+    renormalise: divide each pixel's scaled probabilities by their sum, so they still sum to 1:
+        a weight then moves attention between the words (at 0 the word is no longer read at all,
+        as if its key were masked) instead of changing how much text a pixel reads in all."""
 
     def __init__(self, weights: torch.Tensor, steps: tuple[float, float] = (0.0, 1.0),
-                 resolutions: set[int] | None = None):
+                 resolutions: set[int] | None = None, renormalise: bool = False):
         self.weights = weights
         self.filter = SiteFilter(steps, resolutions)
+        self.renormalise = renormalise
 
     def wants(self, site: AttentionSite) -> bool:
         return self.filter(site)
@@ -106,7 +113,10 @@ class AttentionReweighter(AttentionController):
     def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor:
         edited = probabilities.clone()
         weights = self.weights.to(probabilities.device, probabilities.dtype)
-        edited[site.conditional] = probabilities[site.conditional] * weights[:, None, None, :]
+        scaled = probabilities[site.conditional] * weights[:, None, None, :]  # (B, heads, N, T)
+        if self.renormalise:
+            scaled = scaled / scaled.sum(-1, keepdim=True).clamp_min(torch.finfo(scaled.dtype).tiny)
+        edited[site.conditional] = scaled
         return edited
 
 
@@ -153,3 +163,77 @@ class ControllerChain(AttentionController):
                 result = controller.process(site, probabilities if edited is None else edited)
                 edited = result if result is not None else edited
         return edited
+
+
+def changed_tokens(input_ids: torch.Tensor, offsets: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:
+    """Which tokens a word swap changes, in both prompts of each pair.
+
+    input_ids: (2P, T) token ids, source and edit of each pair in turn; offsets: (2P, T, 2) their
+    character spans; mapping: (P, T) the edit's token j -> the source token it takes the map of
+    (`prompts.align_tokens`; -1 for none). An edit token is changed when it is a real token
+    whose mapped source token has another id, or none (an added word); a source token is changed
+    when a changed edit token maps to it, or no edit token does (a deleted word). Returns (2P, T) bool."""
+    P, T = mapping.shape
+    changed = torch.zeros(2 * P, T, dtype=torch.bool)
+    real = offsets[..., 1] > offsets[..., 0]  # (2P, T): start, end and padding tokens have empty spans
+    for k in range(P):
+        source_ids, edit_ids = input_ids[2 * k], input_ids[2 * k + 1]
+        kept = set()
+        for j in range(T):
+            if not real[2 * k + 1, j]:
+                continue
+            i = int(mapping[k, j])
+            if i < 0 or source_ids[i] != edit_ids[j]:
+                changed[2 * k + 1, j] = True
+                if i >= 0:
+                    changed[2 * k, i] = True
+            else:
+                kept.add(i)
+        for i in range(T):
+            if real[2 * k, i] and i not in kept and not changed[2 * k, i]:
+                changed[2 * k, i] = True  # a source word the edit no longer has
+    return changed
+
+
+class LocalBlend(AttentionController):
+    """Prompt-to-Prompt's local blend for (source, edit) pairs: the edit keeps the source's pixels
+    outside the region where the changed words attend.
+
+    Attention: records the conditional rows' maps (their running sums over layers and steps, as
+    `AttentionRecorder`). Called after every sampling step (`callback_on_step_end`): the changed
+    tokens' summed map of each image is dilated by a pixel (3x3 max), divided by its maximum and
+    thresholded at `threshold`; the union of the source's and the edit's region is where the edit
+    keeps its own pixels, elsewhere it takes the source's: x_edit = x_source + m (x_edit - x_source).
+
+    changed: (2P, T) bool, the changed tokens of each row (`changed_tokens`); size: the image side.
+    """
+
+    def __init__(self, changed: torch.Tensor, size: int, threshold: float = 0.3, resolutions: set[int] | None = None):
+        self.changed = changed
+        self.threshold = threshold
+        self.recorder = AttentionRecorder(size, resolutions=resolutions)
+
+    def wants(self, site: AttentionSite) -> bool:
+        return self.recorder.wants(site)
+
+    def process(self, site: AttentionSite, probabilities: torch.Tensor) -> None:
+        return self.recorder.process(site, probabilities)
+
+    def region(self) -> torch.Tensor:
+        """(P, size, size) bool: where each pair's edit keeps its own pixels."""
+        total = self.recorder.total  # (2P, T, size, size) sums so far
+        word = (total * self.changed.to(total.device, total.dtype)[:, :, None, None]).sum(1, keepdim=True)
+        word = F.max_pool2d(word, 3, stride=1, padding=1)[:, 0]  # (2P, size, size)
+        word = word / word.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(word.dtype).tiny)
+        inside = word > self.threshold
+        return inside[0::2] | inside[1::2]
+
+    def __call__(self, pipeline, step: int, timestep, tensors: dict) -> dict:
+        x = tensors["latents"]  # (2P, 3, R, R)
+        if self.recorder.total is None:
+            return tensors
+        keep = self.region().to(x.device)[:, None]  # (P, 1, R, R)
+        source, edit = x[0::2], x[1::2]
+        blended = x.clone()
+        blended[1::2] = torch.where(keep, edit, source)
+        return {**tensors, "latents": blended}

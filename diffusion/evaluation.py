@@ -1,10 +1,10 @@
-"""Measuring a model on shapes prompts: faithfulness, attention localisation, edit response and
-samplers. `evaluate.py` is the command line over `evaluate()`.
+"""Measuring a model on shapes prompts: faithfulness, attention localisation and samplers
+(edits: edit_evaluation.py; the whole report: report.py, the command line: evaluate.py).
 
 Every number comes from images the model draws for prompts of the shapes generator with a seed
 disjoint from training, read back by the project's detector (detector.py, whose own accuracy on
-real generator images is part of the report). Faithfulness and edit response sample as
-`sample.py` does by default (Euler, 20 steps, guidance 3; `sampler` chooses another).
+real generator images is part of the report). Faithfulness samples as `sample.py` does by
+default (Euler, 20 steps, guidance 3; `sampler` chooses another).
 
 - Faithfulness, scored like GenEval (a prompt passes only if every condition it states holds):
     single object    1 object: an object of the named colour and shape is drawn
@@ -22,10 +22,6 @@ real generator images is part of the report). Faithfulness and edit response sam
   object the words name (objects it does not find are skipped); (b) on dataset images with
   exact masks: the image is noised to t = 250, 500 and 750 (same noise) and one conditional
   pass at each t is recorded and summed.
-- Edit response: one-object prompts, weight 0, 0.5, 1, 2, 4 on the colour or the shape word, in
-  both weight modes (with the word faded out of the other words' states, `weight_context`): how
-  often the attribute is present, how often any object is drawn at all, the area the objects
-  cover, and the word's share of the cross-attention mass.
 - Samplers: a mixed set of single-object and position prompts with each sampler at 5, 10, 20
   and 50 steps, against DPM-Solver++ at 250 steps.
 
@@ -34,22 +30,19 @@ real generator images is part of the report). Faithfulness and edit response sam
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
-from PIL import Image, ImageDraw
-from tqdm.auto import tqdm
+from PIL import Image
 
 from .attention_control import AttentionRecorder
-from .config import DEFAULT_SAMPLER, WEIGHT_CONTEXTS
+from .config import DEFAULT_SAMPLER
 from .shapes import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, ShapesDataset,
                    parse_holdout)
-from .detector import Detection, detect, detector_accuracy
-from .errors import UserError
-from .images import font, uint8_images
+from .detector import Detection, detect
+from .images import uint8_images
 from .pipeline import SAMPLERS, Weighting
 from .prompts import parse_prompt
 
@@ -59,14 +52,12 @@ EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by de
 CATEGORIES = ("single object", "two objects", "three objects", "colour binding", "position", "counting",
               "held-out pairs")
 RELATIONS = ("to the left of", "to the right of", "above", "below")
-EDIT_WEIGHTS = (0.0, 0.5, 1.0, 2.0, 4.0)
-WEIGHT_ZERO_TARGET = 0.10  # issue 4: the colour at most this often with weight 0 on its word
 SAMPLER_STEPS = (5, 10, 20, 50)
 REFERENCE = ("dpm++", 250)
 IOU_THRESHOLD = 0.4
 LOCALISATION_TIMESTEPS = (250, 500, 750)
 
-# report key -> the least value the default model should reach (README, issue 4)
+# report key -> the least value the default model should reach
 TARGETS = {
     "faithfulness/single object": 0.99,
     "faithfulness/colour binding": 0.95,
@@ -260,7 +251,7 @@ def passes(case: Case, detections: list[Detection]) -> bool:
 
 # ---- sampling -------------------------------------------------------------------------------
 
-def _sample(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False, sampler: str = DEFAULT_SAMPLER,
+def sample_images(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False, sampler: str = DEFAULT_SAMPLER,
             steps: int = 20, guidance: float = 3.0, progress=None, weighting=None, negative_prompts=None):
     """Images (uint8 arrays) for `prompts` (weighting syntax allowed), prompt k with noise seed
     `seed + k` (and negative prompt k, if given); with `maps`, also (T, R, R) token maps and
@@ -293,7 +284,7 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
         if not cases:
             scores[category] = None
             continue
-        images, token_maps, offsets = _sample(pipe, [c.prompt for c in cases], seed, batch_size, maps=True,
+        images, token_maps, offsets = sample_images(pipe, [c.prompt for c in cases], seed, batch_size, maps=True,
                                               guidance=guidance, sampler=sampler, progress=progress)
         results = []
         for case, image, maps, offs in zip(cases, images, token_maps, offsets):
@@ -349,80 +340,10 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
     return localisation.summary()
 
 
-def edit_prompts(n: int, seed: int, holdout: list[str]) -> list[Scene]:
-    """`n` one-object scenes "a <colour> <shape> <position>" of training pairs."""
-    held = parse_holdout(holdout)
-    pairs = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in held]
-    rng = np.random.default_rng(seed + 200)
-    out = []
-    for _ in range(n):
-        colour, shape = pairs[rng.integers(len(pairs))]
-        position = list(POSITION_PHRASES)[rng.integers(len(POSITION_PHRASES))]
-        article = "an" if colour[0] in "aeiou" else "a"
-        out.append((colour, shape, f"{article} {colour} {shape} {POSITION_PHRASES[position]}"))
-    return out
-
-
-def edit_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
-                  guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER, context: str = WEIGHT_CONTEXTS[0]) -> list[dict]:
-    """Rows (word, mode, weight, present, drawn, area, mass) averaged over `n` prompts: `drawn` is
-    the share of images with any object at all, so an attribute that is absent because nothing
-    was drawn is told apart from one replaced by another. Image k of every setting uses the same
-    noise, so rows differ only by the weight. `context`: as `Weighting.context`."""
-    prompts = edit_prompts(n, seed, holdout)
-    rows = []
-    plain = None
-    for word in ("colour", "shape"):
-        for mode in ("attention", "embedding"):
-            for weight in EDIT_WEIGHTS:
-                texts = []
-                for colour, shape, text in prompts:
-                    target = colour if word == "colour" else shape
-                    texts.append(text.replace(f" {target}", f" ({target}:{weight:g})", 1))
-                if weight == 1.0 and plain is not None:
-                    images, token_maps, offsets = plain
-                else:
-                    images, token_maps, offsets = _sample(pipe, texts, seed, batch_size, maps=True, progress=progress, guidance=guidance,
-                                                          sampler=sampler, weighting=Weighting(mode=mode, context=context))
-                    if weight == 1.0:
-                        plain = images, token_maps, offsets
-                present, drawn, area, mass = [], [], [], []
-                for (colour, shape, text), image, maps, offs in zip(prompts, images, token_maps, offsets):
-                    detections = detect(image)
-                    target = colour if word == "colour" else shape
-                    present.append(any((d.colour if word == "colour" else d.shape) == target for d in detections))
-                    drawn.append(bool(detections))
-                    area.append(sum(d.area for d in detections) / image.shape[0] / image.shape[1])
-                    start = text.index(f" {target}") + 1
-                    mass.append(float(span_map(maps, offs, (start, start + len(target))).mean()))
-                rows.append({"word": word, "mode": mode, "weight": weight, "present": float(np.mean(present)),
-                             "drawn": float(np.mean(drawn)), "area": float(np.mean(area)), "mass": float(np.mean(mass))})
-    return rows
-
-
-def edit_baseline(pipe, n: int, seed: int, holdout: list[str], batch_size: int, progress,
-                  guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER) -> dict:
-    """How often the edit prompts' colour (shape) is present when the word is deleted from the
-    prompt: the model's own prior for it, the floor a weight of 0 reaches by removing the word.
-    And, under "negative", when the deleted word is also the negative prompt, which guidance
-    pushes away from. Same prompts and noise as `edit_response`."""
-    prompts = edit_prompts(n, seed, holdout)
-    out = {"n": n, "negative": {}}
-    for word in ("colour", "shape"):  # also the names of a Detection's attributes
-        named = [colour if word == "colour" else shape for colour, shape, _ in prompts]
-        texts = [text.replace(f" {target}", "", 1) for target, (_, _, text) in zip(named, prompts)]
-        for negatives, where in ((None, out), (named, out["negative"])):
-            images, _, _ = _sample(pipe, texts, seed, batch_size, progress=progress, guidance=guidance,
-                                   sampler=sampler, negative_prompts=negatives)
-            where[word] = float(np.mean([any(getattr(d, word) == target for d in detect(image))
-                                         for target, image in zip(named, images)]))
-    return out
-
-
 def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress, guidance: float = 3.0) -> dict:
     """Faithfulness of each sampler and step count on `cases`, and of the reference."""
     def score(sampler, steps):
-        images, _, _ = _sample(pipe, [c.prompt for c in cases], seed, batch_size, sampler=sampler, steps=steps,
+        images, _, _ = sample_images(pipe, [c.prompt for c in cases], seed, batch_size, sampler=sampler, steps=steps,
                                guidance=guidance, progress=progress)
         return float(np.mean([passes(c, detect(im)) for c, im in zip(cases, images)]))
 
@@ -430,208 +351,3 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress,
     table = {name: {str(steps): score(name, steps) for steps in SAMPLER_STEPS} for name in SAMPLERS}
     return {"reference": {"sampler": REFERENCE[0], "steps": REFERENCE[1], "score": reference},
             "n": len(cases), "scores": table}
-
-
-def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
-             n_edit: int = 16, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300, guidance: float = 3.0,
-             parts: tuple[str, ...] = ("faithfulness", "localisation", "edit", "samplers"),
-             sampler: str = DEFAULT_SAMPLER, weight_context: str = WEIGHT_CONTEXTS[0],
-             categories: tuple[str, ...] | None = None) -> tuple[dict, list]:
-    """The whole report as a JSON-ready dict, plus example (image, label) pairs for a grid.
-    `categories`: the faithfulness categories scored (None: all); the others are left out of the
-    report (their targets read "not measured")."""
-    categories = CATEGORIES if categories is None else tuple(categories)
-    unknown = [c for c in categories if c not in CATEGORIES]
-    if unknown or not categories:
-        what = f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}" if unknown \
-            else "no category given"
-        raise UserError(f"{what}; choose from {', '.join(CATEGORIES)}")
-    if seed == training_seed:
-        raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
-    holdout = list(holdout or [])
-    resolution = pipe.unet.config.sample_size
-    started = time.time()
-    report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout, "guidance": guidance,
-              "sampler": sampler,
-              "mixed_precision": pipe.mixed_precision}
-    report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
-    examples = []
-    cases = {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES if c in categories}
-    total = 0
-    if "faithfulness" in parts:
-        total += sum(len(c) for c in cases.values())
-    if "edit" in parts:
-        total += n_edit * (len(EDIT_WEIGHTS) * 4 - 3 + 4)  # weight 1 sampled once; deleted and negative, per word
-    sweep_cases = []
-    if "samplers" in parts:
-        half = n_samplers // 2
-        sweep = {c: cases.get(c) or category_cases(c, n, seed, resolution, holdout) for c in ("single object", "position")}
-        sweep_cases = sweep["single object"][:half] + sweep["position"][:n_samplers - half]
-        total += len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS))
-    progress = tqdm(total=total, desc="evaluating (images)", dynamic_ncols=True)
-    if "faithfulness" in parts:
-        report["faithfulness"], generated, examples = faithfulness(pipe, cases, seed, batch_size, progress, guidance, sampler)
-        report["localisation"] = {"generated": generated}
-    if "localisation" in parts:
-        report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
-    if "edit" in parts:
-        report["weight_context"] = weight_context
-        report["edit_response"] = edit_response(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler,
-                                                weight_context)
-        report["edit_baseline"] = edit_baseline(pipe, n_edit, seed, holdout, batch_size, progress, guidance, sampler)
-    if "samplers" in parts:
-        report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
-    progress.close()
-    report["targets"] = targets(report)
-    report["seconds"] = round(time.time() - started, 1)
-    return report, examples
-
-
-def _lookup(report: dict, key: str):
-    node = report
-    for part in key.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node["score"] if isinstance(node, dict) and "score" in node else node
-
-
-def targets(report: dict) -> dict:
-    """Each target with the measured value and whether it is met (None when not measured).
-    Scores are fractions k/n, so a score that equals a goal must meet it: the comparisons allow
-    1e-9 of float error (0.85 - 0.83 is 0.020000000000000018)."""
-    eps = 1e-9
-    out = {}
-    for key, target in TARGETS.items():
-        value = _lookup(report, key)
-        out[key] = {"value": value, "target": target, "met": None if value is None else value >= target - eps}
-    rows = [r for r in report.get("edit_response", []) if r["word"] == "colour"]
-    for mode in ("embedding", "attention"):
-        zero = [r for r in rows if r["weight"] == 0 and r["mode"] == mode]
-        if zero:
-            key = f"edit/colour weight 0 present, {mode} mode (at most)"
-            out[key] = {"value": zero[0]["present"], "target": WEIGHT_ZERO_TARGET,
-                        "met": zero[0]["present"] <= WEIGHT_ZERO_TARGET + eps}
-            if "drawn" in zero[0]:  # a colour absent because nothing was drawn is not an edit
-                out[key]["object drawn"] = zero[0]["drawn"]
-            if "edit_baseline" in report:  # the word deleted: the model's own rate for that colour
-                out[key]["word deleted"] = report["edit_baseline"]["colour"]
-                if "negative" in report["edit_baseline"]:
-                    out[key]["word deleted, as negative prompt"] = report["edit_baseline"]["negative"]["colour"]
-    if rows:
-        attention = sorted((r["weight"], r["mass"]) for r in rows if r["mode"] == "attention")
-        monotone = all(a[1] <= b[1] for a, b in zip(attention, attention[1:]))
-        out["edit/attention mode mass monotone in weight"] = {"value": monotone, "target": True, "met": monotone}
-    sweep = report.get("samplers")
-    if sweep:
-        gap = abs(sweep["scores"]["dpm++"]["20"] - sweep["reference"]["score"])
-        out["samplers/dpm++ 20 steps gap to reference (at most)"] = {"value": gap, "target": 0.02,
-                                                                      "met": gap <= 0.02 + eps}
-    return out
-
-
-# ---- presenting it -------------------------------------------------------------------------
-
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-
-SAMPLER_LABELS = {"dpm++": "DPM-Solver++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
-
-
-def format_report(report: dict) -> str:
-    lines = [f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
-             f"guidance {report.get('guidance', 3.0):g}, {SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
-             f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s", ""]
-    lines.append("detector accuracy on generator images: " +
-                 ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n"))
-    if "faithfulness" in report:
-        lines += ["", f"{'faithfulness':<20} {'score':>6} {'n':>5}"]
-        for category, value in report["faithfulness"].items():
-            lines.append(f"{category:<20} {_fmt(value and value['score']):>6} {value['n'] if value else 0:>5}")
-            for count, part in ((value or {}).get("by_count") or {}).items():
-                lines.append(f"  {count} object(s){'':<8} {part['score']:>6.3f} {part['n']:>5}")
-    for where, values in report.get("localisation", {}).items():
-        lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
-    if "edit_response" in report:
-        lines += ["", f"edit response (weight context: {report.get('weight_context', 'not recorded')})",
-                  f"{'edit word':<10} {'mode':<10} {'weight':>6} {'present':>8} {'drawn':>6} {'area':>6} {'mass':>6}"]
-        for r in report["edit_response"]:
-            lines.append(f"{r['word']:<10} {r['mode']:<10} {r['weight']:>6g} {r['present']:>8.3f} "
-                         f"{r.get('drawn', float('nan')):>6.3f} {r['area']:>6.3f} {r['mass']:>6.3f}")
-    if "edit_baseline" in report:
-        base = report["edit_baseline"]
-        lines.append(f"word deleted from the prompt: colour present {base['colour']:.3f}, shape present "
-                     f"{base['shape']:.3f} (the model's prior; weight 0 removing the word lands here)")
-        if "negative" in base:
-            lines.append(f"word deleted and given as the negative prompt: colour present {base['negative']['colour']:.3f}, "
-                         f"shape present {base['negative']['shape']:.3f}")
-    if "samplers" in report:
-        sweep = report["samplers"]
-        lines += ["", f"samplers (n={sweep['n']}; reference {sweep['reference']['sampler']} "
-                      f"{sweep['reference']['steps']} steps: {sweep['reference']['score']:.3f})",
-                  f"{'sampler':<8} " + " ".join(f"{s:>6}" for s in SAMPLER_STEPS)]
-        for name, scores in sweep["scores"].items():
-            lines.append(f"{name:<8} " + " ".join(f"{scores[str(s)]:>6.3f}" for s in SAMPLER_STEPS))
-    lines += ["", f"{'target':<58} {'value':>6} {'goal':>6} met"]
-    for key, t in report["targets"].items():
-        line = f"{key:<58} {_fmt(t['value']):>6} {_fmt(t['target']):>6} {_fmt(t['met'])}"
-        if "object drawn" in t:  # a colour can be absent because nothing was drawn at all
-            line += f" (an object drawn in {t['object drawn']:.2f}"
-            line += f"; word deleted {t['word deleted']:.2f})" if "word deleted" in t else ")"
-        lines.append(line)
-    return "\n".join(lines)
-
-
-def _dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, fill, dash: int = 5) -> None:
-    for x in range(int(x0), int(x1), 2 * dash):
-        draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
-
-
-def edit_plot(rows: list[dict], baseline: dict | None = None, width: int = 720, height: int = 240) -> Image.Image:
-    """Three small line charts (present, area, mass against the weight), one line per word and
-    mode. With `baseline` (`edit_baseline`), the present chart also shows, dashed, how often each
-    attribute is present with its word deleted (the floor weight 0 reaches by removing the word)
-    and the weight-0 target for the colour word."""
-    styles = {("colour", "attention"): (220, 50, 50), ("colour", "embedding"): (240, 150, 150),
-              ("shape", "attention"): (40, 80, 220), ("shape", "embedding"): (140, 170, 240)}
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    label_font = font(11)
-    panel_w = width // 3
-    left, top, bottom = 40, 24, height - 56
-    for p, metric in enumerate(("present", "area", "mass")):
-        x0, x1 = p * panel_w + left, (p + 1) * panel_w - 12
-        top_value = max([r[metric] for r in rows] + [1e-9]) if metric != "present" else 1.0
-        draw.rectangle([x0, top, x1, bottom], outline=(160, 160, 160))
-        draw.text((x0, 4), f"{metric} vs weight", fill="black", font=label_font)
-        draw.text((x0 - 36, top - 6), f"{top_value:.2g}", fill="black", font=label_font)
-        draw.text((x0 - 12, bottom - 6), "0", fill="black", font=label_font)
-        def xy(weight, value):
-            return (x0 + (x1 - x0) * weight / max(EDIT_WEIGHTS), bottom - (bottom - top) * value / top_value)
-        for w in EDIT_WEIGHTS:
-            draw.text((xy(w, 0)[0] - 6, bottom + 2), f"{w:g}", fill="black", font=label_font)
-        if metric == "present" and baseline is not None:
-            floors = [(baseline["colour"], (150, 20, 20), "colour word deleted"),
-                      (baseline["shape"], (20, 40, 150), "shape word deleted"),
-                      (WEIGHT_ZERO_TARGET, (120, 120, 120), "weight-0 target, colour")]
-            for k, (value, colour, label) in enumerate(floors):
-                _dashed(draw, x0, x1, xy(0, value)[1], colour)
-                x = 10 + k * (width // 4)
-                _dashed(draw, x, x + 20, height - 32, colour, dash=3)
-                draw.text((x + 24, height - 38), f"{label} ({value:.2f})", fill="black", font=label_font)
-        for (word, mode), colour in styles.items():
-            points = [xy(r["weight"], r[metric]) for r in rows if r["word"] == word and r["mode"] == mode]
-            if len(points) > 1:
-                draw.line(points, fill=colour, width=2)
-            for x, y in points:
-                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-    for k, ((word, mode), colour) in enumerate(styles.items()):
-        x = 10 + k * (width // 4)
-        draw.line([x, height - 14, x + 20, height - 14], fill=colour, width=3)
-        draw.text((x + 24, height - 20), f"{word} word, {mode}", fill="black", font=label_font)
-    return image

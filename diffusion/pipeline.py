@@ -17,6 +17,7 @@ import math
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 
 from .attention import AttentionController
 from .attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain,
-                                step_in_window)
+                                LocalBlend, changed_tokens, step_in_window)
 from .checkpoint import default_file_modes
 from .config import DEFAULT_SAMPLER, WEIGHT_CONTEXTS, WEIGHT_MODES
 from .errors import UserError
@@ -138,6 +139,7 @@ class Weighting:
     steps: tuple[float, float] = (0.0, 1.0)
     resolutions: set[int] | None = None
     context: str = WEIGHT_CONTEXTS[0]  # "fade"
+    renormalise: bool = False
 
     def check(self) -> None:
         if self.mode not in WEIGHT_MODES:
@@ -239,7 +241,7 @@ class Pipeline:
                 sampler: str = DEFAULT_SAMPLER, negative_prompt: str | list[str] | None = None,
                 attention_controller: AttentionController | None = None,
                 token_weights: torch.Tensor | None = None, weighting: Weighting | None = None,
-                progress: bool = False) -> torch.Tensor:
+                callback_on_step_end=None, progress: bool = False) -> torch.Tensor:
         """Sample one image per (prompt, seed) pair in one batch. Returns (B, 3, R, R) in [-1, 1].
 
         prompts: plain prompts (no weighting syntax); seeds: one noise seed per prompt;
@@ -249,6 +251,9 @@ class Pipeline:
         conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
         `weighting` says (see `condition`; None: no weighting). Attention-mode weights act through
         the controller (`AttentionReweighter`), which the caller passes in.
+        callback_on_step_end: called after each step as diffusers does,
+        `callback_on_step_end(pipeline, step, timestep, {"latents": x})`; a "latents" entry in
+        the dict it returns replaces the images being denoised (B, 3, R, R).
 
         The noise of each image comes from its own generator seeded with its seed, so an image
         does not depend on what else is in the batch."""
@@ -294,6 +299,8 @@ class Pipeline:
                 unconditional, conditional_prediction = prediction.chunk(2)
                 prediction = unconditional + guidance * (conditional_prediction - unconditional)
             x = scheduler.step(prediction, t, x, generator=generators).prev_sample
+            if callback_on_step_end is not None:
+                x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
         return x.clamp(-1, 1)
 
     def condition(self, prompts: list[str], token_weights: torch.Tensor | None = None,
@@ -350,6 +357,7 @@ class Pipeline:
     def sample_batch(self, prompts: list[WeightedPrompt], seeds: list[int], settings: dict, maps: MapOptions | None,
                       weighting: Weighting, attention_controller: AttentionController | None,
                       swap_mapping: torch.Tensor | None = None, swap_fraction: float = 0.0,
+                      callback_on_step_end=None,
                       progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
         """One batch: build the controllers for weights, swaps and maps, denoise, merge maps into words."""
         texts = [p.text for p in prompts]
@@ -361,7 +369,8 @@ class Pipeline:
         if swap_mapping is not None:
             controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions))
         if weighted and weighting.mode == "attention":
-            controllers.append(AttentionReweighter(token_weights, weighting.steps, weighting.resolutions))
+            controllers.append(AttentionReweighter(token_weights, weighting.steps, weighting.resolutions,
+                                                   weighting.renormalise))
         recorder = None
         if maps is not None:
             recorder = AttentionRecorder(self.unet.config.sample_size, maps.steps, maps.resolutions)
@@ -371,7 +380,7 @@ class Pipeline:
         controller = ControllerChain(controllers) if controllers else None
         x = self.denoise(texts, seeds, attention_controller=controller,
                          token_weights=token_weights if weighted else None, weighting=weighting,
-                         progress=progress, **settings)
+                         callback_on_step_end=callback_on_step_end, progress=progress, **settings)
         word_maps = None
         if recorder is not None:
             token_maps = recorder.token_maps().cpu()  # (B, T, R, R)
@@ -402,56 +411,92 @@ class Pipeline:
         `weighting` chooses how weights act (default: scale the cross-attention probabilities).
         attention_maps: True (or a MapOptions) also returns one dict per image, word label ->
         (R, R) map (DAAM-style aggregate over heads, layers and steps).
-        Returns PIL images with their prompts and seeds."""
+        Returns PIL images with their prompts and seeds; `generate` gives them batch by batch."""
+        batches = list(self.generate(prompt, num_images_per_prompt, seed, steps, guidance, sampler, negative_prompt,
+                                     batch_size, attention_maps, weighting, attention_controller, progress))
+        maps = [m for b in batches for m in b.attention_maps] if batches[0].attention_maps is not None else None
+        return PipelineOutput([image for b in batches for image in b.images], [p for b in batches for p in b.prompts],
+                              [s for b in batches for s in b.seeds], batches[0].settings, maps)
+
+    def generate(self, prompt: str | list[str], num_images_per_prompt: int = 1, seed: int = 0,
+                 steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER,
+                 negative_prompt: str | None = None, batch_size: int = 16,
+                 attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
+                 attention_controller: AttentionController | None = None,
+                 progress: bool = True) -> Iterator[PipelineOutput]:
+        """`__call__` one batch at a time: yields a PipelineOutput of at most `batch_size` images
+        per batch, in order (prompt-major), so that any number of images can be written out as
+        they are made without holding them all. Arguments as `__call__`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
         parsed, settings = self._prepare(prompts, steps, guidance, sampler, negative_prompt,
                                          num_images_per_prompt, batch_size, weighting)
-        jobs = [(k, seed + i) for k in range(len(prompts)) for i in range(num_images_per_prompt)]
-        images, word_maps = [], []
-        batches = [jobs[i:i + batch_size] for i in range(0, len(jobs), batch_size)]
-        for batch in tqdm(batches, desc="batches", disable=not progress or len(batches) == 1):
-            x, batch_maps = self.sample_batch([parsed[k] for k, _ in batch], [s for _, s in batch], settings, maps,
-                                               weighting, attention_controller, progress=progress)
-            images.extend(to_pil(x))
-            word_maps.extend(batch_maps or [])
-        settings = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode,
-                    "weight_context": weighting.context,
-                    "mixed_precision": self.mixed_precision}
-        return PipelineOutput(images, [prompts[k] for k, _ in jobs], [s for _, s in jobs], settings,
-                              word_maps if maps is not None else None)
+        recorded = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode,
+                    "weight_context": weighting.context, "mixed_precision": self.mixed_precision}
+        total = len(prompts) * num_images_per_prompt
+        starts = range(0, total, batch_size)
+        for start in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+            jobs = [divmod(j, num_images_per_prompt) for j in range(start, min(total, start + batch_size))]
+            x, batch_maps = self.sample_batch([parsed[k] for k, _ in jobs], [seed + i for _, i in jobs], settings,
+                                               maps, weighting, attention_controller, progress=progress)
+            yield PipelineOutput(to_pil(x), [prompts[k] for k, _ in jobs], [seed + i for _, i in jobs], recorded,
+                                 batch_maps if maps is not None else None)
 
     def swap(self, source: str, edit: str, num_images: int = 1, seed: int = 0, edit_steps: float = 0.6,
              steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER, negative_prompt: str | None = None,
              attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
+             local_blend: bool = False, batch_size: int = 8,
              progress: bool = True) -> tuple[PipelineOutput, PipelineOutput]:
         """Prompt-to-Prompt word swap / refinement: draw `source` and `edit` from the same noise,
         injecting the source's cross-attention maps into the edit for the first `edit_steps`
         fraction of the steps, so the layout stays and the swapped words change. Tokens of the
         two prompts are aligned word by word (prompts.align_tokens); added words keep their own
-        maps. Returns (source output, edit output)."""
-        if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
-            raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
+        maps. local_blend: outside the changed words' maps the edit keeps the source's pixels
+        (`LocalBlend`). batch_size: pairs denoised together. Returns (source output, edit output)."""
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
-        parsed, settings = self._prepare([source, edit], steps, guidance, sampler, negative_prompt, num_images, 1,
-                                         weighting)
-        tokens = self._offsets([p.text for p in parsed])
-        T = tokens.shape[1]
-        mapping = align_tokens(tokens[0], parsed[0].text, tokens[1], parsed[1].text, T)  # (T,)
+        parsed, settings = self._prepare([source, edit], steps, guidance, sampler, negative_prompt, num_images,
+                                         batch_size, weighting)
         outputs = ([], []), ([], [])
-        for i in tqdm(range(num_images), desc="pairs", disable=not progress or num_images == 1):
-            x, pair_maps = self.sample_batch(parsed, [seed + i, seed + i], settings, maps, weighting, None,
-                                              swap_mapping=mapping[None], swap_fraction=edit_steps,
-                                              progress=progress)
+        starts = range(0, num_images, batch_size)
+        for start in tqdm(starts, desc="pairs", disable=not progress or len(starts) == 1):
+            count = min(batch_size, num_images - start)
+            x, pair_maps = self.swap_batch([(parsed[0], parsed[1])] * count, [seed + start + k for k in range(count)],
+                                           edit_steps, settings, weighting, maps, local_blend, progress)
             for k, image in enumerate(to_pil(x)):
-                outputs[k][0].append(image)
-                outputs[k][1].append(pair_maps[k] if pair_maps else None)
-        settings = {**settings, "negative_prompt": negative_prompt or "", "edit_steps": edit_steps}
+                outputs[k % 2][0].append(image)
+                outputs[k % 2][1].append(pair_maps[k] if pair_maps else None)
+        settings = {**settings, "negative_prompt": negative_prompt or "", "edit_steps": edit_steps,
+                    "local_blend": local_blend}
         return tuple(PipelineOutput(images, [text] * num_images, [seed + i for i in range(num_images)],
                                     settings, word_maps if maps is not None else None)
                      for (images, word_maps), text in zip(outputs, (source, edit)))
+
+    def swap_batch(self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], seeds: list[int],
+                   edit_steps: float, settings: dict, weighting: Weighting, maps: MapOptions | None = None,
+                   local_blend: bool = False,
+                   progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+        """Several (source, edit) pairs in one batch, pair k from noise seed seeds[k] for both
+        images (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in
+        turn, and their word maps when `maps` is given."""
+        if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
+            raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
+        parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
+        texts = [p.text for p in parsed]
+        offsets = self._offsets(texts)  # (2P, T, 2)
+        T = offsets.shape[1]
+        mapping = torch.stack([align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
+                               for k in range(len(pairs))])  # (P, T)
+        blend = None
+        if local_blend:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", UserWarning)
+                ids = self.text_encoder.tokenize(texts)["input_ids"]
+            blend = LocalBlend(changed_tokens(ids, offsets, mapping), self.unet.config.sample_size)
+        seeds = [seed for seed in seeds for _ in range(2)]
+        return self.sample_batch(parsed, seeds, settings, maps, weighting, blend, swap_mapping=mapping,
+                                 swap_fraction=edit_steps, callback_on_step_end=blend, progress=progress)
 
 
 def merge_word_maps(token_maps: torch.Tensor, prompt: str, offsets: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -1,14 +1,18 @@
-"""Attention controllers: recording per-word maps, reweighting, injection (Prompt-to-Prompt)."""
+"""Attention controllers: recording per-word maps, reweighting, injection and local blend
+(Prompt-to-Prompt), and which tokens a word swap changes."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
 
 from diffusion.attention import AttentionSite, CrossAttention
 from diffusion.attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter,
-                                         ControllerChain, SiteFilter)
+                                         ControllerChain, LocalBlend, SiteFilter, changed_tokens)
 from diffusion.attention import AttentionCall
 from diffusion.pipeline import MapOptions, Pipeline, Weighting, merge_word_maps
-from diffusion.prompts import split_words
+from diffusion.prompts import align_tokens, split_words
+from diffusion.clip_training import fit_tokenizer
 
 
 # float32: these tests compare images drawn through the fused attention kernel with images drawn
@@ -123,6 +127,116 @@ def test_merge_word_maps_sums_sub_word_tokens_and_separates_repeats():
     assert list(merged) == ["a", "red", "circle", "and", "a#2", "red#2", "zebra"]
     assert merged["red"][0, 0] == 2 and merged["red#2"][0, 0] == 6
     assert merged["zebra"][0, 0] == 7 + 8  # both pieces
+
+
+# ---- which tokens a word swap changes, and the local blend -------------------------------------
+
+T = 16
+CAPTIONS = [f"a {colour} {shape} on the {side}" for colour in ("red", "green", "blue", "yellow")
+            for shape in ("circle", "square", "triangle") for side in ("left", "right")]
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return fit_tokenizer(CAPTIONS * 4, vocab_size=600, model_max_length=T)
+
+
+def swap_tokens(tokenizer, pairs):
+    """changed_tokens of (source, edit) `pairs` tokenized as TextEncoder.tokenize does, with each
+    prompt's token texts: (2P, T) bool, [[token text, ...] per prompt]."""
+    texts = [text for pair in pairs for text in pair]
+    tokens = tokenizer(texts, return_offsets_mapping=True, padding="max_length", truncation=True, max_length=T,
+                       return_tensors="pt")
+    ids, offsets = tokens["input_ids"], tokens["offset_mapping"]
+    mapping = torch.stack([align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
+                           for k in range(len(pairs))])
+    pieces = [[text[a:b] for a, b in o.tolist()] for text, o in zip(texts, offsets)]
+    return changed_tokens(ids, offsets, mapping), pieces
+
+
+def marked(changed, pieces, row):
+    return [pieces[row][j] for j in changed[row].nonzero()[:, 0].tolist()]
+
+
+def test_a_colour_swap_changes_the_colour_token_in_both_prompts(tokenizer):
+    changed, pieces = swap_tokens(tokenizer, [("a red circle on the left", "a blue circle on the left")])
+    assert changed.shape == (2, T) and changed.dtype == torch.bool
+    assert marked(changed, pieces, 0) == ["red"] and marked(changed, pieces, 1) == ["blue"]
+
+
+def test_an_added_word_changes_only_the_edits_tokens(tokenizer):
+    changed, pieces = swap_tokens(tokenizer, [("a red circle", "a big red circle")])
+    assert "".join(marked(changed, pieces, 1)) == "big"  # every piece of the unseen word
+    assert len(marked(changed, pieces, 1)) == len(tokenizer.tokenize("big")) > 1
+    assert not changed[0].any()
+
+
+def test_changed_tokens_of_several_pairs_and_of_an_unchanged_pair(tokenizer):
+    changed, pieces = swap_tokens(tokenizer, [("a red circle on the left", "a red circle on the left"),
+                                              ("a red circle", "a zebra circle"),
+                                              ("a green square on the left", "a green triangle on the right")])
+    assert not changed[:2].any()  # the same prompt twice changes nothing
+    assert marked(changed, pieces, 2) == ["red"] and "".join(marked(changed, pieces, 3)) == "zebra"
+    assert marked(changed, pieces, 4) == ["square", "left"] and marked(changed, pieces, 5) == ["triangle", "right"]
+
+
+def blend_with_maps(changed, maps, threshold=0.3):
+    """A LocalBlend whose recorder holds `maps` (2P, T, S, S) as its running sum."""
+    blend = LocalBlend(changed, size=maps.shape[-1], threshold=threshold)
+    blend.recorder.total, blend.recorder.calls = maps, 1
+    return blend
+
+
+def test_local_blend_region_is_the_dilated_changed_maps_of_source_and_edit():
+    maps = torch.zeros(2, 3, 6, 6)  # one pair, 3 tokens, 6 x 6
+    maps[:, 0] = 5.0  # an unchanged token attends everywhere, strongly: not part of the region
+    maps[0, 1, 1, 1] = 1.0  # the source's changed token: one strong pixel ...
+    maps[0, 1, 4, 0] = 0.25  # ... and a weak one, below 0.3 of its maximum
+    maps[1, 2, 4, 4] = 2.0  # the edit's changed token (a larger maximum, normalised on its own)
+    maps[1, 2, 0, 5] = 0.8  # 0.4 of the maximum: above the threshold
+    changed = torch.tensor([[False, True, False], [False, False, True]])
+    region = blend_with_maps(changed, maps).region()
+    expected = torch.zeros(1, 6, 6, dtype=torch.bool)
+    expected[0, 0:3, 0:3] = True  # 3 x 3 around (1, 1)
+    expected[0, 3:6, 3:6] = True  # around (4, 4), cut at the border
+    expected[0, 0:2, 4:6] = True  # around (0, 5)
+    assert torch.equal(region, expected)
+    assert not blend_with_maps(changed, maps, threshold=0.5).region()[0, 0, 5]  # 0.4 < 0.5
+
+
+def test_local_blend_keeps_the_source_outside_the_region_and_the_edit_inside():
+    maps = torch.zeros(4, 2, 4, 4)  # two pairs: rows source 0, edit 0, source 1, edit 1
+    maps[1, 1, 0, 0] = 1.0  # pair 0: the edit's changed token at the top left
+    maps[2, 1, 3, 3] = 1.0  # pair 1: the source's changed token at the bottom right
+    changed = torch.tensor([[False, False], [False, True], [False, True], [False, False]])
+    blend = blend_with_maps(changed, maps)
+    region = blend.region()  # (2, 4, 4)
+    x = torch.stack([torch.full((3, 4, 4), float(k)) for k in range(4)])  # image k filled with k
+    given = x.clone()
+    out = blend(None, 5, 100, {"latents": x, "other": "kept"})
+    assert torch.equal(x, given)  # the input is not changed in place
+    assert out["other"] == "kept"
+    assert torch.equal(out["latents"][0::2], x[0::2])  # sources untouched
+    for k in range(2):
+        edit = out["latents"][2 * k + 1]
+        inside = region[k].expand(3, 4, 4)
+        assert torch.equal(edit[inside], x[2 * k + 1][inside])
+        assert torch.equal(edit[~inside], x[2 * k][~inside])
+        assert inside.any() and (~inside).any()
+
+
+def test_local_blend_before_any_recording_changes_nothing():
+    blend = LocalBlend(torch.ones(2, 3, dtype=torch.bool), size=4)
+    x = torch.randn(2, 3, 4, 4)
+    out = blend(None, 0, 999, {"latents": x})
+    assert torch.equal(out["latents"], x)
+
+
+def test_local_blend_records_only_what_its_recorder_wants():
+    blend = LocalBlend(torch.ones(2, 6, dtype=torch.bool), size=4, resolutions={2})
+    assert not blend.wants(site((4, 4))) and blend.wants(site((2, 2)))
+    assert blend.process(site((2, 2)), probabilities(h=2, w=2)) is None  # reads, never edits
+    assert blend.recorder.total.shape == (2, 6, 4, 4)
 
 
 # ---- through the pipeline -------------------------------------------------------------------
@@ -246,6 +360,36 @@ def test_swap_injection_changes_the_edit(live_pipe):
     _, free = live_pipe.swap("a red circle on the left", "a blue square on the right", steps=3, edit_steps=0.0,
                         progress=False)
     assert not np.array_equal(np.asarray(injected.images[0]), np.asarray(free.images[0]))
+
+
+def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):
+    """Through the pipeline, on the small model that draws shapes (its colour words attend to the
+    object): after the last step the edit equals the source wherever the last blend region is
+    off, and differs from it inside."""
+    import diffusion.pipeline
+
+    small = Pipeline.from_pretrained(Path(__file__).parent / "assets" / "small-shapes", device="cpu",
+                                     mixed_precision="no")
+    blends = []
+
+    class Watched(LocalBlend):
+        def __call__(self, pipeline, step, timestep, tensors):
+            blends.append(self)
+            self.last_region = self.region().clone()
+            return super().__call__(pipeline, step, timestep, tensors)
+
+    monkeypatch.setattr(diffusion.pipeline, "LocalBlend", Watched)
+    settings = {"steps": 5, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
+    pair = [("a red circle on the left", "a blue circle on the left")]
+    x, _ = small.swap_batch(pair, [2], 0.6, settings, Weighting(), local_blend=True)
+    free, _ = small.swap_batch(pair, [2], 0.6, settings, Weighting())
+    assert len(blends) == 5 and len(set(map(id, blends))) == 1  # one blend, called after every step
+    keep = blends[0].last_region[0].expand(3, -1, -1)  # (3, R, R)
+    assert keep.any() and not keep.all()
+    assert torch.equal(x[0], free[0])  # the source is drawn as without the blend
+    assert torch.equal(x[1][~keep], x[0][~keep])
+    assert (x[1][keep] - x[0][keep]).abs().max() > 1e-2
+    assert (free[1][~keep] - free[0][~keep]).abs().max() > 1e-3  # without the blend the outside changes too
 
 
 def test_map_options_limit_the_recorded_layers(pipe):

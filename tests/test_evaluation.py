@@ -1,16 +1,19 @@
 """The evaluation: metrics on hand-made maps, prompt conditions, a perfect "model" (the generator's
-own images) scoring ~1, the report's schema, and evaluate.py on the tiny model."""
+own images) scoring ~1, and evaluate.py on the tiny model (the report itself: test_report.py)."""
+import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from diffusion.shapes import render_scene
 from diffusion.detector import Detection, detect
-from diffusion.errors import UserError
-from diffusion.evaluation import (CATEGORIES, TARGETS, Case, category_cases, edit_plot, evaluate, format_report,
-                                  map_iou, passes, pointing, span_map, stated_positions, targets)
+from diffusion.edit_evaluation import SWAP_KINDS
+from diffusion.evaluation import (CATEGORIES, Case, category_cases, map_iou, passes, pointing, span_map,
+                                  stated_positions)
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle"]
 
@@ -100,104 +103,6 @@ def test_the_generators_own_images_pass_almost_every_prompt():
         assert score >= 0.96, (category, score)
 
 
-def test_targets_and_plot_from_a_report():
-    rows = [{"word": w, "mode": m, "weight": x, "present": p, "drawn": 0.25 if x == 0 else 1.0, "area": 0.1, "mass": 0.05 * x}
-            for w in ("colour", "shape") for m in ("attention", "embedding")
-            for x, p in ((0.0, 0.05 if m == "embedding" else 0.5), (0.5, 0.5), (1.0, 1.0), (2.0, 1.0), (4.0, 1.0))]
-    report = {"faithfulness": {"single object": {"score": 0.995, "n": 200}, "counting": {"score": 0.9, "n": 200}},
-              "localisation": {"dataset": {"shape miou": 0.5}}, "edit_response": rows,
-              "samplers": {"reference": {"score": 0.85}, "scores": {"dpm++": {"20": 0.83}}}}
-    result = targets(report)
-    assert result["faithfulness/single object"]["met"] is True
-    assert result["localisation/dataset/shape miou"]["met"] is False
-    assert result["faithfulness/counting"]["met"] is True  # exactly at the goal
-    assert result["faithfulness/position"]["met"] is None
-    assert result["edit/colour weight 0 present, embedding mode (at most)"]["met"] is True
-    assert result["edit/colour weight 0 present, embedding mode (at most)"]["object drawn"] == 0.25
-    assert result["edit/colour weight 0 present, attention mode (at most)"]["met"] is False
-    assert result["samplers/dpm++ 20 steps gap to reference (at most)"]["met"] is True  # 0.85 - 0.83 == 0.02
-    assert result["edit/attention mode mass monotone in weight"]["met"] is True
-    rows[2]["mass"] = 1.0  # attention mode, weight 0.5: now above weight 1
-    assert targets(report)["edit/attention mode mass monotone in weight"]["met"] is False
-    plot = edit_plot(rows)
-    assert plot.size == (720, 240) and len(np.unique(np.asarray(plot).reshape(-1, 3), axis=0)) > 5
-    # with the word-deleted floors: one dashed line each in the present chart, at its value
-    pixels = np.asarray(edit_plot(rows, {"colour": 0.5, "shape": 0.25}))
-    colour_floor = np.nonzero((pixels[:, :240] == (150, 20, 20)).all(-1))[0]
-    shape_floor = np.nonzero((pixels[:, :240] == (20, 40, 150)).all(-1))[0]
-    assert len(colour_floor) and len(shape_floor)
-    assert np.median(colour_floor) < np.median(shape_floor)  # 0.5 sits higher (smaller y) than 0.25
-
-
-def test_evaluate_smoke_on_the_tiny_model(tiny_model):
-    from diffusion.pipeline import Pipeline
-
-    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
-    report, examples = evaluate(pipe, n=2, holdout=HOLDOUT, n_edit=1, n_samplers=2, batch_size=8, detector_n=10)
-    assert set(report["faithfulness"]) == set(CATEGORIES)
-    for value in report["faithfulness"].values():
-        assert value["n"] == 2 and 0 <= value["score"] <= 1
-    by_count = report["faithfulness"]["counting"]["by_count"]  # the counting score split by count
-    assert set(by_count) <= {"1", "2", "3", "4"} and sum(v["n"] for v in by_count.values()) == 2
-    assert sum(v["score"] * v["n"] for v in by_count.values()) == pytest.approx(2 * report["faithfulness"]["counting"]["score"])
-    assert set(report["localisation"]) == {"generated", "dataset"}
-    assert {"shape miou", "shape pointing", "colour miou", "colour pointing"} <= set(report["localisation"]["dataset"])
-    assert report["localisation"]["dataset"]["shape words"] > 0
-    assert len(report["edit_response"]) == 20
-    for row in report["edit_response"]:
-        assert set(row) == {"word", "mode", "weight", "present", "drawn", "area", "mass"}
-        assert 0 <= row["present"] <= row["drawn"] <= 1  # an attribute is only present on a drawn object
-        assert (row["area"] > 0) == (row["drawn"] > 0)
-    assert set(report["edit_baseline"]) == {"n", "colour", "shape", "negative"} and 0 <= report["edit_baseline"]["colour"] <= 1
-    assert set(report["edit_baseline"]["negative"]) == {"colour", "shape"}
-    for mode in ("embedding", "attention"):
-        entry = report["targets"][f"edit/colour weight 0 present, {mode} mode (at most)"]
-        assert entry["word deleted"] == report["edit_baseline"]["colour"]
-        assert entry["word deleted, as negative prompt"] == report["edit_baseline"]["negative"]["colour"]
-    assert set(report["samplers"]["scores"]) == {"dpm++", "ddim", "ddpm", "euler"}
-    assert set(TARGETS) <= set(report["targets"])
-    assert min(report["detector"][k] for k in ("colour", "shape", "size", "position")) >= 0.9
-    json.dumps(report)  # JSON-ready
-    assert "faithfulness" in format_report(report) and examples
-    assert report["sampler"] == "euler" and "Euler 20 steps" in format_report(report)
-    assert report["weight_context"] == "fade" and "weight context: fade" in format_report(report)
-    drawn = report["targets"]["edit/colour weight 0 present, attention mode (at most)"]["object drawn"]
-    assert f"(an object drawn in {drawn:.2f}; word deleted" in format_report(report)
-
-
-def test_evaluate_edits_with_the_weight_context_it_is_given(tiny_model, monkeypatch):
-    from diffusion.pipeline import Pipeline
-
-    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
-    used = set()  # (mode, context) of every batch that holds a weighted prompt
-    sample_batch = pipe.sample_batch
-
-    def recording(prompts, seeds, settings, maps, weighting, *args, **kwargs):
-        if any(w != 1 for p in prompts for _, _, w in p.weights):
-            used.add((weighting.mode, weighting.context))
-        return sample_batch(prompts, seeds, settings, maps, weighting, *args, **kwargs)
-
-    monkeypatch.setattr(pipe, "sample_batch", recording)
-    report, _ = evaluate(pipe, n=1, holdout=HOLDOUT, n_edit=1, batch_size=8, detector_n=1, parts=("edit",),
-                         weight_context="keep")
-    assert report["weight_context"] == "keep"
-    assert used == {("attention", "keep"), ("embedding", "keep")}
-
-
-def test_evaluate_scores_only_the_categories_it_is_given(tiny_model):
-    from diffusion.pipeline import Pipeline
-
-    pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
-    report, _ = evaluate(pipe, n=3, holdout=HOLDOUT, n_samplers=2, batch_size=8, detector_n=1,
-                         parts=("faithfulness", "samplers"), categories=("single object",))
-    assert set(report["faithfulness"]) == {"single object"} and report["faithfulness"]["single object"]["n"] == 3
-    assert report["targets"]["faithfulness/single object"]["value"] == report["faithfulness"]["single object"]["score"]
-    assert report["targets"]["faithfulness/position"]["met"] is None  # not measured, not failed
-    assert report["samplers"]["n"] == 2  # the sweep still finds its position prompts
-    with pytest.raises(UserError, match="unknown category 'colour'"):
-        evaluate(pipe, n=1, holdout=HOLDOUT, parts=("faithfulness",), categories=("colour",))
-
-
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "report.json"
     result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
@@ -205,11 +110,67 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
                      "--weight-context", "keep", "--out", out)
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
-    assert "faithfulness" in report and "edit_response" in report and "samplers" not in report
+    assert "faithfulness" in report and "edit" in report and not {"swap", "samplers"} & set(report)
     assert report["guidance"] == 5 and report["mixed_precision"] == "no" and report["sampler"] == "ddim"
-    assert "DDIM 20 steps" in result.stdout and report["weight_context"] == "keep"
-    assert (tmp_path / "report-examples.png").is_file() and (tmp_path / "report-edit.png").is_file()
+    assert "DDIM 20 steps" in result.stdout and report["weighting"]["context"] == "keep"
+    assert "weighting: context keep" in result.stdout and "measured targets met" in result.stdout
     assert "single object" in result.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-edit.png", "report-examples.png", "report.json"]
+    with Image.open(tmp_path / "report-edit.png") as picture:
+        assert picture.format == "PNG" and picture.info["model"] == report["model"]
+
+
+def test_evaluate_cli_swap_options_and_pictures(tiny_model, tmp_path, run_cli):
+    out = tmp_path / "swap.json"
+    result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-swap", 1, "--parts", "swap",
+                     "--local-blend", "--edit-steps", 0.5, "--out", out)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert not {"faithfulness", "edit", "samplers"} & set(report)
+    assert report["swap"]["edit_steps"] == [0.5] and report["swap"]["default_edit_steps"] == 0.5
+    assert set(report["swap"]["kinds"]) == set(SWAP_KINDS)
+    assert all(list(values["by_steps"]) == ["0.5"] for values in report["swap"]["kinds"].values())
+    assert report["swap"]["local_blend"] is True and "; local blend)" in result.stdout
+    assert any(key.startswith("swap/colour swap at edit steps 0.5:") for key in report["targets"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["swap-swap-strip.png", "swap-swap.png", "swap.json"]
+    for name in ("swap-swap-strip.png", "swap-swap.png"):
+        with Image.open(tmp_path / name) as picture:
+            assert picture.format == "PNG" and picture.info["model"] == report["model"]
+
+
+def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkeypatch):
+    """In process, with evaluate() replaced: every edit and swap option reaches it."""
+    import diffusion.report
+    from diffusion.pipeline import Weighting
+
+    spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "evaluate.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    given = {}
+    image = np.zeros((16, 16, 3), np.uint8)
+
+    def fake_evaluate(pipe, **kwargs):
+        given.update(kwargs)
+        unscored = {"scored": 0, **dict.fromkeys(("new present", "old gone", "colour kept", "edited iou >= 0.8",
+                                                  "centre within 2 px", "others iou >= 0.9"))}
+        swap = {"n": 3, "edit_steps": [0.0, 0.3], "local_blend": True, "default_edit_steps": 0.3,
+                "kinds": {"colour": {"n": 3, "by_steps": {"0": unscored, "0.3": unscored}}}}
+        report = {"n": 1, "seed": kwargs["seed"], "resolution": 16, "detector": {"count": 1.0}, "swap": swap,
+                  "targets": {}}
+        return report, [], {"colour": [("a red circle", "a blue circle", image, image)]}
+
+    monkeypatch.setattr(diffusion.report, "evaluate", fake_evaluate)
+    out = tmp_path / "report.json"
+    cli.main(["--model", str(tiny_model), "--parts", "edit,swap", "--n-edit", "2", "--n-swap", "3", "--swap-sweep",
+              "--local-blend", "--edit-steps", "0.3", "--weight-context", "keep", "--renormalise",
+              "--out", str(out)])
+    assert given["parts"] == ("edit", "swap") and given["n_edit"] == 2 and given["n_swap"] == 3
+    assert given["swap_sweep"] is True and given["local_blend"] is True and given["edit_steps"] == 0.3
+    assert given["weighting"] == Weighting(context="keep", renormalise=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-swap-strip.png", "report-swap.png", "report.json"]
+    cli.main(["--model", str(tiny_model), "--parts", "swap", "--out", str(out)])
+    assert given["swap_sweep"] is False and given["local_blend"] is False and given["edit_steps"] == 0.6
+    assert given["weighting"] == Weighting()
 
 
 @pytest.mark.parametrize("args, message", [
@@ -222,6 +183,11 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
     (["--sampler", "plms"], "invalid choice: 'plms'"),
     (["--weight-context", "forget"], "invalid choice: 'forget'"),
+    (["--n-swap", "0"], "--n-swap must be at least 1"),
+    (["--parts", "edit,swaps"], "unknown part(s) 'swaps'"),
+    (["--edit-steps", "2"], "--edit-steps must be a fraction in [0, 1], got '2'"),
+    (["--edit-steps", "x"], "--edit-steps must be a fraction in [0, 1], got 'x'"),
+    (["--edit-steps", "nan"], "--edit-steps must be a fraction in [0, 1], got 'nan'"),
 ])
 def test_evaluate_cli_bad_input_is_one_line(tiny_model, run_cli, args, message):
     result = run_cli("evaluate.py", "--model", tiny_model, *args)

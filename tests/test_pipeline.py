@@ -12,7 +12,10 @@ from PIL import Image
 
 from diffusion.attention import AttentionController
 from diffusion.errors import UserError
-from diffusion.pipeline import DEFAULT_SAMPLER, SAMPLERS, Pipeline, make_sampler, sampler_timesteps, set_sampler_timesteps
+from diffusion.images import to_pil, uint8_images
+from diffusion.pipeline import (DEFAULT_SAMPLER, SAMPLERS, Pipeline, Weighting, make_sampler, sampler_timesteps,
+                                set_sampler_timesteps)
+from diffusion.prompts import parse_prompt
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 
@@ -192,6 +195,86 @@ def test_the_controller_sees_every_sampling_step(pipe):
     controller = Steps()
     pipe(PROMPTS[0], steps=4, attention_controller=controller, progress=False)
     assert controller.steps == [0, 1, 2, 3]
+
+
+def test_callback_on_step_end_is_called_once_per_step_and_can_replace_the_images(pipe):
+    calls = []
+
+    def watch(pipeline, step, timestep, tensors):
+        calls.append((pipeline, step, int(timestep), tuple(tensors["latents"].shape)))
+        return {}  # no "latents": the images go on unchanged
+
+    plain = pipe.denoise(PROMPTS, [0, 1], steps=3)
+    watched = pipe.denoise(PROMPTS, [0, 1], steps=3, callback_on_step_end=watch)
+    assert torch.equal(watched, plain)
+    assert calls == [(pipe, k, t, (2, 3, 16, 16)) for k, t in enumerate(sampler_timesteps(3, 1000))]
+
+    def zero_at(at):
+        def callback(pipeline, step, timestep, tensors):
+            return {"latents": torch.zeros_like(tensors["latents"])} if step == at else tensors
+        return callback
+
+    grey = pipe.denoise(PROMPTS, [0, 1], steps=3, callback_on_step_end=zero_at(2))
+    assert torch.equal(grey, torch.zeros_like(grey))
+    assert {tuple(p) for image in to_pil(grey) for p in np.asarray(image).reshape(-1, 3)} == {(128, 128, 128)}
+    early = pipe.denoise(PROMPTS, [0, 1], steps=3, callback_on_step_end=zero_at(0))
+    assert (early - plain).abs().max() > 1e-3 and early.abs().max() > 1e-3  # denoising went on from zeros
+    # the batch sampler hands the callback through
+    parsed = [parse_prompt(p) for p in PROMPTS]
+    settings = {"steps": 3, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
+    x, _ = pipe.sample_batch(parsed, [0, 1], settings, None, Weighting(), None, callback_on_step_end=zero_at(2))
+    assert torch.equal(x, grey)
+
+
+@pytest.fixture(scope="module")
+def exact_pipe(tiny_model):
+    """float32: images of different batches agree to float rounding (bf16 would round more)."""
+    return Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")
+
+
+SWAP_SETTINGS = {"steps": 3, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
+SWAPS = [("a red circle on the left", "a blue circle on the left"), ("a green square", "a green triangle")]
+
+
+def test_a_batch_of_swaps_gives_the_images_of_one_swap_each(exact_pipe):
+    x, maps = exact_pipe.swap_batch(SWAPS, [3, 7], 0.6, SWAP_SETTINGS, Weighting())
+    assert x.shape == (4, 3, 16, 16) and maps is None
+    for k, ((source, edit), seed) in enumerate(zip(SWAPS, [3, 7])):
+        alone, _ = exact_pipe.swap_batch([(source, edit)], [seed], 0.6, SWAP_SETTINGS, Weighting())
+        torch.testing.assert_close(x[2 * k:2 * k + 2], alone, rtol=0, atol=1e-5)
+        outputs = exact_pipe.swap(source, edit, seed=seed, steps=3, edit_steps=0.6, progress=False)
+        for output, row, prompt in zip(outputs, (2 * k, 2 * k + 1), (source, edit)):
+            assert output.prompts == [prompt] and output.seeds == [seed]
+            assert np.abs(pixels(output.images)[0] - uint8_images(x[row:row + 1])[0].astype(int)).max() <= 1
+    assert (x[0] - x[2]).abs().max() > 1e-3  # the pairs differ: the test can tell them apart
+
+
+def test_swap_images_do_not_depend_on_its_batch_size(exact_pipe):
+    kwargs = {"seed": 5, "steps": 3, "progress": False}
+    by_one = exact_pipe.swap(*SWAPS[0], num_images=3, batch_size=1, **kwargs)
+    together = exact_pipe.swap(*SWAPS[0], num_images=3, batch_size=2, **kwargs)  # pairs 2 and 1
+    for a, b in zip(by_one, together):
+        assert a.seeds == b.seeds == [5, 6, 7] and len(a.images) == 3
+        assert np.abs(pixels(a.images) - pixels(b.images)).max() <= 1
+        assert a.settings["local_blend"] is False
+    assert not np.array_equal(pixels(by_one[0].images)[0], pixels(by_one[0].images)[1])  # seeds 5 and 6
+
+
+def test_local_blend_with_an_unchanged_prompt_keeps_the_source(exact_pipe):
+    x, _ = exact_pipe.swap_batch([(SWAPS[0][0], SWAPS[0][0])], [4], 0.6, SWAP_SETTINGS, Weighting(),
+                                 local_blend=True)
+    assert torch.equal(x[1], x[0])
+    source, edit = exact_pipe.swap(SWAPS[0][0], SWAPS[0][0], num_images=2, seed=4, steps=3, local_blend=True,
+                                   batch_size=2, progress=False)
+    assert np.array_equal(pixels(edit.images), pixels(source.images))
+    assert np.abs(pixels(source.images)[0] - uint8_images(x[:1])[0]).max() <= 1  # seed 4 in both
+    assert source.settings["local_blend"] is True and edit.settings["local_blend"] is True
+
+
+@pytest.mark.parametrize("edit_steps", [-0.1, 1.5, float("nan")])
+def test_swap_edit_steps_outside_zero_to_one_are_user_errors(exact_pipe, edit_steps):
+    with pytest.raises(UserError, match="edit steps must be a fraction"):
+        exact_pipe.swap_batch(SWAPS[:1], [0], edit_steps, SWAP_SETTINGS, Weighting())
 
 
 @pytest.mark.parametrize("kwargs, fragment", [
