@@ -109,19 +109,29 @@ def heat_colours(values: np.ndarray) -> np.ndarray:
     return ((1 - frac) * _HEAT_ANCHORS[low] + frac * _HEAT_ANCHORS[low + 1]).round().astype(np.uint8)
 
 
+def attention_shares(word_maps: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Each word's share of the attention mass that all the words' maps hold together."""
+    total = sum(float(m.sum()) for m in word_maps.values()) or 1.0
+    return {label: float(m.sum()) / total for label, m in word_maps.items()}
+
+
+def heat_overlay(image: Image.Image, word_map: torch.Tensor, alpha: float = 0.6) -> Image.Image:
+    """`image` with the heat colours of `word_map` (scaled to its own [min, max]) blended over it;
+    a map smaller than the image is resized bilinearly."""
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    values = word_map.float().numpy()
+    values = (values - values.min()) / max(values.max() - values.min(), 1e-12)
+    heat = heat_colours(values).astype(np.float32)
+    if heat.shape[:2] != base.shape[:2]:
+        heat = np.asarray(Image.fromarray(heat.astype(np.uint8)).resize(image.size, Image.BILINEAR), np.float32)
+    return Image.fromarray(((1 - alpha) * base + alpha * heat).round().astype(np.uint8))
+
+
 def attention_panel(image: Image.Image, word_maps: dict[str, torch.Tensor], title: str = "",
                     alpha: float = 0.6) -> Image.Image:
-    """The image, then one heat-map overlay per word (each map scaled to its own [min, max]),
-    labelled with the word and the share of the attention mass it holds."""
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    total = sum(float(m.sum()) for m in word_maps.values()) or 1.0
-    tiles, labels = [image], [title or "image"]
-    for label, word_map in word_maps.items():
-        values = word_map.float().numpy()
-        values = (values - values.min()) / max(values.max() - values.min(), 1e-12)
-        heat = heat_colours(values).astype(np.float32)
-        if heat.shape[:2] != base.shape[:2]:
-            heat = np.asarray(Image.fromarray(heat.astype(np.uint8)).resize(image.size, Image.BILINEAR), np.float32)
-        tiles.append(Image.fromarray(((1 - alpha) * base + alpha * heat).round().astype(np.uint8)))
-        labels.append(f"{label} ({float(word_map.sum()) / total:.0%})")
+    """The image, then one heat-map overlay per word (`heat_overlay`), labelled with the word and
+    the share of the attention mass it holds (`attention_shares`)."""
+    shares = attention_shares(word_maps)
+    tiles = [image] + [heat_overlay(image, word_map, alpha) for word_map in word_maps.values()]
+    labels = [title or "image"] + [f"{label} ({shares[label]:.0%})" for label in word_maps]
     return labelled_grid(tiles, labels, columns=len(tiles), label_width_chars=16)

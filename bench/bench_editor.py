@@ -1,0 +1,157 @@
+"""Latency of one update of the attention editor (app.py), measured the way the page runs it.
+
+    python bench/bench_editor.py --model runs/base/model [--n 30] [--threads 2]
+
+1. Start-up: `Editor.load` (which times the UNet in float32 and bf16 to choose the precision of
+   small batches) and its warm-up, as app.py runs them before it opens the page; then, when
+   Gradio is installed, `python app.py` itself, timed from launch until its page answers.
+2. Updates: what a released weight slider runs before the page shows the result
+   (`app.update_weight`: rewrite the prompt, sample it with each word's map at every step; then
+   `app.result_html`), N times, each with a new weight so that the prompt's encoding is never
+   remembered: 1 image, 20 steps, guidance 3, Euler. Prints the median and p90 latency, and
+   apart from it the downloads the page writes afterwards. Gradio's own transport is not in it.
+3. Bit-identity: the editor's images and aggregated maps against `Pipeline.__call__` with the
+   same settings and the precision the editor chose (float32 at UNet batches up to
+   `app.FLOAT32_MAX_BATCH`, i.e. `sample.py --mixed-precision no`).
+4. Precision: one UNet call per batch size in float32 and in bf16 autocast (what
+   `app.FLOAT32_MAX_BATCH` rests on), taking turns, median of 10.
+
+Other jobs on the CPU slow every number here; compare runs on an idle machine.
+"""
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from diffusion.cli import relaunch_with_huge_pages  # noqa: E402
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def server_start_seconds(model: str, threads: int | None) -> float | None:
+    """Seconds from starting `python app.py` until its page answers (None without Gradio)."""
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        return None
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        port = listener.getsockname()[1]
+    command = [sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port)]
+    command += ["--threads", str(threads)] if threads else []
+    start = time.perf_counter()
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
+                    return time.perf_counter() - start
+            except OSError:
+                time.sleep(0.1)
+        raise SystemExit(f"app.py exited with {process.returncode}; run it by hand to see why")
+    finally:
+        process.terminate()
+        process.wait()
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="runs/base/model")
+    parser.add_argument("--n", type=int, default=30, help="updates to time (default 30)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads, as app.py --threads (default: torch's)")
+    args = parser.parse_args()
+
+    import numpy as np
+    import torch
+
+    import app
+    from diffusion.pipeline import Pipeline, Weighting
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+          f"huge pages: {'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')}")
+
+    start = time.perf_counter()
+    editor = app.Editor.load(args.model)
+    loaded = time.perf_counter() - start
+    last = editor.warm_up()
+    warm = time.perf_counter() - start
+    print(f"start-up: model loaded and precision timed in {loaded:.2f} s, warm (two renders) after {warm:.2f} s; "
+          f"precision: {editor.precision_note()}")
+    served = server_start_seconds(args.model, args.threads)
+    if served is not None:
+        print(f"start-up: python app.py answered after {served:.2f} s")
+
+    encoder = editor.pipeline.text_encoder.encoder  # the encoder behind the editor's cache
+    encodings = []
+    for i in range(10):
+        begin = time.perf_counter()
+        encoder.encode([f"a red circle on the left {i}"])
+        encodings.append(time.perf_counter() - begin)
+    print(f"text encoding: {statistics.median(encodings) * 1000:.1f} ms a prompt (what each remembered one saves)")
+
+    settings = app.Settings()  # 1 image, 20 steps, guidance 3, Euler, attention mode
+    prompt = app.DEFAULT_PROMPT
+    times, render_times, download_times = [], [], []
+    with tempfile.TemporaryDirectory() as folder:
+        for i in range(args.n):
+            weight = round(0.5 + 0.05 * i, 2)  # a new prompt each time, as when a slider moves
+            begin = time.perf_counter()
+            prompt, view = app.update_weight(editor, prompt, 1, weight, settings, last)
+            app.result_html(view.result)
+            times.append(time.perf_counter() - begin)
+            assert not view.error, view.error
+            render_times.append(view.result.seconds)
+            begin = time.perf_counter()
+            app.write_downloads({"image": view.result}, Path(folder), editor.model)
+            download_times.append(time.perf_counter() - begin)
+            last = view.result
+    print(f"update ({args.n}x: 1 image, {settings.steps} steps, guidance {settings.guidance:g}, maps at every step, "
+          f"{editor.precision(settings.unet_batch(1))}): median {statistics.median(times) * 1000:.0f} ms, "
+          f"p90 {percentile(times, 0.9) * 1000:.0f} ms (sampling and maps alone: median "
+          f"{statistics.median(render_times) * 1000:.0f} ms; the downloads after it: "
+          f"{statistics.median(download_times) * 1000:.0f} ms)")
+
+    cases = [("a (red:0) circle on the left", app.Settings()),
+             ("a red circle on the (left:2)", app.Settings(num_images=4, seed=3, weight_mode="embedding"))]
+    for prompt, settings in cases:
+        result = editor.render(prompt, settings)
+        precision = editor.precision(settings.unet_batch(settings.num_images))
+        reference = Pipeline(editor.pipeline.unet, editor.pipeline.text_encoder.encoder,
+                             editor.pipeline.scheduler_config, editor.pipeline.device, precision)
+        expected = reference(prompt, num_images_per_prompt=settings.num_images, seed=settings.seed,
+                             weighting=Weighting(settings.weight_mode, context=settings.weight_context),
+                             attention_maps=True, progress=False)
+        pixels = [np.abs(np.asarray(a, int) - np.asarray(b, int)).max()
+                  for a, b in zip(result.output.images, expected.images)]
+        maps_equal = all(torch.equal(a[word], b[word]) for a, b in zip(result.output.attention_maps,
+                                                                     expected.attention_maps) for word in a)
+        print(f"bit-identical to Pipeline.__call__ ({settings.num_images} image(s), {precision}): images "
+              f"{'yes' if max(pixels) == 0 else f'no, up to {max(pixels)} levels apart'}, "
+              f"maps {'yes' if maps_equal else 'no'}")
+
+    print("UNet call (ms), median of 10, float32 and bf16 taking turns:")
+    both = {precision: Pipeline(editor.pipeline.unet, editor.pipeline.text_encoder, editor.pipeline.scheduler_config,
+                                editor.pipeline.device, precision) for precision in ("no", "bf16")}
+    for batch in (1, 2, 4, 8):
+        ms = app.unet_milliseconds(both, batch, repeats=10)
+        print(f"  batch {batch}: float32 {ms['no']:.1f}, bf16 {ms['bf16']:.1f} -> "
+              f"{'float32' if ms['no'] <= ms['bf16'] else 'bf16'} faster; the editor uses {editor.precision(batch)}")
+
+
+if __name__ == "__main__":
+    relaunch_with_huge_pages()  # as app.py runs
+    main()
