@@ -68,6 +68,8 @@ class DataConfig:
     center_crop: bool = True
     random_flip: bool = False
     skip_bad: bool = False
+    workers: int = 2
+    embedding_cache: str | None = None
 
 
 @dataclass
@@ -227,6 +229,9 @@ def _validate(cfg: Config) -> None:
             raise UserError(f"{key} must be in [0, 1), got {value}")
         if key in PROBABILITIES and not 0 <= value <= 1:
             raise UserError(f"{key} must be a probability in [0, 1], got {value}")
+    if cfg.data.workers < 0:
+        raise UserError(f"data.workers must be 0 (decode images in the training process) or a number of worker "
+                        f"processes such as 2, got {cfg.data.workers}")
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
         raise UserError(f"model.channels must be a non-empty list of positive widths, got {cfg.model.channels}")
     for c in cfg.model.channels:

@@ -2,8 +2,9 @@
 
 Both datasets (`shapes.ShapesDataset`, the default, and `image_folder.ImageFolderDataset`) yield
 the same items, `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`,
-and offer `captions()` (every caption, without loading pixels) and `render_all()` (every image
-as one uint8 tensor, for training from memory).
+and offer `captions()` (every caption, without loading pixels). A shapes set is rendered whole
+into memory for training (`render_all()`); an image folder is decoded batch by batch from disk
+(`training.StreamingData`).
 """
 from __future__ import annotations
 

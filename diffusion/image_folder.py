@@ -3,12 +3,18 @@
 Captions come from `metadata.jsonl` (lines of {"file_name": ..., "text": ...}, the imagefolder
 convention of diffusers' training examples) or from a `.txt` file beside each image. Items are
 `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`.
+
+Nothing per image is kept but its path and caption, packed into two byte buffers, so a folder of
+millions of images costs tens of megabytes; the pixels are decoded when a batch needs them
+(`image`, from the training DataLoader's workers).
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+from array import array
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,11 +31,38 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
+class PackedStrings:
+    """A list of strings stored as one UTF-8 byte buffer and the end offset of each.
+
+    A Python list of N strings costs about 60 bytes per string on top of the text, and a forked
+    DataLoader worker that reads it copies the memory pages it touches (reading a str writes its
+    reference count); a buffer and an offset array have neither cost."""
+
+    def __init__(self):
+        self._buffer = bytearray()
+        self._ends = array("q")
+
+    def append(self, text: str) -> None:
+        # surrogatepass: any str round-trips, even file names that are not valid UTF-8
+        self._buffer += text.encode("utf-8", "surrogatepass")
+        self._ends.append(len(self._buffer))
+
+    def __len__(self) -> int:
+        return len(self._ends)
+
+    def __getitem__(self, i: int) -> str:
+        start = self._ends[i - 1] if i > 0 else 0
+        return self._buffer[start:self._ends[i]].decode("utf-8", "surrogatepass")
+
+    def __iter__(self) -> Iterator[str]:
+        return (self[i] for i in range(len(self)))
+
+
 class ImageFolderDataset(Dataset):
     """A folder of images with captions, from `metadata.jsonl` (lines of
     {"file_name": ..., "text": ...}, the imagefolder convention) or else from a `.txt` file beside
-    each image. Every image is opened once up front, so a bad file fails at start-up, not hours
-    into training."""
+    each image. Every image is decoded once up front, so a bad file fails at start-up, not hours
+    into training; only its path and caption are kept."""
 
     def __init__(
         self,
@@ -42,7 +75,7 @@ class ImageFolderDataset(Dataset):
         """root: the folder (searched recursively when there is no metadata.jsonl).
         resolution: side of the square images produced, in pixels (>= 16).
         center_crop: crop the centre after resizing the short side; False crops at a random
-            place (torch's global RNG).
+            place (drawn from the generator `image` is given).
         random_flip: flip horizontally with probability 0.5. Off by default because captions
             may say "left" or "right".
         skip_bad: skip unreadable or uncaptioned files, listing them in `self.skipped` as
@@ -60,21 +93,26 @@ class ImageFolderDataset(Dataset):
         self.random_flip = random_flip
         self.skip_bad = skip_bad
         self.skipped: list[tuple[str, str]] = []
+        self.paths, self._captions = PackedStrings(), PackedStrings()
 
         metadata = self.root / "metadata.jsonl"
-        candidates = self._from_metadata(metadata) if metadata.is_file() else self._from_txt()
-        if not candidates and not self.skipped:
+        found = 0
+        for path, caption in self._from_metadata(metadata) if metadata.is_file() else self._from_txt():
+            found += 1
+            if self._readable(path):
+                self.paths.append(path)
+                self._captions.append(caption)
+        if not found and not self.skipped:
             raise UserError(
                 f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
                 "add images, or point data.path at the right folder"
             )
-        self.items = [(path, caption) for path, caption in candidates if self._readable(path)]
         if self.skipped:
             logger.warning(
                 "skipped %d bad files in %s (listed in dataset.skipped); first: %s: %s",
                 len(self.skipped), self.root, *self.skipped[0],
             )
-        if not self.items:
+        if not self.paths:
             raise UserError(
                 f"no usable images in {self.root}: all {len(self.skipped)} were bad (first: "
                 f"{self.skipped[0][0]}: {self.skipped[0][1]}); fix the files or data.path"
@@ -87,11 +125,10 @@ class ImageFolderDataset(Dataset):
         else:
             raise UserError(f"{path}: {reason}; {fix}, or set data.skip_bad to skip bad files")
 
-    def _from_metadata(self, metadata: Path) -> list[tuple[Path, str]]:
-        """(image path, caption) for each usable line of metadata.jsonl."""
+    def _from_metadata(self, metadata: Path) -> Iterator[tuple[str, str]]:
+        """(image path, caption) for each usable line of metadata.jsonl, read line by line."""
         root = self.root.resolve()
         fix = 'make each line {"file_name": "<path relative to the folder>", "text": "<caption>"}'
-        candidates = []
         with metadata.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
                 if not line.strip():
@@ -121,19 +158,13 @@ class ImageFolderDataset(Dataset):
                 elif not path.is_file():
                     self._reject(path, "image file not found", f"fix file_name on {where}")
                 else:
-                    candidates.append((path, " ".join(record["text"].split())))
-        return candidates
+                    yield str(path), " ".join(record["text"].split())
 
-    def _from_txt(self) -> list[tuple[Path, str]]:
-        """(image path, caption) for each image under root with a same-stem .txt beside it."""
-        images = sorted(
-            path
-            for path in self.root.rglob("*")
-            if path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
-        )
-        candidates = []
-        for path in images:
-            caption_file = path.with_suffix(".txt")
+    def _from_txt(self) -> Iterator[tuple[str, str]]:
+        """(image path, caption) for each image under root with a same-stem .txt beside it, in
+        the order of sorted paths."""
+        for path in _images_under(str(self.root)):
+            caption_file = Path(path).with_suffix(".txt")
             if not caption_file.is_file():
                 self._reject(
                     path, "no caption", f"write the caption to {caption_file} or add metadata.jsonl"
@@ -146,10 +177,9 @@ class ImageFolderDataset(Dataset):
                     caption_file, f"caption cannot be read ({error})", "save it as UTF-8 text"
                 )
                 continue
-            candidates.append((path, " ".join(caption.split())))
-        return candidates
+            yield path, " ".join(caption.split())
 
-    def _readable(self, path: Path) -> bool:
+    def _readable(self, path: str) -> bool:
         """Whether PIL can decode the image fully; rejects it otherwise."""
         try:
             with Image.open(path) as image:
@@ -162,12 +192,13 @@ class ImageFolderDataset(Dataset):
             return False
 
     def __len__(self) -> int:
-        return len(self.items)
+        return len(self.paths)
 
-    def _load(self, i: int) -> np.ndarray:
-        """Image i resized so its short side is `resolution`, cropped square (and maybe
-        flipped); (H, W, 3) uint8."""
-        with Image.open(self.items[i][0]) as file:
+    def image(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray:
+        """Image i resized so its short side is `resolution`, cropped square and maybe flipped;
+        (H, W, 3) uint8. rng: where the random crop's place (center_crop off) and the flip
+        (random_flip on) are drawn from; needed only for those."""
+        with Image.open(self.paths[i]) as file:
             image = file.convert("RGB")
         width, height = image.size
         scale = self.resolution / min(width, height)
@@ -181,25 +212,41 @@ class ImageFolderDataset(Dataset):
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
         else:
-            left = int(torch.randint(spare_x + 1, ()).item())
-            top = int(torch.randint(spare_y + 1, ()).item())
+            left, top = int(rng.integers(spare_x + 1)), int(rng.integers(spare_y + 1))
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
-        if self.random_flip and torch.rand(()).item() < 0.5:
+        if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return np.array(image)
 
     def __getitem__(self, i: int) -> dict:
-        pixel_values = to_pixel_values(self._load(i))
-        return {"pixel_values": pixel_values, "caption": self.items[i][1], "index": i}
+        # Random crops and flips follow torch's global RNG here (torch.manual_seed repeats them).
+        rng = np.random.default_rng(int(torch.randint(2**62, ())))
+        pixel_values = to_pixel_values(self.image(i, rng))
+        return {"pixel_values": pixel_values, "caption": self._captions[i], "index": i}
 
     def captions(self) -> list[str]:
         """Every caption, in index order (no image decoding)."""
-        return [caption for _, caption in self.items]
+        return list(self._captions)
 
-    def render_all(self, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
-        """Load every image once for training from memory (random crops and flips are drawn
-        once, here). progress: show a tqdm bar. Returns (images (N, 3, H, W) uint8, captions)."""
-        images = torch.empty((len(self), 3, self.resolution, self.resolution), dtype=torch.uint8)
-        for i in tqdm(range(len(self)), desc="loading images", disable=not progress):
-            images[i] = torch.from_numpy(self._load(i)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-        return images, self.captions()
+    def render(self, indices, rng: np.random.Generator, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
+        """Decode the images at `indices` into memory, their random crops and flips drawn from
+        `rng`. progress: show a tqdm bar. Returns (images (n, 3, H, W) uint8, their captions)."""
+        images = torch.empty((len(indices), 3, self.resolution, self.resolution), dtype=torch.uint8)
+        for row, i in enumerate(tqdm(indices, desc="loading images", disable=not progress)):
+            images[row] = torch.from_numpy(self.image(int(i), rng)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+        return images, [self._captions[int(i)] for i in indices]
+
+
+def _images_under(folder: str) -> Iterator[str]:
+    """The image files under `folder`, recursively, in the order of their sorted paths (each
+    folder's entries sorted by name, a subfolder's files at its place), one folder listed at a
+    time. Symlinked folders are not followed."""
+    try:
+        entries = sorted(os.scandir(folder), key=lambda entry: entry.name)
+    except OSError:  # an unreadable subfolder holds nothing we can use
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            yield from _images_under(entry.path)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS and entry.is_file():
+            yield entry.path

@@ -7,7 +7,9 @@
         model/           the final export (diffusers pipeline layout, EMA weights)
         config.yaml      the resolved config of this run
 
-The loop is the usual diffusers one: DDPMScheduler noise, epsilon or v targets, optional
+A shapes set is rendered into memory (`InMemoryData`); an image folder is decoded from disk batch
+by batch, its captions' text states read from an on-disk cache (`StreamingData`). The loop is
+the usual diffusers one: DDPMScheduler noise, epsilon or v targets, optional
 min-SNR-gamma weighting, captions dropped to "" for classifier-free guidance, AdamW with warm-up
 and cosine decay, gradient clipping, EMA with warm-up. accelerate handles the device, mixed
 precision, gradient accumulation and several processes (`accelerate launch` / `torchrun`).
@@ -16,13 +18,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import math
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -36,8 +41,10 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .config import Config, biased_timestep_count
 from .data import build_dataset
+from .embedding_store import EmbeddingStore, cache_folder
 from .errors import UserError
 from .grounding import GroundingLoss, grounding_targets
+from .image_folder import ImageFolderDataset
 from .images import labelled_grid, save_png
 from .pipeline import Pipeline
 from .precision import resolve_mixed_precision
@@ -158,12 +165,88 @@ class InMemoryData:
     def __len__(self) -> int:
         return len(self.caption_rows)
 
+    @property
+    def distinct_count(self) -> int:
+        return len(self.distinct)
+
+    def batches(self, generator: torch.Generator, first_draw: int, batch_size: int, world: int,
+                rank: int) -> Iterator[Batch]:
+        """Endless batches: every process draws the same global batch of `batch_size` x `world`
+        indices from `generator` (the run's data-order generator, restored on resume, so
+        `first_draw` is not needed) and takes slice `rank` of it."""
+        while True:
+            index = torch.randint(len(self), (batch_size * world,), generator=generator)
+            yield self.batch(index[rank * batch_size:(rank + 1) * batch_size])
+
     def batch(self, index: torch.Tensor) -> Batch:
         on_device = index.to(self.device)
         rows = self.caption_rows[index].to(self.device)
         return Batch(self.images[on_device].float() / 127.5 - 1, self.embeddings[rows], self.key_mask[rows],
                      None if self.token_object is None else self.token_object[on_device].long(),
                      None if self.object_masks is None else self.object_masks[on_device].float())
+
+
+class StreamingData:
+    """An image folder read from disk while training: DataLoader workers decode each batch's
+    images (`FolderDraws`) and read its captions' text states from the on-disk cache
+    (embedding_store.py). Memory does not grow with the folder beyond its paths and captions.
+
+    `batches(...)` has InMemoryData's contract: endless `Batch`es, this process's slice of each."""
+
+    token_object = None  # no grounding targets: those come with shapes
+
+    def __init__(self, folder: ImageFolderDataset, store: EmbeddingStore, caption_rows: np.ndarray, empty_row: int,
+                 seed: int, workers: int, device):
+        """caption_rows: (N,) each image's row in `store`; empty_row: the row of the empty
+        caption; seed: train.seed, which with the draw number fixes every batch; workers: the
+        DataLoader's processes (0: decode in this one)."""
+        self.folder, self.store, self.caption_rows, self.seed, self.workers = folder, store, caption_rows, seed, workers
+        self.device = torch.device(device)
+        self.distinct_count = len(store) - (empty_row not in caption_rows)
+        empty_embedding, empty_mask = store.get([empty_row])
+        self.empty = empty_embedding.to(self.device), empty_mask.to(self.device)  # (1, T, D), (1, T): dropped captions
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def batches(self, generator: torch.Generator, first_draw: int, batch_size: int, world: int,
+                rank: int) -> Iterator[Batch]:
+        """Endless batches from draw `first_draw` on (`generator` is not needed: each draw is
+        seeded by its number, see FolderDraws), prefetched by data.workers processes."""
+        draws = FolderDraws(self.folder, self.store, self.caption_rows, self.seed, batch_size, world, rank)
+        # The loader seeds its workers from `generator=`, not from torch's global RNG, which must
+        # draw the run's noise exactly as an uninterrupted run would.
+        loader = torch.utils.data.DataLoader(draws, batch_size=None, sampler=itertools.count(first_draw),
+                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
+                                             generator=torch.Generator())
+        for images, embeddings, key_mask in loader:
+            yield Batch(images.to(self.device).float() / 127.5 - 1, embeddings.to(self.device),
+                        key_mask.to(self.device))
+
+
+class FolderDraws(torch.utils.data.Dataset):
+    """Item d is this process's slice of global batch d of an image folder, decoded from disk:
+    (images (B, 3, R, R) uint8, embeddings (B, T, D) float32, key mask (B, T) bool).
+
+    Draw d is a pure function of (seed, d): its B x world indices (with replacement) come from a
+    generator seeded by (seed, d), and each image's random crop and flip from one seeded by
+    (seed, d, its place in the global batch). So the batches do not depend on how many workers
+    make them or how far they prefetch, and a run resumed at draw d makes the same ones."""
+
+    def __init__(self, folder: ImageFolderDataset, store: EmbeddingStore, caption_rows: np.ndarray, seed: int,
+                 batch_size: int, world: int, rank: int):
+        self.folder, self.store, self.caption_rows, self.seed = folder, store, caption_rows, seed
+        self.batch_size, self.world, self.rank = batch_size, world, rank
+
+    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B = self.batch_size
+        first = self.rank * B  # this slice's place in the global batch
+        drawn = np.random.default_rng([self.seed, draw, 0]).integers(len(self.folder), size=B * self.world)
+        index = drawn[first:first + B]  # (B,)
+        images = np.stack([self.folder.image(int(i), np.random.default_rng([self.seed, draw, 1, first + place]))
+                           for place, i in enumerate(index)])  # (B, R, R, 3)
+        embeddings, key_mask = self.store.get(self.caption_rows[index])
+        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), embeddings, key_mask
 
 
 def drop_captions(batch: Batch, dropped: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]) -> Batch:
@@ -242,6 +325,15 @@ def new_optimizer(cfg: Config, unet: UNet, device: torch.device) -> torch.optim.
     return torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
 
 
+# Data settings that change how a run reads its data, not what it computes: a run may resume with others.
+HOW_DATA_IS_READ = ("workers", "embedding_cache")
+
+
+def _results_settings(section: dict | None) -> dict:
+    """A config section without the keys of HOW_DATA_IS_READ (absent from older checkpoints too)."""
+    return {key: value for key, value in (section or {}).items() if key not in HOW_DATA_IS_READ}
+
+
 def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | None:
     """The checkpoint to resume from (None: a fresh run), after checking that a fresh run does not
     overwrite checkpoints and that a resumed one keeps the model, text and data settings."""
@@ -254,7 +346,7 @@ def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | No
     if checkpoint:
         saved = checkpoint["state"].get("config", {})
         for section in ("model", "text", "data"):
-            if saved.get(section) != cfg.to_dict()[section]:
+            if _results_settings(saved.get(section)) != _results_settings(cfg.to_dict()[section]):
                 raise UserError(f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
                                 "the config it was saved with (its state.json holds it)")
         checkpoint["path"] = resume_path
@@ -270,8 +362,12 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise UserError(f"output folder '{output_dir}' is not writable; choose another --output-dir")
 
 
-def prepare_data(cfg: Config, dataset, output_dir: Path, accelerator: Accelerator) -> tuple[InMemoryData, TextEncoder]:
-    """Render or load the training set, train or load the text encoder, and embed the captions."""
+def prepare_data(cfg: Config, dataset, output_dir: Path,
+                 accelerator: Accelerator) -> tuple[InMemoryData | StreamingData, TextEncoder]:
+    """Render or load the training set, train or load the text encoder, and embed the captions:
+    all in memory for a shapes set, on disk for an image folder (`prepare_folder_data`)."""
+    if isinstance(dataset, ImageFolderDataset):
+        return prepare_folder_data(cfg, dataset, output_dir, accelerator)
     main = accelerator.is_main_process
     grounded = cfg.train.grounding_weight > 0  # shapes only (config check): the masks come with the images
     if grounded:
@@ -286,11 +382,40 @@ def prepare_data(cfg: Config, dataset, output_dir: Path, accelerator: Accelerato
     return InMemoryData(images, captions, encoder, accelerator.device, token_object, object_masks), encoder
 
 
+def folder_clip_data(cfg: Config, folder: ImageFolderDataset, progress: bool) -> tuple[torch.Tensor, list[str]]:
+    """Images and captions for the small CLIP from an image folder, decoded into memory: at most
+    text.steps x text.batch_size of them (as many as its training draws), from a larger folder a
+    random subset (seeded by text.seed), so that memory does not grow with the folder here either."""
+    count = cfg.text.steps * cfg.text.batch_size
+    rng = np.random.default_rng(cfg.text.seed)
+    indices = np.arange(len(folder)) if len(folder) <= count else np.sort(rng.choice(len(folder), count, replace=False))
+    return folder.render(indices, rng, progress)
+
+
+def prepare_folder_data(cfg: Config, folder: ImageFolderDataset, output_dir: Path,
+                        accelerator: Accelerator) -> tuple[StreamingData, TextEncoder]:
+    """Train or load the text encoder, and write (or reuse) the on-disk text states of the
+    folder's distinct captions; the images stay on disk."""
+    main = accelerator.is_main_process
+    encoder = prepare_text_encoder(cfg, output_dir, lambda: folder_clip_data(cfg, folder, main), accelerator)
+    encoder.to(accelerator.device)
+    captions = folder.captions()
+    distinct = sorted(set(captions) | {""})  # "": the dropped captions' row
+    with accelerator.main_process_first():  # the main process writes the store, the others then read it
+        store = EmbeddingStore.open(cache_folder(cfg.data.embedding_cache), encoder, distinct, progress=main)
+    accelerator.print(f"text embeddings: {len(distinct)} captions, {store.path.stat().st_size / 2**20:.1f} MiB, "
+                      f"{'written to' if store.built else 'read from'} {store.path}")
+    row_of = {caption: row for row, caption in enumerate(distinct)}
+    caption_rows = np.array([row_of[caption] for caption in captions], dtype=np.int64)  # (N,)
+    return StreamingData(folder, store, caption_rows, row_of[""], cfg.train.seed, cfg.data.workers,
+                         accelerator.device), encoder
+
+
 class Trainer:
     """The model, optimiser, schedules and EMA of a run, and its loop with checkpoints and
     validation grids (see `train`)."""
 
-    def __init__(self, cfg: Config, output_dir: Path, accelerator: Accelerator, data: InMemoryData,
+    def __init__(self, cfg: Config, output_dir: Path, accelerator: Accelerator, data: InMemoryData | StreamingData,
                  encoder: TextEncoder, checkpoint: dict | None):
         self.cfg, self.output_dir, self.accelerator, self.data, self.encoder = cfg, output_dir, accelerator, data, encoder
         device = accelerator.device
@@ -324,15 +449,19 @@ class Trainer:
                                       pixel=cfg.train.grounding_pixel_weight > 0)
         self.train_step = TrainStep(cfg, self.unet, self.noise_scheduler, optimizer, accelerator, grounding)
         accelerator.print(f"UNet: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
-                          f"{len(data.distinct)} distinct captions, {len(data)} images, device {device}, "
+                          f"{data.distinct_count} distinct captions, {len(data)} images, device {device}, "
                           f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
 
-    def next_batch(self) -> Batch:
-        """Every process draws the same global batch and takes its own slice of it."""
-        B, world, rank = self.cfg.train.batch_size, self.accelerator.num_processes, self.accelerator.process_index
-        index = torch.randint(len(self.data), (B * world,), generator=self.data_generator)[rank * B:(rank + 1) * B]
-        batch = self.data.batch(index)
-        dropped = torch.rand(B, device=self.accelerator.device) < self.cfg.train.cond_dropout
+    def batches(self) -> Iterator[Batch]:
+        """This process's batches from where the run stands (a resumed run: its step)."""
+        first_draw = self.step * self.cfg.train.gradient_accumulation_steps  # one draw per micro-batch
+        return self.data.batches(self.data_generator, first_draw, self.cfg.train.batch_size,
+                                 self.accelerator.num_processes, self.accelerator.process_index)
+
+    def next_batch(self, batches: Iterator[Batch]) -> Batch:
+        """The next of `batches`, its captions dropped to "" with probability train.cond_dropout."""
+        batch = next(batches)
+        dropped = torch.rand(len(batch.x0), device=self.accelerator.device) < self.cfg.train.cond_dropout
         return drop_captions(batch, dropped, self.data.empty)
 
     def run(self) -> None:
@@ -342,8 +471,9 @@ class Trainer:
                         dynamic_ncols=True)
         self.unet.train()
         images_seen, start = 0, time.time()
+        batches = self.batches()
         while self.step < cfg.train.max_steps:
-            loss, grounding_loss = self.train_step(self.next_batch())
+            loss, grounding_loss = self.train_step(self.next_batch(batches))
             images_seen += cfg.train.batch_size * accelerator.num_processes
             if not accelerator.sync_gradients:
                 continue
@@ -357,6 +487,7 @@ class Trainer:
                 self.save()
             if self.step % cfg.train.validate_every == 0 or self.step == cfg.train.max_steps:
                 self.validate()
+        batches.close()  # ends the DataLoader's worker processes, if any
         progress.close()
         elapsed = time.time() - start
         if images_seen:
@@ -415,6 +546,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     output_dir = Path(output_dir)
     checkpoint = check_resume(cfg, output_dir, resume)
     dataset = build_dataset(cfg.data)  # checks the data settings before anything is written
+    if cfg.data.kind == "imagefolder":
+        cache_folder(cfg.data.embedding_cache)  # likewise where the text states go
     prepare_output_dir(output_dir)
     accelerator = make_accelerator(cfg, output_dir)
     set_seed(cfg.train.seed, device_specific=True)  # different noise on each process

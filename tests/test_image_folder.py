@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from diffusion.errors import UserError
-from diffusion.image_folder import ImageFolderDataset
+from diffusion.image_folder import ImageFolderDataset, PackedStrings
 
 # ---------------------------------------------------------------------------------------------
 # Image folder
@@ -42,9 +42,11 @@ def test_image_folder_with_metadata_jsonl(tmp_path):
         assert item["pixel_values"].dtype == torch.float32
         assert item["pixel_values"].min() >= -1 and item["pixel_values"].max() <= 1
     assert dataset[1]["pixel_values"][2].mean() > 0.5  # blue channel of the blue image
-    images, captions = dataset.render_all(progress=False)
-    assert images.shape == (2, 3, 16, 16) and images.dtype == torch.uint8
-    assert captions == dataset.captions()
+    images, captions = dataset.render([1, 0, 1], np.random.default_rng(0), progress=False)
+    assert images.shape == (3, 3, 16, 16) and images.dtype == torch.uint8
+    assert captions == ["a blue thing", "a red thing", "a blue thing"]
+    assert torch.equal(images[0], images[2])
+    assert torch.equal(images[1], torch.from_numpy(dataset.image(0)).permute(2, 0, 1))
 
 
 def test_image_folder_with_txt_captions_searched_recursively(tmp_path):
@@ -66,8 +68,8 @@ def test_center_crop_random_crop_and_flip(tmp_path):
     Image.fromarray(stripes).save(tmp_path / "s.png")
     (tmp_path / "s.txt").write_text("stripes")
 
-    centre = ImageFolderDataset(tmp_path, 16).render_all(progress=False)[0][0]
-    assert torch.equal(centre.permute(1, 2, 0), torch.from_numpy(stripes[:, 16:32]))
+    centre = ImageFolderDataset(tmp_path, 16).image(0)
+    assert np.array_equal(centre, stripes[:, 16:32])
 
     torch.manual_seed(0)
     random_crop = ImageFolderDataset(tmp_path, 16, center_crop=False)
@@ -85,6 +87,16 @@ def test_center_crop_random_crop_and_flip(tmp_path):
     assert len(crops) == 2
     unflipped = ImageFolderDataset(tmp_path, 16)
     assert len({tuple(unflipped[0]["pixel_values"][0, 0].tolist()) for _ in range(5)}) == 1
+
+    # image(i, rng): the crop and the flip come from the generator it is given
+    both = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=True)
+    draws = [both.image(0, np.random.default_rng(seed)) for seed in range(30)]
+    assert all(np.array_equal(both.image(0, np.random.default_rng(seed)), draws[seed]) for seed in range(30))
+    assert len({image.tobytes() for image in draws}) > 10
+    torch.manual_seed(1)
+    first = [random_crop[0]["pixel_values"] for _ in range(3)]
+    torch.manual_seed(1)
+    assert all(torch.equal(a, random_crop[0]["pixel_values"]) for a in first)  # dataset[i] follows torch's seed
 
 
 def test_corrupt_image_raises_naming_it_or_is_skipped_and_counted(tmp_path, caplog):
@@ -152,3 +164,33 @@ def test_unusable_folders_raise_user_error(tmp_path):
     write_png(tmp_path / "lonely.png")
     with pytest.raises(UserError, match="no usable images"):
         ImageFolderDataset(tmp_path, 16, skip_bad=True)
+
+
+def test_txt_captions_come_in_sorted_path_order(tmp_path):
+    names = ["b.png", "a/z.png", "a-c.png", "a.png", "a/sub/y.png", "A.png"]
+    for name in names:
+        write_png(tmp_path / name)
+        (tmp_path / name).with_suffix(".txt").write_text(name)
+    assert ImageFolderDataset(tmp_path, 16).captions() == [str(p.relative_to(tmp_path)) for p in
+                                                           sorted(tmp_path / name for name in names)]
+
+
+def test_packed_strings_round_trip_any_text():
+    texts = ["", "a red circle", "héllo ☃ 猫", "bad \udcff bytes in a file name", "x" * 1000, ""]
+    packed = PackedStrings()
+    for text in texts:
+        packed.append(text)
+    assert len(packed) == len(texts) and list(packed) == texts and packed[3] == texts[3]
+
+
+def test_the_dataset_keeps_no_python_object_per_image(tmp_path):
+    """Only the packed paths and captions grow with the folder (what DataLoader workers read)."""
+    for i in range(30):
+        write_png(tmp_path / f"{i}.png")
+    write_metadata(tmp_path, [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(30)])
+    dataset = ImageFolderDataset(tmp_path, 16)
+    assert len(dataset) == 30 and dataset.captions()[7] == "caption 7"
+    per_image = {name: value for name, value in vars(dataset).items()
+                 if isinstance(value, (list, dict, tuple, set)) and len(value) >= 30}
+    assert per_image == {}
+    assert dataset.paths[7] == str(tmp_path / "7.png")

@@ -1,9 +1,11 @@
 """Tests for diffusion/training.py and diffusion/checkpoint.py: what a run writes, resuming, failures."""
+import copy
 import hashlib
 import json
 import os
 import shutil
 
+import numpy as np
 import pytest
 import yaml
 import torch
@@ -286,3 +288,172 @@ def test_values_from_token_embeddings_trains_a_unet_whose_values_read_them(tmp_p
     x, _ = pipe.sample_batch([parse_prompt("a (red:0) circle")], [0], {"steps": 2, "guidance": 3.0, "sampler": "dpm++",
                              "negative_prompt": None}, None, Weighting(), None)
     assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
+
+
+# ---- image folders: streamed from disk ----------------------------------------------------------
+def make_image_folder(root, count=10):
+    """`count` random RGB images of assorted sizes (so random crops move) with 5 distinct captions."""
+    rng = np.random.default_rng(0)
+    root.mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        size = (20 + 4 * (i % 3), 28 - 2 * (i % 2))  # (H, W)
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(root / f"{i}.png")
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": f"a picture of kind {i % 5}"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("folder") / "images")
+
+
+def folder_config(tiny_dict, folder, cache, **data):
+    """The tiny config on an image folder (random crops and flips on)."""
+    tiny_dict["data"].update(kind="imagefolder", path=str(folder), center_crop=False, random_flip=True,
+                             embedding_cache=str(cache), **data)
+    tiny_dict["train"].update(grounding_weight=0, grounding_pixel_weight=0)
+    return config_from_dict(tiny_dict)
+
+
+def streaming_data(folder, cache, seed=0, workers=0, **options):
+    """StreamingData over `folder`, with a tiny untrained CLIP text encoder."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from diffusion.clip_training import fit_tokenizer
+    from diffusion.embedding_store import EmbeddingStore, cache_folder
+    from diffusion.image_folder import ImageFolderDataset
+    from diffusion.text_encoder import TextEncoder
+    from diffusion.training import StreamingData
+
+    dataset = ImageFolderDataset(folder, 16, **options)
+    captions = dataset.captions()
+    tokenizer = fit_tokenizer(captions, vocab_size=600, model_max_length=24)
+    torch.manual_seed(0)
+    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=24))
+    distinct = sorted(set(captions) | {""})
+    store = EmbeddingStore.open(cache_folder(str(cache)), TextEncoder(tokenizer, model), distinct, progress=False)
+    rows = np.array([distinct.index(c) for c in captions])
+    return StreamingData(dataset, store, rows, distinct.index(""), seed, workers, "cpu")
+
+
+def take(data, count, first_draw=0, batch_size=3, world=1, rank=0):
+    batches = data.batches(None, first_draw, batch_size, world, rank)
+    taken = [next(batches) for _ in range(count)]
+    batches.close()
+    return taken
+
+
+def assert_same_batches(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert torch.equal(x.x0, y.x0) and torch.equal(x.embeddings, y.embeddings)
+        assert torch.equal(x.key_mask, y.key_mask)
+
+
+def test_folder_batches_do_not_depend_on_the_number_of_workers(image_folder, tmp_path):
+    data = {workers: streaming_data(image_folder, tmp_path, workers=workers, center_crop=False, random_flip=True)
+            for workers in (0, 1, 2)}
+    batches = {workers: take(d, 5) for workers, d in data.items()}
+    assert_same_batches(batches[0], batches[1])
+    assert_same_batches(batches[0], batches[2])
+    assert batches[0][0].x0.shape == (3, 3, 16, 16) and batches[0][0].x0.dtype == torch.float32
+    assert -1 <= batches[0][0].x0.min() and batches[0][0].x0.max() <= 1
+    # a run resumed at draw 3 makes draws 3 and 4 again
+    assert_same_batches(take(data[2], 2, first_draw=3), batches[0][3:])
+    # two processes take the two halves of the global batch, crops and flips included
+    halves = [take(data[0], 5, batch_size=3, world=2, rank=rank) for rank in (0, 1)]
+    whole = take(data[0], 5, batch_size=6)
+    for low, high, both in zip(*halves, whole):
+        assert torch.equal(torch.cat([low.x0, high.x0]), both.x0)
+        assert torch.equal(torch.cat([low.embeddings, high.embeddings]), both.embeddings)
+    # the text states are those of each image's caption
+    folder = data[0].folder
+    for draw in range(5):
+        index = [int(i) for i in np.random.default_rng([0, draw, 0]).integers(len(folder), size=3)]
+        rows = data[0].caption_rows[index]
+        assert torch.equal(batches[0][draw].embeddings, data[0].store.get(rows)[0])
+
+
+def test_random_crops_and_flips_are_drawn_at_every_step_and_repeat_per_seed_and_step(tmp_path):
+    folder = make_image_folder(tmp_path / "one", count=1)  # every draw picks the same image
+    cache = tmp_path / "cache"
+    crops = [batch.x0[0] for batch in take(streaming_data(folder, cache, center_crop=False), 12, batch_size=1)]
+    assert len({crop.numpy().tobytes() for crop in crops}) >= 4  # drawn anew at each step
+    again = take(streaming_data(folder, cache, center_crop=False), 12, batch_size=1)
+    assert all(torch.equal(a, b.x0[0]) for a, b in zip(crops, again))  # the same (seed, step), the same crop
+    other_seed = take(streaming_data(folder, cache, seed=1, center_crop=False), 12, batch_size=1)
+    assert not all(torch.equal(a, b.x0[0]) for a, b in zip(crops, other_seed))
+
+    flips = [batch.x0[0] for batch in take(streaming_data(folder, cache, random_flip=True), 12, batch_size=1)]
+    distinct = {flip.numpy().tobytes(): flip for flip in flips}
+    assert len(distinct) == 2  # the centre crop and its mirror image
+    one, other = distinct.values()
+    assert torch.equal(one.flip(-1), other)
+    centred = take(streaming_data(folder, cache), 4, batch_size=1)
+    assert len({batch.x0.numpy().tobytes() for batch in centred}) == 1
+
+
+def test_resuming_an_image_folder_run_reproduces_it_exactly(image_folder, tmp_path, tiny_dict, capsys):
+    """Steps 3-4 after a resume from step 2 (with another number of workers) give bit-identical
+    weights; the second run reads the text states the first one wrote."""
+    cache = tmp_path / "cache"
+    first = tmp_path / "first"
+    train(folder_config(copy.deepcopy(tiny_dict), image_folder, cache, workers=2), first)
+    assert "text embeddings: 6 captions" in capsys.readouterr().out  # 5 captions and ""
+    (cache_file,) = cache.iterdir()
+    resumed = tmp_path / "resumed"
+    shutil.copytree(first, resumed)
+    train(folder_config(copy.deepcopy(tiny_dict), image_folder, cache, workers=0), resumed,
+          resume=str(resumed / "checkpoints" / "step-000002"))
+    out = capsys.readouterr().out
+    assert f"read from {cache_file}" in out and "resumed from" in out
+    for name in ("model", "ema", "optimizer"):
+        assert_same(weights(resumed, 4, name), weights(first, 4, name))
+    assert_same(load_file(next((resumed / "model" / "unet").glob("*.safetensors"))),
+                load_file(next((first / "model" / "unet").glob("*.safetensors"))))
+    assert any(not torch.equal(a, b) for a, b in zip(weights(first, 2).values(), weights(first, 4).values()))
+
+
+def test_a_bad_embedding_cache_folder_fails_before_anything_is_written(image_folder, tmp_path, tiny_dict):
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="^data.embedding_cache: cannot create the folder") as error:
+        train(folder_config(tiny_dict, image_folder, tmp_path / "afile" / "cache"), out)
+    assert "\n" not in str(error.value) and not out.exists()
+
+
+@pytest.mark.parametrize("value, message", [(-1, "data.workers must be 0 .* got -1"),
+                                            ("two", "data.workers must be int, got 'two'")])
+def test_bad_data_workers_is_a_one_line_error(value, message):
+    with pytest.raises(UserError, match=message):
+        config_from_dict({}, [f"data.workers={value}"])
+
+
+def test_the_small_clip_sees_at_most_as_many_folder_images_as_it_draws(image_folder, tiny_dict, tmp_path):
+    from diffusion.image_folder import ImageFolderDataset
+    from diffusion.training import folder_clip_data
+
+    tiny_dict["text"].update(steps=2, batch_size=3)  # 6 draws, from a folder of 10
+    cfg = folder_config(tiny_dict, image_folder, tmp_path)
+    folder = ImageFolderDataset(image_folder, 16, center_crop=False, random_flip=True)
+    images, captions = folder_clip_data(cfg, folder, progress=False)
+    assert images.shape == (6, 3, 16, 16) and len(captions) == 6
+    again, _ = folder_clip_data(cfg, folder, progress=False)
+    assert torch.equal(images, again)  # a pure function of text.seed
+
+
+def test_a_checkpoint_without_the_data_reading_keys_resumes(run_copy, tiny_dict, capsys):
+    """Checkpoints written before data.workers and data.embedding_cache existed still resume; those
+    keys, which do not change what a run computes, may differ."""
+    state_file = run_copy / "checkpoints" / "step-000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    for key in ("workers", "embedding_cache"):
+        del state["config"]["data"][key]
+    state_file.write_text(json.dumps(state))
+    tiny_dict["train"]["max_steps"] = 6
+    tiny_dict["data"]["workers"] = 0
+    train(config_from_dict(tiny_dict), run_copy, resume="latest")
+    assert "resumed from" in capsys.readouterr().out
