@@ -251,12 +251,12 @@ def passes(case: Case, detections: list[Detection]) -> bool:
 
 # ---- sampling -------------------------------------------------------------------------------
 
-def sample_images(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False, sampler: str = DEFAULT_SAMPLER,
-            steps: int = 20, guidance: float = 3.0, progress=None, weighting=None, negative_prompts=None):
-    """Images (uint8 arrays) for `prompts` (weighting syntax allowed), prompt k with noise seed
-    `seed + k` (and negative prompt k, if given); with `maps`, also (T, R, R) token maps and
-    (T, 2) offsets per image."""
-    images, token_maps, offsets = [], [], []
+def sample_batches(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False,
+                   sampler: str = DEFAULT_SAMPLER, steps: int = 20, guidance: float = 3.0, progress=None,
+                   weighting=None, negative_prompts=None):
+    """Yields, batch by batch, the images (uint8 arrays) of `prompts` (weighting syntax allowed),
+    prompt k with noise seed `seed + k` (and negative prompt k, if given); with `maps`, also the
+    (T, R, R) token maps and (T, 2) offsets of each image (else empty lists)."""
     for start in range(0, len(prompts), batch_size):
         parsed = [parse_prompt(p) for p in prompts[start:start + batch_size]]
         negatives = None if negative_prompts is None else list(negative_prompts[start:start + batch_size])
@@ -264,13 +264,22 @@ def sample_images(pipe, prompts: list[str], seed: int, batch_size: int, maps: bo
         seeds = [seed + start + k for k in range(len(parsed))]
         recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
         x, _ = pipe.sample_batch(parsed, seeds, settings, None, weighting or Weighting(), recorder)
-        images += list(uint8_images(x))
-        texts = [p.text for p in parsed]
+        token_maps, offsets = [], []
         if maps:
-            token_maps += list(recorder.token_maps().cpu())
-            offsets += list(pipe.text_encoder.tokenize(texts)["offsets"])
+            token_maps = list(recorder.token_maps().cpu())
+            offsets = list(pipe.text_encoder.tokenize([p.text for p in parsed])["offsets"])
         if progress is not None:
             progress.update(len(parsed))
+        yield list(uint8_images(x)), token_maps, offsets
+
+
+def sample_images(pipe, prompts: list[str], seed: int, batch_size: int, **options):
+    """`sample_batches` gathered: (images, token maps, offsets), one entry per prompt."""
+    images, token_maps, offsets = [], [], []
+    for batch in sample_batches(pipe, prompts, seed, batch_size, **options):
+        images += batch[0]
+        token_maps += batch[1]
+        offsets += batch[2]
     return images, token_maps, offsets
 
 
@@ -284,18 +293,21 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
         if not cases:
             scores[category] = None
             continue
-        images, token_maps, offsets = sample_images(pipe, [c.prompt for c in cases], seed, batch_size, maps=True,
-                                              guidance=guidance, sampler=sampler, progress=progress)
-        results = []
-        for case, image, maps, offs in zip(cases, images, token_maps, offsets):
-            detections = detect(image)
-            ok = passes(case, detections)
-            results.append(ok)
-            if category != "counting":
-                for k, det in enumerate(match_objects(case.scene, detections)):
-                    if det is not None:
-                        localisation.add("colour", span_map(maps, offs, case.scene.colour_spans[k]), det.mask)
-                        localisation.add("shape", span_map(maps, offs, case.scene.shape_spans[k]), det.mask)
+        results = []  # scored batch by batch: memory does not grow with the number of prompts
+        batches = sample_batches(pipe, [c.prompt for c in cases], seed, batch_size, maps=True, guidance=guidance,
+                                 sampler=sampler, progress=progress)
+        for images, token_maps, offsets in batches:
+            for image, maps, offs in zip(images, token_maps, offsets):
+                case = cases[len(results)]
+                detections = detect(image)
+                results.append(passes(case, detections))
+                if len(results) <= 4:
+                    examples.append((Image.fromarray(image), f"{'ok' if results[-1] else 'MISS'}: {case.prompt}"))
+                if category != "counting":
+                    for k, det in enumerate(match_objects(case.scene, detections)):
+                        if det is not None:
+                            localisation.add("colour", span_map(maps, offs, case.scene.colour_spans[k]), det.mask)
+                            localisation.add("shape", span_map(maps, offs, case.scene.shape_spans[k]), det.mask)
         scores[category] = {"score": float(np.mean(results)), "n": len(results)}
         if category == "counting":  # which counts fail
             by_count = {}
@@ -303,8 +315,6 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
                 by_count.setdefault(len(case.scene.objects), []).append(ok)
             scores[category]["by_count"] = {str(k): {"score": float(np.mean(v)), "n": len(v)}
                                             for k, v in sorted(by_count.items())}
-        examples += [(Image.fromarray(image), f"{'ok' if ok else 'MISS'}: {case.prompt}")
-                     for case, image, ok in list(zip(cases, images, results))[:4]]
     return scores, localisation.summary(), examples
 
 

@@ -297,3 +297,44 @@ def test_a_script_really_starts_again_with_the_tunable(tmp_path):
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and lines[0] == lines[1]  # started twice, in the same process (exec keeps the pid)
     assert lines[2] == MALLOC_TUNABLES + " ['a b', '--c']"
+
+
+def test_sample_streams_many_images_and_grids_only_the_first_64(run_cli, tiny_model, tmp_path):
+    from diffusion.pipeline import Pipeline
+
+    out = tmp_path / "grid.png"
+    result = run_cli("sample.py", "--model", tiny_model, "a red circle", "-n", "70", "--batch-size", "16",
+                     "--steps", "2", "--mixed-precision", "no", "--out", out)
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out} and 70 images beside it; the grid shows the first 64" in result.stdout
+    assert len(list(tmp_path.glob("grid-*.png"))) == 70
+    # the images are the pipeline's own, whatever the batches they were made in
+    expected = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")(
+        "a red circle", num_images_per_prompt=70, batch_size=70, steps=2, progress=False)
+    for i in (0, 15, 16, 69):
+        with Image.open(out.with_name(f"grid-{i:03d}.png")) as image:
+            assert np.array_equal(np.asarray(image), np.asarray(expected.images[i]))
+    with Image.open(out) as grid:  # 64 tiles of 16 px shown at 128 px in 70 columns' worth: one row of 64
+        assert grid.width < 70 * 128 and grid.width >= 64 * 128
+
+
+PEAK_MEMORY = """
+import resource, sys
+sys.argv = ["sample.py"] + sys.argv[1:]
+import sample
+sample.main(sys.argv[1:])
+print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_sample_peak_memory_does_not_grow_with_the_number_of_images(run_cli, tiny_model, tmp_path):
+    def peak(n: int) -> int:
+        result = run_cli("-c", PEAK_MEMORY, "--model", tiny_model, "a red circle", "-n", n, "--batch-size", 100,
+                         "--steps", "1", "--mixed-precision", "no", "--out", tmp_path / f"n{n}" / "grid.png")
+        assert result.returncode == 0, result.stderr
+        return int(result.stdout.split("peak")[-1])
+
+    small, large = peak(100), peak(3000)
+    # 3000 images of 16 px held in memory would be 3000 PIL images (and their PNG buffers); the
+    # streaming writer keeps 64 whatever -n is
+    assert large <= small * 1.1 + 5_000, (small, large)  # kilobytes
