@@ -61,7 +61,6 @@ def main(argv=None):
     parser.add_argument("--weight-context", default=WEIGHT_CONTEXTS[0], choices=WEIGHT_CONTEXTS,
                         help="how the edit part's weights treat the other words' text states (default "
                         f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)")
-    parser.add_argument("--renormalise", action="store_true", help="attention-mode weights renormalised")
     parser.add_argument("--edit-steps", type=fraction, default=0.6,
                         help="the word swap's injection fraction that the swap targets check (default 0.6, as sample.py)")
     parser.add_argument("--swap-sweep", action="store_true",
@@ -100,7 +99,7 @@ def main(argv=None):
     data = config.get("data", {})
     if data.get("kind", "shapes") != "shapes":
         raise UserError(f"'{model}' was trained on data.kind={data.get('kind')}; evaluate.py measures shapes models")
-    weighting = Weighting(context=args.weight_context, renormalise=args.renormalise)
+    weighting = Weighting(context=args.weight_context)
     report, examples, swap_examples = evaluate(
         pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed, holdout=data.get("holdout", []),
         training_seed=data.get("seed", 0), n_edit=args.n_edit, n_swap=args.n_swap, n_samplers=args.n_samplers,

@@ -8,8 +8,10 @@ classifier-free guidance is left alone, as in Prompt-to-Prompt.
   layers at the chosen resolutions (each upsampled bilinearly to a common size) and over a window
   of steps. Memory is O(batch x tokens x size^2), whatever the number of steps, layers or heads.
   Per-step history only when asked for.
-- `AttentionReweighter` multiplies the probabilities of weighted tokens by their weights
-  (Prompt-to-Prompt's reweighting): (P * w) V. A weight of 0 removes the token's contribution.
+- `AttentionReweighter` multiplies the probabilities of weighted tokens by their weights and
+  renormalises them (Prompt-to-Prompt's reweighting, which leaves P * w unnormalised, then
+  divided by its sum): a weight moves attention between the words. At 0 a pixel no longer reads
+  the word at all, as if its key were masked; above 1 it reads it more and the others less.
 - `AttentionInjector` replaces the edited prompt's maps by the source prompt's for the first
   steps (Prompt-to-Prompt's word swap and refinement), through a token alignment.
 - `LocalBlend` (Prompt-to-Prompt's local blend) records the changed words' maps of a word swap
@@ -94,18 +96,20 @@ class AttentionRecorder(AttentionController):
 
 
 class AttentionReweighter(AttentionController):
-    """Scale the probabilities of each conditional row's tokens: P[b, :, :, t] * weights[b, t].
+    """Reweight each conditional row's tokens: P[b, :, :, t] * weights[b, t], renormalised over t.
 
-    weights: (B, T) one weight per token of each conditional row (1 = unchanged).
-    renormalise: divide each pixel's scaled probabilities by their sum, so they still sum to 1:
-        a weight then moves attention between the words (at 0 the word is no longer read at all,
-        as if its key were masked) instead of changing how much text a pixel reads in all."""
+    The probabilities still sum to 1 at every pixel, so the layer's output stays a mix of the
+    values it was trained on: scaled without renormalising (as Prompt-to-Prompt does), a weight
+    of 2 or 4 makes pixels that barely read the word read much more text than ever in training,
+    which shows as coloured grain over the background, and a weight of 0 leaves pixels reading
+    less text than they expect, which thins the object out.
+
+    weights: (B, T) one weight per token of each conditional row (1 = unchanged)."""
 
     def __init__(self, weights: torch.Tensor, steps: tuple[float, float] = (0.0, 1.0),
-                 resolutions: set[int] | None = None, renormalise: bool = False):
+                 resolutions: set[int] | None = None):
         self.weights = weights
         self.filter = SiteFilter(steps, resolutions)
-        self.renormalise = renormalise
 
     def wants(self, site: AttentionSite) -> bool:
         return self.filter(site)
@@ -114,9 +118,7 @@ class AttentionReweighter(AttentionController):
         edited = probabilities.clone()
         weights = self.weights.to(probabilities.device, probabilities.dtype)
         scaled = probabilities[site.conditional] * weights[:, None, None, :]  # (B, heads, N, T)
-        if self.renormalise:
-            scaled = scaled / scaled.sum(-1, keepdim=True).clamp_min(torch.finfo(scaled.dtype).tiny)
-        edited[site.conditional] = scaled
+        edited[site.conditional] = scaled / scaled.sum(-1, keepdim=True).clamp_min(torch.finfo(scaled.dtype).tiny)
         return edited
 
 

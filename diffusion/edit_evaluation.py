@@ -162,8 +162,7 @@ def weight_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int
                 if weight == 1.0 and plain is not None:
                     scores = plain
                 else:
-                    mode_weighting = Weighting(mode, weighting.steps, weighting.resolutions, weighting.context,
-                                               weighting.renormalise)
+                    mode_weighting = Weighting(mode, weighting.steps, weighting.resolutions, weighting.context)
                     sampled = sample_images(pipe, texts, seed, batch_size, maps=True, sampler=sampler,
                                             guidance=guidance, progress=progress, weighting=mode_weighting)
                     scores = _scores(prompts, word, sampled[0], texts, sampled[1], sampled[2])

@@ -139,7 +139,6 @@ class Weighting:
     steps: tuple[float, float] = (0.0, 1.0)
     resolutions: set[int] | None = None
     context: str = WEIGHT_CONTEXTS[0]  # "fade"
-    renormalise: bool = False
 
     def check(self) -> None:
         if self.mode not in WEIGHT_MODES:
@@ -369,8 +368,7 @@ class Pipeline:
         if swap_mapping is not None:
             controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions))
         if weighted and weighting.mode == "attention":
-            controllers.append(AttentionReweighter(token_weights, weighting.steps, weighting.resolutions,
-                                                   weighting.renormalise))
+            controllers.append(AttentionReweighter(token_weights, weighting.steps, weighting.resolutions))
         recorder = None
         if maps is not None:
             recorder = AttentionRecorder(self.unet.config.sample_size, maps.steps, maps.resolutions)

@@ -77,8 +77,7 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
         report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
     if {"edit", "swap"} & set(parts):
         report["weighting"] = {"context": weighting.context, "steps": list(weighting.steps),
-                               "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None,
-                               "renormalise": weighting.renormalise}
+                               "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None}
     if "edit" in parts:
         report["edit"] = edits.weight_response(pipe, n_edit, seed, holdout, batch_size, weighting, progress,
                                                guidance, sampler)
@@ -152,7 +151,7 @@ def format_report(report: dict) -> str:
     if "weighting" in report:
         w = report["weighting"]
         lines += ["", f"weighting: context {w['context']}, steps {w['steps'][0]:g}-{w['steps'][1]:g}, "
-                      f"resolutions {w['resolutions'] or 'all'}, renormalised {_fmt(w['renormalise'])}"]
+                      f"resolutions {w['resolutions'] or 'all'}"]
     if "edit" in report:
         edit = report["edit"]
         lines += ["", f"weight response (n={edit['n']}; drawn = one clean object)",

@@ -50,26 +50,39 @@ def site(resolution=(4, 4), step=0, num_steps=10, conditional=slice(None)):
 
 # ---- hand-made examples -----------------------------------------------------------------------
 
-def test_reweighting_equals_p_times_w_then_v():
+def test_reweighting_equals_p_times_w_renormalised_then_v():
     torch.manual_seed(0)
     layer = CrossAttention(channels=8, context_dim=6, heads=2, name="x").eval()
     x, context = torch.randn(1, 4, 8), torch.randn(1, 5, 6)
     weights = torch.tensor([[1.0, 2.0, 0.0, 0.5, 1.0]])
     out = layer(x, context, None, (2, 2), AttentionCall(AttentionReweighter(weights)))
-    # by hand: P = softmax(q k^T / sqrt(d)), then (P * w) V per head, then the output projection
+    # by hand: P = softmax(q k^T / sqrt(d)), then P * w divided by its sum over the tokens, times V
+    # per head, then the output projection
     q = layer.to_q(x).view(1, 4, 2, 4).transpose(1, 2)
     k = layer.to_k(context).view(1, 5, 2, 4).transpose(1, 2)
     v = layer.to_v(context).view(1, 5, 2, 4).transpose(1, 2)
     p = (q @ k.transpose(-1, -2) / 2.0).softmax(-1)
-    expected = layer.to_out(((p * weights[:, None, None, :]) @ v).transpose(1, 2).reshape(1, 4, 8))
+    weighted = p * weights[:, None, None, :]
+    expected = layer.to_out(((weighted / weighted.sum(-1, keepdim=True)) @ v).transpose(1, 2).reshape(1, 4, 8))
     torch.testing.assert_close(out, expected)
+
+
+def test_weight_zero_is_the_token_masked_out():
+    torch.manual_seed(0)
+    layer = CrossAttention(channels=8, context_dim=6, heads=2, name="x").eval()
+    x, context = torch.randn(1, 4, 8), torch.randn(1, 5, 6)
+    reweighted = layer(x, context, None, (2, 2), AttentionCall(AttentionReweighter(torch.tensor([[1.0, 1, 0, 1, 1]]))))
+    masked = layer(x, context, torch.tensor([[True, True, False, True, True]]), (2, 2))
+    torch.testing.assert_close(reweighted, masked)
 
 
 def test_reweighting_touches_only_the_conditional_rows():
     p = probabilities(B=4)
-    edited = AttentionReweighter(torch.zeros(2, 6)).process(site(conditional=slice(2, 4)), p)
+    weights = torch.zeros(2, 6)
+    weights[:, 1] = 3.0  # every pixel of the conditional rows then reads token 1 alone
+    edited = AttentionReweighter(weights).process(site(conditional=slice(2, 4)), p)
     assert torch.equal(edited[:2], p[:2])
-    assert torch.count_nonzero(edited[2:]) == 0
+    assert torch.allclose(edited[2:, :, :, 1], torch.ones(())) and torch.count_nonzero(edited[2:, :, :, [0, 2, 3, 4, 5]]) == 0
 
 
 def test_recorder_maps_sum_to_one_over_tokens_at_every_position():

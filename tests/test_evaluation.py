@@ -162,11 +162,11 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
     monkeypatch.setattr(diffusion.report, "evaluate", fake_evaluate)
     out = tmp_path / "report.json"
     cli.main(["--model", str(tiny_model), "--parts", "edit,swap", "--n-edit", "2", "--n-swap", "3", "--swap-sweep",
-              "--local-blend", "--edit-steps", "0.3", "--weight-context", "keep", "--renormalise",
+              "--local-blend", "--edit-steps", "0.3", "--weight-context", "keep",
               "--out", str(out)])
     assert given["parts"] == ("edit", "swap") and given["n_edit"] == 2 and given["n_swap"] == 3
     assert given["swap_sweep"] is True and given["local_blend"] is True and given["edit_steps"] == 0.3
-    assert given["weighting"] == Weighting(context="keep", renormalise=True)
+    assert given["weighting"] == Weighting(context="keep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-swap-strip.png", "report-swap.png", "report.json"]
     cli.main(["--model", str(tiny_model), "--parts", "swap", "--out", str(out)])
     assert given["swap_sweep"] is False and given["local_blend"] is False and given["edit_steps"] == 0.6

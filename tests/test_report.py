@@ -44,7 +44,7 @@ def hand_made_report() -> dict:
               "detector": {"count": 1.0, "colour": 1.0, "shape": 0.99, "size": 1.0, "position": 1.0},
               "faithfulness": {"single object": {"score": 0.995, "n": 200}, "counting": {"score": 0.9, "n": 200}},
               "localisation": {"dataset": {"shape miou": 0.5}},
-              "weighting": {"context": "keep", "steps": [0.0, 1.0], "resolutions": None, "renormalise": False},
+              "weighting": {"context": "keep", "steps": [0.0, 1.0], "resolutions": None},
               "edit": edit_part(), "swap": swap_part(),
               "samplers": {"n": 4, "reference": {"sampler": "dpm++", "steps": 250, "score": 0.85},
                            "scores": {name: {str(s): 0.83 for s in (5, 10, 20, 50)}
@@ -82,7 +82,7 @@ def test_targets_from_a_hand_made_report():
 def test_format_report_prints_every_part_and_how_many_targets_are_met():
     report = hand_made_report()
     text = format_report(report)
-    for fragment in ("weighting: context keep, steps 0-1, resolutions all, renormalised no",
+    for fragment in ("weighting: context keep, steps 0-1, resolutions all",
                      "weight response (n=8; drawn = one clean object)", "word swap (n=4 per kind",
                      "samplers (n=4; reference dpm++ 250 steps: 0.850)", "single object"):
         assert fragment in text
@@ -180,7 +180,7 @@ def test_evaluate_smoke_on_the_tiny_model(pipe):
 
 @pytest.fixture(scope="module")
 def edit_run(pipe):
-    """evaluate() of the edit and swap parts with context "keep" and renormalised weights, and
+    """evaluate() of the edit and swap parts with context "keep", and
     every batch it sampled: (prompts, weighted, weighting, swap)."""
     batches = []
     sample_batch = pipe.sample_batch
@@ -194,7 +194,7 @@ def edit_run(pipe):
         patch.setattr(pipe, "sample_batch", recording)
         report, examples, swap_examples = evaluate(
             pipe, n=1, holdout=HOLDOUT, n_edit=1, n_swap=1, batch_size=8, detector_n=1, parts=("edit", "swap"),
-            weighting=Weighting(context="keep", renormalise=True))
+            weighting=Weighting(context="keep"))
     return report, examples, swap_examples, batches
 
 
@@ -235,9 +235,9 @@ def test_evaluate_measures_every_swap_kind(edit_run):
 
 def test_evaluate_records_and_uses_the_weighting_it_is_given(edit_run):
     report, _, _, batches = edit_run
-    assert report["weighting"] == {"context": "keep", "steps": [0.0, 1.0], "resolutions": None, "renormalise": True}
-    weighted = {(w.mode, w.context, w.renormalise) for _, is_weighted, w, _ in batches if is_weighted}
-    assert weighted == {("attention", "keep", True), ("embedding", "keep", True)}
+    assert report["weighting"] == {"context": "keep", "steps": [0.0, 1.0], "resolutions": None}
+    weighted = {(w.mode, w.context) for _, is_weighted, w, _ in batches if is_weighted}
+    assert weighted == {("attention", "keep"), ("embedding", "keep")}
     swaps = [(prompts, w) for prompts, _, w, swap in batches if swap]
     assert len(swaps) == len(SWAP_KINDS) and all(len(prompts) == 2 for prompts, _ in swaps)  # a source, an edit
     assert all(w.context == "keep" for _, w in swaps)
@@ -252,7 +252,7 @@ def test_evaluate_targets_and_table_hold_the_contract_and_the_swap(edit_run):
     assert len(contract) == 2 * 2 * 7 and len(swaps) == 8
     assert {k: report["targets"][k] for k in {**contract, **swaps}} == {**contract, **swaps}
     text = format_report(report)
-    assert "weighting: context keep" in text and "renormalised yes" in text
+    assert "weighting: context keep" in text
     for key in {**contract, **swaps}:
         assert key in text
     measured = [t["met"] for t in report["targets"].values() if t["met"] is not None]
