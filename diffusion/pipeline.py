@@ -287,19 +287,24 @@ class Pipeline:
         outside = None if outside is None else outside.to(self.device, dtype)
         key_mask = key_mask.to(self.device)
 
-        for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-            model_input = torch.cat([x, x]) if use_guidance else x
-            model_input = scheduler.scale_model_input(model_input, t).to(dtype)
-            context = outside if outside is not None and not step_in_window(i, steps, weighting.steps) else embeddings
-            with self.autocast():
+        # One autocast region for all the steps: it casts each weight to the lower precision once
+        # and keeps it, where a region per UNet call would cast every weight again at every step.
+        # The guidance, the sampler's step and the callback run outside it, in float32.
+        with self.autocast():
+            for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+                model_input = torch.cat([x, x]) if use_guidance else x
+                model_input = scheduler.scale_model_input(model_input, t).to(dtype)
+                context = outside if outside is not None and not step_in_window(i, steps, weighting.steps) \
+                    else embeddings
                 prediction = self.unet(model_input, t, context, key_mask, attention_controller=attention_controller,
                                        step=i, num_steps=steps, conditional=conditional).float()
-            if use_guidance:
-                unconditional, conditional_prediction = prediction.chunk(2)
-                prediction = unconditional + guidance * (conditional_prediction - unconditional)
-            x = scheduler.step(prediction, t, x, generator=generators).prev_sample
-            if callback_on_step_end is not None:
-                x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
+                with torch.autocast(self.device.type, enabled=False):
+                    if use_guidance:
+                        unconditional, conditional_prediction = prediction.chunk(2)
+                        prediction = unconditional + guidance * (conditional_prediction - unconditional)
+                    x = scheduler.step(prediction, t, x, generator=generators).prev_sample
+                    if callback_on_step_end is not None:
+                        x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
         return x.clamp(-1, 1)
 
     def condition(self, prompts: list[str], token_weights: torch.Tensor | None = None,
