@@ -20,7 +20,6 @@ import shutil
 import statistics
 import tempfile
 import time
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -173,10 +172,10 @@ class Editor:
         """pipeline: a loaded pipeline, whose `mixed_precision` UNet calls above FLOAT32_MAX_BATCH
         rows use; model: the model folder, for the PNG metadata; small_batch_precision: the
         setting for calls up to FLOAT32_MAX_BATCH rows (None: the faster one, timed now)."""
-        encoder = CachedTextEncoder(pipeline.text_encoder)
+        encoder = CachedTextEncoder(pipeline.encoder)
         # One pipeline per precision, sharing the modules, so the precision follows the batch.
-        self.pipelines = {precision: Pipeline(pipeline.unet, encoder, pipeline.scheduler_config, pipeline.device,
-                                              precision)
+        self.pipelines = {precision: Pipeline.from_parts(pipeline.unet, encoder, pipeline.scheduler_config,
+                                                         pipeline.device, precision)
                           for precision in {"no", pipeline.mixed_precision}}
         self.default_precision = pipeline.mixed_precision
         self.model = model
@@ -260,9 +259,7 @@ class Editor:
     def offsets(self, text: str) -> torch.Tensor:
         """The tokens' character offsets (T, 2) in a plain prompt, without the truncation warning
         (the pipeline gives it)."""
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            return self.pipeline.text_encoder.tokenize([text])["offsets"][0]
+        return self.pipeline.encoder.offsets([text])[0]
 
 
 @dataclass

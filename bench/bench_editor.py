@@ -95,7 +95,7 @@ def main():
     if served is not None:
         print(f"start-up: python app.py answered after {served:.2f} s")
 
-    encoder = editor.pipeline.text_encoder.encoder  # the encoder behind the editor's cache
+    encoder = editor.pipeline.encoder.encoder  # the encoder behind the editor's cache
     encodings = []
     for i in range(10):
         begin = time.perf_counter()
@@ -130,8 +130,8 @@ def main():
     for prompt, settings in cases:
         result = editor.render(prompt, settings)
         precision = editor.precision(settings.unet_batch(settings.num_images))
-        reference = Pipeline(editor.pipeline.unet, editor.pipeline.text_encoder.encoder,
-                             editor.pipeline.scheduler_config, editor.pipeline.device, precision)
+        reference = Pipeline.from_parts(editor.pipeline.unet, editor.pipeline.encoder.encoder,
+                                        editor.pipeline.scheduler_config, editor.pipeline.device, precision)
         expected = reference(prompt, num_images_per_prompt=settings.num_images, seed=settings.seed,
                              weighting=Weighting(settings.weight_mode, context=settings.weight_context),
                              attention_maps=True, progress=False)
@@ -144,8 +144,9 @@ def main():
               f"maps {'yes' if maps_equal else 'no'}")
 
     print("UNet call (ms), median of 10, float32 and bf16 taking turns:")
-    both = {precision: Pipeline(editor.pipeline.unet, editor.pipeline.text_encoder, editor.pipeline.scheduler_config,
-                                editor.pipeline.device, precision) for precision in ("no", "bf16")}
+    both = {precision: Pipeline.from_parts(editor.pipeline.unet, editor.pipeline.encoder,
+                                           editor.pipeline.scheduler_config, editor.pipeline.device, precision)
+            for precision in ("no", "bf16")}
     for batch in (1, 2, 4, 8):
         ms = app.unet_milliseconds(both, batch, repeats=10)
         print(f"  batch {batch}: float32 {ms['no']:.1f}, bf16 {ms['bf16']:.1f} -> "

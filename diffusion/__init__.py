@@ -11,7 +11,10 @@ import importlib
 _EXPORTS = {
     "AttentionController": "attention", "AttentionSite": "attention", "Config": "config",
     "load_config": "config", "Pipeline": "pipeline", "PipelineOutput": "pipeline", "UNet": "unet",
-    "UserError": "errors",
+    "UserError": "errors", "Weighting": "weighting",
+    # diffusers' DiffusionPipeline.from_pretrained finds how to load a component (["diffusion", "UNet"]
+    # in model_index.json) by looking its base class up in the component's library: this one
+    "ModelMixin": "unet",
 }
 __all__ = list(_EXPORTS)
 

@@ -267,7 +267,7 @@ def sample_batches(pipe, prompts: list[str], seed: int, batch_size: int, maps: b
         token_maps, offsets = [], []
         if maps:
             token_maps = list(recorder.token_maps().cpu())
-            offsets = list(pipe.text_encoder.tokenize([p.text for p in parsed])["offsets"])
+            offsets = list(pipe.encoder.offsets([p.text for p in parsed]))
         if progress is not None:
             progress.update(len(parsed))
         yield list(uint8_images(x)), token_maps, offsets
@@ -332,7 +332,7 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
         captions = [s.scene.caption for s in samples]
         x0 = torch.stack([torch.from_numpy(s.image).permute(2, 0, 1) for s in samples]).float() / 127.5 - 1
         noise = torch.randn(x0.shape, generator=generator)
-        embeddings, key_mask = pipe.text_encoder.encode(captions)
+        embeddings, key_mask = pipe.encoder.encode(captions)
         dtype = next(pipe.unet.parameters()).dtype
         recorder = AttentionRecorder(resolution)
         for t in LOCALISATION_TIMESTEPS:
@@ -342,7 +342,7 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
                 pipe.unet(noisy, timesteps.to(pipe.device), embeddings.to(pipe.device, dtype),
                           key_mask.to(pipe.device), attention_controller=recorder)
         token_maps = recorder.token_maps().cpu()
-        offsets = pipe.text_encoder.tokenize(captions)["offsets"]
+        offsets = pipe.encoder.offsets(captions)
         for sample, maps, offs in zip(samples, token_maps, offsets):
             for k in range(len(sample.scene.objects)):
                 localisation.add("colour", span_map(maps, offs, sample.scene.colour_spans[k]), sample.masks[k])

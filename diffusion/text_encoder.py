@@ -204,6 +204,25 @@ class TextEncoder(nn.Module):
             "offsets": tokens["offset_mapping"],
         }
 
+    def options(self) -> dict:
+        """The settings `__init__` takes besides the model and tokenizer (saved with a pipeline)."""
+        return {"max_length": self.max_length, "hidden_layer": self.hidden_layer, "mask_eos": self.mask_eos,
+                "concat_token_embeddings": self.concat_token_embeddings}
+
+    def offsets(self, prompts: list[str]) -> torch.Tensor:
+        """(B, T, 2) each token's character span, as `tokenize` gives them, without its truncation
+        warning (for a prompt that is also encoded, which warns once)."""
+        return self._quiet_tokenize(prompts)["offsets"]
+
+    def token_ids(self, prompts: list[str]) -> torch.Tensor:
+        """(B, T) token ids, as `tokenize` gives them, without its truncation warning."""
+        return self._quiet_tokenize(prompts)["input_ids"]
+
+    def _quiet_tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            return self.tokenize(prompts)
+
     def _warn_truncated(self, prompts: list[str]) -> None:
         """Warn once about the prompts longer than `max_length` tokens, quoting the text cut off."""
         untruncated = self.tokenizer(prompts, return_offsets_mapping=True, verbose=False)

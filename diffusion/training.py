@@ -518,8 +518,8 @@ class Trainer:
         """A pipeline on the EMA weights (swapped into the model; `ema.restore` puts them back)."""
         self.ema.store(self.model.parameters())
         self.ema.copy_to(self.model.parameters())
-        return Pipeline(self.model, self.encoder, self.noise_scheduler.config, self.accelerator.device,
-                        mixed_precision=self.accelerator.mixed_precision)
+        return Pipeline.from_parts(self.model, self.encoder, self.noise_scheduler.config, self.accelerator.device,
+                                   mixed_precision=self.accelerator.mixed_precision)
 
     def validate(self) -> None:
         if self.accelerator.is_main_process:

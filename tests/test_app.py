@@ -120,7 +120,7 @@ def test_small_batches_take_the_precision_chosen_for_them(tiny_model):
 
 
 def test_the_text_encoder_cache_gives_what_the_encoder_gives(editor):
-    encoder = editor.pipeline.text_encoder
+    encoder = editor.pipeline.encoder
     first = encoder.encode(["a red circle", ""])
     again = encoder.encode(["a red circle", ""])
     direct = encoder.encoder.encode(["a red circle", ""])

@@ -10,7 +10,8 @@ from diffusion.attention import AttentionSite, CrossAttention
 from diffusion.attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter,
                                          ControllerChain, LocalBlend, SiteFilter, changed_tokens)
 from diffusion.attention import AttentionCall
-from diffusion.pipeline import MapOptions, Pipeline, Weighting, merge_word_maps
+from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
+from diffusion.weighting import Weighting, condition
 from diffusion.prompts import align_tokens, split_words
 from diffusion.clip_training import fit_tokenizer
 
@@ -313,7 +314,7 @@ def test_embedding_weight_zero_removes_the_word(live_pipe):
 def _token_index(pipe, text: str, word: str) -> int:
     """Index of the first token of `word` in `text`."""
     start = text.index(word)
-    return int((pipe._offsets([text])[0, :, 0] == start).nonzero()[0, 0])
+    return int((pipe.encoder.offsets([text])[0, :, 0] == start).nonzero()[0, 0])
 
 
 @pytest.mark.parametrize("mode", ["attention", "embedding"])
@@ -322,14 +323,14 @@ def test_fading_context_moves_the_later_tokens_to_the_prompt_without_the_word(pi
     # those states to the encoding of the prompt with "red" deleted, by the weight.
     text, deleted = "a red circle on the left", "a circle on the left"
     red, circle, left = (_token_index(pipe, text, w) for w in ("red", "circle", "left"))
-    full, _ = pipe.text_encoder.encode([text])
-    without, _ = pipe.text_encoder.encode([deleted])
+    full, _ = pipe.encoder.encode([text])
+    without, _ = pipe.encoder.encode([deleted])
     without_circle, without_left = (_token_index(pipe, deleted, w) for w in ("circle", "left"))
     for weight in (0.0, 0.5):
         weights = torch.ones(1, full.shape[1])
         weights[0, red] = weight
-        faded, _ = pipe.condition([text], weights, Weighting(mode))
-        kept, _ = pipe.condition([text], weights, Weighting(mode, context="keep"))
+        faded, _ = condition(pipe.encoder, [text], weights, Weighting(mode))
+        kept, _ = condition(pipe.encoder, [text], weights, Weighting(mode, context="keep"))
         for k, k_without in ((circle, without_circle), (left, without_left)):
             expected = without[0, k_without] + weight * (full[0, k] - without[0, k_without])
             assert torch.allclose(faded[0, k], expected, atol=1e-5)  # embedding mode: e0 + 1 (e - e0) at weight 1

@@ -387,3 +387,59 @@ def test_bf16_autocast_changes_images_only_by_rounding(tiny_model):
 def test_unknown_mixed_precision_is_a_user_error(tiny_model):
     with pytest.raises(UserError, match="auto, no, fp16, bf16"):
         Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="fp8")
+
+
+# ---- the diffusers way ---------------------------------------------------------------------
+
+def test_diffusers_loads_an_exported_model(pipe, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    pipe.save_pretrained(tmp_path / "model")
+    assert (tmp_path / "model" / "pipeline.py").is_file()
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True).to("cpu")
+    assert isinstance(loaded, Pipeline)
+    ours = Pipeline.from_pretrained(tmp_path / "model", device="cpu")
+    assert np.array_equal(pixels(loaded("a red circle", steps=3, progress=False).images),
+                          pixels(ours("a red circle", steps=3, progress=False).images))
+
+
+def test_to_moves_the_pipeline_and_returns_it(pipe):
+    assert pipe.to("cpu") is pipe and pipe.device.type == "cpu" and pipe.encoder.model.device.type == "cpu"
+
+
+def test_generators_instead_of_seeds(pipe):
+    by_seed = pipe("a red circle", num_images_per_prompt=3, seed=7, steps=3, progress=False)
+    generators = [torch.Generator().manual_seed(7 + i) for i in range(3)]
+    by_generator = pipe("a red circle", num_images_per_prompt=3, generator=generators, steps=3, batch_size=2,
+                        progress=False)
+    assert np.array_equal(pixels(by_seed.images), pixels(by_generator.images))
+    assert by_seed.seeds == [7, 8, 9] and by_generator.seeds == [None] * 3
+    one = pipe("a red circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), steps=3,
+               progress=False)
+    assert len(one.images) == 2 and not np.array_equal(*pixels(one.images))  # drawn one after the other
+    with pytest.raises(UserError, match="2 generators for 3 images"):
+        pipe("a red circle", num_images_per_prompt=3, generator=generators[:2], progress=False)
+
+
+def test_output_types(pipe):
+    pil = pipe(["a red circle", "a blue square"], steps=3, progress=False).images
+    pt = pipe(["a red circle", "a blue square"], steps=3, output_type="pt", progress=False).images
+    np_images = pipe(["a red circle", "a blue square"], steps=3, output_type="np", progress=False).images
+    assert pt.shape == (2, 3, 16, 16) and np_images.shape == (2, 16, 16, 3)
+    assert 0 <= float(pt.min()) and float(pt.max()) <= 1
+    assert np.abs(np_images * 255 - pixels(pil)).max() <= 0.5  # the PIL images are these, rounded
+    assert np.allclose(pt.permute(0, 2, 3, 1).numpy(), np_images)
+    with pytest.raises(UserError, match="unknown output_type 'latent'"):
+        pipe("a red circle", output_type="latent", progress=False)
+
+
+def test_callback_on_step_end_through_the_call(pipe):
+    steps_seen = []
+
+    def callback(pipeline, step, timestep, tensors):
+        steps_seen.append(step)
+        return {"latents": torch.zeros_like(tensors["latents"])} if step == 3 else tensors
+
+    image = pipe("a red circle", steps=4, callback_on_step_end=callback, progress=False).images[0]
+    assert steps_seen == [0, 1, 2, 3]
+    assert np.unique(np.asarray(image)).tolist() == [128]  # zeros in [-1, 1] are mid-grey

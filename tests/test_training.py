@@ -281,7 +281,7 @@ def test_values_from_token_embeddings_trains_a_unet_whose_values_read_them(tmp_p
     train(config_from_dict(tiny_dict), out)
     pipe = Pipeline.from_pretrained(out / "model")
     width = tiny_dict["text"]["width"]
-    assert pipe.text_encoder.embedding_dim == 2 * width
+    assert pipe.encoder.embedding_dim == 2 * width
     assert pipe.unet.config.value_context_start == width
     assert pipe.unet.mid_attention.cross_attention.to_v.in_features == width
     assert pipe.unet.mid_attention.cross_attention.to_k.in_features == 2 * width
