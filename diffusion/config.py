@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,88 +26,98 @@ from .errors import UserError
 
 @dataclass
 class ModelConfig:
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])
-    blocks_per_level: int = 1
-    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])
-    attention_heads: int = 4
-    dropout: float = 0.0
-    position_embedding: bool = True
-    values_from_token_embeddings: bool = False
-    token_value_resolutions: list[int] | None = None
+    """The UNet (unet.py)."""
+
+    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # width of each level; level i works at data.resolution / 2**i (multiples of 8)
+    blocks_per_level: int = 1  # ResNet (+ transformer) blocks per level on the way down (1-3)
+    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])  # sides (px) of the levels with self- and cross-attention
+    attention_heads: int = 4  # heads per attention layer; head width = channels / heads
+    dropout: float = 0.0  # dropout in the ResNet blocks (0-0.2; the shapes data is plentiful)
+    position_embedding: bool = True  # a fixed 2D sine-cosine embedding in every transformer block, so queries know where they are
+    values_from_token_embeddings: bool = False  # cross-attention values read each word's own token embedding (keys read its context too)
+    token_value_resolutions: list[int] | None = None  # with the option above: only at these sides (null: every cross-attention)
 
 
 @dataclass
 class TextConfig:
-    pretrained: str | None = None
-    hidden_layer: int = -1
-    concat_token_embeddings: bool = True
-    mask_eos: bool = True
-    max_length: int = 40
-    vocab_size: int = 1024
-    width: int = 128
-    layers: int = 4
-    steps: int = 150
-    batch_size: int = 256
-    lr: float = 1e-3
-    seed: int = 0
+    """The frozen CLIP text encoder (text_encoder.py) and, without `pretrained`, the small CLIP
+    trained here first (clip_training.py)."""
+
+    pretrained: str | None = None  # hub id or folder of a CLIP (e.g. openai/clip-vit-base-patch32); null: train a small CLIP here
+    hidden_layer: int = -1  # encoder layer whose states are the keys and values: -1 the last, -2 the penultimate ("clip skip")
+    concat_token_embeddings: bool = True  # append each token's own embedding to its contextual state (a small CLIP blurs "left" and "right")
+    mask_eos: bool = True  # the UNet may not attend to the end-of-text token (padding is always masked)
+    max_length: int = 40  # tokens per prompt, start and end included (four-object captions need up to 33)
+    vocab_size: int = 1024  # small CLIP: BPE vocabulary fitted to the captions (>= 514: the byte alphabet twice, 2 specials)
+    width: int = 128  # small CLIP: transformer width
+    layers: int = 4  # small CLIP: text transformer layers
+    steps: int = 150  # small CLIP: contrastive training steps
+    batch_size: int = 256  # small CLIP: image-caption pairs per step
+    lr: float = 1e-3  # small CLIP: peak AdamW learning rate
+    seed: int = 0  # small CLIP: initialisation and batch order
 
 
 @dataclass
 class DataConfig:
-    kind: str = "shapes"
-    path: str | None = None
-    resolution: int = 32
-    num_samples: int = 20000
-    min_objects: int = 1
-    max_objects: int = 4
-    object_weights: list[float] | None = field(default_factory=lambda: [2.0, 5.0, 2.0, 1.0])
-    omit_colour: float = 0.0
-    omit_shape: float = 0.0
-    omit_position: float = 0.0
-    omit_size: float = 0.5
-    seed: int = 0
-    holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])
-    center_crop: bool = True
-    random_flip: bool = False
-    skip_bad: bool = False
-    workers: int = 2
-    embedding_cache: str | None = None
+    """The training set: the procedural shapes (shapes.py) or a folder of captioned images
+    (image_folder.py)."""
+
+    kind: str = "shapes"  # shapes (the built-in procedural set) or imagefolder
+    path: str | None = None  # imagefolder: a folder with images and metadata.jsonl or a .txt caption beside each
+    resolution: int = 32  # image side in pixels
+    num_samples: int = 20000  # shapes: images in the training set (rendered once, kept in memory)
+    min_objects: int = 1  # shapes: fewest objects per image (1-4)
+    max_objects: int = 4  # shapes: most objects per image (1-4)
+    object_weights: list[float] | None = field(default_factory=lambda: [2.0, 5.0, 2.0, 1.0])  # shapes: relative frequency of 1, 2, 3, 4 objects for the UNet (null: uniform; the small CLIP trains on the uniform mix)
+    omit_colour: float = 0.0  # shapes: probability that a caption leaves an object's colour out ("a circle"), so the model learns what an unnamed colour looks like
+    omit_shape: float = 0.0  # shapes: the same for its shape ("a red shape")
+    omit_position: float = 0.0  # shapes: the same for its position phrase (relations between two objects are kept)
+    omit_size: float = 0.5  # shapes: the same for its size word ("small", "large")
+    seed: int = 0  # shapes: the dataset is a pure function of this seed
+    holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])  # shapes: colour-shape pairs never shown in training
+    center_crop: bool = True  # imagefolder: crop the centre after resizing (false: a random crop, drawn anew each time)
+    random_flip: bool = False  # imagefolder: horizontal flips, drawn anew each time (they contradict captions that say left or right)
+    skip_bad: bool = False  # imagefolder: skip unreadable or uncaptioned files (counted in the log) instead of failing
+    workers: int = 2  # imagefolder: processes decoding images while training (0: in the training process)
+    embedding_cache: str | None = None  # imagefolder: folder of the captions' cached text states, reused across runs (null: ~/.cache/tiny-t2i-diffusion/embeddings)
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    max_steps: int = 1600
-    batch_size: int = 32
-    lr: float = 2e-3
-    warmup_steps: int = 400
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    gradient_accumulation_steps: int = 1
-    mixed_precision: str = "auto"
-    prediction_type: str = "v_prediction"
-    snr_gamma: float | None = None
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    cond_dropout: float = 0.1
-    timestep_bias_multiplier: float = 3.0
-    timestep_bias_portion: float = 0.5
-    grounding_weight: float = 0.05
-    grounding_pixel_weight: float = 0.05
-    grounding_resolutions: list[int] | None = None
-    ema_decay: float = 0.999
-    checkpoint_every: int = 800
-    keep_checkpoints: int = 2
-    validate_every: int = 800
-    log_every: int = 50
-    validation_prompts: list[str] = field(default_factory=lambda: [
+    """The UNet's training (training.py)."""
+
+    seed: int = 0  # noise, timesteps and data order
+    max_steps: int = 1600  # optimizer steps
+    batch_size: int = 32  # images per step and process
+    lr: float = 2e-3  # peak AdamW learning rate (cosine decay to 0 after the warm-up)
+    warmup_steps: int = 400  # linear learning-rate warm-up steps
+    weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
+    gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
+    mixed_precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU does bf16 natively, else float32), no, fp16, bf16
+    prediction_type: str = "v_prediction"  # epsilon or v_prediction (v keeps weight on the noisiest steps, where the layout is decided)
+    snr_gamma: float | None = None  # min-SNR-gamma loss weighting, e.g. 5 (null: plain MSE)
+    num_train_timesteps: int = 1000  # DDPM noise levels
+    beta_schedule: str = "squaredcos_cap_v2"  # noise schedule: linear, scaled_linear or squaredcos_cap_v2 (cosine, best for small images)
+    cond_dropout: float = 0.1  # probability that a caption is replaced by "" (for classifier-free guidance)
+    timestep_bias_multiplier: float = 3.0  # draw the noisiest timesteps this many times as often as the rest (1: uniform)
+    timestep_bias_portion: float = 0.5  # the share of the timesteps, the noisiest, that the multiplier applies to
+    grounding_weight: float = 0.05  # token grounding loss on the cross-attention maps (0: off; shapes data only, it needs masks)
+    grounding_pixel_weight: float = 0.05  # TokenCompose's pixel loss: a word's map should also cover its object (0: off)
+    grounding_resolutions: list[int] | None = None  # feature-map sides the grounding losses act on (null: every attention level)
+    ema_decay: float = 0.999  # EMA decay ceiling (it warms up with the step count)
+    checkpoint_every: int = 800  # steps between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    validate_every: int = 800  # steps between validation grids (samples/step-XXXXXX.png)
+    log_every: int = 50  # steps between loss and speed updates of the progress bar and TensorBoard
+    validation_prompts: list[str] = field(default_factory=lambda: [  # the validation grid's prompts, the same noise each time
         "a red circle on the left", "a blue square on the right", "a green cross at the top",
         "a yellow triangle at the bottom", "a purple circle in the centre",
         "a red square to the left of a blue circle", "an orange triangle above a green square",
         "a small yellow cross on the right"])
-    validation_seed: int = 0
-    validation_steps: int = 20
-    validation_guidance: float = 3.0
+    validation_seed: int = 0  # the validation grid's noise seed
+    validation_steps: int = 20  # sampler steps of the validation grid (the default sampler)
+    validation_guidance: float = 3.0  # guidance scale of the validation grid
 
 
 @dataclass
@@ -276,6 +288,44 @@ def _validate(cfg: Config) -> None:
             if r not in attended:
                 raise UserError(f"model.token_value_resolutions has {r}, but cross-attention runs at "
                                 f"{sorted(attended, reverse=True)} px")
+
+
+def field_comments(section) -> dict[str, str]:
+    """The comment written after each field of a config dataclass in this file: name -> comment."""
+    comments = {}
+    for line in inspect.getsource(section).splitlines():
+        match = re.match(r"\s+(\w+): [^#]*#\s*(.*)$", line)
+        if match:
+            comments[match.group(1)] = match.group(2)
+    return comments
+
+
+def _yaml_value(value) -> str:
+    return yaml.safe_dump(value, default_flow_style=True, width=10_000).strip().removesuffix("\n...")
+
+
+DEFAULTS_HEADER = """The default: procedural coloured shapes at 32 px, sized for a laptop CPU.
+Written from diffusion/config.py, the one source of the defaults and their comments, by
+    python tools/write_default_config.py
+Every key is optional in a config file; keys left out take these defaults. Override any key on
+the command line: python train.py train.max_steps=3000"""
+
+
+def commented_defaults() -> str:
+    """The defaults as a YAML config file, each key with its comment from this file: what
+    configs/shapes.yaml holds (tools/write_default_config.py writes it; a test compares)."""
+    lines = [f"# {line}".rstrip() for line in DEFAULTS_HEADER.splitlines()]
+    for section in dataclasses.fields(Config):
+        values = dataclasses.asdict(getattr(Config(), section.name))
+        comments = field_comments(section.type if isinstance(section.type, type) else globals()[section.type])
+        lines += ["", f"{section.name}:"]
+        for name, value in values.items():
+            if isinstance(value, list) and value and all(isinstance(v, str) and " " in v for v in value):
+                lines.append(f"  {name}:".ljust(36) + f"# {comments[name]}")
+                lines += [f"    - {item}" for item in value]
+            else:
+                lines.append(f"  {name}: {_yaml_value(value)}".ljust(35) + f" # {comments[name]}")
+    return "\n".join(lines) + "\n"
 
 
 def biased_timestep_count(train) -> int:

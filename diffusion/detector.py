@@ -298,7 +298,7 @@ def detector_accuracy(
     """
     dataset = ShapesDataset(
         resolution=resolution, num_samples=n, min_objects=min_objects, max_objects=max_objects,
-        seed=seed, holdout_mode="any",
+        object_weights=None, seed=seed, holdout_mode="any",
     )
     rng = np.random.default_rng(seed)
     right = dict.fromkeys(CATEGORIES, 0)

@@ -237,7 +237,7 @@ def swap_cases(kind: str, n: int, seed: int, resolution: int, holdout: list[str]
     edited pair too); for "size" only objects whose caption names their size; for "add" the
     source prompt is the caption with the edited object's colour deleted, the edit the caption."""
     held = parse_holdout(holdout)
-    dataset = ShapesDataset(resolution, num_samples=100 * n + 1000, min_objects=1, max_objects=2,
+    dataset = ShapesDataset(resolution, num_samples=100 * n + 1000, min_objects=1, max_objects=2, object_weights=None,
                             seed=seed + 400 + SWAP_KINDS.index(kind), holdout=holdout)
     rng = np.random.default_rng(seed + 500 + SWAP_KINDS.index(kind))
     cases, i = [], 0

@@ -25,7 +25,6 @@ default (Euler, 20 steps, guidance 3; `sampler` chooses another).
 - Samplers: a mixed set of single-object and position prompts with each sampler at 5, 10, 20
   and 50 steps, against DPM-Solver++ at 250 steps.
 
-`colour_at_position` is the analytic check of bench/heldout_positions.py.
 """
 from __future__ import annotations
 
@@ -39,14 +38,12 @@ from PIL import Image
 
 from .attention_control import AttentionRecorder
 from .config import DEFAULT_SAMPLER
-from .shapes import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SHAPES, Scene, ShapesDataset,
+from .shapes import (POSITION_PHRASES, Scene, ShapesDataset,
                    parse_holdout)
 from .detector import Detection, detect
 from .images import uint8_images
 from .pipeline import SAMPLERS, Weighting
 from .prompts import parse_prompt
-
-_PALETTE = np.array(list(COLOURS.values()) + [BACKGROUND], dtype=np.float32)  # (K, 3)
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
 CATEGORIES = ("single object", "two objects", "three objects", "colour binding", "position", "counting",
@@ -69,46 +66,6 @@ TARGETS = {
     "localisation/dataset/shape pointing": 0.95,
     "localisation/dataset/colour pointing": 0.90,
 }
-
-
-# ---- the analytic colour check (bench/heldout_positions.py) ---------------------------------
-
-def colour_labels(image: np.ndarray, max_distance: float = 90.0) -> np.ndarray:
-    """(H, W, 3) uint8 -> (H, W) int: index into COLOURS of each pixel's colour, -1 for
-    background or a colour too far from every palette entry."""
-    distances = np.linalg.norm(image[:, :, None, :].astype(np.float32) - _PALETTE, axis=-1)  # (H, W, K)
-    nearest = distances.argmin(-1)
-    labels = np.where(distances.min(-1) <= max_distance, nearest, -1)
-    labels[labels == len(COLOURS)] = -1
-    return labels
-
-
-def colour_at_position(image: np.ndarray, colour: str, position: str, min_fraction: float = 0.01) -> bool:
-    """Whether `colour` covers at least `min_fraction` of the image and its pixels' centroid is
-    nearest to the anchor of `position` (one of POSITIONS)."""
-    labels = colour_labels(image)
-    ys, xs = np.nonzero(labels == list(COLOURS).index(colour))
-    if len(xs) < min_fraction * labels.size:
-        return False
-    H, W = labels.shape
-    centroid = np.array([(xs.mean() + 0.5) / W, (ys.mean() + 0.5) / H])
-    nearest = min(POSITIONS, key=lambda name: np.linalg.norm(centroid - np.array(POSITIONS[name])))
-    return nearest == position
-
-
-def heldout_single_object_prompts(holdout: list[str], count: int = 50) -> list[tuple[str, str, str]]:
-    """`count` prompts "a <colour> <shape> <position phrase>" cycling over the held-out pairs and
-    the five positions; returns (prompt, colour, position) triples."""
-    pairs = sorted(parse_holdout(holdout))
-    if not pairs:
-        pairs = [(c, s) for c in COLOURS for s in SHAPES]
-    prompts = []
-    for i in range(count):
-        colour, shape = pairs[i % len(pairs)]
-        position = list(POSITION_PHRASES)[(i // len(pairs)) % len(POSITION_PHRASES)]
-        article = "an" if colour[0] in "aeiou" else "a"
-        prompts.append((f"{article} {colour} {shape} {POSITION_PHRASES[position]}", colour, position))
-    return prompts
 
 
 # ---- maps against masks ---------------------------------------------------------------------
@@ -203,7 +160,7 @@ def category_cases(category: str, n: int, seed: int, resolution: int, holdout: l
     if category == "held-out pairs" and not parse_holdout(holdout):
         return []
     low, high = _OBJECTS[category]
-    dataset = ShapesDataset(resolution, num_samples=100 * n + 1000, min_objects=low, max_objects=high,
+    dataset = ShapesDataset(resolution, num_samples=100 * n + 1000, min_objects=low, max_objects=high, object_weights=None,
                             seed=seed + CATEGORIES.index(category), holdout=holdout,
                             holdout_mode="only" if category == "held-out pairs" else "exclude")
     cases, i = [], 0
@@ -322,7 +279,7 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
 def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size: int) -> dict:
     """Maps of one conditional pass per noise level on dataset images, against exact masks."""
     resolution = pipe.unet.config.sample_size
-    dataset = ShapesDataset(resolution, num_samples=n, min_objects=1, max_objects=2, seed=seed + 100,
+    dataset = ShapesDataset(resolution, num_samples=n, min_objects=1, max_objects=2, object_weights=None, seed=seed + 100,
                             holdout=holdout)
     scheduler = DDPMScheduler.from_config(pipe.scheduler_config)
     localisation = _Localisation()

@@ -63,6 +63,9 @@ MAX_PLACEMENT_ATTEMPTS = 10_000
 # Arm width of a cross as a fraction of the shape's full width.
 CROSS_ARM_FRACTION = 0.4
 
+# The defaults of the config's data section (config.py), which ShapesDataset shares.
+DEFAULT_HOLDOUT = ("red square", "green triangle", "blue cross", "yellow circle")
+DEFAULT_OBJECT_WEIGHTS = (2.0, 5.0, 2.0, 1.0)
 # The noun of an object whose shape the caption leaves out: "a red shape".
 UNNAMED_SHAPE = "shape"
 
@@ -437,11 +440,11 @@ class ShapesDataset(Dataset):
         resolution: int = 32,
         num_samples: int = 20000,
         min_objects: int = 1,
-        max_objects: int = 2,
+        max_objects: int = 4,
         seed: int = 0,
-        holdout=(),
+        holdout=DEFAULT_HOLDOUT,
         holdout_mode: str = "exclude",
-        object_weights: list[float] | None = None,
+        object_weights: list[float] | None = DEFAULT_OBJECT_WEIGHTS,
         omission: Omission = Omission(),
     ):
         """resolution: image side in pixels (>= 16).

@@ -106,7 +106,7 @@ class TextEncoder(nn.Module):
         max_length: int | None = None,
         hidden_layer: int = -1,
         mask_eos: bool = True,
-        concat_token_embeddings: bool = False,
+        concat_token_embeddings: bool = True,
     ):
         """
         Args:
@@ -145,7 +145,7 @@ class TextEncoder(nn.Module):
     @classmethod
     def from_pretrained(
         cls, name_or_path: str | Path, max_length: int | None = None, hidden_layer: int = -1, mask_eos: bool = True,
-        concat_token_embeddings: bool = False,
+        concat_token_embeddings: bool = True,
     ) -> "TextEncoder":
         """Load a CLIP text encoder.
 

@@ -72,7 +72,7 @@ class UNet(ModelMixin, ConfigMixin):
         attention_heads: int = 4,
         context_dim: int = 128,
         dropout: float = 0.0,
-        position_embedding: bool = False,
+        position_embedding: bool = True,
         value_context_start: int = 0,
         value_context_resolutions: tuple[int, ...] | None = None,
     ):

@@ -1,9 +1,10 @@
 """Tests for diffusion/config.py: defaults, YAML files, dotted overrides and validation."""
+import dataclasses
 from pathlib import Path
 
 import pytest
 
-from diffusion.config import Config, config_from_dict, load_config, parse_override
+from diffusion.config import Config, commented_defaults, config_from_dict, field_comments, load_config, parse_override
 from diffusion.errors import UserError
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
@@ -30,8 +31,17 @@ def test_shipped_configs_exist():
 
 
 def test_shapes_yaml_matches_the_defaults():
-    """configs/shapes.yaml documents the defaults: loading it must give exactly them."""
+    """configs/shapes.yaml documents the defaults: loading it must give exactly them, and it is
+    written from config.py's fields and comments (python tools/write_default_config.py)."""
     assert load_config(CONFIG_DIR / "shapes.yaml") == Config()
+    assert (CONFIG_DIR / "shapes.yaml").read_text() == commented_defaults()
+
+
+def test_every_config_field_has_a_comment():
+    for section in dataclasses.fields(Config):
+        names = {f.name for f in dataclasses.fields(getattr(Config(), section.name))}
+        commented = field_comments(type(getattr(Config(), section.name)))
+        assert names == {n for n, c in commented.items() if c}, section.name
 
 
 def test_yaml_file_values_are_merged_over_the_defaults(tmp_path):
@@ -243,3 +253,27 @@ def test_a_bare_no_is_the_mixed_precision_choice_not_false(tmp_path):
     assert load_config(config).train.mixed_precision == "no"
     with pytest.raises(UserError, match="train.grounding_weight must be float"):
         config_from_dict({}, ["train.grounding_weight=no"])  # other fields still reject a boolean
+
+
+def test_class_defaults_agree_with_the_config():
+    """UNet, TextEncoder and ShapesDataset built from their own defaults are what the default
+    config builds: one set of defaults, not three that drift apart."""
+    import inspect
+
+    from diffusion.data import build_dataset
+    from diffusion.shapes import ShapesDataset
+    from diffusion.text_encoder import TextEncoder
+    from diffusion.unet import UNet, unet_settings
+
+    cfg = Config()
+    unet_defaults = {name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items()
+                     if p.default is not inspect.Parameter.empty}
+    for name, value in unet_settings(cfg, context_dim=unet_defaults["context_dim"]).items():
+        assert unet_defaults[name] == value, name
+    encoder_defaults = inspect.signature(TextEncoder.__init__).parameters
+    for name in ("hidden_layer", "mask_eos", "concat_token_embeddings"):
+        assert encoder_defaults[name].default == getattr(cfg.text, name), name
+    ours, configured = ShapesDataset(), build_dataset(cfg.data)
+    for name in ("resolution", "num_samples", "min_objects", "max_objects", "object_weights", "seed", "holdout",
+                 "holdout_mode", "omission"):
+        assert getattr(ours, name) == getattr(configured, name), name

@@ -157,7 +157,7 @@ def test_mask_centroids_are_on_the_side_the_position_names():
 
 
 def test_every_colour_shape_and_size_is_drawn_with_the_right_extent():
-    dataset = ShapesDataset(resolution=64, num_samples=400, seed=2)
+    dataset = ShapesDataset(resolution=64, num_samples=400, seed=2, holdout=())
     seen = set()
     for i in range(len(dataset)):
         for obj in dataset.scene(i).objects:
@@ -431,7 +431,7 @@ def test_unknown_holdout_names_raise_user_error(holdout, fragment):
 
 def test_impossible_holdout_modes_raise_user_error():
     with pytest.raises(UserError, match="only"):
-        ShapesDataset(holdout_mode="only")
+        ShapesDataset(holdout=(), holdout_mode="only")
     with pytest.raises(UserError, match="holdout_mode"):
         ShapesDataset(holdout_mode="sometimes")
     everything = [f"{c} {s}" for c in COLOURS for s in SHAPES]
@@ -463,7 +463,7 @@ def test_object_weights_set_how_often_each_count_is_drawn():
     # weights need not sum to 1, and counts outside [min_objects, max_objects] are never drawn
     mixed = counts(min_objects=2, max_objects=3, object_weights=[5, 1, 3, 5])
     assert mixed[2] + mixed[3] == 800 and 150 < mixed[2] < 250  # a quarter has 2 objects (expected 200)
-    uniform = counts(min_objects=1, max_objects=4)
+    uniform = counts(min_objects=1, max_objects=4, object_weights=None)
     assert all(150 < c < 250 for c in uniform[1:])
 
 

@@ -48,7 +48,7 @@ def clip(tokenizer):
 
 @pytest.fixture(scope="module")
 def encoder(tokenizer, clip):
-    return TextEncoder(tokenizer, clip.text_model)
+    return TextEncoder(tokenizer, clip.text_model, concat_token_embeddings=False)
 
 
 def token_strings(tokenizer, text):
@@ -96,7 +96,7 @@ def test_from_pretrained_loads_both_layouts(tokenizer, clip, encoder, tmp_path):
     tokenizer.save_pretrained(plain)
 
     for folder in (split, plain):
-        loaded = TextEncoder.from_pretrained(folder)
+        loaded = TextEncoder.from_pretrained(folder, concat_token_embeddings=False)
         assert not loaded.model.training and not any(p.requires_grad for p in loaded.parameters())
         assert loaded.max_length == MAX_LENGTH and loaded.embedding_dim == 32
         for name, tensor in clip.text_model.state_dict().items():
@@ -144,7 +144,7 @@ def test_encode_shapes_and_key_mask(tokenizer, clip, encoder):
 
 
 def test_hidden_layer_selects_a_different_layer(tokenizer, clip, encoder):
-    penultimate = TextEncoder(tokenizer, clip.text_model, hidden_layer=-2)
+    penultimate = TextEncoder(tokenizer, clip.text_model, hidden_layer=-2, concat_token_embeddings=False)
     last, _ = encoder.encode(["a red circle"])
     skipped, _ = penultimate.encode(["a red circle"])
     assert not torch.allclose(last, skipped)
@@ -154,7 +154,7 @@ def test_hidden_layer_selects_a_different_layer(tokenizer, clip, encoder):
 
 def test_the_embedding_layer_carries_no_context(tokenizer, clip, encoder):
     # "circle" at the same position after "red" or "blue": the same vector only without context
-    words = TextEncoder(tokenizer, clip.text_model, hidden_layer=-3)
+    words = TextEncoder(tokenizer, clip.text_model, hidden_layer=-3, concat_token_embeddings=False)
     position = len(tokenizer("a red")["input_ids"]) - 1  # the token after "red" (its end token dropped)
     assert tokenizer("a blue circle")["input_ids"][position] == tokenizer("a red circle")["input_ids"][position]
     context_free, _ = words.encode(["a red circle", "a blue circle"])
@@ -223,7 +223,7 @@ def test_train_clip_saves_a_loadable_encoder_that_retrieves(tmp_path):
     )
     clip = train_clip(images, captions, tokenizer, config, tmp_path, progress=False)
 
-    loaded = TextEncoder.from_pretrained(tmp_path)
+    loaded = TextEncoder.from_pretrained(tmp_path, concat_token_embeddings=False)
     assert loaded.embedding_dim == 32 and loaded.max_length == 8
     for name, tensor in clip.text_model.state_dict().items():
         assert torch.equal(loaded.model.state_dict()[name], tensor.cpu()), name
@@ -250,7 +250,7 @@ def test_train_clip_rejects_bad_images(tokenizer, tmp_path):
 
 def test_concatenated_token_embeddings_carry_both_the_word_and_its_context(tokenizer, clip, encoder):
     both = TextEncoder(tokenizer, clip.text_model, concat_token_embeddings=True)
-    words = TextEncoder(tokenizer, clip.text_model, hidden_layer=-3)
+    words = TextEncoder(tokenizer, clip.text_model, hidden_layer=-3, concat_token_embeddings=False)
     assert both.embedding_dim == 2 * encoder.embedding_dim
     prompts = ["a red circle on the left", "a blue square"]
     joined, mask = both.encode(prompts)

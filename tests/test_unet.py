@@ -235,7 +235,7 @@ def test_save_and_load_round_trip(tmp_path):
 def test_position_embedding_tells_the_attention_where_it_is(tmp_path):
     """Same weights with and without the fixed 2D embedding give different outputs, so the
     embedding reaches the attention. It is no weight: it is rebuilt from the saved config."""
-    plain = make_unet()
+    plain = make_unet(position_embedding=False)
     placed = make_unet(position_embedding=True)
     placed.load_state_dict(plain.state_dict())
     assert "down.1.attentions.0.position" not in placed.state_dict()
