@@ -10,16 +10,13 @@ the recorder's state at 10, 20 and 50 steps: it must not grow with the steps.
 Targets (issue): maps <= +5 %, edit <= +10 %.
 """
 import argparse
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.attention_control import AttentionRecorder  # noqa: E402
-from diffusion.pipeline import Pipeline  # noqa: E402
+from diffusion.attention_control import AttentionRecorder
+from diffusion.pipeline import Pipeline
 
 
 def timed(fn) -> float:

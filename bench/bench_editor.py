@@ -30,9 +30,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from diffusion.cli import relaunch_with_huge_pages  # noqa: E402
+from diffusion.cli import relaunch_with_huge_pages
 
 
 def percentile(values: list[float], q: float) -> float:

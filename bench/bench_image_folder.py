@@ -197,7 +197,6 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     sizes = sorted(int(size) for size in args.sizes.split(","))
-    sys.path.insert(0, str(ROOT))
     folders = make_folders(sizes, args.processes)
     make_text_encoder()
 

@@ -41,11 +41,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
 
-from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel  # noqa: E402
+from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
-from diffusion.unet import UNet  # noqa: E402
+from diffusion.unet import UNet
 
 GROUPS = 8  # GroupNorm groups, ours and diffusers'
 

@@ -13,7 +13,6 @@ import torch
 torch.set_num_threads(1)
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # `import diffusion` without installing the package
 
 # A model small enough to train (text encoder included) in a few seconds on one CPU core.
 TINY = {
@@ -65,8 +64,7 @@ def run_cli():
     """Run `python <script> args...` from the repository root; returns the CompletedProcess."""
 
     def run(script, *args, timeout=300):
-        env = {**os.environ, "OMP_NUM_THREADS": "1",
-               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
         return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
                               capture_output=True, text=True, timeout=timeout)
 

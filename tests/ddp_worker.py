@@ -7,12 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safetensors.torch import save_file  # noqa: E402
+from safetensors.torch import save_file
 
-from diffusion import training  # noqa: E402
-from diffusion.config import load_config  # noqa: E402
+from diffusion import training
+from diffusion.config import load_config
 
 UNet = training.UNet
 created = []

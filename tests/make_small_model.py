@@ -7,15 +7,13 @@ lowers that colour's share of the image") use this one; the session's 4-step mod
 conftest.py is only good for plumbing. 16 px, one object per image, grounding loss on.
 """
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
-from diffusion.config import config_from_dict  # noqa: E402
-from diffusion.training import train  # noqa: E402
+from diffusion.config import config_from_dict
+from diffusion.training import train
 
 SMALL = {
     "model": {"channels": [32, 64], "attention_resolutions": [16, 8], "attention_heads": 4},

@@ -1,4 +1,4 @@
-"""bench/training_curve.py: merged reports, the zoomed chart, and one-line errors."""
+"""tools/training_curve.py: merged reports, the zoomed chart, and one-line errors."""
 import json
 
 import pytest
@@ -15,7 +15,7 @@ def test_merges_reports_and_draws_the_zoomed_chart(tmp_path, run_cli):
     a1000 = _report(tmp_path / "a1000.json", single_object=0.989)  # the same model, more single-object prompts
     b = _report(tmp_path / "b.json", single_object=0.7, position=0.5)
     out = tmp_path / "curve.png"
-    result = run_cli("bench/training_curve.py", "--ymin", 0.85, "--mark", "40000=budget", "--out", out,
+    result = run_cli("tools/training_curve.py", "--ymin", 0.85, "--mark", "40000=budget", "--out", out,
                      f"51200={a}+{a1000}", f"25600={b}")
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
@@ -32,7 +32,7 @@ def test_merges_reports_and_draws_the_zoomed_chart(tmp_path, run_cli):
 ])
 def test_bad_input_is_one_line(tmp_path, run_cli, args, message):
     good = _report(tmp_path / "a.json", single_object=0.9)
-    result = run_cli("bench/training_curve.py", "--out", tmp_path / "c.png", *(a.format(good=good) for a in args))
+    result = run_cli("tools/training_curve.py", "--out", tmp_path / "c.png", *(a.format(good=good) for a in args))
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr

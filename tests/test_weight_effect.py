@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from diffusion.shapes import COLOURS, POSITION_PHRASES, SHAPES
-from diffusion.evaluation import colour_labels
+from diffusion.detector import MIN_COVERAGE, pixel_colours
 from diffusion.pipeline import Pipeline, Weighting
 
 SMALL = Path(__file__).parent / "assets" / "small-shapes"
@@ -18,9 +18,13 @@ def small():
 
 
 def colour_share(images, colour: str) -> float:
-    """Mean fraction of pixels whose colour is `colour` (nearest palette entry, see evaluation.py)."""
+    """Mean fraction of pixels at least half covered by `colour` (the detector's reading of a pixel)."""
     index = list(COLOURS).index(colour)
-    return float(np.mean([(colour_labels(np.asarray(image)) == index).mean() for image in images]))
+    shares = []
+    for image in images:
+        colours, coverage, _ = pixel_colours(np.asarray(image))
+        shares.append(((colours == index) & (coverage >= MIN_COVERAGE)).mean())
+    return float(np.mean(shares))
 
 
 def prompts_for(colour: str, weight: str) -> list[str]:

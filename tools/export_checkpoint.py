@@ -1,23 +1,21 @@
 """Export the EMA weights of a training checkpoint as a model folder, to evaluate a point of a run.
 
-    python bench/export_checkpoint.py runs/shapes/model runs/shapes/checkpoints/step-000400 runs/shapes-step400/model
+    python tools/export_checkpoint.py runs/shapes/model runs/shapes/checkpoints/step-000400 runs/shapes-step400/model
 
 MODEL is the run's exported model (for the text encoder, scheduler and UNet config), CHECKPOINT a
 `checkpoints/step-XXXXXX` folder of the same run, OUT the new model folder (with the run's
 config.yaml, so evaluate.py reads its holdout pairs).
 """
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.cli import ArgumentParser  # noqa: E402
-from diffusion.errors import UserError, exit_on_user_error  # noqa: E402
-from diffusion.pipeline import Pipeline  # noqa: E402
+from diffusion.cli import ArgumentParser
+from diffusion.errors import UserError, exit_on_user_error
+from diffusion.pipeline import Pipeline
 
 
 @exit_on_user_error

@@ -1,9 +1,9 @@
 """Faithfulness and localisation against training length, from evaluate.py reports.
 
-    python bench/training_curve.py --out docs/training-curve.png \
+    python tools/training_curve.py --out docs/training-curve.png \
         25600=runs/curve-400/report.json 51200=runs/shapes/report.json 102400=runs/curve-1600/report.json
 
-    python bench/training_curve.py --ymin 0.85 --mark "55500=15 min at 74 images/s" --out docs/training-length.png \
+    python tools/training_curve.py --ymin 0.85 --mark "55500=15 min at 74 images/s" --out docs/training-length.png \
         25600=runs/st800/report.json+runs/st800/single-1000.json ...   (README: "Training length")
 
 Each argument is IMAGES=REPORT: the number of training images the model saw and its report.json;
@@ -17,17 +17,15 @@ targets, and how much more?".
 """
 import json
 import math
-import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from diffusion.cli import ArgumentParser  # noqa: E402
-from diffusion.errors import UserError, exit_on_user_error  # noqa: E402
-from diffusion.evaluation import TARGETS  # noqa: E402
-from diffusion.images import _font, save_png  # noqa: E402
+from diffusion.cli import ArgumentParser
+from diffusion.errors import UserError, exit_on_user_error
+from diffusion.evaluation import TARGETS
+from diffusion.images import font, save_png
 
 COLOURS = [(220, 50, 50), (240, 150, 30), (200, 180, 0), (40, 160, 60), (40, 120, 220), (120, 60, 200),
            (200, 60, 160), (90, 90, 90), (0, 160, 160), (150, 100, 50)]
@@ -81,7 +79,7 @@ def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, hei
           marks: list[tuple[int, str]] = ()) -> Image.Image:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
-    font = _font(11)
+    label_font = font(11)
     left, right, top, bottom = 40, 230, 20, height - 34
     lo, hi = math.log2(points[0][0]), math.log2(points[-1][0])
     span = max(hi - lo, 1e-9)
@@ -92,19 +90,19 @@ def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, hei
 
     draw.rectangle([left, top, width - right, bottom], outline=(160, 160, 160))
     for v in sorted({ymin, (ymin + 1) / 2, 1.0}):
-        draw.text((8, xy(points[0][0], v)[1] - 6), f"{v:g}", fill="black", font=font)
+        draw.text((8, xy(points[0][0], v)[1] - 6), f"{v:g}", fill="black", font=label_font)
     for images, label in marks:
         if not points[0][0] <= images <= points[-1][0]:
             continue  # outside the measured range
         x, _ = xy(images, ymin)
         for y in range(top, bottom, 8):
             draw.line([x, y, x, min(y + 4, bottom)], fill=(90, 90, 90))
-        draw.text((x + 4, bottom - 15), label, fill=(60, 60, 60), font=font)
+        draw.text((x + 4, bottom - 15), label, fill=(60, 60, 60), font=label_font)
     for images, _ in points:
         x, _ = xy(images, 0)
-        draw.text((x - 16, bottom + 4), f"{images // 1000}k", fill="black", font=font)
+        draw.text((x - 16, bottom + 4), f"{images // 1000}k", fill="black", font=label_font)
     draw.text((left, height - 14), "training images (log scale); ticks at the right edge: targets",
-              fill="black", font=font)
+              fill="black", font=label_font)
     for k, key in enumerate(keys):
         colour = COLOURS[k % len(COLOURS)]
         values = [(images, v) for images, report in points if (v := _value(report, key)) is not None]
@@ -118,7 +116,7 @@ def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, hei
             draw.line([width - right, ty, width - right + 10, ty], fill=colour, width=3)
         draw.line([width - right + 20, top + 6 + 16 * k, width - right + 36, top + 6 + 16 * k], fill=colour, width=3)
         draw.text((width - right + 40, top + 16 * k), key.replace("faithfulness/", "").replace("localisation/", ""),
-                  fill="black", font=font)
+                  fill="black", font=label_font)
     return image
 
 
