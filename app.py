@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from diffusion.attention_control import AttentionRecorder
-from diffusion.cli import ArgumentParser, one_line_warnings, relaunch_with_huge_pages
+from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS, WEIGHT_MODES
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.images import attention_shares, heat_overlay, save_png
@@ -606,5 +606,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # malloc set up for PyTorch on CPU: sampling 1.11x as fast
+    tune_malloc()  # PyTorch on CPU: faster steps (diffusion/cli.py)
     main()

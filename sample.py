@@ -11,7 +11,7 @@ the first 64 at --out; the prompt, seed and settings are stored in every PNG's t
 """
 from pathlib import Path
 
-from diffusion.cli import ArgumentParser, one_line_warnings, relaunch_with_huge_pages
+from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS, WEIGHT_MODES
 from diffusion.errors import UserError, exit_on_user_error
 
@@ -169,5 +169,5 @@ def swap_batches(pipeline, source: str, args, maps, weighting):
                             local_blend=args.local_blend, batch_size=count, progress=False)
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # malloc set up for PyTorch on CPU: sampling 1.11x as fast
+    tune_malloc()  # PyTorch on CPU: faster steps (diffusion/cli.py)
     main()

@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-from diffusion.cli import relaunch_with_huge_pages
+from diffusion.cli import tune_malloc
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -153,5 +153,5 @@ def main():
 
 
 if __name__ == "__main__":
-    relaunch_with_huge_pages()  # as app.py runs
+    tune_malloc()  # as app.py runs
     main()

@@ -133,9 +133,9 @@ def bench_config(folder: Path, steps: int, new_keys: bool) -> dict:
 def child(code: str, config_file: str, output_dir: str) -> None:
     """Train one config with the package at `code`; print a RESULT line of JSON."""
     sys.path.insert(0, code)
-    from diffusion.cli import relaunch_with_huge_pages
+    from diffusion.cli import tune_malloc
 
-    relaunch_with_huge_pages()
+    tune_malloc()
     begin = time.time()
     from diffusion import training
     from diffusion.config import config_from_dict

@@ -1,8 +1,10 @@
 """Tests for train.py and sample.py as a user runs them: exit codes, one-line errors, outputs."""
 import json
+import os
 import re
 import shutil
-from pathlib import Path
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -196,107 +198,36 @@ def test_sample_with_a_too_long_prompt_warns_once_and_succeeds(run_cli, tiny_mod
     assert sorted(p.name for p in tmp_path.iterdir()) == ["long-000.png", "long.png"]  # no temporary files left
 
 
-# ---- huge pages: the command lines start themselves again with glibc.malloc.hugetlb=1 --------------
-@pytest.fixture
-def exec_calls(monkeypatch):
-    """Record os.execv instead of replacing the test process; huge pages count as supported."""
-    import diffusion.cli as cli
-    calls = []
-    monkeypatch.setattr(cli.os, "execv", lambda path, argv: calls.append((path, list(argv))))
-    monkeypatch.setattr(cli, "huge_pages_supported", lambda: True)
-    monkeypatch.setenv("GLIBC_TUNABLES", "")  # recorded, so that teardown removes what the tests set
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    return calls
+# ---- malloc set up for PyTorch ---------------------------------------------------------------------
+FAULTS = """
+import resource, sys, torch
+from diffusion.cli import tune_malloc
+applied = tune_malloc() if sys.argv[1] == "tuned" else False
+for _ in range(3):
+    torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)  # 64 MiB: above the largest threshold glibc would mmap from
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    torch.empty(64 * 2**20, dtype=torch.uint8).fill_(1)
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
 
 
-def test_relaunch_runs_the_same_command_again_with_the_tunable(exec_calls, monkeypatch):
-    import os
-    import sys
+def test_tuned_malloc_reuses_freed_memory_instead_of_faulting_it_in_again():
+    def faults(mode: str, **env) -> tuple[str, int]:
+        result = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
+                                env={**os.environ, **env})
+        assert result.returncode == 0, result.stderr
+        applied, count = result.stdout.split()
+        return applied, int(count)
 
-    from diffusion.cli import MALLOC_TUNABLES, relaunch_with_huge_pages
-    relaunch_with_huge_pages()
-    assert exec_calls == [(sys.executable, sys.orig_argv)]
-    assert os.environ["GLIBC_TUNABLES"] == MALLOC_TUNABLES
-
-    exec_calls.clear()
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")  # the user's own tunables are kept
-    relaunch_with_huge_pages()
-    assert len(exec_calls) == 1
-    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2:" + MALLOC_TUNABLES
-
-
-@pytest.mark.parametrize("tunables", ["glibc.malloc.hugetlb=1", "glibc.malloc.hugetlb=0",
-                                      "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=0"])
-def test_relaunch_happens_once_and_can_be_switched_off(exec_calls, monkeypatch, tunables):
-    import os
-
-    from diffusion.cli import relaunch_with_huge_pages
-    monkeypatch.setenv("GLIBC_TUNABLES", tunables)
-    relaunch_with_huge_pages()
-    assert exec_calls == [] and os.environ["GLIBC_TUNABLES"] == tunables
-
-
-def test_no_relaunch_where_huge_pages_are_unsupported(exec_calls, monkeypatch):
-    import os
-
-    import diffusion.cli as cli
-    monkeypatch.setattr(cli, "huge_pages_supported", lambda: False)
-    cli.relaunch_with_huge_pages()
-    assert exec_calls == [] and "GLIBC_TUNABLES" not in os.environ
-
-
-def test_a_failed_relaunch_runs_on_with_the_environment_unchanged(monkeypatch):
-    import os
-
-    import diffusion.cli as cli
-
-    def refuse(path, argv):
-        raise PermissionError(13, "Permission denied")
-    monkeypatch.setattr(cli.os, "execv", refuse)
-    monkeypatch.setattr(cli, "huge_pages_supported", lambda: True)
-    monkeypatch.setenv("GLIBC_TUNABLES", "")
-    monkeypatch.delenv("GLIBC_TUNABLES")
-    cli.relaunch_with_huge_pages()
-    assert "GLIBC_TUNABLES" not in os.environ
-    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
-    cli.relaunch_with_huge_pages()
-    assert os.environ["GLIBC_TUNABLES"] == "glibc.malloc.arena_max=2"
-
-
-def test_huge_pages_supported_reads_the_platform(monkeypatch):
-    import diffusion.cli as cli
-    monkeypatch.setattr(cli.sys, "platform", "darwin")
-    assert not cli.huge_pages_supported()
-    monkeypatch.setattr(cli.sys, "platform", "linux")
-    monkeypatch.setattr(cli.os, "confstr", lambda name: "glibc 2.31")  # before glibc.malloc.hugetlb
-    assert not cli.huge_pages_supported()
-    monkeypatch.setattr(cli.os, "confstr", lambda name: "musl 1.2")
-    assert not cli.huge_pages_supported()
-
-
-def test_a_script_really_starts_again_with_the_tunable(tmp_path):
-    """A real exec: the script's output comes from the second start, with its arguments intact."""
-    import os
-    import subprocess
-    import sys
-
-    from diffusion.cli import MALLOC_TUNABLES, huge_pages_supported
-    if not huge_pages_supported():
-        pytest.skip("no glibc >= 2.35 with transparent huge pages here")
-    script = tmp_path / "probe.py"
-    script.write_text("import os, sys\nfrom diffusion.cli import relaunch_with_huge_pages\n"
-                      "print('start', os.getpid(), flush=True)\n"
-                      "relaunch_with_huge_pages()\n"
-                      "print(os.environ.get('GLIBC_TUNABLES'), sys.argv[1:])\n")
-    env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
-    repo = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, str(script), "a b", "--c"], env=env, capture_output=True, text=True,
-                            timeout=60)
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert len(lines) == 3 and lines[0] == lines[1]  # started twice, in the same process (exec keeps the pid)
-    assert lines[2] == MALLOC_TUNABLES + " ['a b', '--c']"
+    applied, tuned = faults("tuned")
+    _, plain = faults("plain")
+    assert applied == "True"
+    assert plain > 20 * 10_000  # each fresh 64 MiB mmap faults its 16,384 pages in again
+    assert tuned < plain / 2
+    # a malloc set up through GLIBC_TUNABLES is left alone: that is also how to opt out
+    applied, _ = faults("tuned", GLIBC_TUNABLES="glibc.malloc.mmap_max=65536")
+    assert applied == "False"
 
 
 def test_sample_streams_many_images_and_grids_only_the_first_64(run_cli, tiny_model, tmp_path):
