@@ -108,6 +108,7 @@ def main(argv=None):
         categories=args.categories)
     report["model"] = str(model.resolve())
     print(format_report(report))
+    out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.tmp")
     temporary.write_text(json.dumps(report, indent=2) + "\n")
     temporary.replace(out)

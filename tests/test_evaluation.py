@@ -104,7 +104,7 @@ def test_the_generators_own_images_pass_almost_every_prompt():
 
 
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
-    out = tmp_path / "report.json"
+    out = tmp_path / "new" / "report.json"  # the folder is created
     result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
                      "--parts", "faithfulness,edit", "--guidance", 5, "--mixed-precision", "no", "--sampler", "ddim",
                      "--weight-context", "keep", "--out", out)
@@ -115,8 +115,8 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     assert "DDIM 20 steps" in result.stdout and report["weighting"]["context"] == "keep"
     assert "weighting: context keep" in result.stdout and "measured targets met" in result.stdout
     assert "single object" in result.stdout
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["report-edit.png", "report-examples.png", "report.json"]
-    with Image.open(tmp_path / "report-edit.png") as picture:
+    assert sorted(p.name for p in out.parent.iterdir()) == ["report-edit.png", "report-examples.png", "report.json"]
+    with Image.open(out.parent / "report-edit.png") as picture:
         assert picture.format == "PNG" and picture.info["model"] == report["model"]
 
 
