@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
 from .errors import UserError
+from .precision import autocast
 from .text_encoder import BYTE_ALPHABET, quiet_transformers
 
 BOS = "<|startoftext|>"
@@ -95,6 +96,7 @@ def train_clip(
     out_dir: str | Path,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    mixed_precision: str = "no",
 ) -> CLIPModel:
     """Train a small CLIP contrastively on images and captions; save its text half for the UNet.
 
@@ -110,6 +112,9 @@ def train_clip(
         out_dir: folder to write `tokenizer/` and `text_encoder/` into.
         device: where to train.
         progress: show a tqdm bar with the loss.
+        mixed_precision: autocast of the towers' forward passes, as resolved by
+            `precision.resolve_mixed_precision` ("no", "bf16", "fp16"); the loss, the logits
+            and the weights stay float32.
 
     Returns:
         The trained `CLIPModel` (both towers, eval mode, on `device`), e.g. to check retrieval.
@@ -202,11 +207,12 @@ def train_clip(
         rows, caption_of_image = torch.unique(caption_rows[picks], return_inverse=True)  # (U,), (B,)
         rows, caption_of_image = rows.to(device), caption_of_image.to(device)
         length = int(lengths[rows].max())  # causal attention: trimming trailing padding changes nothing
-        text = model.text_model(input_ids=all_ids[rows, :length], attention_mask=all_mask[rows, :length])
-        text_embeds = F.normalize(model.text_projection(text.pooler_output), dim=-1)  # (U, P)
         pixels = images[picks.to(device)].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        vision = model.vision_model(pixel_values=pixels)
-        image_embeds = F.normalize(model.visual_projection(vision.pooler_output), dim=-1)  # (B, P)
+        with autocast(torch.device(device), mixed_precision):
+            text = model.text_model(input_ids=all_ids[rows, :length], attention_mask=all_mask[rows, :length])
+            vision = model.vision_model(pixel_values=pixels)
+        text_embeds = F.normalize(model.text_projection(text.pooler_output.float()), dim=-1)  # (U, P)
+        image_embeds = F.normalize(model.visual_projection(vision.pooler_output.float()), dim=-1)  # (B, P)
         # CLIP caps the temperature at 100 so the logits cannot blow up.
         logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (B, U)
         image_loss = F.cross_entropy(logits, caption_of_image)

@@ -94,7 +94,8 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: 
         tokenizer = fit_tokenizer(captions + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length)
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        train_clip(images, captions, tokenizer, cfg.text, temporary, device=accelerator.device)
+        train_clip(images, captions, tokenizer, cfg.text, temporary, device=accelerator.device,
+                   mixed_precision=accelerator.mixed_precision)
         ckpt.default_file_modes(temporary)
         os.replace(temporary, clip_dir)
         accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
