@@ -10,6 +10,7 @@ them directly, and `build_page` wires them to a Gradio page. The model and its t
 loaded once at start-up and kept warm; requests from several browser tabs queue and run one at a
 time (the CPU has no room for two samplers at once).
 """
+
 from __future__ import annotations
 
 import base64
@@ -174,9 +175,12 @@ class Editor:
         setting for calls up to FLOAT32_MAX_BATCH rows (None: the faster one, timed now)."""
         encoder = CachedTextEncoder(pipeline.encoder)
         # One pipeline per precision, sharing the modules, so the precision follows the batch.
-        self.pipelines = {precision: Pipeline.from_parts(pipeline.unet, encoder, pipeline.scheduler_config,
-                                                         pipeline.device, precision)
-                          for precision in {"no", pipeline.mixed_precision}}
+        self.pipelines = {
+            precision: Pipeline.from_parts(
+                pipeline.unet, encoder, pipeline.scheduler_config, pipeline.device, precision
+            )
+            for precision in {"no", pipeline.mixed_precision}
+        }
         self.default_precision = pipeline.mixed_precision
         self.model = model
         self.unet_ms: dict[str, float] = {}  # the start-up timing, per precision
@@ -217,8 +221,10 @@ class Editor:
         timing = f" (a call of {FLOAT32_MAX_BATCH} rows: {timing})" if timing else ""
         if self.small_batch_precision == self.default_precision:
             return f"{name(self.default_precision)} for every UNet call{timing}"
-        return (f"{name(self.small_batch_precision)} for UNet calls of up to {FLOAT32_MAX_BATCH} rows{timing}, "
-                f"{name(self.default_precision)} above")
+        return (
+            f"{name(self.small_batch_precision)} for UNet calls of up to {FLOAT32_MAX_BATCH} rows{timing}, "
+            f"{name(self.default_precision)} above"
+        )
 
     def render(self, prompt: str, settings: Settings) -> Result:
         """Sample `prompt` (weighting syntax allowed) and record each word's map at every step.
@@ -229,10 +235,18 @@ class Editor:
         pipeline = self.pipelines[self.precision(settings.unet_batch(settings.num_images))]
         recorder = AttentionRecorder(pipeline.unet.config.sample_size, keep_history=True)
         start = time.perf_counter()
-        output = pipeline(prompt, num_images_per_prompt=settings.num_images, seed=settings.seed,
-                          steps=settings.steps, guidance=settings.guidance, sampler=settings.sampler,
-                          weighting=Weighting(settings.weight_mode, context=settings.weight_context),
-                          attention_controller=recorder, batch_size=MAX_IMAGES, progress=False)
+        output = pipeline(
+            prompt,
+            num_images_per_prompt=settings.num_images,
+            seed=settings.seed,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            sampler=settings.sampler,
+            weighting=Weighting(settings.weight_mode, context=settings.weight_context),
+            attention_controller=recorder,
+            batch_size=MAX_IMAGES,
+            progress=False,
+        )
         offsets = self.offsets(text)
         # The recorder is the pipeline's own kind, so these are the maps attention_maps=True gives.
         maps = [merge_word_maps(token_maps, text, offsets) for token_maps in recorder.token_maps().cpu()]
@@ -248,11 +262,19 @@ class Editor:
         settings.check()
         pipeline = self.pipelines[self.precision(settings.unet_batch(2))]  # one (source, edit) pair per batch
         start = time.perf_counter()
-        outputs = pipeline.swap(source, edit, num_images=settings.num_images, seed=settings.seed,
-                                edit_steps=edit_steps, steps=settings.steps, guidance=settings.guidance,
-                                sampler=settings.sampler, attention_maps=True,
-                                weighting=Weighting(settings.weight_mode, context=settings.weight_context),
-                                progress=False)
+        outputs = pipeline.swap(
+            source,
+            edit,
+            num_images=settings.num_images,
+            seed=settings.seed,
+            edit_steps=edit_steps,
+            steps=settings.steps,
+            guidance=settings.guidance,
+            sampler=settings.sampler,
+            attention_maps=True,
+            weighting=Weighting(settings.weight_mode, context=settings.weight_context),
+            progress=False,
+        )
         seconds = time.perf_counter() - start
         return Result(outputs[0], None, seconds), Result(outputs[1], None, seconds)
 
@@ -279,8 +301,9 @@ def update(editor: Editor, prompt: str, settings: Settings, last: Result) -> Vie
         return View(last, error_html(error))
 
 
-def update_weight(editor: Editor, prompt: str, index: int, weight: float, settings: Settings,
-                  last: Result) -> tuple[str, View]:
+def update_weight(
+    editor: Editor, prompt: str, index: int, weight: float, settings: Settings, last: Result
+) -> tuple[str, View]:
     """A weight slider was released: rewrite `prompt` with its `index`-th word at `weight`, then
     `update`. Returns the prompt (unchanged when it is malformed) and the view."""
     try:
@@ -339,8 +362,10 @@ def _figure(css_class: str, image: Image.Image, side: int, caption: str) -> str:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     source = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
-    return (f'<figure class="{css_class}"><img src="{source}" width="{image.width * scale}" '
-            f'height="{image.height * scale}" alt="{html.escape(caption)}"><figcaption>{caption}</figcaption></figure>')
+    return (
+        f'<figure class="{css_class}"><img src="{source}" width="{image.width * scale}" '
+        f'height="{image.height * scale}" alt="{html.escape(caption)}"><figcaption>{caption}</figcaption></figure>'
+    )
 
 
 def _image_with_maps(result: Result, index: int, step: int, side: int) -> str:
@@ -348,12 +373,17 @@ def _image_with_maps(result: Result, index: int, step: int, side: int) -> str:
     image = result.output.images[index]
     maps = result.maps(index, step)
     shares = attention_shares(maps)
-    tiles = "".join(_figure("word-map", heat_overlay(image, word_map), side // 2,
-                            f"{html.escape(label)} <b>{shares[label]:.0%}</b>")
-                    for label, word_map in maps.items())
+    tiles = "".join(
+        _figure(
+            "word-map", heat_overlay(image, word_map), side // 2, f"{html.escape(label)} <b>{shares[label]:.0%}</b>"
+        )
+        for label, word_map in maps.items()
+    )
     seed = result.output.seeds[index]
-    return (f'<div class="result-row">{_figure("result-image", image, side, f"seed {seed}")}'
-            f'<div class="word-maps">{tiles}</div></div>')
+    return (
+        f'<div class="result-row">{_figure("result-image", image, side, f"seed {seed}")}'
+        f'<div class="word-maps">{tiles}</div></div>'
+    )
 
 
 def result_html(result: Result, step: int = 0) -> str:
@@ -361,9 +391,11 @@ def result_html(result: Result, step: int = 0) -> str:
     (1-based) or averaged over all steps (0)."""
     when = f"step {step} of {result.steps}" if step else f"all {result.steps} steps"
     settings = result.output.settings
-    header = (f"<p class='result-caption'>maps over {when} &middot; {settings['sampler']}, guidance "
-              f"{settings['guidance']:g}, {precision_name(settings['mixed_precision'])} &middot; "
-              f"{result.seconds * 1000:.0f} ms</p>")
+    header = (
+        f"<p class='result-caption'>maps over {when} &middot; {settings['sampler']}, guidance "
+        f"{settings['guidance']:g}, {precision_name(settings['mixed_precision'])} &middot; "
+        f"{result.seconds * 1000:.0f} ms</p>"
+    )
     rows = "".join(_image_with_maps(result, i, step, IMAGE_SIDE) for i in range(len(result.output.images)))
     prompt = html.escape(result.output.prompts[0], quote=True)
     return f'<div class="result" data-prompt="{prompt}" data-step="{step}">{header}{rows}</div>'
@@ -374,9 +406,11 @@ def swap_html(source: Result, edit: Result) -> str:
     side = IMAGE_SIDE * 3 // 4
     rows = []
     for i in range(len(source.output.images)):
-        panels = "".join(f'<div class="swap-panel"><p class="swap-prompt">{name}: '
-                         f"{html.escape(result.output.prompts[i])}</p>{_image_with_maps(result, i, 0, side)}</div>"
-                         for name, result in (("source", source), ("edit", edit)))
+        panels = "".join(
+            f'<div class="swap-panel"><p class="swap-prompt">{name}: '
+            f"{html.escape(result.output.prompts[i])}</p>{_image_with_maps(result, i, 0, side)}</div>"
+            for name, result in (("source", source), ("edit", edit))
+        )
         rows.append(f'<div class="swap-row">{panels}</div>')
     return f'<div class="swap-result">{"".join(rows)}</div>'
 
@@ -385,8 +419,9 @@ def slider_states(words: list[WordWeight], result: Result | None) -> list[dict]:
     """The state of each of the SLIDERS weight sliders (Slider keyword arguments): shown, labelled
     and set for one of `words`, with the word's share of the attention in `result` when that is
     a render of the same words; or hidden."""
-    rendered = result is not None and [w.label for w in word_weights(result.output.prompts[0])] == \
-        [w.label for w in words]
+    rendered = result is not None and [w.label for w in word_weights(result.output.prompts[0])] == [
+        w.label for w in words
+    ]
     shares = result.shares() if rendered else {}
     states = []
     for i in range(SLIDERS):
@@ -398,8 +433,15 @@ def slider_states(words: list[WordWeight], result: Result | None) -> list[dict]:
             info = f"{shares[word.label]:.0%} of the attention"
         else:
             info = "cut off: past the token limit" if rendered else "not rendered yet (press Enter)"
-        states.append({"visible": True, "label": word.label, "value": word.weight, "info": info,
-                       "maximum": max(MAX_WEIGHT, word.weight)})
+        states.append(
+            {
+                "visible": True,
+                "label": word.label,
+                "value": word.weight,
+                "info": info,
+                "maximum": max(MAX_WEIGHT, word.weight),
+            }
+        )
     return states
 
 
@@ -439,7 +481,7 @@ class DownloadFolders:
         """A new empty folder; the oldest ones go."""
         folder = self.root / f"{next(self.numbers):06d}"
         folder.mkdir()
-        for old in sorted(self.root.iterdir())[:-self.keep]:
+        for old in sorted(self.root.iterdir())[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
 
@@ -458,15 +500,21 @@ def build_page(editor: Editor, first: Result):
         words = word_weights(prompt)
         more = len(words) > SLIDERS
         note = f"Only the first {SLIDERS} words have sliders; weight the others in the prompt: `(word:1.5)`."
-        return [gr.update(**state) for state in slider_states(words, result)] + \
-            [gr.update(visible=more, value=note if more else "")]
+        return [gr.update(**state) for state in slider_states(words, result)] + [
+            gr.update(visible=more, value=note if more else "")
+        ]
 
     def show(prompt: str, view: View, step: int) -> list:
         if view.error:  # the last good result stays on screen as it is
             return [gr.update(value=view.error, visible=True)] + [gr.skip()] * (3 + SLIDERS + 1)
         step = min(int(step), view.result.steps)
-        return [gr.update(value="", visible=False), result_html(view.result, step),
-                gr.update(maximum=view.result.steps, value=step), view.result, *slider_updates(prompt, view.result)]
+        return [
+            gr.update(value="", visible=False),
+            result_html(view.result, step),
+            gr.update(maximum=view.result.steps, value=step),
+            view.result,
+            *slider_updates(prompt, view.result),
+        ]
 
     def on_downloads(result: Result) -> list[str]:
         return [str(f) for f in write_downloads({"image": result}, folders.next(), editor.model)]
@@ -499,10 +547,18 @@ def build_page(editor: Editor, first: Result):
         gr.Markdown(f"## Attention editor &middot; `{html.escape(editor.model)}`")
         with gr.Accordion("Sampling settings", open=True):
             with gr.Row():
-                mode = gr.Radio(list(WEIGHT_MODES), value=WEIGHT_MODES[0], label="Weight mode",
-                                info="scale the word's cross-attention or its text embedding")
-                context = gr.Radio(list(WEIGHT_CONTEXTS), value=WEIGHT_CONTEXTS[0], label="Context",
-                                   info="fade: a down-weighted word also fades from the other words")
+                mode = gr.Radio(
+                    list(WEIGHT_MODES),
+                    value=WEIGHT_MODES[0],
+                    label="Weight mode",
+                    info="scale the word's cross-attention or its text embedding",
+                )
+                context = gr.Radio(
+                    list(WEIGHT_CONTEXTS),
+                    value=WEIGHT_CONTEXTS[0],
+                    label="Context",
+                    info="fade: a down-weighted word also fades from the other words",
+                )
                 seed = gr.Number(0, label="Seed", precision=0, minimum=0)
                 sampler = gr.Dropdown(list(SAMPLER_NAMES), value=DEFAULT_SAMPLER, label="Sampler")
             with gr.Row():
@@ -517,29 +573,63 @@ def build_page(editor: Editor, first: Result):
                 error = gr.HTML("", visible=False, elem_id="error")  # full width: the caret line must not wrap
                 with gr.Row():
                     with gr.Column(scale=2, min_width=320):
-                        prompt = gr.Textbox(DEFAULT_PROMPT, label="Prompt", elem_id="prompt", max_lines=1,
-                                            info="Enter renders; weights as (red:1.5), (red), [red]")
+                        prompt = gr.Textbox(
+                            DEFAULT_PROMPT,
+                            label="Prompt",
+                            elem_id="prompt",
+                            max_lines=1,
+                            info="Enter renders; weights as (red:1.5), (red), [red]",
+                        )
                         render = gr.Button("Render", variant="primary")
                         gr.Markdown("**Word weights** (1 = unchanged; release a slider to render)")
                         with gr.Row():  # two sliders a row where they fit
-                            sliders = [gr.Slider(**{"minimum": 0, "maximum": MAX_WEIGHT, "value": 1, "step": 0.05,
-                                                    "min_width": 200, "elem_classes": "word-weight", **shown})
-                                       for shown in slider_states(word_weights(DEFAULT_PROMPT), first)]
+                            sliders = [
+                                gr.Slider(
+                                    **{
+                                        "minimum": 0,
+                                        "maximum": MAX_WEIGHT,
+                                        "value": 1,
+                                        "step": 0.05,
+                                        "min_width": 200,
+                                        "elem_classes": "word-weight",
+                                        **shown,
+                                    }
+                                )
+                                for shown in slider_states(word_weights(DEFAULT_PROMPT), first)
+                            ]
                         more_words = gr.Markdown("", visible=False)
                     with gr.Column(scale=3):
-                        step = gr.Slider(0, first.steps, value=0, step=1, label="Step of the maps",
-                                         info="0 = averaged over all steps", elem_id="step")
+                        step = gr.Slider(
+                            0,
+                            first.steps,
+                            value=0,
+                            step=1,
+                            label="Step of the maps",
+                            info="0 = averaged over all steps",
+                            elem_id="step",
+                        )
                         maps = gr.HTML(result_html(first), elem_id="maps")
-                        downloads = gr.File(on_downloads(first), label="Downloads: images (PNG with prompt and "
-                                            "settings), attention panels and raw maps (safetensors)",
-                                            file_count="multiple", interactive=False, elem_id="downloads")
+                        downloads = gr.File(
+                            on_downloads(first),
+                            label="Downloads: images (PNG with prompt and "
+                            "settings), attention panels and raw maps (safetensors)",
+                            file_count="multiple",
+                            interactive=False,
+                            elem_id="downloads",
+                        )
             with gr.Tab("Word swap", id="swap"):
                 with gr.Row():
                     source = gr.Textbox(DEFAULT_PROMPT, label="Source prompt", elem_id="source", max_lines=1)
                     edit = gr.Textbox(DEFAULT_EDIT, label="Edited prompt", elem_id="edit", max_lines=1)
                 with gr.Row():
-                    edit_steps = gr.Slider(0, 1, value=0.6, step=0.05, label="Edit steps",
-                                           info="fraction of the steps that keep the source's maps")
+                    edit_steps = gr.Slider(
+                        0,
+                        1,
+                        value=0.6,
+                        step=0.05,
+                        label="Edit steps",
+                        info="fraction of the steps that keep the source's maps",
+                    )
                     swap = gr.Button("Swap", variant="primary", elem_id="swap-button")
                 swap_error = gr.HTML("", visible=False, elem_id="swap-error")
                 swap_view = gr.HTML("", elem_id="swap-view")
@@ -549,12 +639,15 @@ def build_page(editor: Editor, first: Result):
         # Cheap handlers run outside the queue, so they never wait behind a render.
         outputs = [error, maps, step, last_result, *sliders, more_words]
         for event in (prompt.submit, render.click):
-            event(on_render, [prompt, step, last_result, *controls], outputs) \
-                .then(on_downloads, last_result, downloads, queue=False, show_progress="hidden")
+            event(on_render, [prompt, step, last_result, *controls], outputs).then(
+                on_downloads, last_result, downloads, queue=False, show_progress="hidden"
+            )
         for index, slider in enumerate(sliders):
-            slider.release(lambda *args, index=index: on_weight(index, *args),
-                           [prompt, slider, step, last_result, *controls], [prompt, *outputs]) \
-                .then(on_downloads, last_result, downloads, queue=False, show_progress="hidden")
+            slider.release(
+                lambda *args, index=index: on_weight(index, *args),
+                [prompt, slider, step, last_result, *controls],
+                [prompt, *outputs],
+            ).then(on_downloads, last_result, downloads, queue=False, show_progress="hidden")
         prompt.input(on_typed, [prompt, last_result], [*sliders, more_words], queue=False, show_progress="hidden")
         step.release(on_step, [step, last_result], maps, queue=False, show_progress="hidden")
         swap.click(on_swap, [source, edit, edit_steps, *controls], [swap_error, swap_view, swap_downloads])
@@ -565,16 +658,25 @@ def build_page(editor: Editor, first: Result):
 def main(argv=None):
     parser = ArgumentParser(description="A live attention editor for a trained model, in the browser.")
     parser.add_argument("--model", help=f"model folder written by train.py (default: {DEFAULT_MODEL})")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1: this machine only)")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)"
+    )
     parser.add_argument("--port", type=int, default=7860, help="port to listen on (default 7860)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="CPU threads for torch (default: torch's, one per core). Beside a training run, 1 "
-                        "keeps the two from spinning against each other, which slows a render several times")
-    parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
-                        help="autocast of the UNet (default auto: for one image with guidance, float32 where a "
-                        "start-up timing finds it clearly faster; else bf16 where the device does it natively)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="CPU threads for torch (default: torch's, one per core). Beside a training run, 1 "
+        "keeps the two from spinning against each other, which slows a render several times",
+    )
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=MIXED_PRECISION,
+        help="autocast of the UNet (default auto: for one image with guidance, float32 where a "
+        "start-up timing finds it clearly faster; else bf16 where the device does it natively)",
+    )
     args = parser.parse_args(argv)
     one_line_warnings()
     if not 1 <= args.port <= 65535:
@@ -596,12 +698,16 @@ def main(argv=None):
     first = editor.warm_up()
     page = build_page(editor, first)
     try:
-        page.launch(server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True,
-                    prevent_thread_lock=True, css=CSS)
+        page.launch(
+            server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True, prevent_thread_lock=True, css=CSS
+        )
     except OSError as error:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {str(error).splitlines()[0]}") from None
-    print(f"ready {time.perf_counter() - start:.1f} s after loading began (a render takes "
-          f"{first.seconds * 1000:.0f} ms): http://{args.host}:{args.port}", flush=True)
+    print(
+        f"ready {time.perf_counter() - start:.1f} s after loading began (a render takes "
+        f"{first.seconds * 1000:.0f} ms): http://{args.host}:{args.port}",
+        flush=True,
+    )
     page.block_thread()
 
 

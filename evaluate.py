@@ -1,7 +1,7 @@
 """Measure a trained shapes model: faithfulness, attention localisation, weight edits, word swaps, samplers.
 
     python evaluate.py --model runs/shapes/model
-    python evaluate.py --model runs/shapes/model --n 200 --n-edit 64 --n-swap 64 --swap-sweep --out runs/shapes/report.json
+    python evaluate.py --model runs/shapes/model --n 200 --n-edit 64 --n-swap 64 --swap-sweep
     python evaluate.py --model runs/shapes/model --parts edit,swap
     python evaluate.py --model runs/shapes/model --n 1000 --parts faithfulness --categories "single object"
 
@@ -9,6 +9,7 @@ Prints a table and writes the same numbers as JSON (--out, default <model>/../re
 pictures beside it: example images, the weight-response and word-swap curves, and source | edit
 pairs. What each number means: diffusion/evaluation.py and diffusion/edit_evaluation.py.
 """
+
 import json
 import math
 from pathlib import Path
@@ -47,34 +48,70 @@ def main(argv=None):
     parser = ArgumentParser(description="Evaluate a trained shapes model.")
     parser.add_argument("--model", required=True, help="model folder written by train.py (e.g. runs/shapes/model)")
     parser.add_argument("--n", type=int, default=100, help="prompts per faithfulness category (default 100)")
-    parser.add_argument("--seed", type=int, default=None, help="evaluation scene seed (default 1000003; "
-                        "must differ from the training data seed)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="evaluation scene seed (default 1000003; must differ from the training data seed)",
+    )
     parser.add_argument("--out", default=None, help="JSON report path (default: <model>/../report.json)")
     parser.add_argument("--n-edit", type=int, default=32, help="prompts of the weight-response sweep (default 32)")
     parser.add_argument("--n-swap", type=int, default=32, help="source prompts per word-swap kind (default 32)")
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
-    parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale of every sample "
-                        "(default 3.0, as sample.py)")
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
-                        help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as "
-                        "sample.py); the sampler sweep measures all four")
-    parser.add_argument("--weight-context", default=WEIGHT_CONTEXTS[0], choices=WEIGHT_CONTEXTS,
-                        help="how the edit part's weights treat the other words' text states (default "
-                        f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)")
-    parser.add_argument("--edit-steps", type=fraction, default=0.6,
-                        help="the word swap's injection fraction that the swap targets check (default 0.6, as sample.py)")
-    parser.add_argument("--swap-sweep", action="store_true",
-                        help="also measure the swap at edit steps 0, 0.2, ..., 1 (a table and a plot)")
-    parser.add_argument("--local-blend", action="store_true", help="word swaps keep the source's pixels outside "
-                        "the changed words' maps (Prompt-to-Prompt's local blend)")
+    parser.add_argument(
+        "--guidance",
+        type=float,
+        default=3.0,
+        help="classifier-free guidance scale of every sample (default 3.0, as sample.py)",
+    )
+    parser.add_argument(
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        choices=SAMPLER_NAMES,
+        help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as "
+        "sample.py); the sampler sweep measures all four",
+    )
+    parser.add_argument(
+        "--weight-context",
+        default=WEIGHT_CONTEXTS[0],
+        choices=WEIGHT_CONTEXTS,
+        help="how the edit part's weights treat the other words' text states (default "
+        f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)",
+    )
+    parser.add_argument(
+        "--edit-steps",
+        type=fraction,
+        default=0.6,
+        help="the word swap's injection fraction that the swap targets check (default 0.6, as sample.py)",
+    )
+    parser.add_argument(
+        "--swap-sweep",
+        action="store_true",
+        help="also measure the swap at edit steps 0, 0.2, ..., 1 (a table and a plot)",
+    )
+    parser.add_argument(
+        "--local-blend",
+        action="store_true",
+        help="word swaps keep the source's pixels outside the changed words' maps (Prompt-to-Prompt's local blend)",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
-    parser.add_argument("--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)")
-    parser.add_argument("--categories", type=comma_list, default=None,
-                        help="comma list of the faithfulness categories to score (default all), e.g. "
-                        "--categories 'single object' --n 1000")
+    parser.add_argument(
+        "--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)"
+    )
+    parser.add_argument(
+        "--categories",
+        type=comma_list,
+        default=None,
+        help="comma list of the faithfulness categories to score (default all), e.g. "
+        "--categories 'single object' --n 1000",
+    )
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
-                        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=MIXED_PRECISION,
+        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)",
+    )
     args = parser.parse_args(argv)
     one_line_warnings()
     for name in ("n", "n_edit", "n_swap", "n_samplers", "batch_size"):
@@ -101,11 +138,24 @@ def main(argv=None):
         raise UserError(f"'{model}' was trained on data.kind={data.get('kind')}; evaluate.py measures shapes models")
     weighting = Weighting(context=args.weight_context)
     report, examples, swap_examples = evaluate(
-        pipe, n=args.n, seed=EVAL_SEED if args.seed is None else args.seed, holdout=data.get("holdout", []),
-        training_seed=data.get("seed", 0), n_edit=args.n_edit, n_swap=args.n_swap, n_samplers=args.n_samplers,
-        batch_size=args.batch_size, guidance=args.guidance, parts=args.parts, sampler=args.sampler,
-        weighting=weighting, edit_steps=args.edit_steps, swap_sweep=args.swap_sweep, local_blend=args.local_blend,
-        categories=args.categories)
+        pipe,
+        n=args.n,
+        seed=EVAL_SEED if args.seed is None else args.seed,
+        holdout=data.get("holdout", []),
+        training_seed=data.get("seed", 0),
+        n_edit=args.n_edit,
+        n_swap=args.n_swap,
+        n_samplers=args.n_samplers,
+        batch_size=args.batch_size,
+        guidance=args.guidance,
+        parts=args.parts,
+        sampler=args.sampler,
+        weighting=weighting,
+        edit_steps=args.edit_steps,
+        swap_sweep=args.swap_sweep,
+        local_blend=args.local_blend,
+        categories=args.categories,
+    )
     report["model"] = str(model.resolve())
     print(format_report(report))
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -116,8 +166,13 @@ def main(argv=None):
     metadata = {"model": report["model"]}
     if examples:
         images, labels = zip(*examples)
-        written.append(save_png(labelled_grid(list(images), list(labels), columns=8),
-                                out.with_name(f"{out.stem}-examples.png"), metadata))
+        written.append(
+            save_png(
+                labelled_grid(list(images), list(labels), columns=8),
+                out.with_name(f"{out.stem}-examples.png"),
+                metadata,
+            )
+        )
     if "edit" in report:
         written.append(save_png(edit_plot(report["edit"]), out.with_name(f"{out.stem}-edit.png"), metadata))
     if "swap" in report:

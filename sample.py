@@ -9,6 +9,7 @@ the first 64 at --out; the prompt, seed and settings are stored in every PNG's t
     python sample.py --model M "a (red:2) circle on the left" --attention maps/    # per-word maps
     python sample.py --model M "a red circle on the left" --edit "a red square on the left"
 """
+
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
@@ -42,13 +43,20 @@ def write_attention(out_dir: Path, stem: str, result, common: dict, first: int =
     from diffusion.checkpoint import default_file_modes
     from diffusion.images import attention_panel, save_png
 
-    for i, (image, prompt, seed, maps) in enumerate(zip(result.images, result.prompts, result.seeds,
-                                                         result.attention_maps), start=first):
+    for i, (image, prompt, seed, maps) in enumerate(
+        zip(result.images, result.prompts, result.seeds, result.attention_maps), start=first
+    ):
         name = f"{stem}-{i:03d}"
-        save_png(attention_panel(image, maps, f"seed {seed}"), out_dir / f"{name}.png",
-                 {"prompt": prompt, "seed": seed, **common})
-        save_file({word: m.contiguous() for word, m in maps.items()}, str(out_dir / f"{name}.safetensors"),
-                  metadata={"prompt": prompt, "seed": str(seed)})
+        save_png(
+            attention_panel(image, maps, f"seed {seed}"),
+            out_dir / f"{name}.png",
+            {"prompt": prompt, "seed": seed, **common},
+        )
+        save_file(
+            {word: m.contiguous() for word, m in maps.items()},
+            str(out_dir / f"{name}.safetensors"),
+            metadata={"prompt": prompt, "seed": str(seed)},
+        )
         default_file_modes(out_dir / f"{name}.safetensors")
 
 
@@ -58,7 +66,9 @@ def read_prompts(args) -> list[str]:
         try:
             lines = Path(args.prompt_file).read_text().splitlines()
         except (OSError, UnicodeDecodeError) as error:
-            raise UserError(f"cannot read --prompt-file '{args.prompt_file}': {getattr(error, 'strerror', None) or error}") from None
+            raise UserError(
+                f"cannot read --prompt-file '{args.prompt_file}': {getattr(error, 'strerror', None) or error}"
+            ) from None
         prompts += [line.strip() for line in lines if line.strip()]
     if not prompts:
         raise UserError('no prompt given; pass a prompt such as "a red circle on the left" or --prompt-file')
@@ -75,30 +85,64 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0, help="image i of each prompt uses noise seed seed+i")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
-    parser.add_argument("--sampler", default=DEFAULT_SAMPLER, choices=SAMPLER_NAMES,
-                        help="euler (default), dpm++ (DPM-Solver++ 2M), ddim, ddpm")
+    parser.add_argument(
+        "--sampler",
+        default=DEFAULT_SAMPLER,
+        choices=SAMPLER_NAMES,
+        help="euler (default), dpm++ (DPM-Solver++ 2M), ddim, ddpm",
+    )
     parser.add_argument("--negative-prompt", default=None, help="used instead of the empty prompt for guidance")
     parser.add_argument("--prompt-file", help="a text file with one prompt per line")
     parser.add_argument("--batch-size", type=int, default=16, help="images denoised together (does not change them)")
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument("--mixed-precision", default="auto", choices=MIXED_PRECISION,
-                        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)")
+    parser.add_argument(
+        "--mixed-precision",
+        default="auto",
+        choices=MIXED_PRECISION,
+        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)",
+    )
     parser.add_argument("--attention", metavar="OUT_DIR", help="write per-word attention panels and raw maps here")
-    parser.add_argument("--weight-mode", default=WEIGHT_MODES[0], choices=WEIGHT_MODES,
-                        help="how (word:w) weights act: scale cross-attention (default) or text embeddings")
-    parser.add_argument("--weight-context", default=WEIGHT_CONTEXTS[0], choices=WEIGHT_CONTEXTS,
-                        help="fade (default): a word weighted below 1 also fades out of the other words' text "
-                        "states, where the causal CLIP wrote it; keep: leave them (plain Prompt-to-Prompt)")
-    parser.add_argument("--weight-steps", default="0,1", type=fraction_window,
-                        help="window of steps (fractions start,end) where attention weights act (default 0,1)")
-    parser.add_argument("--attention-resolutions", type=resolution_set, default=None,
-                        help="feature-map sides (e.g. 16,8) where weights, swaps and map recording act (default all)")
-    parser.add_argument("--edit", metavar="PROMPT", help="Prompt-to-Prompt: draw this prompt from the same noise as "
-                        "the (single) prompt, keeping its layout")
-    parser.add_argument("--edit-steps", type=float, default=0.6,
-                        help="fraction of steps during which the source's maps are injected (default 0.6)")
-    parser.add_argument("--local-blend", action="store_true", help="with --edit: keep the source's pixels outside "
-                        "the changed words' maps (Prompt-to-Prompt's local blend)")
+    parser.add_argument(
+        "--weight-mode",
+        default=WEIGHT_MODES[0],
+        choices=WEIGHT_MODES,
+        help="how (word:w) weights act: scale cross-attention (default) or text embeddings",
+    )
+    parser.add_argument(
+        "--weight-context",
+        default=WEIGHT_CONTEXTS[0],
+        choices=WEIGHT_CONTEXTS,
+        help="fade (default): a word weighted below 1 also fades out of the other words' text "
+        "states, where the causal CLIP wrote it; keep: leave them (plain Prompt-to-Prompt)",
+    )
+    parser.add_argument(
+        "--weight-steps",
+        default="0,1",
+        type=fraction_window,
+        help="window of steps (fractions start,end) where attention weights act (default 0,1)",
+    )
+    parser.add_argument(
+        "--attention-resolutions",
+        type=resolution_set,
+        default=None,
+        help="feature-map sides (e.g. 16,8) where weights, swaps and map recording act (default all)",
+    )
+    parser.add_argument(
+        "--edit",
+        metavar="PROMPT",
+        help="Prompt-to-Prompt: draw this prompt from the same noise as the (single) prompt, keeping its layout",
+    )
+    parser.add_argument(
+        "--edit-steps",
+        type=float,
+        default=0.6,
+        help="fraction of steps during which the source's maps are injected (default 0.6)",
+    )
+    parser.add_argument(
+        "--local-blend",
+        action="store_true",
+        help="with --edit: keep the source's pixels outside the changed words' maps (Prompt-to-Prompt's local blend)",
+    )
     args = parser.parse_args(argv)
     one_line_warnings()
     prompts = read_prompts(args)
@@ -122,16 +166,28 @@ def main(argv=None):
     maps = bool(attention_dir)
     if maps and args.attention_resolutions:
         from diffusion.pipeline import MapOptions
+
         maps = MapOptions(resolutions=args.attention_resolutions)
     pipeline = Pipeline.from_pretrained(args.model, device=args.device, mixed_precision=args.mixed_precision)
     common = {"model": str(Path(args.model).resolve())}
     if args.edit:
         batches = swap_batches(pipeline, prompts[0], args, maps, weighting)
     else:
-        batches = ((result,) for result in pipeline.generate(
-            prompts, num_images_per_prompt=args.num_images, seed=args.seed, steps=args.steps, guidance=args.guidance,
-            sampler=args.sampler, negative_prompt=args.negative_prompt, batch_size=args.batch_size,
-            attention_maps=maps, weighting=weighting))
+        batches = (
+            (result,)
+            for result in pipeline.generate(
+                prompts,
+                num_images_per_prompt=args.num_images,
+                seed=args.seed,
+                steps=args.steps,
+                guidance=args.guidance,
+                sampler=args.sampler,
+                negative_prompt=args.negative_prompt,
+                batch_size=args.batch_size,
+                attention_maps=maps,
+                weighting=weighting,
+            )
+        )
     # Every image is written as soon as it is made; only the grid's images are kept.
     names = ("source", "edit") if args.edit else ("",)
     grid, count, settings = [], 0, {}
@@ -151,22 +207,40 @@ def main(argv=None):
                     grid.append((image, f"{prompt} (seed {seed})"))
     columns = 2 if args.edit else args.num_images if args.num_images > 1 else min(len(prompts), 8)
     images, labels = zip(*grid)
-    save_png(labelled_grid(list(images), list(labels), columns=min(columns, len(images))), out,
-             {"prompts": "\n".join(prompts + ([args.edit] if args.edit else [])), "seed": args.seed, **settings})
+    save_png(
+        labelled_grid(list(images), list(labels), columns=min(columns, len(images))),
+        out,
+        {"prompts": "\n".join(prompts + ([args.edit] if args.edit else [])), "seed": args.seed, **settings},
+    )
     total = count * len(names)
     shown = f"; the grid shows the first {len(grid)}" if len(grid) < total else ""
-    print(f"wrote {out} and {total} images beside it{shown}"
-          + (f"; attention maps in {attention_dir}" if attention_dir else ""))
+    print(
+        f"wrote {out} and {total} images beside it{shown}"
+        + (f"; attention maps in {attention_dir}" if attention_dir else "")
+    )
 
 
 def swap_batches(pipeline, source: str, args, maps, weighting):
     """(source output, edit output) for args.num_images pairs, args.batch_size pairs at a time."""
     for start in range(0, args.num_images, args.batch_size):
         count = min(args.batch_size, args.num_images - start)
-        yield pipeline.swap(source, args.edit, num_images=count, seed=args.seed + start, edit_steps=args.edit_steps,
-                            steps=args.steps, guidance=args.guidance, sampler=args.sampler,
-                            negative_prompt=args.negative_prompt, attention_maps=maps, weighting=weighting,
-                            local_blend=args.local_blend, batch_size=count, progress=False)
+        yield pipeline.swap(
+            source,
+            args.edit,
+            num_images=count,
+            seed=args.seed + start,
+            edit_steps=args.edit_steps,
+            steps=args.steps,
+            guidance=args.guidance,
+            sampler=args.sampler,
+            negative_prompt=args.negative_prompt,
+            attention_maps=maps,
+            weighting=weighting,
+            local_blend=args.local_blend,
+            batch_size=count,
+            progress=False,
+        )
+
 
 if __name__ == "__main__":
     tune_malloc()  # PyTorch on CPU: faster steps (diffusion/cli.py)

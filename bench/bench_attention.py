@@ -9,11 +9,11 @@ of each is kept, so a busy neighbour on the CPU hurts all of them alike. Then th
 the recorder's state at 10, 20 and 50 steps: it must not grow with the steps.
 Targets (issue): maps <= +5 %, edit <= +10 %.
 """
+
 import argparse
 import time
 
 import torch
-
 
 from diffusion.attention_control import AttentionRecorder
 from diffusion.pipeline import Pipeline
@@ -46,8 +46,13 @@ def main():
         "maps recorded": lambda: pipe(plain, attention_maps=True, **common),
         "attention edit": lambda: pipe(weighted, **common),
         "edit + maps": lambda: pipe(weighted, attention_maps=True, **common),
-        "swap (pairs)": lambda: pipe.swap("a red circle on the left", "a red square on the left",
-                                          num_images=args.batch // 2, steps=args.steps, progress=False),
+        "swap (pairs)": lambda: pipe.swap(
+            "a red circle on the left",
+            "a red square on the left",
+            num_images=args.batch // 2,
+            steps=args.steps,
+            progress=False,
+        ),
     }
     # the swap runs one pair (2 images) per batch; compare it with plain batches of 2
     cases["plain (batches of 2)"] = lambda: pipe(plain, steps=args.steps, batch_size=2, progress=False)

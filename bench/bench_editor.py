@@ -18,6 +18,7 @@
 
 Other jobs on the CPU slow every number here; compare runs on an idle machine.
 """
+
 import argparse
 import os
 import socket
@@ -29,9 +30,9 @@ import time
 import urllib.request
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 from diffusion.cli import tune_malloc
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -69,7 +70,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="runs/base/model")
     parser.add_argument("--n", type=int, default=30, help="updates to time (default 30)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads, as app.py --threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="torch threads, as app.py --threads (default: torch's)"
+    )
     args = parser.parse_args()
 
     import numpy as np
@@ -80,16 +83,20 @@ def main():
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
-          f"huge pages: {'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')}")
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs, "
+        f"huge pages: {'glibc.malloc.hugetlb=1' in os.environ.get('GLIBC_TUNABLES', '')}"
+    )
 
     start = time.perf_counter()
     editor = app.Editor.load(args.model)
     loaded = time.perf_counter() - start
     last = editor.warm_up()
     warm = time.perf_counter() - start
-    print(f"start-up: model loaded and precision timed in {loaded:.2f} s, warm (two renders) after {warm:.2f} s; "
-          f"precision: {editor.precision_note()}")
+    print(
+        f"start-up: model loaded and precision timed in {loaded:.2f} s, warm (two renders) after {warm:.2f} s; "
+        f"precision: {editor.precision_note()}"
+    )
     served = server_start_seconds(args.model, args.threads)
     if served is not None:
         print(f"start-up: python app.py answered after {served:.2f} s")
@@ -118,38 +125,67 @@ def main():
             app.write_downloads({"image": view.result}, Path(folder), editor.model)
             download_times.append(time.perf_counter() - begin)
             last = view.result
-    print(f"update ({args.n}x: 1 image, {settings.steps} steps, guidance {settings.guidance:g}, maps at every step, "
-          f"{editor.precision(settings.unet_batch(1))}): median {statistics.median(times) * 1000:.0f} ms, "
-          f"p90 {percentile(times, 0.9) * 1000:.0f} ms (sampling and maps alone: median "
-          f"{statistics.median(render_times) * 1000:.0f} ms; the downloads after it: "
-          f"{statistics.median(download_times) * 1000:.0f} ms)")
+    print(
+        f"update ({args.n}x: 1 image, {settings.steps} steps, guidance {settings.guidance:g}, maps at every step, "
+        f"{editor.precision(settings.unet_batch(1))}): median {statistics.median(times) * 1000:.0f} ms, "
+        f"p90 {percentile(times, 0.9) * 1000:.0f} ms (sampling and maps alone: median "
+        f"{statistics.median(render_times) * 1000:.0f} ms; the downloads after it: "
+        f"{statistics.median(download_times) * 1000:.0f} ms)"
+    )
 
-    cases = [("a (red:0) circle on the left", app.Settings()),
-             ("a red circle on the (left:2)", app.Settings(num_images=4, seed=3, weight_mode="embedding"))]
+    cases = [
+        ("a (red:0) circle on the left", app.Settings()),
+        ("a red circle on the (left:2)", app.Settings(num_images=4, seed=3, weight_mode="embedding")),
+    ]
     for prompt, settings in cases:
         result = editor.render(prompt, settings)
         precision = editor.precision(settings.unet_batch(settings.num_images))
-        reference = Pipeline.from_parts(editor.pipeline.unet, editor.pipeline.encoder.encoder,
-                                        editor.pipeline.scheduler_config, editor.pipeline.device, precision)
-        expected = reference(prompt, num_images_per_prompt=settings.num_images, seed=settings.seed,
-                             weighting=Weighting(settings.weight_mode, context=settings.weight_context),
-                             attention_maps=True, progress=False)
-        pixels = [np.abs(np.asarray(a, int) - np.asarray(b, int)).max()
-                  for a, b in zip(result.output.images, expected.images)]
-        maps_equal = all(torch.equal(a[word], b[word]) for a, b in zip(result.output.attention_maps,
-                                                                     expected.attention_maps) for word in a)
-        print(f"bit-identical to Pipeline.__call__ ({settings.num_images} image(s), {precision}): images "
-              f"{'yes' if max(pixels) == 0 else f'no, up to {max(pixels)} levels apart'}, "
-              f"maps {'yes' if maps_equal else 'no'}")
+        reference = Pipeline.from_parts(
+            editor.pipeline.unet,
+            editor.pipeline.encoder.encoder,
+            editor.pipeline.scheduler_config,
+            editor.pipeline.device,
+            precision,
+        )
+        expected = reference(
+            prompt,
+            num_images_per_prompt=settings.num_images,
+            seed=settings.seed,
+            weighting=Weighting(settings.weight_mode, context=settings.weight_context),
+            attention_maps=True,
+            progress=False,
+        )
+        pixels = [
+            np.abs(np.asarray(a, int) - np.asarray(b, int)).max() for a, b in zip(result.output.images, expected.images)
+        ]
+        maps_equal = all(
+            torch.equal(a[word], b[word])
+            for a, b in zip(result.output.attention_maps, expected.attention_maps)
+            for word in a
+        )
+        print(
+            f"bit-identical to Pipeline.__call__ ({settings.num_images} image(s), {precision}): images "
+            f"{'yes' if max(pixels) == 0 else f'no, up to {max(pixels)} levels apart'}, "
+            f"maps {'yes' if maps_equal else 'no'}"
+        )
 
     print("UNet call (ms), median of 10, float32 and bf16 taking turns:")
-    both = {precision: Pipeline.from_parts(editor.pipeline.unet, editor.pipeline.encoder,
-                                           editor.pipeline.scheduler_config, editor.pipeline.device, precision)
-            for precision in ("no", "bf16")}
+    both = {
+        precision: Pipeline.from_parts(
+            editor.pipeline.unet,
+            editor.pipeline.encoder,
+            editor.pipeline.scheduler_config,
+            editor.pipeline.device,
+            precision,
+        )
+        for precision in ("no", "bf16")
+    }
     for batch in (1, 2, 4, 8):
         ms = app.unet_milliseconds(both, batch, repeats=10)
-        print(f"  batch {batch}: float32 {ms['no']:.1f}, bf16 {ms['bf16']:.1f} -> "
-              f"{'float32' if ms['no'] <= ms['bf16'] else 'bf16'} faster; the editor uses {editor.precision(batch)}")
+        print(
+            f"  batch {batch}: float32 {ms['no']:.1f}, bf16 {ms['bf16']:.1f} -> "
+            f"{'float32' if ms['no'] <= ms['bf16'] else 'bf16'} faster; the editor uses {editor.precision(batch)}"
+        )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ on another checkout of the package (e.g. `git archive <commit> | tar -x -C /tmp/
 the streaming data path: every image and text state held in memory). A CPU shared with other
 jobs makes images/s noisy; the memory figures are not affected.
 """
+
 import argparse
 import json
 import multiprocessing
@@ -80,16 +81,20 @@ def make_folders(sizes: list[int], processes: int) -> dict[int, Path]:
         begin = time.time()
         with multiprocessing.get_context("fork").Pool(processes) as pool:
             captions = [caption for chunk in pool.imap(write_chunk, chunks) for caption in chunk]
-        print(f"rendered {max(missing)} images with {processes} processes in {time.time() - begin:.0f} s",
-              file=sys.stderr)
+        print(
+            f"rendered {max(missing)} images with {processes} processes in {time.time() - begin:.0f} s", file=sys.stderr
+        )
         for size in missing:
             folder = folders[size]
             folder.mkdir(exist_ok=True)
             if not (folder / "images").exists():
                 (folder / "images").symlink_to(Path("..") / "images")
             temporary = folder / ".metadata.jsonl.tmp"
-            temporary.write_text("".join(json.dumps({"file_name": f"images/{i:06d}.png", "text": captions[i]}) + "\n"
-                                         for i in range(size)))
+            temporary.write_text(
+                "".join(
+                    json.dumps({"file_name": f"images/{i:06d}.png", "text": captions[i]}) + "\n" for i in range(size)
+                )
+            )
             os.replace(temporary, folder / "metadata.jsonl")  # last: marks the folder complete
     return folders
 
@@ -106,10 +111,19 @@ def make_text_encoder() -> Path:
 
         tokenizer = fit_tokenizer(shapes(2000).captions(), vocab_size=1024, model_max_length=TOKENS)
         torch.manual_seed(0)
-        model = CLIPTextModel(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=TOKENS, bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id))
+        model = CLIPTextModel(
+            CLIPTextConfig(
+                vocab_size=len(tokenizer),
+                hidden_size=64,
+                intermediate_size=256,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                max_position_embeddings=TOKENS,
+                bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        )
         TextEncoder(tokenizer, model).save_pretrained(folder)
     return folder
 
@@ -123,10 +137,20 @@ def bench_config(folder: Path, steps: int, new_keys: bool) -> dict:
         "model": {"channels": [32, 64, 128], "attention_resolutions": [16], "attention_heads": 4},
         "text": {"pretrained": str(BENCH_DIR / "text-encoder")},
         "data": data,
-        "train": {"max_steps": steps, "batch_size": 32, "warmup_steps": 0, "checkpoint_every": steps,
-                  "validate_every": steps, "keep_checkpoints": 1, "log_every": steps, "validation_steps": 2,
-                  "validation_prompts": ["a red circle on the left"], "grounding_weight": 0,
-                  "grounding_pixel_weight": 0, "timestep_bias_multiplier": 1.0},
+        "train": {
+            "max_steps": steps,
+            "batch_size": 32,
+            "warmup_steps": 0,
+            "checkpoint_every": steps,
+            "validate_every": steps,
+            "keep_checkpoints": 1,
+            "log_every": steps,
+            "validation_steps": 2,
+            "validation_prompts": ["a red circle on the left"],
+            "grounding_weight": 0,
+            "grounding_pixel_weight": 0,
+            "timestep_bias_multiplier": 1.0,
+        },
     }
 
 
@@ -152,13 +176,18 @@ def child(code: str, config_file: str, output_dir: str) -> None:
     training.Trainer.run = timed_run
     training.train(cfg, output_dir)
     images = cfg.train.max_steps * cfg.train.batch_size
-    print("RESULT " + json.dumps({
-        "startup_s": timing["start"] - begin,
-        "images_per_s": images / timing["run_s"],
-        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-        "workers": getattr(cfg.data, "workers", 0),
-    }))
+    print(
+        "RESULT "
+        + json.dumps(
+            {
+                "startup_s": timing["start"] - begin,
+                "images_per_s": images / timing["run_s"],
+                "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "workers_peak_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                "workers": getattr(cfg.data, "workers", 0),
+            }
+        )
+    )
 
 
 def measure(code: Path, folder: Path, steps: int, label: str) -> dict:
@@ -167,8 +196,9 @@ def measure(code: Path, folder: Path, steps: int, label: str) -> dict:
 
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as scratch:
         config_file = Path(scratch) / "config.json"
-        config_file.write_text(json.dumps(bench_config(folder, steps, new_keys=(code / "diffusion"
-                                                                              / "embedding_store.py").is_file())))
+        config_file.write_text(
+            json.dumps(bench_config(folder, steps, new_keys=(code / "diffusion" / "embedding_store.py").is_file()))
+        )
         env = {**os.environ, "PYTHONPATH": str(code)}
         command = [sys.executable, __file__, "--child", str(code), str(config_file), str(Path(scratch) / "run")]
         result = subprocess.run(command, env=env, capture_output=True, text=True, cwd=code, check=False)
@@ -176,14 +206,26 @@ def measure(code: Path, folder: Path, steps: int, label: str) -> dict:
     lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     if result.returncode or not lines:
         sys.exit(f"{label} failed (exit {result.returncode}):\n{result.stdout[-2000:]}\n{result.stderr[-3000:]}")
-    store = next((line.split(",")[-1].split()[0] for line in result.stdout.splitlines()
-                  if line.startswith("text embeddings:")), "in memory")
-    return {"path": label, "store": store, **json.loads(lines[-1][len("RESULT "):])}
+    store = next(
+        (line.split(",")[-1].split()[0] for line in result.stdout.splitlines() if line.startswith("text embeddings:")),
+        "in memory",
+    )
+    return {"path": label, "store": store, **json.loads(lines[-1][len("RESULT ") :])}
 
 
 def machine() -> str:
-    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                  if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else ""
+    model = (
+        next(
+            (
+                line.split(":", 1)[1].strip()
+                for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else ""
+    )
     return f"{model}, {os.cpu_count()} cores, Python {platform.python_version()}"
 
 
@@ -202,8 +244,11 @@ def main() -> None:
 
     runs = [(ROOT, "streaming", size) for size in sizes]
     if args.compare_with:
-        runs += [(Path(args.compare_with).resolve(), f"old: {args.compare_with}", int(size))
-                 for size in args.compare_sizes.split(",") if int(size) in folders]
+        runs += [
+            (Path(args.compare_with).resolve(), f"old: {args.compare_with}", int(size))
+            for size in args.compare_sizes.split(",")
+            if int(size) in folders
+        ]
     results = []
     for code, label, size in runs:
         begin = time.time()
@@ -215,17 +260,22 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in results:
         worker = f"{r['workers_peak_rss_mib']:.0f}" if r["workers_peak_rss_mib"] else "-"
-        print(f"| {r['images']:,} | {r['path']} | {r['store']} | {r['peak_rss_mib']:.0f} | {worker} | "
-              f"{r['images_per_s']:.1f} | {r['startup_s']:.0f} |")
+        print(
+            f"| {r['images']:,} | {r['path']} | {r['store']} | {r['peak_rss_mib']:.0f} | {worker} | "
+            f"{r['images_per_s']:.1f} | {r['startup_s']:.0f} |"
+        )
     streaming = [r for r in results if r["path"] == "streaming"]
     if len(streaming) > 1:
         low, high = streaming[0], streaming[-1]
-        print(f"streaming peak RSS, {high['images']:,} vs {low['images']:,} images: "
-              f"{high['peak_rss_mib'] - low['peak_rss_mib']:+.0f} MiB "
-              f"({high['peak_rss_mib'] / low['peak_rss_mib']:.3f}x)")
+        print(
+            f"streaming peak RSS, {high['images']:,} vs {low['images']:,} images: "
+            f"{high['peak_rss_mib'] - low['peak_rss_mib']:+.0f} MiB "
+            f"({high['peak_rss_mib'] / low['peak_rss_mib']:.3f}x)"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": machine(), "steps": args.steps, "results": results},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps({"machine": machine(), "steps": args.steps, "results": results}, indent=2)
+        )
 
 
 if __name__ == "__main__":

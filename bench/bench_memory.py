@@ -9,6 +9,7 @@ then take a minute; evaluate.py scores the single-object category only (--parts 
 --categories "single object"). Memory flat in the work means the largest run within 1.5x of the
 smallest.
 """
+
 import argparse
 import json
 import subprocess
@@ -22,8 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Runs a command and prints its peak resident memory: a fresh parent per command, so that
 # RUSAGE_CHILDREN holds that command alone.
-WRAPPER = "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; " \
-          "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+WRAPPER = (
+    "import resource, subprocess, sys; code = subprocess.run(sys.argv[1:]).returncode; "
+    "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(code)"
+)
 
 
 def peak_kib(command: list[str]) -> tuple[int, float]:
@@ -45,25 +48,60 @@ def main() -> None:
     results = {"sample.py -n": {}, "evaluate.py --n": {}}
     with tempfile.TemporaryDirectory() as folder:
         for n in [int(v) for v in args.sample_n.split(",")]:
-            results["sample.py -n"][n] = peak_kib([sys.executable, "sample.py", "--model", args.model, "a red circle",
-                                                   "-n", str(n), "--steps", "2", "--batch-size", "50",
-                                                   "--out", f"{folder}/s{n}/grid.png"])
+            results["sample.py -n"][n] = peak_kib(
+                [
+                    sys.executable,
+                    "sample.py",
+                    "--model",
+                    args.model,
+                    "a red circle",
+                    "-n",
+                    str(n),
+                    "--steps",
+                    "2",
+                    "--batch-size",
+                    "50",
+                    "--out",
+                    f"{folder}/s{n}/grid.png",
+                ]
+            )
         for n in [int(v) for v in args.evaluate_n.split(",")]:
-            results["evaluate.py --n"][n] = peak_kib([sys.executable, "evaluate.py", "--model", args.model,
-                                                      "--n", str(n), "--parts", "faithfulness",
-                                                      "--categories", "single object",
-                                                      "--out", f"{folder}/e{n}/report.json"])
+            results["evaluate.py --n"][n] = peak_kib(
+                [
+                    sys.executable,
+                    "evaluate.py",
+                    "--model",
+                    args.model,
+                    "--n",
+                    str(n),
+                    "--parts",
+                    "faithfulness",
+                    "--categories",
+                    "single object",
+                    "--out",
+                    f"{folder}/e{n}/report.json",
+                ]
+            )
     for command, runs in results.items():
         sizes = sorted(runs)
         for n in sizes:
             print(f"{command} {n:>6}: peak {runs[n][0] / 1024:7.0f} MiB, {runs[n][1]:6.0f} s")
         ratio = runs[sizes[-1]][0] / runs[sizes[0]][0]
-        print(f"{command}: {sizes[-1]} against {sizes[0]}: {ratio:.2f}x the memory "
-              f"({'flat' if ratio <= 1.5 else 'NOT flat'}: the target is at most 1.5x)")
+        print(
+            f"{command}: {sizes[-1]} against {sizes[0]}: {ratio:.2f}x the memory "
+            f"({'flat' if ratio <= 1.5 else 'NOT flat'}: the target is at most 1.5x)"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps({c: {str(n): {"peak MiB": kib / 1024, "seconds": s}
-                                                   for n, (kib, s) in runs.items()} for c, runs in results.items()},
-                                              indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    c: {str(n): {"peak MiB": kib / 1024, "seconds": s} for n, (kib, s) in runs.items()}
+                    for c, runs in results.items()
+                },
+                indent=2,
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

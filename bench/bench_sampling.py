@@ -9,6 +9,7 @@ another checkout (e.g. `git archive <commit> | tar -x -C /tmp/old`), taking turn
 neighbour hurts both alike; the best of --rounds is kept. It also checks that both give the same
 images bit for bit. Prints a table and, with --json, writes it.
 """
+
 import argparse
 import json
 import os
@@ -31,8 +32,12 @@ for _ in range(2):  # oneDNN builds its kernels on the first calls
     pipe([prompt], num_images_per_prompt=16, batch_size=16, steps=2, progress=False)
 latency, maps = [], []
 for i in range(repeats):
-    start = time.perf_counter(); pipe(prompt, seed=i, progress=False); latency.append(time.perf_counter() - start)
-    start = time.perf_counter(); pipe(prompt, seed=i, attention_maps=True, progress=False); maps.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    pipe(prompt, seed=i, progress=False)
+    latency.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    pipe(prompt, seed=i, attention_maps=True, progress=False)
+    maps.append(time.perf_counter() - start)
 rates = {}
 for batch in (16, 50):
     start = time.perf_counter()
@@ -40,7 +45,8 @@ for batch in (16, 50):
     rates[batch] = batch / (time.perf_counter() - start)
 images = pipe(["a red circle on the left", "a blue square above a green cross"], num_images_per_prompt=3, seed=3,
               progress=False).images
-print(json.dumps({"latency ms": 1000 * statistics.median(latency), "latency with maps ms": 1000 * statistics.median(maps),
+print(json.dumps({"latency ms": 1000 * statistics.median(latency),
+                  "latency with maps ms": 1000 * statistics.median(maps),
                   "images/s at 16": rates[16], "images/s at 50": rates[50],
                   "pixels": np.stack([np.asarray(im) for im in images]).tolist()}))
 """
@@ -54,8 +60,9 @@ def measure(code: Path, model: str, repeats: int) -> dict:
     env = {**os.environ, "PYTHONPATH": str(code)}
     if "relaunch_with_huge_pages" in (code / "diffusion" / "cli.py").read_text():
         env["GLIBC_TUNABLES"] = OLD_TUNABLES
-    result = subprocess.run([sys.executable, "-c", CHILD, model, str(repeats)], capture_output=True, text=True,
-                            env=env, cwd=code)
+    result = subprocess.run(
+        [sys.executable, "-c", CHILD, model, str(repeats)], capture_output=True, text=True, env=env, cwd=code
+    )
     if result.returncode:
         sys.exit(f"error: the measurement on {code} failed: {result.stderr.strip().splitlines()[-1]}")
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -79,8 +86,10 @@ def main() -> None:
             runs[name].append(measure(code, model, args.repeats))
     table = {}
     for name, results in runs.items():
-        table[name] = {key: (min if "ms" in key else max)(r[key] for r in results)
-                       for key in ("latency ms", "latency with maps ms", "images/s at 16", "images/s at 50")}
+        table[name] = {
+            key: (min if "ms" in key else max)(r[key] for r in results)
+            for key in ("latency ms", "latency with maps ms", "images/s at 16", "images/s at 50")
+        }
         table[name]["pixels"] = results[0]["pixels"]
     keys = ("latency ms", "latency with maps ms", "images/s at 16", "images/s at 50")
     print(f"{'':<16}" + "".join(f"{key:>22}" for key in keys))
@@ -88,12 +97,18 @@ def main() -> None:
         print(f"{name:<16}" + "".join(f"{values[key]:>22.1f}" for key in keys))
     if args.baseline:
         new, old = table["this checkout"], table["baseline"]
-        print(f"{'speed-up':<16}" + "".join(
-            f"{(old[key] / new[key] if 'ms' in key else new[key] / old[key]):>21.2f}x" for key in keys))
+        print(
+            f"{'speed-up':<16}"
+            + "".join(f"{(old[key] / new[key] if 'ms' in key else new[key] / old[key]):>21.2f}x" for key in keys)
+        )
         print(f"the same images bit for bit: {'yes' if new['pixels'] == old['pixels'] else 'no'}")
     if args.json:
-        Path(args.json).write_text(json.dumps({name: {k: v for k, v in values.items() if k != "pixels"}
-                                               for name, values in table.items()}, indent=2) + "\n")
+        Path(args.json).write_text(
+            json.dumps(
+                {name: {k: v for k, v in values.items() if k != "pixels"} for name, values in table.items()}, indent=2
+            )
+            + "\n"
+        )
 
 
 if __name__ == "__main__":

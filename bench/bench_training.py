@@ -15,6 +15,7 @@ Measures, on this machine and its current load (run it alone):
 Timings are the best of `--rounds` interleaved rounds, so a busy neighbour hurts all alike; the
 printed "images/s" is the number to put beside a time measured on this machine.
 """
+
 import argparse
 import dataclasses
 import json
@@ -34,8 +35,8 @@ from diffusion.config import Config
 from diffusion.data import build_dataset
 from diffusion.grounding import GroundingLoss, grounding_targets
 from diffusion.precision import resolve_mixed_precision
-from diffusion.training import InMemoryData, TrainStep, drop_captions, new_optimizer, new_unet, noise_schedule
 from diffusion.text_encoder import TextEncoder
+from diffusion.training import InMemoryData, TrainStep, drop_captions, new_optimizer, new_unet, noise_schedule
 
 
 def cpu_name() -> str:
@@ -67,9 +68,13 @@ def small_clip(cfg: Config, captions: list[str], folder: Path) -> TextEncoder:
     images, _ = build_dataset(dataclasses.replace(cfg.data, num_samples=512)).render_all(progress=False)
     tokenizer = fit_tokenizer(captions, cfg.text.vocab_size, cfg.text.max_length)
     train_clip(images, captions[:512], tokenizer, dataclasses.replace(cfg.text, steps=1), folder, progress=False)
-    return TextEncoder.from_pretrained(folder, max_length=cfg.text.max_length, hidden_layer=cfg.text.hidden_layer,
-                                       mask_eos=cfg.text.mask_eos,
-                                       concat_token_embeddings=cfg.text.concat_token_embeddings)
+    return TextEncoder.from_pretrained(
+        folder,
+        max_length=cfg.text.max_length,
+        hidden_layer=cfg.text.hidden_layer,
+        mask_eos=cfg.text.mask_eos,
+        concat_token_embeddings=cfg.text.concat_token_embeddings,
+    )
 
 
 def main() -> None:
@@ -89,7 +94,7 @@ def main() -> None:
         encoder = small_clip(cfg, captions, Path(folder))
         token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"])
         data = InMemoryData(images, captions, encoder, "cpu", token_object, masks)
-        clip_images, clip_captions = images[:cfg.text.batch_size * 4], captions[:cfg.text.batch_size * 4]
+        clip_images, clip_captions = images[: cfg.text.batch_size * 4], captions[: cfg.text.batch_size * 4]
         tokenizer = encoder.tokenizer
 
         unet = new_unet(cfg, encoder)
@@ -98,9 +103,14 @@ def main() -> None:
         grounding = GroundingLoss(set(cfg.model.attention_resolutions), pixel=cfg.train.grounding_pixel_weight > 0)
         step = TrainStep(cfg, unet, noise_schedule(cfg), optimizer, accelerator, grounding)
         generator = torch.Generator().manual_seed(0)
-        batches = [drop_captions(data.batch(torch.randint(len(data), (cfg.train.batch_size,), generator=generator)),
-                                 torch.rand(cfg.train.batch_size) < cfg.train.cond_dropout, data.empty)
-                   for _ in range(4)]
+        batches = [
+            drop_captions(
+                data.batch(torch.randint(len(data), (cfg.train.batch_size,), generator=generator)),
+                torch.rand(cfg.train.batch_size) < cfg.train.cond_dropout,
+                data.empty,
+            )
+            for _ in range(4)
+        ]
         unet.train()
         for batch in batches:
             step(batch)  # warm-up: oneDNN picks its kernels
@@ -108,8 +118,13 @@ def main() -> None:
             step(batches[0])
         flops = counter.get_total_flops()
 
-        results = {"bf16 peak GFLOP/s": [], "float32 peak GFLOP/s": [], "step s": [], "clip float32 s/step": [],
-                   "clip bf16 s/step": []}
+        results = {
+            "bf16 peak GFLOP/s": [],
+            "float32 peak GFLOP/s": [],
+            "step s": [],
+            "clip float32 s/step": [],
+            "clip bf16 s/step": [],
+        }
         for _ in range(args.rounds):
             results["bf16 peak GFLOP/s"].append(matmul_peak(torch.bfloat16))
             results["float32 peak GFLOP/s"].append(matmul_peak(torch.float32))
@@ -120,25 +135,43 @@ def main() -> None:
             for precision in ("no", "bf16"):
                 clip_cfg = dataclasses.replace(cfg.text, steps=args.clip_steps)
                 start = time.perf_counter()
-                train_clip(clip_images, clip_captions, tokenizer, clip_cfg, Path(folder) / "clip", progress=False,
-                           mixed_precision=precision)
+                train_clip(
+                    clip_images,
+                    clip_captions,
+                    tokenizer,
+                    clip_cfg,
+                    Path(folder) / "clip",
+                    progress=False,
+                    mixed_precision=precision,
+                )
                 name = "clip float32 s/step" if precision == "no" else "clip bf16 s/step"
                 results[name].append((time.perf_counter() - start) / args.clip_steps)
 
     best = {name: (max(values) if "GFLOP" in name else min(values)) for name, values in results.items()}
     images_per_s = cfg.train.batch_size / best["step s"]
     gflops = flops / best["step s"] / 1e9
-    report = {**best, "images/s": images_per_s, "GFLOP per image": flops / cfg.train.batch_size / 1e9,
-              "step GFLOP/s": gflops, "share of the bf16 peak": gflops / best["bf16 peak GFLOP/s"],
-              "threads": torch.get_num_threads(), "mixed precision": accelerator.mixed_precision, "cpu": cpu_name()}
+    report = {
+        **best,
+        "images/s": images_per_s,
+        "GFLOP per image": flops / cfg.train.batch_size / 1e9,
+        "step GFLOP/s": gflops,
+        "share of the bf16 peak": gflops / best["bf16 peak GFLOP/s"],
+        "threads": torch.get_num_threads(),
+        "mixed precision": accelerator.mixed_precision,
+        "cpu": cpu_name(),
+    }
     print(f"CPU: {report['cpu']}")
     print(f"matmul peak: bf16 {best['bf16 peak GFLOP/s']:.0f} GFLOP/s, float32 {best['float32 peak GFLOP/s']:.0f}")
-    print(f"UNet training step (batch {cfg.train.batch_size}, {accelerator.mixed_precision}, "
-          f"{torch.get_num_threads()} threads): {best['step s'] * 1000:.1f} ms, {images_per_s:.0f} images/s, "
-          f"{report['GFLOP per image']:.2f} GFLOP per image, {gflops:.0f} GFLOP/s = "
-          f"{report['share of the bf16 peak']:.0%} of the bf16 peak")
-    print(f"small CLIP step (batch {cfg.text.batch_size}): float32 {best['clip float32 s/step']:.3f} s, "
-          f"bf16 autocast {best['clip bf16 s/step']:.3f} s")
+    print(
+        f"UNet training step (batch {cfg.train.batch_size}, {accelerator.mixed_precision}, "
+        f"{torch.get_num_threads()} threads): {best['step s'] * 1000:.1f} ms, {images_per_s:.0f} images/s, "
+        f"{report['GFLOP per image']:.2f} GFLOP per image, {gflops:.0f} GFLOP/s = "
+        f"{report['share of the bf16 peak']:.0%} of the bf16 peak"
+    )
+    print(
+        f"small CLIP step (batch {cfg.text.batch_size}): float32 {best['clip float32 s/step']:.3f} s, "
+        f"bf16 autocast {best['clip bf16 s/step']:.3f} s"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -24,6 +24,7 @@ test: it exits 0 whether ours is faster or not.
     python bench/bench_unet.py --device cuda --mixed-precision bf16 --json runs/bench.json
     python bench/bench_unet.py --profile                # also print the top ops of both models
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,8 +41,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
 from diffusion.unet import UNet
@@ -50,8 +49,9 @@ GROUPS = 8  # GroupNorm groups, ours and diffusers'
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--resolution", type=int, default=32, help="image side in pixels")
     p.add_argument("--channels", default="32,64,128", help="our UNet's widths per level")
     p.add_argument("--attention-resolutions", default="16,8", help="sides (px) with transformer blocks")
@@ -73,8 +73,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mixed-precision", choices=["no", "bf16"], default="no", help="bf16 autocast")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: as is)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
-    p.add_argument("--profile", action="store_true",
-                   help="afterwards, profile one training step and one guided sampling step of each")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="afterwards, profile one training step and one guided sampling step of each",
+    )
     p.add_argument("--profile-rows", type=int, default=15)
     return p.parse_args(argv)
 
@@ -96,11 +99,16 @@ def n_params(model: torch.nn.Module) -> int:
 
 # ---------------------------------------------------------------------------- the two models
 
+
 def build_ours(args) -> UNet:
-    return UNet(sample_size=args.resolution, channels=ints(args.channels),
-                blocks_per_level=args.blocks_per_level,
-                attention_resolutions=ints(args.attention_resolutions),
-                attention_heads=args.heads, context_dim=args.context_dim)
+    return UNet(
+        sample_size=args.resolution,
+        channels=ints(args.channels),
+        blocks_per_level=args.blocks_per_level,
+        attention_resolutions=ints(args.attention_resolutions),
+        attention_heads=args.heads,
+        context_dim=args.context_dim,
+    )
 
 
 def diffusers_config(args, block_out_channels: tuple[int, ...]) -> dict:
@@ -172,6 +180,7 @@ def forward_fn(model, kind: str):
 
 # ---------------------------------------------------------------------------- measurements
 
+
 class Clock:
     def __init__(self, device: torch.device):
         self.device = device
@@ -188,7 +197,7 @@ def make_inputs(args, device) -> dict:
 
     def mask(n, valid):
         m = torch.zeros(n, T, dtype=torch.bool)
-        m[:, :max(1, min(valid, T))] = True
+        m[:, : max(1, min(valid, T))] = True
         return m
 
     cond, uncond = torch.randn(S, T, D, generator=g), torch.randn(1, T, D, generator=g).expand(S, T, D)
@@ -267,7 +276,8 @@ def measure_sample(model, fwd, inp, args, device, clock) -> float:
 
 
 def profile(name, model, fwd, inp, args, device) -> None:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sort = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -292,6 +302,7 @@ def profile(name, model, fwd, inp, args, device) -> None:
 
 
 # ---------------------------------------------------------------------------- main
+
 
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -321,8 +332,10 @@ def main(argv=None) -> int:
     models = {"ours": (ours, forward_fn(ours, "ours")), "diffusers": (theirs, forward_fn(theirs, "diffusers"))}
     rounds: list[dict] = []
     load_before = loadavg()
-    print(f"device {device}, threads {torch.get_num_threads()}, mixed precision {args.mixed_precision}, "
-          f"{args.rounds} interleaved rounds, load average {load_before}")
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, mixed precision {args.mixed_precision}, "
+        f"{args.rounds} interleaved rounds, load average {load_before}"
+    )
     for r in range(args.rounds):
         row = {}
         for name, (model, fwd) in models.items():
@@ -330,8 +343,11 @@ def main(argv=None) -> int:
             train = measure_train(model, fwd, inp, args, device, clock)
             samp = measure_sample(model, fwd, inp, args, device, clock)
             row[name] = {"train_images_per_s": train, "sample_images_per_s": samp}
-            print(f"  round {r + 1} {name:9s}: train {train:8.2f} img/s   sample {samp:8.2f} img/s"
-                  f"   ({time.perf_counter() - t0:.1f}s)", flush=True)
+            print(
+                f"  round {r + 1} {name:9s}: train {train:8.2f} img/s   sample {samp:8.2f} img/s"
+                f"   ({time.perf_counter() - t0:.1f}s)",
+                flush=True,
+            )
         rounds.append(row)
 
     load_after = loadavg()
@@ -340,11 +356,18 @@ def main(argv=None) -> int:
 
     rows = [
         ("parameters", f"{ours_n:,}", f"{diff_n:,}", f"{ours_n / diff_n:.3f}"),
-        (f"train img/s (B={args.batch_size}, AdamW)", f"{best['ours']['train_images_per_s']:.2f}",
-         f"{best['diffusers']['train_images_per_s']:.2f}", f"{ratio['train_images_per_s']:.3f}"),
-        (f"sample img/s (B={args.sample_batch}, {args.sample_steps} steps, CFG)",
-         f"{best['ours']['sample_images_per_s']:.2f}", f"{best['diffusers']['sample_images_per_s']:.2f}",
-         f"{ratio['sample_images_per_s']:.3f}"),
+        (
+            f"train img/s (B={args.batch_size}, AdamW)",
+            f"{best['ours']['train_images_per_s']:.2f}",
+            f"{best['diffusers']['train_images_per_s']:.2f}",
+            f"{ratio['train_images_per_s']:.3f}",
+        ),
+        (
+            f"sample img/s (B={args.sample_batch}, {args.sample_steps} steps, CFG)",
+            f"{best['ours']['sample_images_per_s']:.2f}",
+            f"{best['diffusers']['sample_images_per_s']:.2f}",
+            f"{ratio['sample_images_per_s']:.3f}",
+        ),
     ]
     header = ("metric (best of rounds)", "ours", "diffusers", "ours/diffusers")
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(4)]
@@ -354,16 +377,24 @@ def main(argv=None) -> int:
     print("  ".join("-" * w for w in widths))
     for r in rows:
         print(line.format(*r))
-    print(f"diffusers config: block_out_channels={channels}, down={cfg['down_block_types']}, "
-          f"up={cfg['up_block_types']}, layers_per_block={cfg['layers_per_block']}, "
-          f"attention_head_dim={cfg['attention_head_dim']} (= heads), norm_num_groups={GROUPS}, "
-          f"cross_attention_dim={cfg['cross_attention_dim']}, use_linear_projection=True")
+    print(
+        f"diffusers config: block_out_channels={channels}, down={cfg['down_block_types']}, "
+        f"up={cfg['up_block_types']}, layers_per_block={cfg['layers_per_block']}, "
+        f"attention_head_dim={cfg['attention_head_dim']} (= heads), norm_num_groups={GROUPS}, "
+        f"cross_attention_dim={cfg['cross_attention_dim']}, use_linear_projection=True"
+    )
 
     if device.type == "cpu" and load_after is not None and load_after[0] > torch.get_num_threads() + 0.75:
-        print(f"note: load average {load_after} on {os.cpu_count()} CPUs is above this run's "
-              f"{torch.get_num_threads()} threads: other jobs probably shared the CPU, so absolute numbers "
-              "(and, less so, the ratios) are noisy; compare the rounds above")
-    slower = [f"{ {'train_images_per_s': 'training', 'sample_images_per_s': 'sampling'}[k]} ({v:.2f}x diffusers)" for k, v in ratio.items() if v < 1.0]
+        print(
+            f"note: load average {load_after} on {os.cpu_count()} CPUs is above this run's "
+            f"{torch.get_num_threads()} threads: other jobs probably shared the CPU, so absolute numbers "
+            "(and, less so, the ratios) are noisy; compare the rounds above"
+        )
+    slower = [
+        f"{ {'train_images_per_s': 'training', 'sample_images_per_s': 'sampling'}[k] } ({v:.2f}x diffusers)"
+        for k, v in ratio.items()
+        if v < 1.0
+    ]
     if slower:
         verdict = "FAIL: ours is slower at " + " and ".join(slower)
     else:
@@ -373,13 +404,22 @@ def main(argv=None) -> int:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = dict(
             args={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
-            environment=dict(torch=torch.__version__, python=platform.python_version(),
-                             device=str(device), threads=torch.get_num_threads(), cpus=os.cpu_count(),
-                             cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                             load_average_before=load_before, load_average_after=load_after),
+            environment=dict(
+                torch=torch.__version__,
+                python=platform.python_version(),
+                device=str(device),
+                threads=torch.get_num_threads(),
+                cpus=os.cpu_count(),
+                cuda=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+                load_average_before=load_before,
+                load_average_after=load_after,
+            ),
             ours=dict(params=ours_n, config=dict(ours.config)),
             diffusers=dict(params=diff_n, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}),
-            rounds=rounds, best=best, ratio=ratio, verdict=verdict,
+            rounds=rounds,
+            best=best,
+            ratio=ratio,
+            verdict=verdict,
         )
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")

@@ -6,12 +6,19 @@
 Names are imported lazily, so `diffusion.config` (used to check command lines) does not pull in
 torch and diffusers.
 """
+
 import importlib
 
 _EXPORTS = {
-    "AttentionController": "attention", "AttentionSite": "attention", "Config": "config",
-    "load_config": "config", "Pipeline": "pipeline", "PipelineOutput": "pipeline", "UNet": "unet",
-    "UserError": "errors", "Weighting": "weighting",
+    "AttentionController": "attention",
+    "AttentionSite": "attention",
+    "Config": "config",
+    "load_config": "config",
+    "Pipeline": "pipeline",
+    "PipelineOutput": "pipeline",
+    "UNet": "unet",
+    "UserError": "errors",
+    "Weighting": "weighting",
     # diffusers' DiffusionPipeline.from_pretrained finds how to load a component (["diffusion", "UNet"]
     # in model_index.json) by looking its base class up in the component's library: this one
     "ModelMixin": "unet",

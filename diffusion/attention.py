@@ -12,6 +12,7 @@ the output still comes from `attend`, so an image is the same with or without re
 Otherwise the layer goes through `attend`: the fused `scaled_dot_product_attention`, or plain
 ops over batch slices when training on CPU.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ class AttentionSite:
 class AttentionCall:
     """What one UNet forward call tells every cross-attention site (see AttentionSite)."""
 
-    controller: "AttentionController"
+    controller: AttentionController
     step: int | None = None
     num_steps: int | None = None
     conditional: slice = field(default_factory=lambda: slice(None))
@@ -79,16 +80,17 @@ def attention_probabilities(q: torch.Tensor, k: torch.Tensor, mask: torch.Tensor
     return scores.softmax(dim=-1)
 
 
-def sliced_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                     chunk: int = CPU_CHUNK) -> torch.Tensor:
+def sliced_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None, chunk: int = CPU_CHUNK
+) -> torch.Tensor:
     """`attention_probabilities` @ v over slices of the batch whose scores hold at most `chunk`
     numbers. Shapes as in `attend`."""
     B, heads, N, _ = q.shape
     rows = max(1, chunk // (heads * N * k.shape[2]))
     outputs = []
     for i in range(0, B, rows):
-        rows_mask = None if mask is None else mask if mask.shape[0] == 1 else mask[i:i + rows]
-        outputs.append(attention_probabilities(q[i:i + rows], k[i:i + rows], rows_mask) @ v[i:i + rows])
+        rows_mask = None if mask is None else mask if mask.shape[0] == 1 else mask[i : i + rows]
+        outputs.append(attention_probabilities(q[i : i + rows], k[i : i + rows], rows_mask) @ v[i : i + rows])
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs)
 
 
@@ -138,17 +140,23 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim - value_start, channels, bias=False)
         self.to_out = nn.Linear(channels, channels)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                resolution: tuple[int, int], call: AttentionCall | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_mask: torch.Tensor | None,
+        resolution: tuple[int, int],
+        call: AttentionCall | None = None,
+    ) -> torch.Tensor:
         """x: (B, H*W, C) pixel features; context: (B, T, D) text embeddings;
         context_mask: (B, T) bool, True where a token may be attended to (None: all);
         call: the controller and step of this forward call, if any."""
         B, N, C = x.shape
         T = context.shape[1]
         d = C // self.heads
-        q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)        # (B, heads, N, d)
+        q = self.to_q(x).view(B, N, self.heads, d).transpose(1, 2)  # (B, heads, N, d)
         k = self.to_k(context).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
-        v = self.to_v(context[..., self.value_start:]).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
+        v = self.to_v(context[..., self.value_start :]).view(B, T, self.heads, d).transpose(1, 2)  # (B, heads, T, d)
         mask = None if context_mask is None else context_mask[:, None, None, :]  # (B, 1, 1, T)
 
         site = None
@@ -178,13 +186,22 @@ class TransformerBlock(nn.Module):
     (as in ViT/DiT) is added to the features after the input projection, so queries know where
     they are: convolutions alone only learn it from the zero padding at the borders."""
 
-    def __init__(self, channels: int, context_dim: int, heads: int, name: str, groups: int = 8,
-                 position_grid: int | None = None, value_start: int = 0):
+    def __init__(
+        self,
+        channels: int,
+        context_dim: int,
+        heads: int,
+        name: str,
+        groups: int = 8,
+        position_grid: int | None = None,
+        value_start: int = 0,
+    ):
         super().__init__()
         position = None
         if position_grid:
-            position = get_2d_sincos_pos_embed(channels, position_grid, base_size=position_grid,
-                                               output_type="pt").float()[None]  # (1, side*side, C)
+            position = get_2d_sincos_pos_embed(
+                channels, position_grid, base_size=position_grid, output_type="pt"
+            ).float()[None]  # (1, side*side, C)
         self.register_buffer("position", position, persistent=False)
         self.norm = nn.GroupNorm(groups, channels)
         self.proj_in = nn.Linear(channels, channels)
@@ -193,8 +210,9 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(channels)
         self.cross_attention = CrossAttention(channels, context_dim, heads, name, value_start)
         self.norm3 = nn.LayerNorm(channels)
-        self.feed_forward = nn.Sequential(nn.Linear(channels, 4 * channels), nn.GELU(),
-                                          nn.Linear(4 * channels, channels))
+        self.feed_forward = nn.Sequential(
+            nn.Linear(channels, 4 * channels), nn.GELU(), nn.Linear(4 * channels, channels)
+        )
         self.proj_out = nn.Linear(channels, channels)
         nn.init.zeros_(self.proj_out.weight)  # start as the identity, as diffusers' models do
         nn.init.zeros_(self.proj_out.bias)

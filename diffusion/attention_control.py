@@ -20,6 +20,7 @@ classifier-free guidance is left alone, as in Prompt-to-Prompt.
 - `ControllerChain` runs several; edits happen before recording, so the recorded maps are the
   ones the model used.
 """
+
 from __future__ import annotations
 
 import torch
@@ -62,12 +63,17 @@ class AttentionRecorder(AttentionController):
     keep_history: also keep one aggregate per step (memory grows with the steps).
     """
 
-    def __init__(self, size: int, steps: tuple[float, float] = (0.0, 1.0), resolutions: set[int] | None = None,
-                 keep_history: bool = False):
+    def __init__(
+        self,
+        size: int,
+        steps: tuple[float, float] = (0.0, 1.0),
+        resolutions: set[int] | None = None,
+        keep_history: bool = False,
+    ):
         self.size = size
         self.filter = SiteFilter(steps, resolutions)
         self.keep_history = keep_history
-        self.total: torch.Tensor | None = None   # (B, T, size, size) running sum
+        self.total: torch.Tensor | None = None  # (B, T, size, size) running sum
         self.calls = 0
         self.history: dict[int, torch.Tensor] = {}
 
@@ -75,7 +81,7 @@ class AttentionRecorder(AttentionController):
         return self.filter(site)
 
     def process(self, site: AttentionSite, probabilities: torch.Tensor) -> None:
-        conditional = probabilities[site.conditional].float()   # (B, heads, H*W, T)
+        conditional = probabilities[site.conditional].float()  # (B, heads, H*W, T)
         B, _, _, T = conditional.shape
         h, w = site.resolution
         maps = conditional.mean(1).transpose(1, 2).reshape(B, T, h, w)  # (B, T, h, w)
@@ -106,8 +112,9 @@ class AttentionReweighter(AttentionController):
 
     weights: (B, T) one weight per token of each conditional row (1 = unchanged)."""
 
-    def __init__(self, weights: torch.Tensor, steps: tuple[float, float] = (0.0, 1.0),
-                 resolutions: set[int] | None = None):
+    def __init__(
+        self, weights: torch.Tensor, steps: tuple[float, float] = (0.0, 1.0), resolutions: set[int] | None = None
+    ):
         self.weights = weights
         self.filter = SiteFilter(steps, resolutions)
 
@@ -139,9 +146,9 @@ class AttentionInjector(AttentionController):
 
     def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor:
         edited = probabilities.clone()
-        conditional = probabilities[site.conditional]                 # (2P, heads, N, T)
-        source, target = conditional[0::2], conditional[1::2]         # (P, heads, N, T) each
-        mapping = self.mapping.to(probabilities.device)               # (P, T)
+        conditional = probabilities[site.conditional]  # (2P, heads, N, T)
+        source, target = conditional[0::2], conditional[1::2]  # (P, heads, N, T) each
+        mapping = self.mapping.to(probabilities.device)  # (P, T)
         gathered = torch.gather(source, 3, mapping.clamp(min=0)[:, None, None, :].expand_as(target))
         injected = torch.where((mapping >= 0)[:, None, None, :], gathered, target)
         rows = torch.arange(probabilities.shape[0], device=probabilities.device)[site.conditional][1::2]

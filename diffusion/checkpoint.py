@@ -10,6 +10,7 @@ A checkpoint is a folder `checkpoints/step-000500/` holding
 It is written to `step-000500.tmp/` and renamed when complete, so an interrupted save never
 replaces or corrupts the last good one; `state.json` is written last and marks it complete.
 """
+
 from __future__ import annotations
 
 import json
@@ -64,16 +65,28 @@ def default_file_modes(path: Path) -> None:
         os.chmod(file, 0o666 & ~umask)
 
 
-def save_checkpoint(directory: Path, step: int, model: torch.nn.Module, ema, optimizer, lr_scheduler,
-                    data_generator: torch.Generator, config: dict) -> Path:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    model: torch.nn.Module,
+    ema,
+    optimizer,
+    lr_scheduler,
+    data_generator: torch.Generator,
+    config: dict,
+) -> Path:
     """Write checkpoint `directory/step-XXXXXX` atomically; returns its path."""
     final = directory / f"step-{step:06d}"
     temporary = directory / f"step-{step:06d}.tmp"
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     names = [name for name, _ in model.named_parameters()]
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, temporary / "model.safetensors")
-    save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}, temporary / "ema.safetensors")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, temporary / "model.safetensors"
+    )
+    save_file(
+        {n: p.detach().cpu().contiguous() for n, p in zip(names, ema.shadow_params)}, temporary / "ema.safetensors"
+    )
     optimizer_tensors, optimizer_meta = _flatten_optimizer(optimizer.state_dict())
     save_file(optimizer_tensors, temporary / "optimizer.safetensors")
     rng = {"torch": torch.get_rng_state(), "data": data_generator.get_state()}
@@ -135,7 +148,9 @@ def load_checkpoint(path: Path) -> dict:
         loaded = {name.split(".")[0]: load_file(path / name) for name in files[:-1]}
         step = int(state["step"])
     except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, KeyError, ValueError, OSError) as error:
-        raise UserError(f"checkpoint '{path}' is corrupt ({type(error).__name__}); resume from another checkpoint") from None
+        raise UserError(
+            f"checkpoint '{path}' is corrupt ({type(error).__name__}); resume from another checkpoint"
+        ) from None
     return {**loaded, "state": state, "step": step}
 
 

@@ -1,4 +1,5 @@
 """Helpers shared by the command lines: one-line warnings and errors, and malloc set up for PyTorch."""
+
 import argparse
 import ctypes
 import ctypes.util

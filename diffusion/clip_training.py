@@ -5,6 +5,7 @@ images and captions.
 a small CLIPModel (text and vision towers) and saves its text half and the tokenizer in the
 transformers format, so `TextEncoder.from_pretrained` loads it exactly like a pretrained CLIP.
 """
+
 import json
 import math
 import warnings
@@ -41,19 +42,16 @@ ACTIVATION = "gelu"
 def fit_tokenizer(captions: list[str], vocab_size: int = 1024, model_max_length: int = 32) -> CLIPTokenizer:
     """Fit a CLIP-format byte-level BPE tokenizer on the training captions.
 
+    captions: the training captions; frequent words become single tokens.
+    vocab_size: the largest vocabulary size, special tokens included; at least 514 (the byte
+        alphabet twice, plus two special tokens). Merges stop early when no pair of symbols
+        occurs twice, so a small caption set gives a smaller vocabulary.
+    model_max_length: tokens per prompt, start and end tokens included.
+
+    Returns a `transformers.CLIPTokenizer`; `save_pretrained` writes it in the standard format.
     The vocabulary is laid out like OpenAI CLIP's vocab.json: the 256 byte symbols, the same with
     `</w>`, the learned merges in priority order, then `<|startoftext|>` and `<|endoftext|>`
     (which is also the pad token). Text is lowercased, and any text tokenizes without unknowns.
-
-    Args:
-        captions: the training captions; frequent words become single tokens.
-        vocab_size: the largest vocabulary size, special tokens included; at least 514 (the byte
-            alphabet twice, plus two special tokens). Merges stop early when no pair of symbols
-            occurs twice, so a small caption set gives a smaller vocabulary.
-        model_max_length: tokens per prompt, start and end tokens included.
-
-    Returns:
-        A `transformers.CLIPTokenizer`; `save_pretrained` writes it in the standard format.
     """
     if not captions or not all(isinstance(caption, str) for caption in captions):
         raise UserError("fit_tokenizer needs a non-empty list of caption strings; check the dataset captions")
@@ -100,24 +98,21 @@ def train_clip(
 ) -> CLIPModel:
     """Train a small CLIP contrastively on images and captions; save its text half for the UNet.
 
+    images: uint8 images, (N, 3, H, W) with H == W.
+    captions: N captions, one per image.
+    tokenizer: the tokenizer from `fit_tokenizer`; its `model_max_length` sets the text length.
+    config: any object with `width` (text hidden size), `layers` (text layers), `steps`,
+        `batch_size`, `lr` (peak AdamW learning rate) and `seed`.
+    out_dir: folder to write `tokenizer/` and `text_encoder/` into.
+    device: where to train.
+    progress: show a tqdm bar with the loss.
+    mixed_precision: autocast of the towers' forward passes, as resolved by
+        `precision.resolve_mixed_precision` ("no", "bf16", "fp16"); the loss, the logits and the
+        weights stay float32.
+
     Writes `out_dir/text_encoder` (a `CLIPTextModel`, safetensors) and `out_dir/tokenizer`, which
-    `TextEncoder.from_pretrained(out_dir)` loads.
-
-    Args:
-        images: uint8 images, (N, 3, H, W) with H == W.
-        captions: N captions, one per image.
-        tokenizer: the tokenizer from `fit_tokenizer`; its `model_max_length` sets the text length.
-        config: any object with `width` (text hidden size), `layers` (text layers), `steps`,
-            `batch_size`, `lr` (peak AdamW learning rate) and `seed`.
-        out_dir: folder to write `tokenizer/` and `text_encoder/` into.
-        device: where to train.
-        progress: show a tqdm bar with the loss.
-        mixed_precision: autocast of the towers' forward passes, as resolved by
-            `precision.resolve_mixed_precision` ("no", "bf16", "fp16"); the loss, the logits
-            and the weights stay float32.
-
-    Returns:
-        The trained `CLIPModel` (both towers, eval mode, on `device`), e.g. to check retrieval.
+    `TextEncoder.from_pretrained(out_dir)` loads. Returns the trained `CLIPModel` (both towers,
+    eval mode, on `device`), e.g. to check retrieval.
     """
     _check_training_data(images, captions)
     if config.width % TEXT_HEADS:
@@ -166,8 +161,10 @@ def train_clip(
     caption_rows = torch.tensor([row_of[caption] for caption in captions])  # (N,)
     too_long = sum(len(ids) > max_length for ids in tokenizer(distinct, verbose=False)["input_ids"])
     if too_long:
-        warnings.warn(f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
-                      f"and are truncated; raise max_length to keep them whole")
+        warnings.warn(
+            f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
+            f"and are truncated; raise max_length to keep them whole"
+        )
     tokens = tokenizer(
         distinct,
         padding="max_length",

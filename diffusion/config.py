@@ -7,6 +7,7 @@ to sample from it.
 
     cfg = load_config("configs/shapes.yaml", ["train.max_steps=3000", "model.channels=[32,64,128]"])
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -28,14 +29,18 @@ from .errors import UserError
 class ModelConfig:
     """The UNet (unet.py)."""
 
-    channels: list[int] = field(default_factory=lambda: [32, 64, 128])  # width of each level; level i works at data.resolution / 2**i (multiples of 8)
+    channels: list[int] = field(  # width of each level; level i works at data.resolution / 2**i (multiples of 8)
+        default_factory=lambda: [32, 64, 128]
+    )
     blocks_per_level: int = 1  # ResNet (+ transformer) blocks per level on the way down (1-3)
-    attention_resolutions: list[int] = field(default_factory=lambda: [16, 8])  # sides (px) of the levels with self- and cross-attention
+    attention_resolutions: list[int] = field(  # sides (px) of the levels with self- and cross-attention
+        default_factory=lambda: [16, 8]
+    )
     attention_heads: int = 4  # heads per attention layer; head width = channels / heads
     dropout: float = 0.0  # dropout in the ResNet blocks (0-0.2; the shapes data is plentiful)
-    position_embedding: bool = True  # a fixed 2D sine-cosine embedding in every transformer block, so queries know where they are
-    values_from_token_embeddings: bool = False  # cross-attention values read each word's own token embedding (keys read its context too)
-    token_value_resolutions: list[int] | None = None  # with the option above: only at these sides (null: every cross-attention)
+    position_embedding: bool = True  # fixed 2D sine-cosine embeddings in transformer blocks tell queries where they are
+    values_from_token_embeddings: bool = False  # values read each word's own token embedding; keys read its context too
+    token_value_resolutions: list[int] | None = None  # values_from_token_embeddings at these sides only (null: all)
 
 
 @dataclass
@@ -43,12 +48,12 @@ class TextConfig:
     """The frozen CLIP text encoder (text_encoder.py) and, without `pretrained`, the small CLIP
     trained here first (clip_training.py)."""
 
-    pretrained: str | None = None  # hub id or folder of a CLIP (e.g. openai/clip-vit-base-patch32); null: train a small CLIP here
-    hidden_layer: int = -1  # encoder layer whose states are the keys and values: -1 the last, -2 the penultimate ("clip skip")
-    concat_token_embeddings: bool = True  # append each token's own embedding to its contextual state (a small CLIP blurs "left" and "right")
+    pretrained: str | None = None  # CLIP hub id or folder, e.g. openai/clip-vit-base-patch32 (null: train a small CLIP)
+    hidden_layer: int = -1  # encoder layer giving the keys and values: -1 the last, -2 the penultimate ("clip skip")
+    concat_token_embeddings: bool = True  # append each token's embedding to its state (small CLIPs blur left and right)
     mask_eos: bool = True  # the UNet may not attend to the end-of-text token (padding is always masked)
     max_length: int = 40  # tokens per prompt, start and end included (four-object captions need up to 33)
-    vocab_size: int = 1024  # small CLIP: BPE vocabulary fitted to the captions (>= 514: the byte alphabet twice, 2 specials)
+    vocab_size: int = 1024  # small CLIP: BPE vocabulary fitted to the captions (>= 514: 256 bytes twice, 2 specials)
     width: int = 128  # small CLIP: transformer width
     layers: int = 4  # small CLIP: text transformer layers
     steps: int = 150  # small CLIP: contrastive training steps
@@ -68,18 +73,22 @@ class DataConfig:
     num_samples: int = 20000  # shapes: images in the training set (rendered once, kept in memory)
     min_objects: int = 1  # shapes: fewest objects per image (1-4)
     max_objects: int = 4  # shapes: most objects per image (1-4)
-    object_weights: list[float] | None = field(default_factory=lambda: [2.0, 5.0, 2.0, 1.0])  # shapes: relative frequency of 1, 2, 3, 4 objects for the UNet (null: uniform; the small CLIP trains on the uniform mix)
-    omit_colour: float = 0.0  # shapes: probability that a caption leaves an object's colour out ("a circle"), so the model learns what an unnamed colour looks like
+    object_weights: list[float] | None = field(  # shapes: relative frequency of 1-4 objects, UNet only (null: uniform)
+        default_factory=lambda: [2.0, 5.0, 2.0, 1.0]
+    )
+    omit_colour: float = 0.0  # shapes: chance a caption omits an object's colour ("a circle"), to learn unnamed colours
     omit_shape: float = 0.0  # shapes: the same for its shape ("a red shape")
     omit_position: float = 0.0  # shapes: the same for its position phrase (relations between two objects are kept)
     omit_size: float = 0.5  # shapes: the same for its size word ("small", "large")
     seed: int = 0  # shapes: the dataset is a pure function of this seed
-    holdout: list[str] = field(default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"])  # shapes: colour-shape pairs never shown in training
+    holdout: list[str] = field(  # shapes: colour-shape pairs never shown in training
+        default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"]
+    )
     center_crop: bool = True  # imagefolder: crop the centre after resizing (false: a random crop, drawn anew each time)
-    random_flip: bool = False  # imagefolder: horizontal flips, drawn anew each time (they contradict captions that say left or right)
+    random_flip: bool = False  # imagefolder: horizontal flips, drawn anew each time (wrong for left/right captions)
     skip_bad: bool = False  # imagefolder: skip unreadable or uncaptioned files (counted in the log) instead of failing
     workers: int = 2  # imagefolder: processes decoding images while training (0: in the training process)
-    embedding_cache: str | None = None  # imagefolder: folder of the captions' cached text states, reused across runs (null: ~/.cache/tiny-t2i-diffusion/embeddings)
+    embedding_cache: str | None = None  # imagefolder: folder caching caption text states across runs (null: user cache)
 
 
 @dataclass
@@ -94,27 +103,34 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # clip the gradient norm to this (0: off)
     gradient_accumulation_steps: int = 1  # micro-batches per optimizer step
-    mixed_precision: str = "auto"  # auto (bf16 autocast where the CPU or GPU does bf16 natively, else float32), no, fp16, bf16
-    prediction_type: str = "v_prediction"  # epsilon or v_prediction (v keeps weight on the noisiest steps, where the layout is decided)
+    mixed_precision: str = "auto"  # auto (bf16 autocast where the device has native bf16, else float32), no, fp16, bf16
+    prediction_type: str = "v_prediction"  # epsilon or v_prediction (v weighs the noisiest steps, which set the layout)
     snr_gamma: float | None = None  # min-SNR-gamma loss weighting, e.g. 5 (null: plain MSE)
     num_train_timesteps: int = 1000  # DDPM noise levels
-    beta_schedule: str = "squaredcos_cap_v2"  # noise schedule: linear, scaled_linear or squaredcos_cap_v2 (cosine, best for small images)
+    beta_schedule: str = "squaredcos_cap_v2"  # linear, scaled_linear, squaredcos_cap_v2 (cosine, best for small images)
     cond_dropout: float = 0.1  # probability that a caption is replaced by "" (for classifier-free guidance)
-    timestep_bias_multiplier: float = 3.0  # draw the noisiest timesteps this many times as often as the rest (1: uniform)
+    timestep_bias_multiplier: float = 3.0  # draw the noisiest timesteps this many times as often as others (1: uniform)
     timestep_bias_portion: float = 0.5  # the share of the timesteps, the noisiest, that the multiplier applies to
-    grounding_weight: float = 0.05  # token grounding loss on the cross-attention maps (0: off; shapes data only, it needs masks)
-    grounding_pixel_weight: float = 0.05  # TokenCompose's pixel loss: a word's map should also cover its object (0: off)
-    grounding_resolutions: list[int] | None = None  # feature-map sides the grounding losses act on (null: every attention level)
+    grounding_weight: float = 0.05  # token grounding loss on the cross-attention maps (0: off; needs the shapes' masks)
+    grounding_pixel_weight: float = 0.05  # TokenCompose's pixel loss: a word's map should cover its object too (0: off)
+    grounding_resolutions: list[int] | None = None  # sides the grounding losses act on (null: every attention level)
     ema_decay: float = 0.999  # EMA decay ceiling (it warms up with the step count)
     checkpoint_every: int = 800  # steps between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     validate_every: int = 800  # steps between validation grids (samples/step-XXXXXX.png)
     log_every: int = 50  # steps between loss and speed updates of the progress bar and TensorBoard
-    validation_prompts: list[str] = field(default_factory=lambda: [  # the validation grid's prompts, the same noise each time
-        "a red circle on the left", "a blue square on the right", "a green cross at the top",
-        "a yellow triangle at the bottom", "a purple circle in the centre",
-        "a red square to the left of a blue circle", "an orange triangle above a green square",
-        "a small yellow cross on the right"])
+    validation_prompts: list[str] = field(  # the validation grid's prompts, the same noise each time
+        default_factory=lambda: [
+            "a red circle on the left",
+            "a blue square on the right",
+            "a green cross at the top",
+            "a yellow triangle at the bottom",
+            "a purple circle in the centre",
+            "a red square to the left of a blue circle",
+            "an orange triangle above a green square",
+            "a small yellow cross on the right",
+        ]
+    )
     validation_seed: int = 0  # the validation grid's noise seed
     validation_steps: int = 20  # sampler steps of the validation grid (the default sampler)
     validation_guidance: float = 3.0  # guidance scale of the validation grid
@@ -151,14 +167,39 @@ CHOICES = {
     "train.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }
 POSITIVE = {
-    "model.blocks_per_level", "model.attention_heads", "text.max_length", "text.vocab_size",
-    "text.width", "text.layers", "text.steps", "text.batch_size", "text.lr", "data.resolution", "data.num_samples",
-    "train.max_steps", "train.batch_size", "train.lr", "train.gradient_accumulation_steps",
-    "train.num_train_timesteps", "train.checkpoint_every", "train.keep_checkpoints",
-    "train.validate_every", "train.log_every", "train.validation_steps",
+    "model.blocks_per_level",
+    "model.attention_heads",
+    "text.max_length",
+    "text.vocab_size",
+    "text.width",
+    "text.layers",
+    "text.steps",
+    "text.batch_size",
+    "text.lr",
+    "data.resolution",
+    "data.num_samples",
+    "train.max_steps",
+    "train.batch_size",
+    "train.lr",
+    "train.gradient_accumulation_steps",
+    "train.num_train_timesteps",
+    "train.checkpoint_every",
+    "train.keep_checkpoints",
+    "train.validate_every",
+    "train.log_every",
+    "train.validation_steps",
 }
-NON_NEGATIVE = {"train.timestep_bias_multiplier", "train.grounding_weight", "train.grounding_pixel_weight", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-                "train.snr_gamma", "model.dropout", "train.validation_guidance"}
+NON_NEGATIVE = {
+    "train.timestep_bias_multiplier",
+    "train.grounding_weight",
+    "train.grounding_pixel_weight",
+    "train.warmup_steps",
+    "train.weight_decay",
+    "train.grad_clip",
+    "train.snr_gamma",
+    "model.dropout",
+    "train.validation_guidance",
+}
 PROBABILITIES = {"data.omit_colour", "data.omit_shape", "data.omit_position", "data.omit_size"}
 FRACTIONS = {"train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
 
@@ -242,52 +283,79 @@ def _validate(cfg: Config) -> None:
         if key in PROBABILITIES and not 0 <= value <= 1:
             raise UserError(f"{key} must be a probability in [0, 1], got {value}")
     if cfg.data.workers < 0:
-        raise UserError(f"data.workers must be 0 (decode images in the training process) or a number of worker "
-                        f"processes such as 2, got {cfg.data.workers}")
+        raise UserError(
+            f"data.workers must be 0 (decode images in the training process) or a number of worker "
+            f"processes such as 2, got {cfg.data.workers}"
+        )
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
         raise UserError(f"model.channels must be a non-empty list of positive widths, got {cfg.model.channels}")
     for c in cfg.model.channels:
         if c % cfg.model.attention_heads or c % 8:
-            raise UserError(f"model.channels entries must be multiples of 8 and of model.attention_heads "
-                            f"({cfg.model.attention_heads}), got {c}")
+            raise UserError(
+                f"model.channels entries must be multiples of 8 and of model.attention_heads "
+                f"({cfg.model.attention_heads}), got {c}"
+            )
     levels = [cfg.data.resolution // 2**i for i in range(len(cfg.model.channels))]
     if cfg.data.resolution % 2 ** (len(cfg.model.channels) - 1):
-        raise UserError(f"data.resolution ({cfg.data.resolution}) must be divisible by "
-                        f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels")
+        raise UserError(
+            f"data.resolution ({cfg.data.resolution}) must be divisible by "
+            f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels"
+        )
     if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
-        raise UserError("train.grounding_weight needs object masks, which only data.kind shapes has; "
-                        "set train.grounding_weight=0 and train.grounding_pixel_weight=0")
+        raise UserError(
+            "train.grounding_weight needs object masks, which only data.kind shapes has; "
+            "set train.grounding_weight=0 and train.grounding_pixel_weight=0"
+        )
     if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
-        raise UserError("train.grounding_pixel_weight is part of the grounding loss, which is off; "
-                        "set train.grounding_pixel_weight=0 too, or train.grounding_weight > 0 (e.g. 0.05)")
+        raise UserError(
+            "train.grounding_pixel_weight is part of the grounding loss, which is off; "
+            "set train.grounding_pixel_weight=0 too, or train.grounding_weight > 0 (e.g. 0.05)"
+        )
     if cfg.model.values_from_token_embeddings and not cfg.text.concat_token_embeddings:
-        raise UserError("model.values_from_token_embeddings reads the token embeddings that "
-                        "text.concat_token_embeddings appends; set text.concat_token_embeddings=true too")
+        raise UserError(
+            "model.values_from_token_embeddings reads the token embeddings that "
+            "text.concat_token_embeddings appends; set text.concat_token_embeddings=true too"
+        )
     train = cfg.train
-    if train.timestep_bias_multiplier == 0 and train.timestep_bias_portion > 0 and \
-            biased_timestep_count(train) == train.num_train_timesteps:
-        raise UserError(f"train.timestep_bias_multiplier=0 with train.timestep_bias_portion={train.timestep_bias_portion} "
-                        "leaves no timestep to train on; lower the portion (e.g. 0.5) or raise the multiplier")
+    if (
+        train.timestep_bias_multiplier == 0
+        and train.timestep_bias_portion > 0
+        and biased_timestep_count(train) == train.num_train_timesteps
+    ):
+        raise UserError(
+            f"train.timestep_bias_multiplier=0 with train.timestep_bias_portion={train.timestep_bias_portion} "
+            "leaves no timestep to train on; lower the portion (e.g. 0.5) or raise the multiplier"
+        )
     for r in cfg.train.grounding_resolutions or []:
         if r not in cfg.model.attention_resolutions:
-            raise UserError(f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "
-                            f"{cfg.model.attention_resolutions}")
+            raise UserError(
+                f"train.grounding_resolutions has {r}, which is not in model.attention_resolutions "
+                f"{cfg.model.attention_resolutions}"
+            )
     for r in cfg.model.attention_resolutions:
         if r not in levels:
-            raise UserError(f"model.attention_resolutions has {r}, but the UNet's levels are at "
-                            f"{levels} px for data.resolution {cfg.data.resolution}")
+            raise UserError(
+                f"model.attention_resolutions has {r}, but the UNet's levels are at "
+                f"{levels} px for data.resolution {cfg.data.resolution}"
+            )
     if cfg.model.token_value_resolutions is not None:
         if not cfg.model.values_from_token_embeddings:
-            raise UserError("model.token_value_resolutions picks the levels of model.values_from_token_embeddings, "
-                            "which is off; set model.values_from_token_embeddings=true or remove it")
+            raise UserError(
+                "model.token_value_resolutions picks the levels of model.values_from_token_embeddings, "
+                "which is off; set model.values_from_token_embeddings=true or remove it"
+            )
         if not cfg.model.token_value_resolutions:
-            raise UserError("model.token_value_resolutions is empty, which would apply the option nowhere; "
-                            "list sides such as [16], or set it to null for every cross-attention")
+            raise UserError(
+                "model.token_value_resolutions is empty, which would apply the option nowhere; "
+                "list sides such as [16], or set it to null for every cross-attention"
+            )
         attended = set(cfg.model.attention_resolutions) | {levels[-1]}  # the middle block always attends
         for r in cfg.model.token_value_resolutions:
             if r not in attended:
-                raise UserError(f"model.token_value_resolutions has {r}, but cross-attention runs at "
-                                f"{sorted(attended, reverse=True)} px")
+                raise UserError(
+                    f"model.token_value_resolutions has {r}, but cross-attention runs at "
+                    f"{sorted(attended, reverse=True)} px"
+                )
 
 
 def field_comments(section) -> dict[str, str]:

@@ -6,6 +6,7 @@ and offer `captions()` (every caption, without loading pixels). A shapes set is 
 into memory for training (`render_all()`); an image folder is decoded batch by batch from disk
 (`training.StreamingData`).
 """
+
 from __future__ import annotations
 
 from torch.utils.data import Dataset
@@ -18,7 +19,8 @@ from .shapes import Omission, ShapesDataset
 def build_dataset(data_config) -> Dataset:
     """The dataset described by `data_config`, the config's `data` section: any object with
     attributes kind ("shapes" or "imagefolder"), resolution, num_samples, min_objects,
-    max_objects, object_weights, omit_colour, omit_shape, omit_position, omit_size, seed, holdout (list of "colour shape"), path, center_crop, random_flip, skip_bad.
+    max_objects, object_weights, omit_colour, omit_shape, omit_position, omit_size, seed, holdout
+    (list of "colour shape"), path, center_crop, random_flip, skip_bad.
     Shapes training data always excludes the holdout pairs."""
     kind = data_config.kind
     if kind == "shapes":
@@ -30,14 +32,14 @@ def build_dataset(data_config) -> Dataset:
             seed=data_config.seed,
             holdout=data_config.holdout,
             object_weights=data_config.object_weights,
-            omission=Omission(data_config.omit_colour, data_config.omit_shape, data_config.omit_position,
-                              data_config.omit_size),
+            omission=Omission(
+                data_config.omit_colour, data_config.omit_shape, data_config.omit_position, data_config.omit_size
+            ),
         )
     if kind == "imagefolder":
         if data_config.path is None:
             raise UserError(
-                "data.path is required when data.kind is imagefolder; set it to a folder of "
-                "captioned images"
+                "data.path is required when data.kind is imagefolder; set it to a folder of captioned images"
             )
         return ImageFolderDataset(
             data_config.path,

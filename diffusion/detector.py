@@ -38,6 +38,7 @@ accuracy of count, colour, shape, size and position:
   32 px (small squares read as circles), 1.000 at 64 px.
 - 3-5 ms per 32 px image and 8-13 ms per 64 px image on one (busy) CPU core.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -297,8 +298,13 @@ def detector_accuracy(
     overlap) has the right one; an unmatched object is wrong in all four}.
     """
     dataset = ShapesDataset(
-        resolution=resolution, num_samples=n, min_objects=min_objects, max_objects=max_objects,
-        object_weights=None, seed=seed, holdout_mode="any",
+        resolution=resolution,
+        num_samples=n,
+        min_objects=min_objects,
+        max_objects=max_objects,
+        object_weights=None,
+        seed=seed,
+        holdout_mode="any",
     )
     rng = np.random.default_rng(seed)
     right = dict.fromkeys(CATEGORIES, 0)
@@ -329,7 +335,7 @@ def _dilate(mask: np.ndarray, steps: int) -> np.ndarray:
     for _ in range(steps):
         padded = np.pad(mask, 1)
         H, W = mask.shape
-        mask = np.logical_or.reduce([padded[dy:dy + H, dx:dx + W] for dy in range(3) for dx in range(3)])
+        mask = np.logical_or.reduce([padded[dy : dy + H, dx : dx + W] for dy in range(3) for dx in range(3)])
     return mask
 
 
@@ -357,8 +363,9 @@ def is_clean_object(image: np.ndarray, detections: list[Detection]) -> bool:
     if len(detections) != 1:
         return False
     (detection,) = detections
-    return (detection.fit_error <= MAX_FIT_ERROR
-            and stray_pixels(image, detections) <= MAX_STRAY_FRACTION * detection.area)
+    return (
+        detection.fit_error <= MAX_FIT_ERROR and stray_pixels(image, detections) <= MAX_STRAY_FRACTION * detection.area
+    )
 
 
 def grain(image: np.ndarray, detections: list[Detection]) -> float:

@@ -33,6 +33,7 @@ there; their number is reported). Per kind: the new attribute present on the edi
 old one gone, the edited object's mask IoU with the source's (its centre distance, for a
 shape swap, whose mask must change), and the other objects' mask IoU.
 """
+
 from __future__ import annotations
 
 import math
@@ -73,7 +74,7 @@ def _article(word: str) -> str:
 
 
 def _phrase(colour: str | None, shape: str, position: str, weighted: str | None = None, weight: float = 1.0) -> str:
-    """"a red circle on the left", with `weighted` ("colour" or "shape") written `(word:weight)`,
+    """ "a red circle on the left", with `weighted` ("colour" or "shape") written `(word:weight)`,
     and the colour left out when None ("a circle on the left"). The article agrees with the word
     after it."""
     words = ([colour] if colour else []) + [shape]
@@ -137,16 +138,30 @@ def _scores(prompts: list[EditPrompt], word: str, images, texts=None, token_maps
             plain = parse_prompt(texts[k]).text
             start = plain.index(f" {target} ") + 1
             mass.append(float(span_map(token_maps[k], offsets[k], (start, start + len(target))).mean()))
-    scores = {"drawn": float(np.mean(drawn)), "present": float(np.mean(present)), "area": float(np.mean(area)),
-              "grain": float(np.mean(grains))}
+    scores = {
+        "drawn": float(np.mean(drawn)),
+        "present": float(np.mean(present)),
+        "area": float(np.mean(area)),
+        "grain": float(np.mean(grains)),
+    }
     if mass:
         scores["mass"] = float(np.mean(mass))
     return scores
 
 
-def weight_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, weighting: Weighting,
-                    progress=None, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER,
-                    modes: tuple[str, ...] = WEIGHT_MODES_MEASURED, weights: tuple[float, ...] = EDIT_WEIGHTS) -> dict:
+def weight_response(
+    pipe,
+    n: int,
+    seed: int,
+    holdout: list[str],
+    batch_size: int,
+    weighting: Weighting,
+    progress=None,
+    guidance: float = 3.0,
+    sampler: str = DEFAULT_SAMPLER,
+    modes: tuple[str, ...] = WEIGHT_MODES_MEASURED,
+    weights: tuple[float, ...] = EDIT_WEIGHTS,
+) -> dict:
     """Rows {word, mode, weight, drawn, present, area, grain, mass} over `n` prompts, image k of every
     setting from noise seed `seed + k`, and the word-deleted baseline {word: {drawn, present, area,
     grain}}. `weighting` gives the context, steps window and resolutions; its mode is each of `modes`
@@ -155,8 +170,9 @@ def weight_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int
     rows, deleted = [], {}
     for word in ("colour", "shape"):
         texts = [p.deleted(word) for p in prompts]
-        images, _, _ = sample_images(pipe, texts, seed, batch_size, sampler=sampler, guidance=guidance,
-                                     progress=progress, weighting=weighting)
+        images, _, _ = sample_images(
+            pipe, texts, seed, batch_size, sampler=sampler, guidance=guidance, progress=progress, weighting=weighting
+        )
         deleted[word] = _scores(prompts, word, images)
         plain = None
         for mode in modes:
@@ -166,8 +182,17 @@ def weight_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int
                     scores = plain
                 else:
                     mode_weighting = Weighting(mode, weighting.steps, weighting.resolutions, weighting.context)
-                    sampled = sample_images(pipe, texts, seed, batch_size, maps=True, sampler=sampler,
-                                            guidance=guidance, progress=progress, weighting=mode_weighting)
+                    sampled = sample_images(
+                        pipe,
+                        texts,
+                        seed,
+                        batch_size,
+                        maps=True,
+                        sampler=sampler,
+                        guidance=guidance,
+                        progress=progress,
+                        weighting=mode_weighting,
+                    )
                     scores = _scores(prompts, word, sampled[0], texts, sampled[1], sampled[2])
                     if weight == 1.0:
                         plain = scores
@@ -185,25 +210,39 @@ def weight_contract(response: dict) -> dict:
             at = {r["weight"]: r for r in rows if r["word"] == word and r["mode"] == mode}
             name = f"edit/{word} word, {mode} mode"
             if 0.0 in at:
-                out[f"{name}: weight 0 draws an object"] = {"value": at[0.0]["drawn"], "target": DRAWN_TARGET,
-                                                            "met": at[0.0]["drawn"] >= DRAWN_TARGET - eps}
+                out[f"{name}: weight 0 draws an object"] = {
+                    "value": at[0.0]["drawn"],
+                    "target": DRAWN_TARGET,
+                    "met": at[0.0]["drawn"] >= DRAWN_TARGET - eps,
+                }
                 prior = response["deleted"][word]["present"]
                 out[f"{name}: weight 0 names it no more than deleting the word (+{PRIOR_MARGIN:g})"] = {
-                    "value": at[0.0]["present"], "target": round(prior + PRIOR_MARGIN, 6),
-                    "met": at[0.0]["present"] <= prior + PRIOR_MARGIN + eps}
+                    "value": at[0.0]["present"],
+                    "target": round(prior + PRIOR_MARGIN, 6),
+                    "met": at[0.0]["present"] <= prior + PRIOR_MARGIN + eps,
+                }
             held = [w for w in CONTRACT_WEIGHTS if w in at]
             if held:
                 least_drawn = min(at[w]["drawn"] for w in held)
                 least_present = min(at[w]["present"] for w in held)
                 label = "/".join(f"{w:g}" for w in held)
                 out[f"{name}: weights {label} draw an object (least)"] = {
-                    "value": least_drawn, "target": DRAWN_TARGET, "met": least_drawn >= DRAWN_TARGET - eps}
+                    "value": least_drawn,
+                    "target": DRAWN_TARGET,
+                    "met": least_drawn >= DRAWN_TARGET - eps,
+                }
                 out[f"{name}: weights {label} keep the {word} (least)"] = {
-                    "value": least_present, "target": PRESENT_TARGET, "met": least_present >= PRESENT_TARGET - eps}
+                    "value": least_present,
+                    "target": PRESENT_TARGET,
+                    "met": least_present >= PRESENT_TARGET - eps,
+                }
             if 1.0 in at and 2.0 in at:
                 ratio = at[2.0]["grain"] / max(at[1.0]["grain"], 1e-9)
                 out[f"{name}: background grain, weight 2 / weight 1 (at most)"] = {
-                    "value": ratio, "target": GRAIN_RATIO, "met": ratio <= GRAIN_RATIO + eps}
+                    "value": ratio,
+                    "target": GRAIN_RATIO,
+                    "met": ratio <= GRAIN_RATIO + eps,
+                }
             curve = [w for w in MONOTONE_WEIGHTS if w in at]
             if len(curve) > 1:
                 for measure in ("area", "mass"):
@@ -212,12 +251,16 @@ def weight_contract(response: dict) -> dict:
                     # sampling noise on it still rises, a real step down does not
                     slack = RISE_SLACK * at.get(1.0, at[curve[-1]])[measure]
                     rising = all(a <= b + slack + eps for a, b in zip(values, values[1:]))
-                    out[f"{name}: {measure} rises with the weight 0-2"] = {"value": rising, "target": True,
-                                                                          "met": rising}
+                    out[f"{name}: {measure} rises with the weight 0-2"] = {
+                        "value": rising,
+                        "target": True,
+                        "met": rising,
+                    }
     return out
 
 
 # ---- word swap ---------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class SwapCase:
@@ -234,7 +277,7 @@ class SwapCase:
 
 def _replace(text: str, span: tuple[int, int], word: str) -> str:
     """`text` with `span` replaced by `word`, and the article of the phrase agreeing with its next word."""
-    text = text[:span[0]] + word.strip() + text[span[1]:] if word else text[:span[0]] + text[span[1] + 1:]
+    text = text[: span[0]] + word.strip() + text[span[1] :] if word else text[: span[0]] + text[span[1] + 1 :]
     return re.sub(r"\ban? (?=(\w))", lambda m: "an " if m.group(1) in "aeiou" else "a ", text)
 
 
@@ -243,8 +286,15 @@ def swap_cases(kind: str, n: int, seed: int, resolution: int, holdout: list[str]
     edited pair too); for "size" only objects whose caption names their size; for "add" the
     source prompt is the caption with the edited object's colour deleted, the edit the caption."""
     held = parse_holdout(holdout)
-    dataset = ShapesDataset(resolution, num_samples=100 * n + 1000, min_objects=1, max_objects=2, object_weights=None,
-                            seed=seed + 400 + SWAP_KINDS.index(kind), holdout=holdout)
+    dataset = ShapesDataset(
+        resolution,
+        num_samples=100 * n + 1000,
+        min_objects=1,
+        max_objects=2,
+        object_weights=None,
+        seed=seed + 400 + SWAP_KINDS.index(kind),
+        holdout=holdout,
+    )
     rng = np.random.default_rng(seed + 500 + SWAP_KINDS.index(kind))
     cases, i = [], 0
     while len(cases) < n:
@@ -255,21 +305,24 @@ def swap_cases(kind: str, n: int, seed: int, resolution: int, holdout: list[str]
         if kind == "colour":
             options = [c for c in COLOURS if c != obj.colour and (c, obj.shape) not in held]
             new = options[rng.integers(len(options))]
-            cases.append(SwapCase(kind, scene, caption, _replace(caption, scene.colour_spans[k], new), k,
-                                  obj.colour, new))
+            cases.append(
+                SwapCase(kind, scene, caption, _replace(caption, scene.colour_spans[k], new), k, obj.colour, new)
+            )
         elif kind == "shape":
             options = [s for s in SHAPES if s != obj.shape and (obj.colour, s) not in held]
             new = options[rng.integers(len(options))]
-            cases.append(SwapCase(kind, scene, caption, _replace(caption, scene.shape_spans[k], new), k,
-                                  obj.shape, new))
+            cases.append(
+                SwapCase(kind, scene, caption, _replace(caption, scene.shape_spans[k], new), k, obj.shape, new)
+            )
         elif kind == "size":
             if scene.size_spans[k] is None:
                 continue
             new = next(s for s in SIZES if s != obj.size)
             cases.append(SwapCase(kind, scene, caption, _replace(caption, scene.size_spans[k], new), k, obj.size, new))
         else:
-            cases.append(SwapCase(kind, scene, _replace(caption, scene.colour_spans[k], ""), caption, k, None,
-                                  obj.colour))
+            cases.append(
+                SwapCase(kind, scene, _replace(caption, scene.colour_spans[k], ""), caption, k, None, obj.colour)
+            )
     return cases
 
 
@@ -287,8 +340,11 @@ def score_swap(case: SwapCase, source: np.ndarray, edit: np.ndarray) -> dict | N
     is the source's), "edited iou >= 0.8" and "centre within 2 px" (of the source's object),
     "others iou >= 0.9" (every other object found again, same colour and shape, mask IoU >= 0.9)."""
     scene = case.scene
-    source_objects = _match_uncoloured(scene, detect(source), case.index) if case.kind == "add" else \
-        match_objects(scene, detect(source), by_colour=True)
+    source_objects = (
+        _match_uncoloured(scene, detect(source), case.index)
+        if case.kind == "add"
+        else match_objects(scene, detect(source), by_colour=True)
+    )
     if any(m is None for m in source_objects):
         return None
     edit_detections = detect(edit)
@@ -324,10 +380,21 @@ def _match_uncoloured(scene: Scene, detections: list[Detection], index: int) -> 
     return named
 
 
-def swap_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, weighting: Weighting,
-                  progress=None, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER,
-                  edit_steps: tuple[float, ...] = EDIT_STEPS, kinds: tuple[str, ...] = SWAP_KINDS,
-                  local_blend: bool = False, example_steps: float | None = None) -> tuple[dict, dict]:
+def swap_response(
+    pipe,
+    n: int,
+    seed: int,
+    holdout: list[str],
+    batch_size: int,
+    weighting: Weighting,
+    progress=None,
+    guidance: float = 3.0,
+    sampler: str = DEFAULT_SAMPLER,
+    edit_steps: tuple[float, ...] = EDIT_STEPS,
+    kinds: tuple[str, ...] = SWAP_KINDS,
+    local_blend: bool = False,
+    example_steps: float | None = None,
+) -> tuple[dict, dict]:
     """The rates {"kinds": {kind: {"n": cases, "by_steps": {edit steps: {"scored": pairs with a
     faithful source, measure: rate}}}}} for `n` cases of each kind, pair k of a kind from noise
     seed `seed + k` for both images; and examples {kind: [(source prompt, edit prompt, source
@@ -343,18 +410,32 @@ def swap_response(pipe, n: int, seed: int, holdout: list[str], batch_size: int, 
         for fraction in edit_steps:
             pairs = []
             for start in range(0, n, max(1, batch_size // 2)):
-                chunk = cases[start:start + max(1, batch_size // 2)]
-                x, _ = pipe.swap_batch([(c.source, c.edit) for c in chunk], [seed + start + k for k in range(len(chunk))],
-                                       fraction, settings, weighting, local_blend=local_blend)
+                chunk = cases[start : start + max(1, batch_size // 2)]
+                x, _ = pipe.swap_batch(
+                    [(c.source, c.edit) for c in chunk],
+                    [seed + start + k for k in range(len(chunk))],
+                    fraction,
+                    settings,
+                    weighting,
+                    local_blend=local_blend,
+                )
                 images = uint8_images(x)  # (2P, R, R, 3): source and edit of each pair in turn
                 pairs += [(images[2 * k], images[2 * k + 1]) for k in range(len(chunk))]
                 if progress is not None:
                     progress.update(2 * len(chunk))
             scores = [score_swap(c, s, e) for c, (s, e) in zip(cases, pairs)]
             scored = [s for s in scores if s is not None]
-            rates = {key: float(np.mean([s[key] for s in scored])) if scored else None
-                     for key in ("new present", "old gone", "colour kept", "edited iou >= 0.8",
-                                 "centre within 2 px", "others iou >= 0.9")}
+            rates = {
+                key: float(np.mean([s[key] for s in scored])) if scored else None
+                for key in (
+                    "new present",
+                    "old gone",
+                    "colour kept",
+                    "edited iou >= 0.8",
+                    "centre within 2 px",
+                    "others iou >= 0.9",
+                )
+            }
             by_steps[f"{fraction:g}"] = {"scored": len(scored), **rates}
             if fraction == example_steps:
                 examples[kind] = [(cases[k].source, cases[k].edit, *pairs[k]) for k in range(min(4, n))]
@@ -373,5 +454,8 @@ def swap_targets(response: dict, edit_steps: float) -> dict:
         for measure, target in measures.items():
             value = rates[measure]
             out[f"swap/{kind} swap at edit steps {key}: {measure}"] = {
-                "value": value, "target": target, "met": None if value is None else value >= target - eps}
+                "value": value,
+                "target": target,
+                "met": None if value is None else value >= target - eps,
+            }
     return out

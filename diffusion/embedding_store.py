@@ -18,6 +18,7 @@ only if its key, shapes and dtypes are the expected ones; anything else (a trunc
 file) is rebuilt with a one-line warning. Files are written under a temporary name and renamed
 when complete. Files of other keys are left alone: another run may use them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -52,8 +53,9 @@ def cache_folder(setting: str | None) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as error:
-        raise UserError(f"data.embedding_cache: cannot create the folder '{folder}' ({error.strerror}); "
-                        f"{fix}") from None
+        raise UserError(
+            f"data.embedding_cache: cannot create the folder '{folder}' ({error.strerror}); {fix}"
+        ) from None
     if not os.access(folder, os.R_OK | os.X_OK):
         raise UserError(f"data.embedding_cache: the folder '{folder}' cannot be read; {fix}")
     return folder
@@ -68,8 +70,14 @@ def cache_key(encoder: TextEncoder, captions: list[str]) -> str:
     tokenizer = json.loads(encoder.tokenizer.backend_tokenizer.to_str())
     for call_state in ("truncation", "padding"):  # set by the last call, not part of the tokenizer
         tokenizer.pop(call_state, None)
-    settings = {"max_length": encoder.max_length, "hidden_layer": encoder.hidden_layer, "mask_eos": encoder.mask_eos,
-                "concat_token_embeddings": encoder.concat_token_embeddings, "model": config, "tokenizer": tokenizer}
+    settings = {
+        "max_length": encoder.max_length,
+        "hidden_layer": encoder.hidden_layer,
+        "mask_eos": encoder.mask_eos,
+        "concat_token_embeddings": encoder.concat_token_embeddings,
+        "model": config,
+        "tokenizer": tokenizer,
+    }
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     for name, tensor in sorted(encoder.model.state_dict().items()):
         digest.update(f"{name} {tensor.dtype} {tuple(tensor.shape)}".encode())
@@ -103,8 +111,10 @@ class EmbeddingStore:
             _build(path, key, encoder, captions, progress)
             problem = _problem(path, key, shape)
             if problem:  # e.g. the disk handed back something else than was written
-                raise UserError(f"text-embedding cache '{path}' is unreadable right after writing it ({problem}); "
-                                "set data.embedding_cache to a folder on another disk")
+                raise UserError(
+                    f"text-embedding cache '{path}' is unreadable right after writing it ({problem}); "
+                    "set data.embedding_cache to a folder on another disk"
+                )
         return cls(path, len(captions), built)
 
     def __len__(self) -> int:
@@ -117,8 +127,10 @@ class EmbeddingStore:
         with safe_open(self.path, framework="pt") as file:
             embeddings, key_mask = file.get_slice("embeddings"), file.get_slice("key_mask")
             picked = [int(row) for row in rows]
-            return (torch.cat([embeddings[row:row + 1] for row in picked]),
-                    torch.cat([key_mask[row:row + 1] for row in picked]))
+            return (
+                torch.cat([embeddings[row : row + 1] for row in picked]),
+                torch.cat([key_mask[row : row + 1] for row in picked]),
+            )
 
 
 def _problem(path: Path, key: str, shape: tuple[int, int, int]) -> str | None:
@@ -150,8 +162,11 @@ def _build(path: Path, key: str, encoder: TextEncoder, captions: list[str], prog
     header = {
         "__metadata__": {"format": FORMAT, "key": key},
         "embeddings": {"dtype": "F32", "shape": [rows, length, dim], "data_offsets": [0, embedding_bytes]},
-        "key_mask": {"dtype": "BOOL", "shape": [rows, length], "data_offsets": [embedding_bytes,
-                                                                               embedding_bytes + mask_bytes]},
+        "key_mask": {
+            "dtype": "BOOL",
+            "shape": [rows, length],
+            "data_offsets": [embedding_bytes, embedding_bytes + mask_bytes],
+        },
     }
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
@@ -162,7 +177,7 @@ def _build(path: Path, key: str, encoder: TextEncoder, captions: list[str], prog
             file.write(len(text).to_bytes(8, "little") + text)
             file.truncate(start + embedding_bytes + mask_bytes)
             for first in tqdm(range(0, rows, ENCODE_BATCH), desc="text embeddings", disable=not progress):
-                embeddings, key_mask = encoder.encode(captions[first:first + ENCODE_BATCH])  # (b, T, D), (b, T)
+                embeddings, key_mask = encoder.encode(captions[first : first + ENCODE_BATCH])  # (b, T, D), (b, T)
                 file.seek(start + first * length * dim * 4)
                 file.write(np.ascontiguousarray(embeddings.cpu().numpy(), dtype="<f4"))
                 file.seek(start + embedding_bytes + first * length)
@@ -171,7 +186,9 @@ def _build(path: Path, key: str, encoder: TextEncoder, captions: list[str], prog
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except OSError as error:
-        raise UserError(f"cannot write the text-embedding cache '{path}' ({error.strerror or error}); free some "
-                        "space or set data.embedding_cache to a folder you can write") from None
+        raise UserError(
+            f"cannot write the text-embedding cache '{path}' ({error.strerror or error}); free some "
+            "space or set data.embedding_cache to a folder you can write"
+        ) from None
     finally:
         temporary.unlink(missing_ok=True)

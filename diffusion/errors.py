@@ -3,6 +3,7 @@
 Command lines catch `UserError`, print its message as a single line and exit with status 2
 (no traceback). Everything else is a bug and keeps its traceback.
 """
+
 import functools
 import sys
 

@@ -26,6 +26,7 @@ default (Euler, 20 steps, guidance 3; `sampler` chooses another).
   and 50 steps, against DPM-Solver++ at 250 steps.
 
 """
+
 from __future__ import annotations
 
 import math
@@ -38,16 +39,22 @@ from PIL import Image
 
 from .attention_control import AttentionRecorder
 from .config import DEFAULT_SAMPLER
-from .shapes import (POSITION_PHRASES, Scene, ShapesDataset,
-                   parse_holdout)
 from .detector import Detection, detect
 from .images import uint8_images
 from .pipeline import SAMPLERS, Weighting
 from .prompts import parse_prompt
+from .shapes import POSITION_PHRASES, Scene, ShapesDataset, parse_holdout
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
-CATEGORIES = ("single object", "two objects", "three objects", "colour binding", "position", "counting",
-              "held-out pairs")
+CATEGORIES = (
+    "single object",
+    "two objects",
+    "three objects",
+    "colour binding",
+    "position",
+    "counting",
+    "held-out pairs",
+)
 RELATIONS = ("to the left of", "to the right of", "above", "below")
 SAMPLER_STEPS = (5, 10, 20, 50)
 REFERENCE = ("dpm++", 250)
@@ -69,6 +76,7 @@ TARGETS = {
 
 
 # ---- maps against masks ---------------------------------------------------------------------
+
 
 def map_iou(word_map: np.ndarray, mask: np.ndarray, threshold: float = IOU_THRESHOLD) -> float:
     """IoU of the map's region (values >= threshold x its maximum) with a boolean mask."""
@@ -114,6 +122,7 @@ class _Localisation:
 
 # ---- prompts and their conditions -----------------------------------------------------------
 
+
 @dataclass
 class Case:
     category: str
@@ -132,8 +141,7 @@ def stated_positions(scene: Scene) -> list[tuple]:
         if f" {phrase} " in caption:
             first, second = sorted(range(len(scene.objects)), key=lambda k: scene.phrase_spans[k][0])
             return [("relation", first, second, phrase)]
-    return [("at", k, obj.position) for k, obj in enumerate(scene.objects)
-            if POSITION_PHRASES[obj.position] in caption]
+    return [("at", k, obj.position) for k, obj in enumerate(scene.objects) if POSITION_PHRASES[obj.position] in caption]
 
 
 def _relation_holds(a: Detection, b: Detection, phrase: str) -> bool:
@@ -150,8 +158,15 @@ def _keep(category: str, scene: Scene) -> bool:
     return True
 
 
-_OBJECTS = {"single object": (1, 1), "two objects": (2, 2), "three objects": (3, 3), "colour binding": (2, 2),
-            "position": (1, 2), "counting": (1, 4), "held-out pairs": (1, 1)}
+_OBJECTS = {
+    "single object": (1, 1),
+    "two objects": (2, 2),
+    "three objects": (3, 3),
+    "colour binding": (2, 2),
+    "position": (1, 2),
+    "counting": (1, 4),
+    "held-out pairs": (1, 1),
+}
 
 
 def category_cases(category: str, n: int, seed: int, resolution: int, holdout: list[str]) -> list[Case]:
@@ -160,9 +175,16 @@ def category_cases(category: str, n: int, seed: int, resolution: int, holdout: l
     if category == "held-out pairs" and not parse_holdout(holdout):
         return []
     low, high = _OBJECTS[category]
-    dataset = ShapesDataset(resolution, num_samples=100 * n + 1000, min_objects=low, max_objects=high, object_weights=None,
-                            seed=seed + CATEGORIES.index(category), holdout=holdout,
-                            holdout_mode="only" if category == "held-out pairs" else "exclude")
+    dataset = ShapesDataset(
+        resolution,
+        num_samples=100 * n + 1000,
+        min_objects=low,
+        max_objects=high,
+        object_weights=None,
+        seed=seed + CATEGORIES.index(category),
+        holdout=holdout,
+        holdout_mode="only" if category == "held-out pairs" else "exclude",
+    )
     cases, i = [], 0
     while len(cases) < n:
         scene = dataset.scene(i)
@@ -177,8 +199,11 @@ def match_objects(scene: Scene, detections: list[Detection], by_colour: bool = T
     the generator would draw it; None when none is left."""
     used, matched = set(), []
     for obj in scene.objects:
-        options = [k for k, d in enumerate(detections) if k not in used and d.shape == obj.shape
-                   and (not by_colour or d.colour == obj.colour)]
+        options = [
+            k
+            for k, d in enumerate(detections)
+            if k not in used and d.shape == obj.shape and (not by_colour or d.colour == obj.colour)
+        ]
         if not options:
             matched.append(None)
             continue
@@ -208,15 +233,26 @@ def passes(case: Case, detections: list[Detection]) -> bool:
 
 # ---- sampling -------------------------------------------------------------------------------
 
-def sample_batches(pipe, prompts: list[str], seed: int, batch_size: int, maps: bool = False,
-                   sampler: str = DEFAULT_SAMPLER, steps: int = 20, guidance: float = 3.0, progress=None,
-                   weighting=None, negative_prompts=None):
+
+def sample_batches(
+    pipe,
+    prompts: list[str],
+    seed: int,
+    batch_size: int,
+    maps: bool = False,
+    sampler: str = DEFAULT_SAMPLER,
+    steps: int = 20,
+    guidance: float = 3.0,
+    progress=None,
+    weighting=None,
+    negative_prompts=None,
+):
     """Yields, batch by batch, the images (uint8 arrays) of `prompts` (weighting syntax allowed),
     prompt k with noise seed `seed + k` (and negative prompt k, if given); with `maps`, also the
     (T, R, R) token maps and (T, 2) offsets of each image (else empty lists)."""
     for start in range(0, len(prompts), batch_size):
-        parsed = [parse_prompt(p) for p in prompts[start:start + batch_size]]
-        negatives = None if negative_prompts is None else list(negative_prompts[start:start + batch_size])
+        parsed = [parse_prompt(p) for p in prompts[start : start + batch_size]]
+        negatives = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
         settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negatives}
         seeds = [seed + start + k for k in range(len(parsed))]
         recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
@@ -242,8 +278,16 @@ def sample_images(pipe, prompts: list[str], seed: int, batch_size: int, **option
 
 # ---- the report ----------------------------------------------------------------------------
 
-def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, progress,
-                 guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER) -> tuple[dict, dict, list]:
+
+def faithfulness(
+    pipe,
+    cases_by_category: dict,
+    seed: int,
+    batch_size: int,
+    progress,
+    guidance: float = 3.0,
+    sampler: str = DEFAULT_SAMPLER,
+) -> tuple[dict, dict, list]:
     """Scores per category, localisation on the generated images, and a few examples per category."""
     scores, localisation, examples = {}, _Localisation(), []
     for category, cases in cases_by_category.items():
@@ -251,8 +295,16 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
             scores[category] = None
             continue
         results = []  # scored batch by batch: memory does not grow with the number of prompts
-        batches = sample_batches(pipe, [c.prompt for c in cases], seed, batch_size, maps=True, guidance=guidance,
-                                 sampler=sampler, progress=progress)
+        batches = sample_batches(
+            pipe,
+            [c.prompt for c in cases],
+            seed,
+            batch_size,
+            maps=True,
+            guidance=guidance,
+            sampler=sampler,
+            progress=progress,
+        )
         for images, token_maps, offsets in batches:
             for image, maps, offs in zip(images, token_maps, offsets):
                 case = cases[len(results)]
@@ -270,8 +322,9 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
             by_count = {}
             for case, ok in zip(cases, results):
                 by_count.setdefault(len(case.scene.objects), []).append(ok)
-            scores[category]["by_count"] = {str(k): {"score": float(np.mean(v)), "n": len(v)}
-                                            for k, v in sorted(by_count.items())}
+            scores[category]["by_count"] = {
+                str(k): {"score": float(np.mean(v)), "n": len(v)} for k, v in sorted(by_count.items())
+            }
     return scores, localisation.summary(), examples
 
 
@@ -279,8 +332,9 @@ def faithfulness(pipe, cases_by_category: dict, seed: int, batch_size: int, prog
 def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size: int) -> dict:
     """Maps of one conditional pass per noise level on dataset images, against exact masks."""
     resolution = pipe.unet.config.sample_size
-    dataset = ShapesDataset(resolution, num_samples=n, min_objects=1, max_objects=2, object_weights=None, seed=seed + 100,
-                            holdout=holdout)
+    dataset = ShapesDataset(
+        resolution, num_samples=n, min_objects=1, max_objects=2, object_weights=None, seed=seed + 100, holdout=holdout
+    )
     scheduler = DDPMScheduler.from_config(pipe.scheduler_config)
     localisation = _Localisation()
     generator = torch.Generator().manual_seed(seed)
@@ -296,8 +350,13 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
             timesteps = torch.full((len(samples),), t)
             noisy = scheduler.add_noise(x0, noise, timesteps).to(pipe.device, dtype)
             with pipe.autocast():
-                pipe.unet(noisy, timesteps.to(pipe.device), embeddings.to(pipe.device, dtype),
-                          key_mask.to(pipe.device), attention_controller=recorder)
+                pipe.unet(
+                    noisy,
+                    timesteps.to(pipe.device),
+                    embeddings.to(pipe.device, dtype),
+                    key_mask.to(pipe.device),
+                    attention_controller=recorder,
+                )
         token_maps = recorder.token_maps().cpu()
         offsets = pipe.encoder.offsets(captions)
         for sample, maps, offs in zip(samples, token_maps, offsets):
@@ -309,12 +368,24 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
 
 def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress, guidance: float = 3.0) -> dict:
     """Faithfulness of each sampler and step count on `cases`, and of the reference."""
+
     def score(sampler, steps):
-        images, _, _ = sample_images(pipe, [c.prompt for c in cases], seed, batch_size, sampler=sampler, steps=steps,
-                               guidance=guidance, progress=progress)
+        images, _, _ = sample_images(
+            pipe,
+            [c.prompt for c in cases],
+            seed,
+            batch_size,
+            sampler=sampler,
+            steps=steps,
+            guidance=guidance,
+            progress=progress,
+        )
         return float(np.mean([passes(c, detect(im)) for c, im in zip(cases, images)]))
 
     reference = score(*REFERENCE)
     table = {name: {str(steps): score(name, steps) for steps in SAMPLER_STEPS} for name in SAMPLERS}
-    return {"reference": {"sampler": REFERENCE[0], "steps": REFERENCE[1], "score": reference},
-            "n": len(cases), "scores": table}
+    return {
+        "reference": {"sampler": REFERENCE[0], "steps": REFERENCE[1], "score": reference},
+        "n": len(cases),
+        "scores": table,
+    }

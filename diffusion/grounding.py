@@ -20,6 +20,7 @@ and the mask,
 averaged the same way, weighted by `train.grounding_pixel_weight` (0: not computed). It runs
 through the same `AttentionController` hook as map recording.
 """
+
 from __future__ import annotations
 
 import torch
@@ -38,7 +39,7 @@ def grounding_targets(scenes: list[Scene], offsets_of) -> torch.Tensor:
     N = len(scenes)
     token_object = None
     for start in range(0, N, 1024):
-        chunk = scenes[start:start + 1024]
+        chunk = scenes[start : start + 1024]
         offsets = offsets_of([s.caption for s in chunk])  # (b, T, 2)
         if token_object is None:
             token_object = torch.full((N, offsets.shape[1]), -1, dtype=torch.int8)

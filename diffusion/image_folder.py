@@ -8,6 +8,7 @@ Nothing per image is kept but its path and caption, packed into two byte buffers
 millions of images costs tens of megabytes; the pixels are decoded when a batch needs them
 (`image`, from the training DataLoader's workers).
 """
+
 from __future__ import annotations
 
 import json
@@ -52,7 +53,7 @@ class PackedStrings:
 
     def __getitem__(self, i: int) -> str:
         start = self._ends[i - 1] if i > 0 else 0
-        return self._buffer[start:self._ends[i]].decode("utf-8", "surrogatepass")
+        return self._buffer[start : self._ends[i]].decode("utf-8", "surrogatepass")
 
     def __iter__(self) -> Iterator[str]:
         return (self[i] for i in range(len(self)))
@@ -85,8 +86,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         if not self.root.is_dir():
             raise UserError(
-                f"data.path {str(root)!r} is not a directory; point data.path at a folder of "
-                "images with captions"
+                f"data.path {str(root)!r} is not a directory; point data.path at a folder of images with captions"
             )
         self.resolution = resolution
         self.center_crop = center_crop
@@ -110,7 +110,9 @@ class ImageFolderDataset(Dataset):
         if self.skipped:
             logger.warning(
                 "skipped %d bad files in %s (listed in dataset.skipped); first: %s: %s",
-                len(self.skipped), self.root, *self.skipped[0],
+                len(self.skipped),
+                self.root,
+                *self.skipped[0],
             )
         if not self.paths:
             raise UserError(
@@ -152,7 +154,8 @@ class ImageFolderDataset(Dataset):
                 path = Path(os.path.normpath(root / record["file_name"]))
                 if not path.is_relative_to(root):
                     self._reject(
-                        where, f"file_name {record['file_name']!r} points outside {root}",
+                        where,
+                        f"file_name {record['file_name']!r} points outside {root}",
                         "use a path relative to the folder",
                     )
                 elif not path.is_file():
@@ -166,16 +169,12 @@ class ImageFolderDataset(Dataset):
         for path in _images_under(str(self.root)):
             caption_file = Path(path).with_suffix(".txt")
             if not caption_file.is_file():
-                self._reject(
-                    path, "no caption", f"write the caption to {caption_file} or add metadata.jsonl"
-                )
+                self._reject(path, "no caption", f"write the caption to {caption_file} or add metadata.jsonl")
                 continue
             try:
                 caption = caption_file.read_text(encoding="utf-8")
             except (OSError, UnicodeDecodeError) as error:
-                self._reject(
-                    caption_file, f"caption cannot be read ({error})", "save it as UTF-8 text"
-                )
+                self._reject(caption_file, f"caption cannot be read ({error})", "save it as UTF-8 text")
                 continue
             yield path, " ".join(caption.split())
 

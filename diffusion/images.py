@@ -2,6 +2,7 @@
 
 PIL and numpy only (torchvision is deliberately not a dependency, see README).
 """
+
 from __future__ import annotations
 
 import os
@@ -34,8 +35,13 @@ def font(size: int):
         return ImageFont.load_default()
 
 
-def labelled_grid(images: list[Image.Image], labels: list[str] | None = None, columns: int | None = None,
-                  scale: int | None = None, label_width_chars: int = 22) -> Image.Image:
+def labelled_grid(
+    images: list[Image.Image],
+    labels: list[str] | None = None,
+    columns: int | None = None,
+    scale: int | None = None,
+    label_width_chars: int = 22,
+) -> Image.Image:
     """Tile `images` in a grid, each with its (wrapped) label underneath. Small images are scaled
     up with nearest-neighbour (default: to about 128 px) so they can be looked at."""
     if not images:
@@ -85,7 +91,9 @@ def check_writable(path: str | Path) -> None:
     if path.is_dir():
         raise UserError(f"output path '{path}' is a folder; give a file name such as out.png")
     if not parent.is_dir():
-        raise UserError(f"output path '{path}' cannot be written: '{parent}' is a file, not a folder; choose another --out")
+        raise UserError(
+            f"output path '{path}' cannot be written: '{parent}' is a file, not a folder; choose another --out"
+        )
     if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
         raise UserError(f"output path '{path}' cannot be written (permission denied); choose another --out")
 
@@ -97,8 +105,19 @@ def uint8_images(images: torch.Tensor) -> np.ndarray:
 
 # A perceptually ordered colour map (dark blue -> purple -> orange -> yellow) for heat maps,
 # interpolated between a few anchors so matplotlib is not needed.
-_HEAT_ANCHORS = np.array([[0, 0, 4], [40, 11, 84], [101, 21, 110], [159, 42, 99], [212, 72, 66],
-                          [245, 125, 21], [250, 193, 39], [252, 255, 164]], dtype=np.float32)
+_HEAT_ANCHORS = np.array(
+    [
+        [0, 0, 4],
+        [40, 11, 84],
+        [101, 21, 110],
+        [159, 42, 99],
+        [212, 72, 66],
+        [245, 125, 21],
+        [250, 193, 39],
+        [252, 255, 164],
+    ],
+    dtype=np.float32,
+)
 
 
 def heat_colours(values: np.ndarray) -> np.ndarray:
@@ -127,8 +146,9 @@ def heat_overlay(image: Image.Image, word_map: torch.Tensor, alpha: float = 0.6)
     return Image.fromarray(((1 - alpha) * base + alpha * heat).round().astype(np.uint8))
 
 
-def attention_panel(image: Image.Image, word_maps: dict[str, torch.Tensor], title: str = "",
-                    alpha: float = 0.6) -> Image.Image:
+def attention_panel(
+    image: Image.Image, word_maps: dict[str, torch.Tensor], title: str = "", alpha: float = 0.6
+) -> Image.Image:
     """The image, then one heat-map overlay per word (`heat_overlay`), labelled with the word and
     the share of the attention mass it holds (`attention_shares`)."""
     shares = attention_shares(word_maps)

@@ -13,6 +13,7 @@ folder layout beside `model_index.json` and a `pipeline.py` that names this clas
 Samplers are diffusers schedulers sharing one contract (`set_timesteps`, `scale_model_input`,
 `step`); classifier-free guidance runs the unconditional and conditional halves in one batch.
 """
+
 from __future__ import annotations
 
 import json
@@ -26,16 +27,28 @@ from pathlib import Path
 import diffusers
 import numpy as np
 import torch
-from diffusers import (DDIMScheduler, DDPMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler,
-                       EulerDiscreteScheduler)
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from .attention import AttentionController
-from .attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter, ControllerChain,
-                                LocalBlend, changed_tokens, step_in_window)
+from .attention_control import (
+    AttentionInjector,
+    AttentionRecorder,
+    AttentionReweighter,
+    ControllerChain,
+    LocalBlend,
+    changed_tokens,
+    step_in_window,
+)
 from .checkpoint import default_file_modes
 from .config import DEFAULT_SAMPLER
 from .errors import UserError
@@ -60,8 +73,10 @@ FORMAT_VERSION = 1
 # guidance the two disagree at every step (measured: faithfulness 0.80 at 5 steps fell to 0.23 at 50;
 # unclipped, DDIM gives Euler's images, as the ODE says it must; tests/test_pipeline.py).
 SAMPLERS = {
-    "dpm++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                            "thresholding": True, "sample_max_value": 1.0}),
+    "dpm++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "thresholding": True, "sample_max_value": 1.0},
+    ),
     "ddim": (DDIMScheduler, {"timestep_spacing": "leading", "clip_sample": False}),
     "ddpm": (DDPMScheduler, {}),
     "euler": (EulerDiscreteScheduler, {"timestep_spacing": "leading"}),
@@ -87,7 +102,9 @@ def make_sampler(name: str, scheduler_config: dict):
 def sampler_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
     """The `steps` timesteps every sampler visits, noisiest first: DDIM's "leading" spacing."""
     if not 1 <= steps <= num_train_timesteps:
-        raise UserError(f"steps must be between 1 and the model's {num_train_timesteps} training timesteps, got {steps}")
+        raise UserError(
+            f"steps must be between 1 and the model's {num_train_timesteps} training timesteps, got {steps}"
+        )
     ratio = num_train_timesteps // steps
     return [k * ratio for k in reversed(range(steps))]
 
@@ -127,8 +144,8 @@ class PipelineOutput:
     with output_type "pt" a (B, 3, R, R) tensor, "np" a (B, R, R, 3) array, both in [0, 1]."""
 
     images: list[Image.Image] | torch.Tensor | np.ndarray
-    prompts: list[str]                 # the prompt of each image, as given (weights included)
-    seeds: list[int | None]            # the noise seed of each image (None: from a caller's generator)
+    prompts: list[str]  # the prompt of each image, as given (weights included)
+    seeds: list[int | None]  # the noise seed of each image (None: from a caller's generator)
     settings: dict = field(default_factory=dict)  # sampler, steps, guidance, negative prompt, ...
     attention_maps: list[dict[str, torch.Tensor]] | None = None  # per image: word label -> (R, R)
 
@@ -148,16 +165,20 @@ def check_index(path: Path) -> dict:
         raise UserError(f"model folder '{path}' not found; pass the folder train.py exported (e.g. runs/shapes/model)")
     index_file = path / "model_index.json"
     if not index_file.is_file():
-        raise UserError(f"'{path}' is not a model folder: model_index.json is missing; "
-                        "pass the folder train.py exported (e.g. runs/shapes/model)")
+        raise UserError(
+            f"'{path}' is not a model folder: model_index.json is missing; "
+            "pass the folder train.py exported (e.g. runs/shapes/model)"
+        )
     try:
         index = json.loads(index_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise UserError(f"'{index_file}' is corrupt (not JSON); export the model again") from None
     version = index.get("format_version")
     if version != FORMAT_VERSION:
-        raise UserError(f"'{path}' was written by an incompatible version (format {version}, this code reads "
-                        f"{FORMAT_VERSION}); export it again with this version")
+        raise UserError(
+            f"'{path}' was written by an incompatible version (format {version}, this code reads "
+            f"{FORMAT_VERSION}); export it again with this version"
+        )
     for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
         if not (path / part).is_dir():
             raise UserError(f"model folder '{path}' is missing '{part}/'; export the model again")
@@ -165,8 +186,15 @@ def check_index(path: Path) -> dict:
 
 
 class Pipeline(DiffusionPipeline):
-    def __init__(self, unet: UNet, text_encoder: CLIPTextModel, tokenizer: CLIPTokenizer, scheduler: DDPMScheduler,
-                 text_encoder_options: dict | None = None, format_version: int = FORMAT_VERSION):
+    def __init__(
+        self,
+        unet: UNet,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDPMScheduler,
+        text_encoder_options: dict | None = None,
+        format_version: int = FORMAT_VERSION,
+    ):
         """unet: the denoiser; text_encoder, tokenizer: the frozen CLIP text model and its
         tokenizer; scheduler: the training noise schedule (samplers are built on its config);
         text_encoder_options: `TextEncoder`'s max_length, hidden_layer, mask_eos,
@@ -179,19 +207,27 @@ class Pipeline(DiffusionPipeline):
         self.precision = "auto"
 
     @classmethod
-    def from_parts(cls, unet: UNet, encoder: TextEncoder, scheduler_config: dict,
-                   device: torch.device | str | None = None, mixed_precision: str = "auto") -> "Pipeline":
+    def from_parts(
+        cls,
+        unet: UNet,
+        encoder: TextEncoder,
+        scheduler_config: dict,
+        device: torch.device | str | None = None,
+        mixed_precision: str = "auto",
+    ) -> Pipeline:
         """A pipeline of a UNet and a `TextEncoder` in memory (training's validation grids and export)."""
-        pipe = cls(unet, encoder.model, encoder.tokenizer, DDPMScheduler.from_config(scheduler_config),
-                   encoder.options())
+        pipe = cls(
+            unet, encoder.model, encoder.tokenizer, DDPMScheduler.from_config(scheduler_config), encoder.options()
+        )
         pipe.encoder = encoder
         pipe.precision = mixed_precision
         return pipe.to(device if device is not None else default_device())
 
     # ---- loading and saving -------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: torch.device | str | None = None,
-                        mixed_precision: str = "auto") -> "Pipeline":
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, mixed_precision: str = "auto"
+    ) -> Pipeline:
         """Load an exported model folder. Every problem with it is a one-line UserError; weights
         are read from safetensors only, never unpickled. device: where to run (None: the best
         available); mixed_precision: autocast of the UNet (`mixed_precision`)."""
@@ -258,11 +294,20 @@ class Pipeline(DiffusionPipeline):
         return autocast(self.device, self.mixed_precision)
 
     @torch.no_grad()
-    def denoise(self, prompts: list[str], generators: list[torch.Generator] | torch.Generator, steps: int = 20,
-                guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER, negative_prompt: str | list[str] | None = None,
-                attention_controller: AttentionController | None = None,
-                token_weights: torch.Tensor | None = None, weighting: Weighting | None = None,
-                callback_on_step_end=None, progress: bool = False) -> torch.Tensor:
+    def denoise(
+        self,
+        prompts: list[str],
+        generators: list[torch.Generator] | torch.Generator,
+        steps: int = 20,
+        guidance: float = 3.0,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | list[str] | None = None,
+        attention_controller: AttentionController | None = None,
+        token_weights: torch.Tensor | None = None,
+        weighting: Weighting | None = None,
+        callback_on_step_end=None,
+        progress: bool = False,
+    ) -> torch.Tensor:
         """Sample one image per prompt in one batch. Returns (B, 3, R, R) in [-1, 1].
 
         prompts: plain prompts (no weighting syntax); generators: one torch.Generator (or a seed
@@ -282,8 +327,9 @@ class Pipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         B = len(prompts)
         if not isinstance(generators, torch.Generator):
-            generators = [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g))
-                          for g in generators]
+            generators = [
+                g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in generators
+            ]
         if isinstance(generators, torch.Generator):
             noise = torch.randn(B, 3, size, size, generator=generators, device=generators.device)
         else:
@@ -318,10 +364,19 @@ class Pipeline(DiffusionPipeline):
             for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
                 model_input = torch.cat([x, x]) if use_guidance else x
                 model_input = scheduler.scale_model_input(model_input, t).to(dtype)
-                context = outside if outside is not None and not step_in_window(i, steps, weighting.steps) \
-                    else embeddings
-                prediction = self.unet(model_input, t, context, key_mask, attention_controller=attention_controller,
-                                       step=i, num_steps=steps, conditional=conditional).float()
+                context = (
+                    outside if outside is not None and not step_in_window(i, steps, weighting.steps) else embeddings
+                )
+                prediction = self.unet(
+                    model_input,
+                    t,
+                    context,
+                    key_mask,
+                    attention_controller=attention_controller,
+                    step=i,
+                    num_steps=steps,
+                    conditional=conditional,
+                ).float()
                 with torch.autocast(self.device.type, enabled=False):
                     if use_guidance:
                         unconditional, conditional_prediction = prediction.chunk(2)
@@ -331,11 +386,19 @@ class Pipeline(DiffusionPipeline):
                         x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
         return x.clamp(-1, 1)
 
-    def sample_batch(self, prompts: list[WeightedPrompt], generators, settings: dict, maps: MapOptions | None,
-                     weighting: Weighting, attention_controller: AttentionController | None,
-                     swap_mapping: torch.Tensor | None = None, swap_fraction: float = 0.0,
-                     callback_on_step_end=None,
-                     progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+    def sample_batch(
+        self,
+        prompts: list[WeightedPrompt],
+        generators,
+        settings: dict,
+        maps: MapOptions | None,
+        weighting: Weighting,
+        attention_controller: AttentionController | None,
+        swap_mapping: torch.Tensor | None = None,
+        swap_fraction: float = 0.0,
+        callback_on_step_end=None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
         """One batch: build the controllers for weights, swaps and maps, denoise, merge maps into
         words. generators: as `denoise`'s (seeds, generators, or one generator)."""
         texts = [p.text for p in prompts]
@@ -354,17 +417,34 @@ class Pipeline(DiffusionPipeline):
         if attention_controller is not None:
             controllers.append(attention_controller)
         controller = ControllerChain(controllers) if controllers else None
-        x = self.denoise(texts, generators, attention_controller=controller,
-                         token_weights=weights if weighted else None, weighting=weighting,
-                         callback_on_step_end=callback_on_step_end, progress=progress, **settings)
+        x = self.denoise(
+            texts,
+            generators,
+            attention_controller=controller,
+            token_weights=weights if weighted else None,
+            weighting=weighting,
+            callback_on_step_end=callback_on_step_end,
+            progress=progress,
+            **settings,
+        )
         word_maps = None
         if recorder is not None:
             token_maps = recorder.token_maps().cpu()  # (B, T, R, R)
             word_maps = [merge_word_maps(m, text, o) for m, text, o in zip(token_maps, texts, offsets)]
         return x, word_maps
 
-    def _prepare(self, prompts, steps, guidance, sampler, negative_prompt, num_images_per_prompt, batch_size,
-                 weighting: Weighting, output_type: str = "pil") -> tuple[list[WeightedPrompt], dict]:
+    def _prepare(
+        self,
+        prompts,
+        steps,
+        guidance,
+        sampler,
+        negative_prompt,
+        num_images_per_prompt,
+        batch_size,
+        weighting: Weighting,
+        output_type: str = "pil",
+    ) -> tuple[list[WeightedPrompt], dict]:
         if not prompts or any(not isinstance(p, str) for p in prompts):
             raise UserError("no prompt given; pass at least one prompt string")
         check_sampling_args(steps, guidance, num_images_per_prompt, batch_size)
@@ -376,13 +456,24 @@ class Pipeline(DiffusionPipeline):
         parsed = [parse_prompt(p) for p in prompts]
         return parsed, {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negative_prompt}
 
-    def __call__(self, prompt: str | list[str], num_images_per_prompt: int = 1, seed: int = 0,
-                 steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER,
-                 negative_prompt: str | None = None, batch_size: int = 16,
-                 attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
-                 attention_controller: AttentionController | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 callback_on_step_end=None, progress: bool = True) -> PipelineOutput:
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 3.0,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | None = None,
+        batch_size: int = 16,
+        attention_maps: MapOptions | bool = False,
+        weighting: Weighting | None = None,
+        attention_controller: AttentionController | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        progress: bool = True,
+    ) -> PipelineOutput:
         """Sample `num_images_per_prompt` images for each prompt; image i of a prompt uses noise
         seed `seed + i`, whatever the batch size.
 
@@ -394,38 +485,84 @@ class Pipeline(DiffusionPipeline):
         (drawn in order, so an image then depends on the ones before it) or a list with one per
         image; output_type: "pil", "pt" or "np" (see PipelineOutput); callback_on_step_end: as
         `denoise`. `generate` gives the images batch by batch."""
-        batches = list(self.generate(prompt, num_images_per_prompt, seed, steps, guidance, sampler, negative_prompt,
-                                     batch_size, attention_maps, weighting, attention_controller, generator,
-                                     output_type, callback_on_step_end, progress))
+        batches = list(
+            self.generate(
+                prompt,
+                num_images_per_prompt,
+                seed,
+                steps,
+                guidance,
+                sampler,
+                negative_prompt,
+                batch_size,
+                attention_maps,
+                weighting,
+                attention_controller,
+                generator,
+                output_type,
+                callback_on_step_end,
+                progress,
+            )
+        )
         images = [b.images for b in batches]
         if output_type == "pil":
             images = [image for batch in images for image in batch]
         else:
             images = torch.cat(images) if output_type == "pt" else np.concatenate(images)
         maps = [m for b in batches for m in b.attention_maps] if batches[0].attention_maps is not None else None
-        return PipelineOutput(images, [p for b in batches for p in b.prompts], [s for b in batches for s in b.seeds],
-                              batches[0].settings, maps)
+        return PipelineOutput(
+            images,
+            [p for b in batches for p in b.prompts],
+            [s for b in batches for s in b.seeds],
+            batches[0].settings,
+            maps,
+        )
 
-    def generate(self, prompt: str | list[str], num_images_per_prompt: int = 1, seed: int = 0,
-                 steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER,
-                 negative_prompt: str | None = None, batch_size: int = 16,
-                 attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
-                 attention_controller: AttentionController | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "pil",
-                 callback_on_step_end=None, progress: bool = True) -> Iterator[PipelineOutput]:
+    def generate(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 3.0,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | None = None,
+        batch_size: int = 16,
+        attention_maps: MapOptions | bool = False,
+        weighting: Weighting | None = None,
+        attention_controller: AttentionController | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        progress: bool = True,
+    ) -> Iterator[PipelineOutput]:
         """`__call__` one batch at a time: yields a PipelineOutput of at most `batch_size` images
         per batch, in order (prompt-major), so that any number of images can be written out as
         they are made without holding them all. Arguments as `__call__`."""
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
-        parsed, settings = self._prepare(prompts, steps, guidance, sampler, negative_prompt,
-                                         num_images_per_prompt, batch_size, weighting, output_type)
+        parsed, settings = self._prepare(
+            prompts,
+            steps,
+            guidance,
+            sampler,
+            negative_prompt,
+            num_images_per_prompt,
+            batch_size,
+            weighting,
+            output_type,
+        )
         total = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
             raise UserError(f"{len(generator)} generators for {total} images; pass one per image, or one for all")
-        recorded = {**settings, "negative_prompt": negative_prompt or "", "weight_mode": weighting.mode,
-                    "weight_context": weighting.context, "mixed_precision": self.mixed_precision}
+        recorded = {
+            **settings,
+            "negative_prompt": negative_prompt or "",
+            "weight_mode": weighting.mode,
+            "weight_context": weighting.context,
+            "mixed_precision": self.mixed_precision,
+        }
         starts = range(0, total, batch_size)
         for start in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
             jobs = [divmod(j, num_images_per_prompt) for j in range(start, min(total, start + batch_size))]
@@ -434,18 +571,44 @@ class Pipeline(DiffusionPipeline):
                 generators = [torch.Generator().manual_seed(s) for s in seeds]
             else:
                 seeds = [None] * len(jobs)
-                generators = generator if isinstance(generator, torch.Generator) else generator[start:start + len(jobs)]
-            x, batch_maps = self.sample_batch([parsed[k] for k, _ in jobs], generators, settings, maps, weighting,
-                                              attention_controller, callback_on_step_end=callback_on_step_end,
-                                              progress=progress)
-            yield PipelineOutput(convert(x, output_type), [prompts[k] for k, _ in jobs], seeds, recorded,
-                                 batch_maps if maps is not None else None)
+                generators = (
+                    generator if isinstance(generator, torch.Generator) else generator[start : start + len(jobs)]
+                )
+            x, batch_maps = self.sample_batch(
+                [parsed[k] for k, _ in jobs],
+                generators,
+                settings,
+                maps,
+                weighting,
+                attention_controller,
+                callback_on_step_end=callback_on_step_end,
+                progress=progress,
+            )
+            yield PipelineOutput(
+                convert(x, output_type),
+                [prompts[k] for k, _ in jobs],
+                seeds,
+                recorded,
+                batch_maps if maps is not None else None,
+            )
 
-    def swap(self, source: str, edit: str, num_images: int = 1, seed: int = 0, edit_steps: float = 0.6,
-             steps: int = 20, guidance: float = 3.0, sampler: str = DEFAULT_SAMPLER, negative_prompt: str | None = None,
-             attention_maps: MapOptions | bool = False, weighting: Weighting | None = None,
-             local_blend: bool = False, batch_size: int = 8,
-             progress: bool = True) -> tuple[PipelineOutput, PipelineOutput]:
+    def swap(
+        self,
+        source: str,
+        edit: str,
+        num_images: int = 1,
+        seed: int = 0,
+        edit_steps: float = 0.6,
+        steps: int = 20,
+        guidance: float = 3.0,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | None = None,
+        attention_maps: MapOptions | bool = False,
+        weighting: Weighting | None = None,
+        local_blend: bool = False,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> tuple[PipelineOutput, PipelineOutput]:
         """Prompt-to-Prompt word swap / refinement: draw `source` and `edit` from the same noise,
         injecting the source's cross-attention maps into the edit for the first `edit_steps`
         fraction of the steps, so the layout stays and the swapped words change. Tokens of the
@@ -454,27 +617,54 @@ class Pipeline(DiffusionPipeline):
         (`LocalBlend`). batch_size: pairs denoised together. Returns (source output, edit output)."""
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
-        parsed, settings = self._prepare([source, edit], steps, guidance, sampler, negative_prompt, num_images,
-                                         batch_size, weighting)
+        parsed, settings = self._prepare(
+            [source, edit], steps, guidance, sampler, negative_prompt, num_images, batch_size, weighting
+        )
         outputs = ([], []), ([], [])
         starts = range(0, num_images, batch_size)
         for start in tqdm(starts, desc="pairs", disable=not progress or len(starts) == 1):
             count = min(batch_size, num_images - start)
-            x, pair_maps = self.swap_batch([(parsed[0], parsed[1])] * count, [seed + start + k for k in range(count)],
-                                           edit_steps, settings, weighting, maps, local_blend, progress)
+            x, pair_maps = self.swap_batch(
+                [(parsed[0], parsed[1])] * count,
+                [seed + start + k for k in range(count)],
+                edit_steps,
+                settings,
+                weighting,
+                maps,
+                local_blend,
+                progress,
+            )
             for k, image in enumerate(to_pil(x)):
                 outputs[k % 2][0].append(image)
                 outputs[k % 2][1].append(pair_maps[k] if pair_maps else None)
-        settings = {**settings, "negative_prompt": negative_prompt or "", "edit_steps": edit_steps,
-                    "local_blend": local_blend}
-        return tuple(PipelineOutput(images, [text] * num_images, [seed + i for i in range(num_images)],
-                                    settings, word_maps if maps is not None else None)
-                     for (images, word_maps), text in zip(outputs, (source, edit)))
+        settings = {
+            **settings,
+            "negative_prompt": negative_prompt or "",
+            "edit_steps": edit_steps,
+            "local_blend": local_blend,
+        }
+        return tuple(
+            PipelineOutput(
+                images,
+                [text] * num_images,
+                [seed + i for i in range(num_images)],
+                settings,
+                word_maps if maps is not None else None,
+            )
+            for (images, word_maps), text in zip(outputs, (source, edit))
+        )
 
-    def swap_batch(self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], seeds: list[int],
-                   edit_steps: float, settings: dict, weighting: Weighting, maps: MapOptions | None = None,
-                   local_blend: bool = False,
-                   progress: bool = False) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+    def swap_batch(
+        self,
+        pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]],
+        seeds: list[int],
+        edit_steps: float,
+        settings: dict,
+        weighting: Weighting,
+        maps: MapOptions | None = None,
+        local_blend: bool = False,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
         """Several (source, edit) pairs in one batch, pair k from noise seed seeds[k] for both
         images (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in
         turn, and their word maps when `maps` is given."""
@@ -484,15 +674,29 @@ class Pipeline(DiffusionPipeline):
         texts = [p.text for p in parsed]
         offsets = self.encoder.offsets(texts)  # (2P, T, 2)
         T = offsets.shape[1]
-        mapping = torch.stack([align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
-                               for k in range(len(pairs))])  # (P, T)
+        mapping = torch.stack(
+            [
+                align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
+                for k in range(len(pairs))
+            ]
+        )  # (P, T)
         blend = None
         if local_blend:
             ids = self.encoder.token_ids(texts)
             blend = LocalBlend(changed_tokens(ids, offsets, mapping), self.unet.config.sample_size)
         seeds = [seed for seed in seeds for _ in range(2)]
-        return self.sample_batch(parsed, seeds, settings, maps, weighting, blend, swap_mapping=mapping,
-                                 swap_fraction=edit_steps, callback_on_step_end=blend, progress=progress)
+        return self.sample_batch(
+            parsed,
+            seeds,
+            settings,
+            maps,
+            weighting,
+            blend,
+            swap_mapping=mapping,
+            swap_fraction=edit_steps,
+            callback_on_step_end=blend,
+            progress=progress,
+        )
 
 
 def convert(x: torch.Tensor, output_type: str):

@@ -5,6 +5,7 @@ CPUs where oneDNN reports AVX512-BF16 or AMX) and float32 everywhere else, where
 emulated and slower. Weights stay float32; autocast runs matmuls and convolutions in the lower
 precision. Samplers keep their own state in float32.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -31,7 +32,7 @@ def native_bf16(device: torch.device) -> bool:
 
 
 def resolve_mixed_precision(setting: str, device: torch.device) -> str:
-    """"auto" -> "bf16" where `device` does bf16 natively, else "no"; other settings unchanged."""
+    """ "auto" -> "bf16" where `device` does bf16 natively, else "no"; other settings unchanged."""
     if setting not in MIXED_PRECISION:
         raise UserError(f"unknown mixed precision '{setting}'; choose one of {', '.join(MIXED_PRECISION)}")
     if setting != "auto":

@@ -73,6 +73,7 @@ gives them, (0, 0) for start, end and padding tokens), never by decoding token s
 belongs to the word its character span overlaps, so all sub-word pieces of a rare word belong
 to that word, and words cut off by truncation simply have no tokens.
 """
+
 import difflib
 import itertools
 import math
@@ -83,7 +84,7 @@ from decimal import Decimal
 
 import torch
 
-from diffusion.errors import UserError
+from .errors import UserError
 
 __all__ = [
     "PromptSyntaxError",
@@ -113,12 +114,11 @@ _UNIT = re.compile(r"[\w']+|[^\w'\s]+")
 class PromptSyntaxError(UserError):
     """A prompt whose weighting syntax is malformed.
 
-    The message is `malformed prompt: <reason> at column N`, then the prompt and a caret line.
+    reason: what is wrong, e.g. "unbalanced ')'".
+    column: 1-based column in `prompt` of the offending character.
+    prompt: the prompt as written.
 
-    Attributes:
-        reason: what is wrong, e.g. "unbalanced ')'".
-        column: 1-based column in `prompt` of the offending character.
-        prompt: the prompt as written.
+    The message is `malformed prompt: <reason> at column N`, then the prompt and a caret line.
     """
 
     def __init__(self, prompt: str, index: int, reason: str):
@@ -148,11 +148,10 @@ def _one_line(text: str) -> str:
 class WeightedPrompt:
     """A prompt parsed by `parse_prompt`.
 
-    Attributes:
-        text: the plain prompt the model sees (brackets and weights removed, escapes resolved).
-        weights: `(start, end, weight)` character spans of `text`, non-overlapping, in order:
-            the maximal runs of bracketed characters with one weight, whitespace at their edges
-            left out. Weight 1.0 runs, like `(red:1)`, are listed too; unbracketed text is not.
+    text: the plain prompt the model sees (brackets and weights removed, escapes resolved).
+    weights: `(start, end, weight)` character spans of `text`, non-overlapping, in order: the
+        maximal runs of bracketed characters with one weight, whitespace at their edges left out.
+        Weight 1.0 runs, like `(red:1)`, are listed too; unbracketed text is not.
     """
 
     text: str
@@ -185,14 +184,10 @@ class _Open:
 def parse_prompt(text: str) -> WeightedPrompt:
     """Parse the prompt-weighting syntax (module docstring) into plain text and weighted spans.
 
-    Args:
-        text: a prompt as the user wrote it, e.g. "a (red:1.5) circle".
+    text: a prompt as the user wrote it, e.g. "a (red:1.5) circle".
 
-    Returns:
-        A `WeightedPrompt`; a prompt without brackets or backslashes comes back unchanged with no spans.
-
-    Raises:
-        PromptSyntaxError: the syntax is malformed; the message points at the column.
+    Returns a `WeightedPrompt`; a prompt without brackets or backslashes comes back unchanged with
+    no spans. Raises PromptSyntaxError if the syntax is malformed, its message pointing at the column.
     """
     if not isinstance(text, str):
         raise UserError(f"a prompt must be text, got {type(text).__name__} {text!r}; quote it in the config")
@@ -261,8 +256,10 @@ def _close_weighted(text: str, i: int, opened: list[_Open], out: list[str]) -> t
     group = opened[-1]
     if group.bracket == "[":
         raise PromptSyntaxError(
-            text, i, "':' inside '[...]' (a weight needs round brackets, '(red:1.5)'; prompt editing "
-            "'[a:b:n]' is not supported; write '\\:' for a literal ':')"
+            text,
+            i,
+            "':' inside '[...]' (a weight needs round brackets, '(red:1.5)'; prompt editing "
+            "'[a:b:n]' is not supported; write '\\:' for a literal ':')",
         )
     close = text.find(")", i + 1)
     if close == -1:
@@ -320,25 +317,25 @@ def _parse_weight(text: str, start: int, close: int) -> float:
 def format_prompt(text: str, weights) -> str:
     """Write plain text and weighted spans in the weighting syntax: the inverse of `parse_prompt`.
 
+    text: the plain text, e.g. "a red circle".
+    weights: `(start, end, weight)` character spans of `text`, in order, not overlapping.
+
     Every span whose weight is not 1 is written `(span:weight)`, whitespace at its edges left
     outside the brackets; `( ) [ ] : \\` in the text are escaped. `parse_prompt` of the result
     gives back `text` and the spans with weight not 1, exactly (floats included), for spans as
     `parse_prompt` gives them: without whitespace at their edges, and no two touching ones of
     the same weight (which it would read as one span).
 
-    Args:
-        text: the plain text, e.g. "a red circle".
-        weights: `(start, end, weight)` character spans of `text`, in order, not overlapping.
-
-    Raises:
-        ValueError: spans out of order, overlapping or outside the text.
-        UserError: a weight that is negative or not a finite number.
+    Raises ValueError for spans out of order, overlapping or outside the text, and UserError for a
+    weight that is negative or not a finite number.
     """
     parts = []
     written = previous_end = 0  # text[:written] is in parts; spans so far end by previous_end
     for start, end, weight in weights:
         if not previous_end <= start <= end <= len(text):
-            raise ValueError(f"span ({start}, {end}) is out of order, overlapping or outside the {len(text)} characters")
+            raise ValueError(
+                f"span ({start}, {end}) is out of order, overlapping or outside the {len(text)} characters"
+            )
         _check_weight(weight)
         previous_end = end
         start, end = _trim(text, start, end)
@@ -371,11 +368,10 @@ def _check_weight(weight) -> None:
 class Word:
     """One word of a prompt.
 
-    Attributes:
-        text: the word as in the prompt, e.g. "red".
-        start, end: its `[start, end)` character span in the prompt.
-        occurrence: 1 for the first "red" in the prompt, 2 for the second, ... (case-insensitive).
-        label: "red" for the first occurrence, "red#2" for the second, ...
+    text: the word as in the prompt, e.g. "red".
+    start, end: its `[start, end)` character span in the prompt.
+    occurrence: 1 for the first "red" in the prompt, 2 for the second, ... (case-insensitive).
+    label: "red" for the first occurrence, "red#2" for the second, ...
     """
 
     text: str
@@ -400,10 +396,8 @@ def split_words(prompt: str) -> list[Word]:
 def find_word(words: list[Word], label: str) -> int:
     """The index in `words` of the word with this label (case-insensitive).
 
-    "red" (or "red#1") is the first "red", "red#2" the second, ...
-
-    Raises:
-        UserError: no such word; the message lists the labels there are.
+    "red" (or "red#1") is the first "red", "red#2" the second, ... Raises UserError if there is
+    no such word, its message listing the labels there are.
     """
     wanted = label.strip().lower()
     if re.fullmatch(r".+#1", wanted):
@@ -422,18 +416,14 @@ def find_word(words: list[Word], label: str) -> int:
 def set_word_weight(prompt: str, label: str, weight: float) -> str:
     """`prompt` rewritten so that the word with this label has `weight` and every other word keeps its own.
 
+    prompt: a prompt in the weighting syntax, e.g. "a ((red)) circle".
+    label: the word, as `split_words` labels it: "red", "red#2", ...
+    weight: the new weight, a finite number >= 0.
+
     The result is written by `format_prompt` with one span a word: each word takes the weight
     the model would give it (`WeightedPrompt.weight_at` its span), brackets are rewritten as
-    `(word:w)`, and the characters between words are kept, unweighted.
-
-    Args:
-        prompt: a prompt in the weighting syntax, e.g. "a ((red)) circle".
-        label: the word, as `split_words` labels it: "red", "red#2", ...
-        weight: the new weight, a finite number >= 0.
-
-    Raises:
-        PromptSyntaxError: `prompt` is malformed.
-        UserError: no word with this label, or a bad weight.
+    `(word:w)`, and the characters between words are kept, unweighted. Raises PromptSyntaxError
+    if `prompt` is malformed, UserError if no word has this label or the weight is bad.
     """
     _check_weight(weight)
     parsed = parse_prompt(prompt)
@@ -450,7 +440,9 @@ def _spans(offsets, length: int | None = None) -> list[tuple[int, int]]:
     """Token character spans of one prompt as (start, end) ints, padded with (0, 0) to `length`."""
     if isinstance(offsets, torch.Tensor):
         if offsets.ndim != 2 or offsets.shape[-1] != 2:
-            raise ValueError(f"offsets must be (T, 2) for one prompt, got shape {tuple(offsets.shape)}; index the batch")
+            raise ValueError(
+                f"offsets must be (T, 2) for one prompt, got shape {tuple(offsets.shape)}; index the batch"
+            )
         spans = [(int(start), int(end)) for start, end in offsets.tolist()]
     else:
         spans = [(int(start), int(end)) for start, end in offsets]
@@ -483,15 +475,13 @@ def _assign(spans: list[tuple[int, int]], units) -> list[int | None]:
 def token_word_index(offsets: torch.Tensor | list, words: list[Word]) -> list[int | None]:
     """For each token of one prompt, the index into `words` of the word it belongs to.
 
-    Args:
-        offsets: (T, 2) character spans of the prompt's tokens, as `TextEncoder.tokenize` gives
-            (`tokens["offsets"][b]`) or a list of (start, end) pairs.
-        words: `split_words` of the same prompt.
+    offsets: (T, 2) character spans of the prompt's tokens, as `TextEncoder.tokenize` gives
+        (`tokens["offsets"][b]`) or a list of (start, end) pairs.
+    words: `split_words` of the same prompt.
 
-    Returns:
-        T entries: the word index, or None for start, end and padding tokens and for tokens
-        that are not part of a word (punctuation). A token belongs to the word its span
-        overlaps (the one it overlaps most, in the odd case of two).
+    Returns T entries: the word index, or None for start, end and padding tokens and for tokens
+    that are not part of a word (punctuation). A token belongs to the word its span overlaps
+    (the one it overlaps most, in the odd case of two).
     """
     return _assign(_spans(offsets), words)
 
@@ -508,14 +498,13 @@ def word_tokens(offsets: torch.Tensor | list, words: list[Word]) -> list[list[in
 def word_token_weights(prompt: WeightedPrompt, offsets: torch.Tensor | list, length: int) -> torch.Tensor:
     """The weight of each token: (length,) float32, 1.0 by default.
 
+    prompt: the parsed prompt; `offsets` must come from tokenizing `prompt.text`.
+    offsets: (T, 2) token character spans, T <= length (fewer: the rest count as padding).
+    length: tokens per prompt T.
+
     A word's weight (`prompt.weight_at` its span) goes to every one of its sub-word tokens, so a
     rare word split into pieces is weighted whole. A token outside words (punctuation) takes
     the weight at its own span. Start, end and padding tokens stay 1.0.
-
-    Args:
-        prompt: the parsed prompt; `offsets` must come from tokenizing `prompt.text`.
-        offsets: (T, 2) token character spans, T <= length (fewer: the rest count as padding).
-        length: tokens per prompt T.
     """
     spans = _spans(offsets, length)
     words = split_words(prompt.text)
@@ -533,9 +522,8 @@ def delete_tokens(text: str, offsets: torch.Tensor | list, drop) -> str:
     spaces this leaves collapsed: `delete_tokens("a red circle", offsets, <"red">)` is
     "a circle". Tokens are whole words or pieces of one, so whole words go.
 
-    Args:
-        offsets: (T, 2) token character spans of `text` (as `TextEncoder.tokenize` gives).
-        drop: (T,) bools (a tensor or a list), True at the tokens to delete.
+    offsets: (T, 2) token character spans of `text` (as `TextEncoder.tokenize` gives).
+    drop: (T,) bools (a tensor or a list), True at the tokens to delete.
     """
     keep = [True] * len(text)
     for (start, end), gone in zip(_spans(offsets), drop):
@@ -553,6 +541,14 @@ def align_tokens(
 ) -> torch.Tensor:
     """Which source token each target token corresponds to, for Prompt-to-Prompt edits.
 
+    source_offsets, target_offsets: (T, 2) token character spans of each prompt, as
+        `TextEncoder.tokenize` gives (T <= length; missing positions count as padding).
+    source_prompt, target_prompt: the plain prompts the offsets index into.
+    length: tokens per prompt T.
+
+    Returns `mapping`, (length,) long: target token j takes source token `mapping[j]`'s
+    attention, or -1 where it has no counterpart.
+
     The words (and punctuation runs) of the two prompts are aligned with
     `difflib.SequenceMatcher` on their lower-cased texts:
 
@@ -566,16 +562,6 @@ def align_tokens(
     The start token maps to the start token. The end token and the padding after it map to
     the source's end token and padding: the k-th position after the target's last real token
     goes to the k-th position after the source's last real token, clipped to length - 1.
-
-    Args:
-        source_offsets, target_offsets: (T, 2) token character spans of each prompt, as
-            `TextEncoder.tokenize` gives (T <= length; missing positions count as padding).
-        source_prompt, target_prompt: the plain prompts the offsets index into.
-        length: tokens per prompt T.
-
-    Returns:
-        `mapping`, (length,) long: target token j takes source token `mapping[j]`'s attention,
-        or -1 where it has no counterpart.
     """
     source_spans = _spans(source_offsets, length)
     target_spans = _spans(target_offsets, length)

@@ -6,6 +6,7 @@ Parts: faithfulness and localisation (evaluation.py), the weight response and th
 verdict per target, `format_report` into the printed table; `edit_plot`, `swap_plot` and
 `swap_strip` draw the edit curves and example pairs.
 """
+
 from __future__ import annotations
 
 import time
@@ -17,8 +18,16 @@ from . import edit_evaluation as edits
 from .config import DEFAULT_SAMPLER
 from .detector import detector_accuracy
 from .errors import UserError
-from .evaluation import (CATEGORIES, EVAL_SEED, SAMPLER_STEPS, TARGETS, category_cases, dataset_localisation,
-                         faithfulness, sampler_sweep)
+from .evaluation import (
+    CATEGORIES,
+    EVAL_SEED,
+    SAMPLER_STEPS,
+    TARGETS,
+    category_cases,
+    dataset_localisation,
+    faithfulness,
+    sampler_sweep,
+)
 from .images import font, labelled_grid
 from .pipeline import Weighting
 
@@ -26,12 +35,26 @@ PARTS = ("faithfulness", "localisation", "edit", "swap", "samplers")
 SAMPLER_LABELS = {"dpm++": "DPM-Solver++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
 
 
-def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | None = None, training_seed: int = 0,
-             n_edit: int = 32, n_swap: int = 32, n_samplers: int = 20, batch_size: int = 50, detector_n: int = 300,
-             guidance: float = 3.0, parts: tuple[str, ...] = PARTS, sampler: str = DEFAULT_SAMPLER,
-             weighting: Weighting | None = None, edit_steps: float = 0.6,
-             swap_sweep: bool = False, local_blend: bool = False,
-             categories: tuple[str, ...] | None = None) -> tuple[dict, list, dict]:
+def evaluate(
+    pipe,
+    n: int = 100,
+    seed: int = EVAL_SEED,
+    holdout: list[str] | None = None,
+    training_seed: int = 0,
+    n_edit: int = 32,
+    n_swap: int = 32,
+    n_samplers: int = 20,
+    batch_size: int = 50,
+    detector_n: int = 300,
+    guidance: float = 3.0,
+    parts: tuple[str, ...] = PARTS,
+    sampler: str = DEFAULT_SAMPLER,
+    weighting: Weighting | None = None,
+    edit_steps: float = 0.6,
+    swap_sweep: bool = False,
+    local_blend: bool = False,
+    categories: tuple[str, ...] | None = None,
+) -> tuple[dict, list, dict]:
     """The whole report as a JSON-ready dict, example (image, label) pairs for a grid, and the
     swap examples {kind: [(source prompt, edit prompt, source image, edit image), ...]}.
 
@@ -43,8 +66,11 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     categories = CATEGORIES if categories is None else tuple(categories)
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
-        what = f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}" if unknown \
+        what = (
+            f"unknown categor{'ies' if len(unknown) > 1 else 'y'} {', '.join(map(repr, unknown))}"
+            if unknown
             else "no category given"
+        )
         raise UserError(f"{what}; choose from {', '.join(CATEGORIES)}")
     if seed == training_seed:
         raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
@@ -52,39 +78,69 @@ def evaluate(pipe, n: int = 100, seed: int = EVAL_SEED, holdout: list[str] | Non
     holdout = list(holdout or [])
     resolution = pipe.unet.config.sample_size
     started = time.time()
-    report = {"n": n, "seed": seed, "resolution": resolution, "holdout": holdout, "guidance": guidance,
-              "sampler": sampler, "mixed_precision": pipe.mixed_precision}
+    report = {
+        "n": n,
+        "seed": seed,
+        "resolution": resolution,
+        "holdout": holdout,
+        "guidance": guidance,
+        "sampler": sampler,
+        "mixed_precision": pipe.mixed_precision,
+    }
     report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
-    cases = {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES if c in categories} \
-        if "faithfulness" in parts else {}
+    cases = (
+        {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES if c in categories}
+        if "faithfulness" in parts
+        else {}
+    )
     swap_fractions = tuple(sorted(set(edits.EDIT_STEPS) | {edit_steps})) if swap_sweep else (edit_steps,)
     sweep_cases = []
     if "samplers" in parts:
         half = n_samplers // 2
-        sweep = {c: cases.get(c) or category_cases(c, n, seed, resolution, holdout) for c in ("single object", "position")}
-        sweep_cases = sweep["single object"][:half] + sweep["position"][:n_samplers - half]
-    total = {"faithfulness": sum(len(c) for c in cases.values()),
-             "edit": n_edit * 2 * (1 + len(edits.WEIGHT_MODES_MEASURED) * (len(edits.EDIT_WEIGHTS) - 1) + 1),
-             "swap": n_swap * 2 * len(edits.SWAP_KINDS) * len(swap_fractions),
-             "samplers": len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS))}
+        sweep = {
+            c: cases.get(c) or category_cases(c, n, seed, resolution, holdout) for c in ("single object", "position")
+        }
+        sweep_cases = sweep["single object"][:half] + sweep["position"][: n_samplers - half]
+    total = {
+        "faithfulness": sum(len(c) for c in cases.values()),
+        "edit": n_edit * 2 * (1 + len(edits.WEIGHT_MODES_MEASURED) * (len(edits.EDIT_WEIGHTS) - 1) + 1),
+        "swap": n_swap * 2 * len(edits.SWAP_KINDS) * len(swap_fractions),
+        "samplers": len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS)),
+    }
     progress = tqdm(total=sum(total.get(p, 0) for p in parts), desc="evaluating (images)", dynamic_ncols=True)
     examples, swap_examples = [], {}
     if "faithfulness" in parts:
-        report["faithfulness"], generated, examples = faithfulness(pipe, cases, seed, batch_size, progress, guidance,
-                                                                   sampler)
+        report["faithfulness"], generated, examples = faithfulness(
+            pipe, cases, seed, batch_size, progress, guidance, sampler
+        )
         report["localisation"] = {"generated": generated}
     if "localisation" in parts:
         report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
     if {"edit", "swap"} & set(parts):
-        report["weighting"] = {"context": weighting.context, "steps": list(weighting.steps),
-                               "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None}
+        report["weighting"] = {
+            "context": weighting.context,
+            "steps": list(weighting.steps),
+            "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None,
+        }
     if "edit" in parts:
-        report["edit"] = edits.weight_response(pipe, n_edit, seed, holdout, batch_size, weighting, progress,
-                                               guidance, sampler)
+        report["edit"] = edits.weight_response(
+            pipe, n_edit, seed, holdout, batch_size, weighting, progress, guidance, sampler
+        )
     if "swap" in parts:
-        report["swap"], swap_examples = edits.swap_response(pipe, n_swap, seed, holdout, batch_size, weighting,
-                                                            progress, guidance, sampler, swap_fractions,
-                                                            local_blend=local_blend, example_steps=edit_steps)
+        report["swap"], swap_examples = edits.swap_response(
+            pipe,
+            n_swap,
+            seed,
+            holdout,
+            batch_size,
+            weighting,
+            progress,
+            guidance,
+            sampler,
+            swap_fractions,
+            local_blend=local_blend,
+            example_steps=edit_steps,
+        )
         report["swap"]["default_edit_steps"] = edit_steps
     if "samplers" in parts:
         report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
@@ -119,12 +175,16 @@ def targets(report: dict) -> dict:
     sweep = report.get("samplers")
     if sweep:
         gap = abs(sweep["scores"]["dpm++"]["20"] - sweep["reference"]["score"])
-        out["samplers/dpm++ 20 steps gap to reference (at most)"] = {"value": gap, "target": 0.02,
-                                                                      "met": gap <= 0.02 + eps}
+        out["samplers/dpm++ 20 steps gap to reference (at most)"] = {
+            "value": gap,
+            "target": 0.02,
+            "met": gap <= 0.02 + eps,
+        }
     return out
 
 
 # ---- the printed table ----------------------------------------------------------------------
+
 
 def _fmt(value) -> str:
     if value is None:
@@ -135,11 +195,16 @@ def _fmt(value) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = [f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
-             f"guidance {report.get('guidance', 3.0):g}, {SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
-             f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s", ""]
-    lines.append("detector accuracy on generator images: " +
-                 ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n"))
+    lines = [
+        f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
+        f"guidance {report.get('guidance', 3.0):g}, {SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
+        f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s",
+        "",
+    ]
+    lines.append(
+        "detector accuracy on generator images: "
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n")
+    )
     if "faithfulness" in report:
         lines += ["", f"{'faithfulness':<20} {'score':>6} {'n':>5}"]
         for category, value in report["faithfulness"].items():
@@ -150,35 +215,58 @@ def format_report(report: dict) -> str:
         lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
     if "weighting" in report:
         w = report["weighting"]
-        lines += ["", f"weighting: context {w['context']}, steps {w['steps'][0]:g}-{w['steps'][1]:g}, "
-                      f"resolutions {w['resolutions'] or 'all'}"]
+        lines += [
+            "",
+            f"weighting: context {w['context']}, steps {w['steps'][0]:g}-{w['steps'][1]:g}, "
+            f"resolutions {w['resolutions'] or 'all'}",
+        ]
     if "edit" in report:
         edit = report["edit"]
-        lines += ["", f"weight response (n={edit['n']}; drawn = one clean object)",
-                  f"{'word':<7} {'mode':<10} {'weight':>6} {'drawn':>6} {'present':>8} {'area':>6} {'mass':>6} "
-                  f"{'grain':>6}"]
+        lines += [
+            "",
+            f"weight response (n={edit['n']}; drawn = one clean object)",
+            f"{'word':<7} {'mode':<10} {'weight':>6} {'drawn':>6} {'present':>8} {'area':>6} {'mass':>6} {'grain':>6}",
+        ]
         for word, base in edit["deleted"].items():
-            lines.append(f"{word:<7} {'deleted':<10} {'-':>6} {base['drawn']:>6.3f} {base['present']:>8.3f} "
-                         f"{base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}")
+            lines.append(
+                f"{word:<7} {'deleted':<10} {'-':>6} {base['drawn']:>6.3f} {base['present']:>8.3f} "
+                f"{base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}"
+            )
         for r in edit["rows"]:
-            lines.append(f"{r['word']:<7} {r['mode']:<10} {r['weight']:>6g} {r['drawn']:>6.3f} {r['present']:>8.3f} "
-                         f"{r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}")
+            lines.append(
+                f"{r['word']:<7} {r['mode']:<10} {r['weight']:>6g} {r['drawn']:>6.3f} {r['present']:>8.3f} "
+                f"{r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
+            )
     if "swap" in report:
         swap = report["swap"]
-        measures = ("new present", "old gone", "colour kept", "edited iou >= 0.8", "centre within 2 px",
-                    "others iou >= 0.9")
-        lines += ["", f"word swap (n={swap['n']} per kind; rates over the pairs whose source draws its objects"
-                      f"{'; local blend' if swap.get('local_blend') else ''})",
-                  f"{'kind':<7} {'steps':>5} {'scored':>6} " + " ".join(f"{m[:12]:>12}" for m in measures)]
+        measures = (
+            "new present",
+            "old gone",
+            "colour kept",
+            "edited iou >= 0.8",
+            "centre within 2 px",
+            "others iou >= 0.9",
+        )
+        lines += [
+            "",
+            f"word swap (n={swap['n']} per kind; rates over the pairs whose source draws its objects"
+            f"{'; local blend' if swap.get('local_blend') else ''})",
+            f"{'kind':<7} {'steps':>5} {'scored':>6} " + " ".join(f"{m[:12]:>12}" for m in measures),
+        ]
         for kind, values in swap["kinds"].items():
             for fraction, rates in values["by_steps"].items():
-                lines.append(f"{kind:<7} {fraction:>5} {rates['scored']:>6} " +
-                             " ".join(f"{_fmt(rates[m]):>12}" for m in measures))
+                lines.append(
+                    f"{kind:<7} {fraction:>5} {rates['scored']:>6} "
+                    + " ".join(f"{_fmt(rates[m]):>12}" for m in measures)
+                )
     if "samplers" in report:
         sweep = report["samplers"]
-        lines += ["", f"samplers (n={sweep['n']}; reference {sweep['reference']['sampler']} "
-                      f"{sweep['reference']['steps']} steps: {sweep['reference']['score']:.3f})",
-                  f"{'sampler':<8} " + " ".join(f"{s:>6}" for s in SAMPLER_STEPS)]
+        lines += [
+            "",
+            f"samplers (n={sweep['n']}; reference {sweep['reference']['sampler']} "
+            f"{sweep['reference']['steps']} steps: {sweep['reference']['score']:.3f})",
+            f"{'sampler':<8} " + " ".join(f"{s:>6}" for s in SAMPLER_STEPS),
+        ]
         for name, scores in sweep["scores"].items():
             lines.append(f"{name:<8} " + " ".join(f"{scores[str(s)]:>6.3f}" for s in SAMPLER_STEPS))
     width = max([len(k) for k in report["targets"]] + [40])
@@ -192,8 +280,12 @@ def format_report(report: dict) -> str:
 
 # ---- pictures -------------------------------------------------------------------------------
 
-STYLES = {("colour", "attention"): (220, 50, 50), ("colour", "embedding"): (240, 150, 150),
-          ("shape", "attention"): (40, 80, 220), ("shape", "embedding"): (140, 170, 240)}
+STYLES = {
+    ("colour", "attention"): (220, 50, 50),
+    ("colour", "embedding"): (240, 150, 150),
+    ("shape", "attention"): (40, 80, 220),
+    ("shape", "embedding"): (140, 170, 240),
+}
 
 
 def _dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, fill, dash: int = 5) -> None:
@@ -201,8 +293,15 @@ def _dashed(draw: ImageDraw.ImageDraw, x0: float, x1: float, y: float, fill, das
         draw.line([x, y, min(x + dash, x1), y], fill=fill, width=1)
 
 
-def _line_panels(series: dict, metrics: list[str], xs: list[float], floors: dict | None = None,
-                 x_label: str = "weight", width: int = 960, height: int = 250) -> Image.Image:
+def _line_panels(
+    series: dict,
+    metrics: list[str],
+    xs: list[float],
+    floors: dict | None = None,
+    x_label: str = "weight",
+    width: int = 960,
+    height: int = 250,
+) -> Image.Image:
     """Small line charts side by side, one per metric: `series` maps (label, colour) to
     {x: {metric: value}}; `floors` maps metric to [(value, colour, label)] drawn dashed."""
     image = Image.new("RGB", (width, height), "white")
@@ -214,15 +313,20 @@ def _line_panels(series: dict, metrics: list[str], xs: list[float], floors: dict
         x0, x1 = p * panel_w + left, (p + 1) * panel_w - 12
         values = [v[metric] for points in series.values() for v in points.values() if v.get(metric) is not None]
         values += [f[0] for f in (floors or {}).get(metric, [])]
-        top_value = 1.0 if max(values, default=0) <= 1 and metric not in ("area", "mass", "grain") \
+        top_value = (
+            1.0
+            if max(values, default=0) <= 1 and metric not in ("area", "mass", "grain")
             else max(values + [1e-9]) * 1.05
+        )
         draw.rectangle([x0, top, x1, bottom], outline=(160, 160, 160))
         draw.text((x0, 4), f"{metric} vs {x_label}", fill="black", font=label_font)
         draw.text((x0 - 36, top - 6), f"{top_value:.2g}", fill="black", font=label_font)
         draw.text((x0 - 12, bottom - 6), "0", fill="black", font=label_font)
 
-        def xy(x, value):
-            return (x0 + (x1 - x0) * (x - min(xs)) / (max(xs) - min(xs)), bottom - (bottom - top) * value / top_value)
+        def xy(x, value):  # called only within this iteration, so the loop variables it reads are this panel's
+            x_pixel = x0 + (x1 - x0) * (x - min(xs)) / (max(xs) - min(xs))  # noqa: B023
+            y_pixel = bottom - (bottom - top) * value / top_value  # noqa: B023
+            return x_pixel, y_pixel
 
         for x in xs:
             draw.text((xy(x, 0)[0] - 6, bottom + 2), f"{x:g}", fill="black", font=label_font)
@@ -256,22 +360,32 @@ def edit_plot(edit: dict) -> Image.Image:
             series[(f"{word} word, {mode}", colour)] = points
     xs = sorted({r["weight"] for r in edit["rows"]})
     deleted = edit["deleted"]
-    floors = {metric: [(deleted[word][metric], tuple(c // 2 for c in STYLES[(word, "attention")]),
-                        f"{word} word deleted") for word in deleted]
-              for metric in ("drawn", "present", "area", "grain")}
+    floors = {
+        metric: [
+            (deleted[word][metric], tuple(c // 2 for c in STYLES[(word, "attention")]), f"{word} word deleted")
+            for word in deleted
+        ]
+        for metric in ("drawn", "present", "area", "grain")
+    }
     return _line_panels(series, ["drawn", "present", "area", "mass", "grain"], xs, floors)
 
 
 def swap_plot(swap: dict) -> Image.Image:
     """Word-swap rates against the edit steps: one panel per measure, one line per kind."""
     colours = {"colour": (220, 50, 50), "shape": (40, 80, 220), "size": (60, 160, 60), "add": (200, 140, 20)}
-    series = {(kind, colours[kind]): {float(f): rates for f, rates in values["by_steps"].items()}
-              for kind, values in swap["kinds"].items()}
+    series = {
+        (kind, colours[kind]): {float(f): rates for f, rates in values["by_steps"].items()}
+        for kind, values in swap["kinds"].items()
+    }
     xs = sorted({float(f) for values in swap["kinds"].values() for f in values["by_steps"]})
     if len(xs) == 1:
         xs = [0.0, 1.0]
-    return _line_panels(series, ["new present", "old gone", "edited iou >= 0.8", "centre within 2 px",
-                                 "others iou >= 0.9"], xs, x_label="edit steps")
+    return _line_panels(
+        series,
+        ["new present", "old gone", "edited iou >= 0.8", "centre within 2 px", "others iou >= 0.9"],
+        xs,
+        x_label="edit steps",
+    )
 
 
 def swap_strip(examples: dict) -> Image.Image:
@@ -282,4 +396,3 @@ def swap_strip(examples: dict) -> Image.Image:
             images += [Image.fromarray(source), Image.fromarray(edit)]
             labels += [f"{kind}: {source_prompt}", f"-> {edit_prompt}"]
     return labelled_grid(images, labels, columns=4, label_width_chars=24)
-

@@ -9,6 +9,7 @@ object's pixels, and training can ground each word's attention on its object.
 Items are `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`;
 `render_with_masks()` renders the whole set at once, in parallel processes.
 """
+
 from __future__ import annotations
 
 import multiprocessing
@@ -165,9 +166,7 @@ def _candidate_pairs(holdout: set[tuple[str, str]], holdout_mode: str) -> tuple[
     forces one per scene (empty in the other modes). Sorted, so that sampling does not depend on
     set iteration order (which changes between processes for strings)."""
     if holdout_mode not in HOLDOUT_MODES:
-        raise UserError(
-            f"unknown holdout_mode {holdout_mode!r}; use one of {', '.join(HOLDOUT_MODES)}"
-        )
+        raise UserError(f"unknown holdout_mode {holdout_mode!r}; use one of {', '.join(HOLDOUT_MODES)}")
     if holdout_mode == "exclude":
         allowed = [pair for pair in _ALL_PAIRS if pair not in holdout]
         if not allowed:
@@ -186,10 +185,7 @@ def _separated(centers: list[tuple[float, float]], halves: list[float]) -> bool:
     for a in range(len(centers)):
         for b in range(a + 1, len(centers)):
             reach = halves[a] + halves[b] + GAP_PX
-            if (
-                abs(centers[a][0] - centers[b][0]) < reach
-                and abs(centers[a][1] - centers[b][1]) < reach
-            ):
+            if abs(centers[a][0] - centers[b][0]) < reach and abs(centers[a][1] - centers[b][1]) < reach:
                 return False
     return True
 
@@ -237,8 +233,9 @@ def _true_relations(objects: list[ShapeObject], resolution: int) -> list[tuple[i
 class _CaptionWriter:
     """Builds a caption left to right, recording where each object's words land."""
 
-    def __init__(self, objects: list[ShapeObject], with_size: list[bool], with_colour: list[bool],
-                 with_shape: list[bool]):
+    def __init__(
+        self, objects: list[ShapeObject], with_size: list[bool], with_colour: list[bool], with_shape: list[bool]
+    ):
         """`objects` are the scene's objects; `with_size[k]`, `with_colour[k]`, `with_shape[k]`
         say whether object k's phrase names its size, colour and shape."""
         self.objects = objects
@@ -276,13 +273,12 @@ class _CaptionWriter:
         self.phrase_spans[k] = (start, len(self.text))
 
     def scene(self) -> Scene:
-        return Scene(
-            self.objects, self.text, self.colour_spans, self.shape_spans, self.size_spans, self.phrase_spans
-        )
+        return Scene(self.objects, self.text, self.colour_spans, self.shape_spans, self.size_spans, self.phrase_spans)
 
 
-def _caption(rng: np.random.Generator, objects: list[ShapeObject], resolution: int,
-             omission: Omission = Omission()) -> Scene:
+def _caption(
+    rng: np.random.Generator, objects: list[ShapeObject], resolution: int, omission: Omission = Omission()
+) -> Scene:
     """Pick a caption template for `objects` (drawn at `resolution`) and write it, leaving
     attributes out as `omission` says."""
     count = len(objects)
@@ -359,7 +355,7 @@ def sample_scene(
     if object_weights is None:
         count = int(rng.integers(min_objects, max_objects + 1))
     else:
-        p = np.asarray(object_weights[min_objects - 1:max_objects], dtype=float)
+        p = np.asarray(object_weights[min_objects - 1 : max_objects], dtype=float)
         count = min_objects + int(rng.choice(len(p), p=p / p.sum()))
     pairs = [allowed[k] for k in rng.integers(len(allowed), size=count)]
     if forced:
@@ -367,9 +363,7 @@ def sample_scene(
     positions, sizes, centers, halves = _place(rng, resolution, count)
     objects = [
         ShapeObject(colour, shape, size, position, center, half)
-        for (colour, shape), size, position, center, half in zip(
-            pairs, sizes, positions, centers, halves
-        )
+        for (colour, shape), size, position, center, half in zip(pairs, sizes, positions, centers, halves)
     ]
     return _caption(rng, objects, resolution, omission)
 
@@ -400,9 +394,7 @@ def draw_shape(draw: ImageDraw.ImageDraw, obj: ShapeObject, scale: int, fill) ->
         raise ValueError(f"unknown shape {obj.shape!r}")
 
 
-def render_scene(
-    scene: Scene, resolution: int, supersample: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(scene: Scene, resolution: int, supersample: int = 4) -> tuple[np.ndarray, np.ndarray]:
     """Draw `scene` (sampled at `resolution`) and its per-object masks.
 
     supersample: the shapes are drawn this many times larger and box-filtered down, which
@@ -464,11 +456,15 @@ class ShapesDataset(Dataset):
         check_int("data.max_objects", max_objects, min_objects, 4)
         check_int("data.seed", seed, 0)
         if object_weights is not None and (
-                len(object_weights) != 4 or min(object_weights) < 0
-                or sum(object_weights[min_objects - 1:max_objects]) <= 0):
-            raise UserError(f"data.object_weights must be 4 non-negative weights (of 1, 2, 3, 4 objects), with a "
-                            f"positive weight between data.min_objects={min_objects} and data.max_objects="
-                            f"{max_objects}; got {list(object_weights)}")
+            len(object_weights) != 4
+            or min(object_weights) < 0
+            or sum(object_weights[min_objects - 1 : max_objects]) <= 0
+        ):
+            raise UserError(
+                f"data.object_weights must be 4 non-negative weights (of 1, 2, 3, 4 objects), with a "
+                f"positive weight between data.min_objects={min_objects} and data.max_objects="
+                f"{max_objects}; got {list(object_weights)}"
+            )
         self.object_weights = None if object_weights is None else list(object_weights)
         self.resolution = resolution
         self.num_samples = num_samples
@@ -489,8 +485,14 @@ class ShapesDataset(Dataset):
             raise IndexError(f"sample {i} out of range for {self.num_samples} samples")
         rng = np.random.default_rng([self.seed, i])
         return sample_scene(
-            rng, self.resolution, self.min_objects, self.max_objects, self.holdout,
-            self.holdout_mode, self.object_weights, self.omission,
+            rng,
+            self.resolution,
+            self.min_objects,
+            self.max_objects,
+            self.holdout,
+            self.holdout_mode,
+            self.object_weights,
+            self.omission,
         )
 
     def sample(self, i: int) -> ShapesSample:
@@ -517,7 +519,7 @@ class ShapesDataset(Dataset):
         rendered = self.render_with_masks(progress)
         return rendered.images, rendered.captions
 
-    def render_with_masks(self, progress: bool = True, workers: int | None = None) -> "RenderedShapes":
+    def render_with_masks(self, progress: bool = True, workers: int | None = None) -> RenderedShapes:
         """Render every sample once, with its object masks and scene, in index order.
 
         progress: show a tqdm bar.
@@ -533,12 +535,16 @@ class ShapesDataset(Dataset):
         workers = min(torch.get_num_threads() if workers is None else workers, len(chunks))
         bar = tqdm(total=N, desc="rendering shapes", disable=not progress)
         # fork: the workers start at once, with this dataset, and import nothing
-        with (multiprocessing.get_context("fork").Pool(workers) if workers > 1 and sys.platform == "linux"
-              else _InProcess()) as pool:
+        with (
+            multiprocessing.get_context("fork").Pool(workers)
+            if workers > 1 and sys.platform == "linux"
+            else _InProcess()
+        ) as pool:
             for (start, stop), (chunk_images, chunk_masks, chunk_scenes) in zip(
-                    chunks, pool.imap(self._render_range, chunks)):
+                chunks, pool.imap(self._render_range, chunks)
+            ):
                 images[start:stop] = torch.from_numpy(chunk_images)
-                masks[start:stop, :chunk_masks.shape[1]] = torch.from_numpy(chunk_masks)
+                masks[start:stop, : chunk_masks.shape[1]] = torch.from_numpy(chunk_masks)
                 scenes.extend(chunk_scenes)
                 captions.extend(scene.caption for scene in chunk_scenes)
                 bar.update(stop - start)
@@ -556,7 +562,7 @@ class ShapesDataset(Dataset):
             scene = self.scene(i)
             image, object_masks = render_scene(scene, side)
             images[row] = image.transpose(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-            masks[row, :len(object_masks)] = object_masks
+            masks[row, : len(object_masks)] = object_masks
             scenes.append(scene)
         return images, masks, scenes
 

@@ -8,6 +8,7 @@ Two sources of a CLIP text encoder, both loaded the same way by `TextEncoder.fro
 
 `EmbeddingCache` computes the embedding of each distinct caption once, since the encoder is frozen.
 """
+
 import contextlib
 import warnings
 from pathlib import Path
@@ -51,13 +52,14 @@ def quiet_transformers():
 def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     """Load a CLIP tokenizer and text model; raise a one-line UserError on any failure.
 
-    Args:
-        name_or_path: a folder with `tokenizer/` and `text_encoder/` (our export, or a diffusers
-            pipeline), or a folder or hub id of a plain CLIP (weights and tokenizer at its root).
+    name_or_path: a folder with `tokenizer/` and `text_encoder/` (our export, or a diffusers
+        pipeline), or a folder or hub id of a plain CLIP (weights and tokenizer at its root).
     """
     path = Path(name_or_path).expanduser()
-    hint = ("give a local folder with tokenizer/ and text_encoder/, or a CLIP folder or hub id "
-            "such as openai/clip-vit-base-patch32")
+    hint = (
+        "give a local folder with tokenizer/ and text_encoder/, or a CLIP folder or hub id "
+        "such as openai/clip-vit-base-patch32"
+    )
     # A path-like name that does not exist is a typo, not a hub id: say so at once instead of
     # waiting for the hub to time out.
     path_like = (
@@ -84,15 +86,19 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
             detail = f"no such folder, and the hub failed (offline?): {detail}"
         raise UserError(f"could not load a CLIP text encoder from '{name_or_path}': {detail}; {hint}") from None
     if info["missing_keys"]:
-        raise UserError(f"'{name_or_path}' holds no CLIP text weights (missing {len(info['missing_keys'])} "
-                        f"tensors, e.g. {sorted(info['missing_keys'])[0]}); {hint}")
+        raise UserError(
+            f"'{name_or_path}' holds no CLIP text weights (missing {len(info['missing_keys'])} "
+            f"tensors, e.g. {sorted(info['missing_keys'])[0]}); {hint}"
+        )
     if len(tokenizer) < len(BYTE_ALPHABET):
         raise UserError(
             f"'{name_or_path}' has no CLIP tokenizer files (vocab.json + merges.txt or tokenizer.json); {hint}"
         )
     if len(tokenizer) > model.config.vocab_size:
-        raise UserError(f"'{name_or_path}': the tokenizer has {len(tokenizer)} tokens but the text model only "
-                        f"{model.config.vocab_size}; they come from different models, use a matching pair")
+        raise UserError(
+            f"'{name_or_path}': the tokenizer has {len(tokenizer)} tokens but the text model only "
+            f"{model.config.vocab_size}; they come from different models, use a matching pair"
+        )
     return tokenizer, model
 
 
@@ -108,21 +114,19 @@ class TextEncoder(nn.Module):
         mask_eos: bool = True,
         concat_token_embeddings: bool = True,
     ):
-        """
-        Args:
-            tokenizer: the CLIP tokenizer matching `model`.
-            model: a CLIP text model; it is frozen (no gradients, always in eval mode).
-            max_length: tokens per prompt (start and end included); defaults to the tokenizer's
-                `model_max_length`, capped at the model's position embeddings.
-            hidden_layer: which layer's output to use: -1 the last, -2 the penultimate ("clip
-                skip"), ...; the final layer norm is applied either way.
-            mask_eos: hide the end-of-text token from the UNet, leaving only the words and the
-                start token.
-            concat_token_embeddings: append each token's own embedding (the embedding layer,
-                final layer norm applied) to the chosen layer's states, D -> 2D features: the
-                UNet sees what the word is as well as its context. A small CLIP trained here
-                blurs words it did not need for retrieval (measured: "left" vs "right" in the
-                same caption have cosine 0.98 at its last layer, 0.5 at the embedding layer).
+        """tokenizer: the CLIP tokenizer matching `model`.
+        model: a CLIP text model; it is frozen (no gradients, always in eval mode).
+        max_length: tokens per prompt (start and end included); defaults to the tokenizer's
+            `model_max_length`, capped at the model's position embeddings.
+        hidden_layer: which layer's output to use: -1 the last, -2 the penultimate ("clip
+            skip"), ...; the final layer norm is applied either way.
+        mask_eos: hide the end-of-text token from the UNet, leaving only the words and the
+            start token.
+        concat_token_embeddings: append each token's own embedding (the embedding layer, final
+            layer norm applied) to the chosen layer's states, D -> 2D features: the UNet sees
+            what the word is as well as its context. A small CLIP trained here blurs words it
+            did not need for retrieval (measured: "left" vs "right" in the same caption have
+            cosine 0.98 at its last layer, 0.5 at the embedding layer).
         """
         super().__init__()
         positions = model.config.max_position_embeddings
@@ -133,8 +137,10 @@ class TextEncoder(nn.Module):
             raise UserError(f"text max_length {max_length} is out of range; this CLIP takes 3 to {positions} tokens")
         # -(layers + 1) is the embedding layer: each token's own embedding, with no context mixed in
         if not -(layers + 1) <= hidden_layer <= -1:
-            raise UserError(f"text hidden_layer {hidden_layer} is out of range; this CLIP has layers -1 to "
-                            f"{-(layers + 1)} (the token embeddings)")
+            raise UserError(
+                f"text hidden_layer {hidden_layer} is out of range; this CLIP has layers -1 to "
+                f"{-(layers + 1)} (the token embeddings)"
+            )
         self.tokenizer = tokenizer
         self.model = model.requires_grad_(False).eval()
         self.hidden_layer = hidden_layer
@@ -144,20 +150,29 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_pretrained(
-        cls, name_or_path: str | Path, max_length: int | None = None, hidden_layer: int = -1, mask_eos: bool = True,
+        cls,
+        name_or_path: str | Path,
+        max_length: int | None = None,
+        hidden_layer: int = -1,
+        mask_eos: bool = True,
         concat_token_embeddings: bool = True,
     ) -> "TextEncoder":
         """Load a CLIP text encoder.
 
-        Args:
-            name_or_path: a folder with `tokenizer/` and `text_encoder/` (from `train_clip` or
-                `save_pretrained`, or a diffusers pipeline), or a folder or hub id of a plain CLIP
-                (a CLIPModel or CLIPTextModel checkpoint with its tokenizer files at the root).
-            max_length, hidden_layer, mask_eos, concat_token_embeddings: as in `TextEncoder.__init__`.
+        name_or_path: a folder with `tokenizer/` and `text_encoder/` (from `train_clip` or
+            `save_pretrained`, or a diffusers pipeline), or a folder or hub id of a plain CLIP
+            (a CLIPModel or CLIPTextModel checkpoint with its tokenizer files at the root).
+        max_length, hidden_layer, mask_eos, concat_token_embeddings: as in `TextEncoder.__init__`.
         """
         tokenizer, model = _load_clip_text(str(name_or_path))
-        return cls(tokenizer, model, max_length=max_length, hidden_layer=hidden_layer, mask_eos=mask_eos,
-                   concat_token_embeddings=concat_token_embeddings)
+        return cls(
+            tokenizer,
+            model,
+            max_length=max_length,
+            hidden_layer=hidden_layer,
+            mask_eos=mask_eos,
+            concat_token_embeddings=concat_token_embeddings,
+        )
 
     @property
     def embedding_dim(self) -> int:
@@ -176,13 +191,11 @@ class TextEncoder(nn.Module):
     def tokenize(self, prompts: list[str]) -> dict[str, torch.Tensor]:
         """Tokenize prompts to exactly `max_length` tokens, warning about any text cut off.
 
-        Args:
-            prompts: B prompts.
+        prompts: B prompts.
 
-        Returns:
-            `input_ids` (B, T) long; `attention_mask` (B, T) long, 1 for real tokens (start and
-            end included); `offsets` (B, T, 2) long, each token's [start, end) character span in
-            its prompt ((0, 0) for special and padding tokens).
+        Returns `input_ids` (B, T) long; `attention_mask` (B, T) long, 1 for real tokens (start
+        and end included); `offsets` (B, T, 2) long, each token's [start, end) character span in
+        its prompt ((0, 0) for special and padding tokens).
         """
         _check_prompts(prompts)
         tokens = self.tokenizer(
@@ -206,8 +219,12 @@ class TextEncoder(nn.Module):
 
     def options(self) -> dict:
         """The settings `__init__` takes besides the model and tokenizer (saved with a pipeline)."""
-        return {"max_length": self.max_length, "hidden_layer": self.hidden_layer, "mask_eos": self.mask_eos,
-                "concat_token_embeddings": self.concat_token_embeddings}
+        return {
+            "max_length": self.max_length,
+            "hidden_layer": self.hidden_layer,
+            "mask_eos": self.mask_eos,
+            "concat_token_embeddings": self.concat_token_embeddings,
+        }
 
     def offsets(self, prompts: list[str]) -> torch.Tensor:
         """(B, T, 2) each token's character span, as `tokenize` gives them, without its truncation
@@ -242,14 +259,12 @@ class TextEncoder(nn.Module):
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts token by token.
 
-        Args:
-            prompts: B prompts; longer ones are truncated with a warning.
+        prompts: B prompts; longer ones are truncated with a warning.
 
-        Returns:
-            `embeddings` (B, T, D) float32 and `key_mask` (B, T) bool, on the model's device.
-            `key_mask` is True where cross-attention may look: every real token except padding
-            and, with `mask_eos`, the end token. The start token is always kept, so even the
-            empty prompt has one True.
+        Returns `embeddings` (B, T, D) float32 and `key_mask` (B, T) bool, on the model's device.
+        `key_mask` is True where cross-attention may look: every real token except padding and,
+        with `mask_eos`, the end token. The start token is always kept, so even the empty prompt
+        has one True.
         """
         tokens = self.tokenize(prompts)
         device = self.model.device
@@ -304,10 +319,8 @@ class EmbeddingCache:
     """
 
     def __init__(self, encoder: TextEncoder, batch_size: int = 256):
-        """
-        Args:
-            encoder: the frozen text encoder.
-            batch_size: how many new captions to encode at once.
+        """encoder: the frozen text encoder.
+        batch_size: how many new captions to encode at once.
         """
         self.encoder = encoder
         self.batch_size = batch_size
@@ -329,9 +342,8 @@ class EmbeddingCache:
     def precompute(self, captions: list[str], progress: bool = True) -> None:
         """Encode every caption not cached yet, e.g. the whole training set before training.
 
-        Args:
-            captions: captions, repeats allowed.
-            progress: show a tqdm bar over batches.
+        captions: captions, repeats allowed.
+        progress: show a tqdm bar over batches.
         """
         self._add(captions, progress=progress)
 

@@ -14,6 +14,7 @@ min-SNR-gamma weighting, captions dropped to "" for classifier-free guidance, Ad
 and cosine decay, gradient clipping, EMA with warm-up. accelerate handles the device, mixed
 precision, gradient accumulation and several processes (`accelerate launch` / `torchrun`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -39,6 +40,7 @@ from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from .clip_training import fit_tokenizer, train_clip
 from .config import Config, biased_timestep_count
 from .data import build_dataset
 from .embedding_store import EmbeddingStore, cache_folder
@@ -48,7 +50,6 @@ from .image_folder import ImageFolderDataset
 from .images import labelled_grid, save_png
 from .pipeline import Pipeline
 from .precision import resolve_mixed_precision
-from .clip_training import fit_tokenizer, train_clip
 from .text_encoder import EmbeddingCache, TextEncoder
 from .unet import UNet, unet_settings
 
@@ -83,8 +84,11 @@ def clip_training_data(cfg: Config, images: torch.Tensor, captions: list[str], m
 def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: Accelerator) -> TextEncoder:
     """Load the pretrained CLIP named by text.pretrained, or train the small one on
     `clip_data()` (images, captions), once: a finished `output_dir/clip` is reused on resume."""
-    options = {"hidden_layer": cfg.text.hidden_layer, "mask_eos": cfg.text.mask_eos,
-               "concat_token_embeddings": cfg.text.concat_token_embeddings}
+    options = {
+        "hidden_layer": cfg.text.hidden_layer,
+        "mask_eos": cfg.text.mask_eos,
+        "concat_token_embeddings": cfg.text.concat_token_embeddings,
+    }
     if cfg.text.pretrained:
         return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
     clip_dir = output_dir / "clip"
@@ -94,8 +98,15 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: 
         tokenizer = fit_tokenizer(captions + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length)
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        train_clip(images, captions, tokenizer, cfg.text, temporary, device=accelerator.device,
-                   mixed_precision=accelerator.mixed_precision)
+        train_clip(
+            images,
+            captions,
+            tokenizer,
+            cfg.text,
+            temporary,
+            device=accelerator.device,
+            mixed_precision=accelerator.mixed_precision,
+        )
         ckpt.default_file_modes(temporary)
         os.replace(temporary, clip_dir)
         accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
@@ -104,8 +115,13 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: 
 
 
 def validation_grid(pipeline: Pipeline, cfg: Config, path: Path, step: int) -> None:
-    out = pipeline(cfg.train.validation_prompts, seed=cfg.train.validation_seed, steps=cfg.train.validation_steps,
-                   guidance=cfg.train.validation_guidance, progress=False)
+    out = pipeline(
+        cfg.train.validation_prompts,
+        seed=cfg.train.validation_seed,
+        steps=cfg.train.validation_steps,
+        guidance=cfg.train.validation_guidance,
+        progress=False,
+    )
     grid = labelled_grid(out.images, out.prompts, columns=min(4, len(out.images)))
     save_png(grid, path, {"step": step, "seed": cfg.train.validation_seed, **out.settings})
 
@@ -117,7 +133,7 @@ def timestep_weights(train_cfg) -> torch.Tensor | None:
     if train_cfg.timestep_bias_multiplier == 1 or train_cfg.timestep_bias_portion == 0:
         return None
     weights = torch.ones(train_cfg.num_train_timesteps)
-    weights[-biased_timestep_count(train_cfg):] *= train_cfg.timestep_bias_multiplier
+    weights[-biased_timestep_count(train_cfg) :] *= train_cfg.timestep_bias_multiplier
     return weights
 
 
@@ -146,8 +162,15 @@ class InMemoryData:
 
     `batch(index)` gathers the samples at `index` (B,) into a `Batch`."""
 
-    def __init__(self, images: torch.Tensor, captions: list[str], encoder: TextEncoder, device,
-                 token_object: torch.Tensor | None = None, object_masks: torch.Tensor | None = None):
+    def __init__(
+        self,
+        images: torch.Tensor,
+        captions: list[str],
+        encoder: TextEncoder,
+        device,
+        token_object: torch.Tensor | None = None,
+        object_masks: torch.Tensor | None = None,
+    ):
         """images: (N, 3, R, R) uint8; captions: N strings; token_object: (N, T) int8 and
         object_masks: (N, K, R, R) bool for the grounding loss (None without it)."""
         self.distinct = sorted(set(captions))
@@ -170,21 +193,26 @@ class InMemoryData:
     def distinct_count(self) -> int:
         return len(self.distinct)
 
-    def batches(self, generator: torch.Generator, first_draw: int, batch_size: int, world: int,
-                rank: int) -> Iterator[Batch]:
+    def batches(
+        self, generator: torch.Generator, first_draw: int, batch_size: int, world: int, rank: int
+    ) -> Iterator[Batch]:
         """Endless batches: every process draws the same global batch of `batch_size` x `world`
         indices from `generator` (the run's data-order generator, restored on resume, so
         `first_draw` is not needed) and takes slice `rank` of it."""
         while True:
             index = torch.randint(len(self), (batch_size * world,), generator=generator)
-            yield self.batch(index[rank * batch_size:(rank + 1) * batch_size])
+            yield self.batch(index[rank * batch_size : (rank + 1) * batch_size])
 
     def batch(self, index: torch.Tensor) -> Batch:
         on_device = index.to(self.device)
         rows = self.caption_rows[index].to(self.device)
-        return Batch(self.images[on_device].float() / 127.5 - 1, self.embeddings[rows], self.key_mask[rows],
-                     None if self.token_object is None else self.token_object[on_device].long(),
-                     None if self.object_masks is None else self.object_masks[on_device].float())
+        return Batch(
+            self.images[on_device].float() / 127.5 - 1,
+            self.embeddings[rows],
+            self.key_mask[rows],
+            None if self.token_object is None else self.token_object[on_device].long(),
+            None if self.object_masks is None else self.object_masks[on_device].float(),
+        )
 
 
 class StreamingData:
@@ -196,8 +224,16 @@ class StreamingData:
 
     token_object = None  # no grounding targets: those come with shapes
 
-    def __init__(self, folder: ImageFolderDataset, store: EmbeddingStore, caption_rows: np.ndarray, empty_row: int,
-                 seed: int, workers: int, device):
+    def __init__(
+        self,
+        folder: ImageFolderDataset,
+        store: EmbeddingStore,
+        caption_rows: np.ndarray,
+        empty_row: int,
+        seed: int,
+        workers: int,
+        device,
+    ):
         """caption_rows: (N,) each image's row in `store`; empty_row: the row of the empty
         caption; seed: train.seed, which with the draw number fixes every batch; workers: the
         DataLoader's processes (0: decode in this one)."""
@@ -210,19 +246,26 @@ class StreamingData:
     def __len__(self) -> int:
         return len(self.folder)
 
-    def batches(self, generator: torch.Generator, first_draw: int, batch_size: int, world: int,
-                rank: int) -> Iterator[Batch]:
+    def batches(
+        self, generator: torch.Generator, first_draw: int, batch_size: int, world: int, rank: int
+    ) -> Iterator[Batch]:
         """Endless batches from draw `first_draw` on (`generator` is not needed: each draw is
         seeded by its number, see FolderDraws), prefetched by data.workers processes."""
         draws = FolderDraws(self.folder, self.store, self.caption_rows, self.seed, batch_size, world, rank)
         # The loader seeds its workers from `generator=`, not from torch's global RNG, which must
         # draw the run's noise exactly as an uninterrupted run would.
-        loader = torch.utils.data.DataLoader(draws, batch_size=None, sampler=itertools.count(first_draw),
-                                             num_workers=self.workers, pin_memory=self.device.type == "cuda",
-                                             generator=torch.Generator())
+        loader = torch.utils.data.DataLoader(
+            draws,
+            batch_size=None,
+            sampler=itertools.count(first_draw),
+            num_workers=self.workers,
+            pin_memory=self.device.type == "cuda",
+            generator=torch.Generator(),
+        )
         for images, embeddings, key_mask in loader:
-            yield Batch(images.to(self.device).float() / 127.5 - 1, embeddings.to(self.device),
-                        key_mask.to(self.device))
+            yield Batch(
+                images.to(self.device).float() / 127.5 - 1, embeddings.to(self.device), key_mask.to(self.device)
+            )
 
 
 class FolderDraws(torch.utils.data.Dataset):
@@ -234,8 +277,16 @@ class FolderDraws(torch.utils.data.Dataset):
     (seed, d, its place in the global batch). So the batches do not depend on how many workers
     make them or how far they prefetch, and a run resumed at draw d makes the same ones."""
 
-    def __init__(self, folder: ImageFolderDataset, store: EmbeddingStore, caption_rows: np.ndarray, seed: int,
-                 batch_size: int, world: int, rank: int):
+    def __init__(
+        self,
+        folder: ImageFolderDataset,
+        store: EmbeddingStore,
+        caption_rows: np.ndarray,
+        seed: int,
+        batch_size: int,
+        world: int,
+        rank: int,
+    ):
         self.folder, self.store, self.caption_rows, self.seed = folder, store, caption_rows, seed
         self.batch_size, self.world, self.rank = batch_size, world, rank
 
@@ -243,9 +294,13 @@ class FolderDraws(torch.utils.data.Dataset):
         B = self.batch_size
         first = self.rank * B  # this slice's place in the global batch
         drawn = np.random.default_rng([self.seed, draw, 0]).integers(len(self.folder), size=B * self.world)
-        index = drawn[first:first + B]  # (B,)
-        images = np.stack([self.folder.image(int(i), np.random.default_rng([self.seed, draw, 1, first + place]))
-                           for place, i in enumerate(index)])  # (B, R, R, 3)
+        index = drawn[first : first + B]  # (B,)
+        images = np.stack(
+            [
+                self.folder.image(int(i), np.random.default_rng([self.seed, draw, 1, first + place]))
+                for place, i in enumerate(index)
+            ]
+        )  # (B, R, R, 3)
         embeddings, key_mask = self.store.get(self.caption_rows[index])
         return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), embeddings, key_mask
 
@@ -257,8 +312,13 @@ def drop_captions(batch: Batch, dropped: torch.Tensor, empty: tuple[torch.Tensor
     token_object = batch.token_object
     if token_object is not None:
         token_object = token_object.masked_fill(dropped[:, None], -1)
-    return Batch(batch.x0, torch.where(dropped[:, None, None], empty_embedding, batch.embeddings),
-                 torch.where(dropped[:, None], empty_mask, batch.key_mask), token_object, batch.object_masks)
+    return Batch(
+        batch.x0,
+        torch.where(dropped[:, None, None], empty_embedding, batch.embeddings),
+        torch.where(dropped[:, None], empty_mask, batch.key_mask),
+        token_object,
+        batch.object_masks,
+    )
 
 
 class TrainStep:
@@ -268,8 +328,15 @@ class TrainStep:
     Returns the (detached) loss and grounding loss (None without grounding); `accelerator`
     handles gradient accumulation, mixed precision and several processes."""
 
-    def __init__(self, cfg: Config, unet, noise_scheduler: DDPMScheduler, optimizer, accelerator: Accelerator,
-                 grounding: GroundingLoss | None = None):
+    def __init__(
+        self,
+        cfg: Config,
+        unet,
+        noise_scheduler: DDPMScheduler,
+        optimizer,
+        accelerator: Accelerator,
+        grounding: GroundingLoss | None = None,
+    ):
         self.train_cfg = cfg.train
         self.unet, self.noise_scheduler, self.optimizer = unet, noise_scheduler, optimizer
         self.accelerator, self.grounding = accelerator, grounding
@@ -279,16 +346,21 @@ class TrainStep:
         train_cfg, accelerator, grounding = self.train_cfg, self.accelerator, self.grounding
         with accelerator.accumulate(self.unet):
             noise = torch.randn_like(batch.x0)
-            timesteps = sample_timesteps(self.timestep_weights, train_cfg.num_train_timesteps, len(batch.x0),
-                                         batch.x0.device)
+            timesteps = sample_timesteps(
+                self.timestep_weights, train_cfg.num_train_timesteps, len(batch.x0), batch.x0.device
+            )
             noisy = self.noise_scheduler.add_noise(batch.x0, noise, timesteps)
-            target = noise if train_cfg.prediction_type == "epsilon" else \
-                self.noise_scheduler.get_velocity(batch.x0, noise, timesteps)
+            target = (
+                noise
+                if train_cfg.prediction_type == "epsilon"
+                else self.noise_scheduler.get_velocity(batch.x0, noise, timesteps)
+            )
             if grounding is not None:
                 grounding.set_batch(batch.token_object, batch.object_masks)
             with accelerator.autocast():
-                prediction = self.unet(noisy, timesteps, batch.embeddings, batch.key_mask,
-                                       attention_controller=grounding)
+                prediction = self.unet(
+                    noisy, timesteps, batch.embeddings, batch.key_mask, attention_controller=grounding
+                )
             loss = F.mse_loss(prediction.float(), target, reduction="none").mean(dim=(1, 2, 3))
             if train_cfg.snr_gamma is not None:
                 snr = compute_snr(self.noise_scheduler, timesteps)
@@ -316,8 +388,12 @@ def new_unet(cfg: Config, encoder: TextEncoder) -> UNet:
 
 
 def noise_schedule(cfg: Config) -> DDPMScheduler:
-    return DDPMScheduler(num_train_timesteps=cfg.train.num_train_timesteps, beta_schedule=cfg.train.beta_schedule,
-                         prediction_type=cfg.train.prediction_type, clip_sample=True)
+    return DDPMScheduler(
+        num_train_timesteps=cfg.train.num_train_timesteps,
+        beta_schedule=cfg.train.beta_schedule,
+        prediction_type=cfg.train.prediction_type,
+        clip_sample=True,
+    )
 
 
 def new_optimizer(cfg: Config, unet: UNet, device: torch.device) -> torch.optim.Optimizer:
@@ -341,15 +417,19 @@ def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | No
     checkpoint_dir = output_dir / "checkpoints"
     resume_path = ckpt.resolve_resume(resume, checkpoint_dir) if resume else None
     if resume is None and ckpt.list_checkpoints(checkpoint_dir):
-        raise UserError(f"'{output_dir}' already holds checkpoints; pass --resume latest to continue, "
-                        "or choose another --output-dir")
+        raise UserError(
+            f"'{output_dir}' already holds checkpoints; pass --resume latest to continue, "
+            "or choose another --output-dir"
+        )
     checkpoint = ckpt.load_checkpoint(resume_path) if resume_path else None
     if checkpoint:
         saved = checkpoint["state"].get("config", {})
         for section in ("model", "text", "data"):
             if _results_settings(saved.get(section)) != _results_settings(cfg.to_dict()[section]):
-                raise UserError(f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
-                                "the config it was saved with (its state.json holds it)")
+                raise UserError(
+                    f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
+                    "the config it was saved with (its state.json holds it)"
+                )
         checkpoint["path"] = resume_path
     return checkpoint
 
@@ -363,8 +443,9 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise UserError(f"output folder '{output_dir}' is not writable; choose another --output-dir")
 
 
-def prepare_data(cfg: Config, dataset, output_dir: Path,
-                 accelerator: Accelerator) -> tuple[InMemoryData | StreamingData, TextEncoder]:
+def prepare_data(
+    cfg: Config, dataset, output_dir: Path, accelerator: Accelerator
+) -> tuple[InMemoryData | StreamingData, TextEncoder]:
     """Render or load the training set, train or load the text encoder, and embed the captions:
     all in memory for a shapes set, on disk for an image folder (`prepare_folder_data`)."""
     if isinstance(dataset, ImageFolderDataset):
@@ -376,8 +457,9 @@ def prepare_data(cfg: Config, dataset, output_dir: Path,
     else:
         images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
         object_masks = None
-    encoder = prepare_text_encoder(cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main),
-                                   accelerator)
+    encoder = prepare_text_encoder(
+        cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main), accelerator
+    )
     encoder.to(accelerator.device)
     token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"]) if grounded else None
     return InMemoryData(images, captions, encoder, accelerator.device, token_object, object_masks), encoder
@@ -393,8 +475,9 @@ def folder_clip_data(cfg: Config, folder: ImageFolderDataset, progress: bool) ->
     return folder.render(indices, rng, progress)
 
 
-def prepare_folder_data(cfg: Config, folder: ImageFolderDataset, output_dir: Path,
-                        accelerator: Accelerator) -> tuple[StreamingData, TextEncoder]:
+def prepare_folder_data(
+    cfg: Config, folder: ImageFolderDataset, output_dir: Path, accelerator: Accelerator
+) -> tuple[StreamingData, TextEncoder]:
     """Train or load the text encoder, and write (or reuse) the on-disk text states of the
     folder's distinct captions; the images stay on disk."""
     main = accelerator.is_main_process
@@ -404,29 +487,47 @@ def prepare_folder_data(cfg: Config, folder: ImageFolderDataset, output_dir: Pat
     distinct = sorted(set(captions) | {""})  # "": the dropped captions' row
     with accelerator.main_process_first():  # the main process writes the store, the others then read it
         store = EmbeddingStore.open(cache_folder(cfg.data.embedding_cache), encoder, distinct, progress=main)
-    accelerator.print(f"text embeddings: {len(distinct)} captions, {store.path.stat().st_size / 2**20:.1f} MiB, "
-                      f"{'written to' if store.built else 'read from'} {store.path}")
+    accelerator.print(
+        f"text embeddings: {len(distinct)} captions, {store.path.stat().st_size / 2**20:.1f} MiB, "
+        f"{'written to' if store.built else 'read from'} {store.path}"
+    )
     row_of = {caption: row for row, caption in enumerate(distinct)}
     caption_rows = np.array([row_of[caption] for caption in captions], dtype=np.int64)  # (N,)
-    return StreamingData(folder, store, caption_rows, row_of[""], cfg.train.seed, cfg.data.workers,
-                         accelerator.device), encoder
+    return StreamingData(
+        folder, store, caption_rows, row_of[""], cfg.train.seed, cfg.data.workers, accelerator.device
+    ), encoder
 
 
 class Trainer:
     """The model, optimiser, schedules and EMA of a run, and its loop with checkpoints and
     validation grids (see `train`)."""
 
-    def __init__(self, cfg: Config, output_dir: Path, accelerator: Accelerator, data: InMemoryData | StreamingData,
-                 encoder: TextEncoder, checkpoint: dict | None):
-        self.cfg, self.output_dir, self.accelerator, self.data, self.encoder = cfg, output_dir, accelerator, data, encoder
+    def __init__(
+        self,
+        cfg: Config,
+        output_dir: Path,
+        accelerator: Accelerator,
+        data: InMemoryData | StreamingData,
+        encoder: TextEncoder,
+        checkpoint: dict | None,
+    ):
+        self.cfg, self.output_dir, self.accelerator = cfg, output_dir, accelerator
+        self.data, self.encoder = data, encoder
         device = accelerator.device
         unet = new_unet(cfg, encoder)
         self.noise_scheduler = noise_schedule(cfg)
         optimizer = new_optimizer(cfg, unet, device)
-        self.lr_scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps,
-                                          num_training_steps=cfg.train.max_steps)
-        self.ema = EMAModel(unet.parameters(), decay=cfg.train.ema_decay, use_ema_warmup=True, power=3 / 4,
-                            model_cls=UNet, model_config=unet.config)
+        self.lr_scheduler = get_scheduler(
+            "cosine", optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps
+        )
+        self.ema = EMAModel(
+            unet.parameters(),
+            decay=cfg.train.ema_decay,
+            use_ema_warmup=True,
+            power=3 / 4,
+            model_cls=UNet,
+            model_config=unet.config,
+        )
         self.step = 0
         self.data_generator = torch.Generator().manual_seed(cfg.train.seed)  # same on every process
         if checkpoint:
@@ -446,18 +547,27 @@ class Trainer:
         self.model = accelerator.unwrap_model(self.unet)
         grounding = None
         if data.token_object is not None:
-            grounding = GroundingLoss(set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions),
-                                      pixel=cfg.train.grounding_pixel_weight > 0)
+            grounding = GroundingLoss(
+                set(cfg.train.grounding_resolutions or cfg.model.attention_resolutions),
+                pixel=cfg.train.grounding_pixel_weight > 0,
+            )
         self.train_step = TrainStep(cfg, self.unet, self.noise_scheduler, optimizer, accelerator, grounding)
-        accelerator.print(f"UNet: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
-                          f"{data.distinct_count} distinct captions, {len(data)} images, device {device}, "
-                          f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}")
+        accelerator.print(
+            f"UNet: {sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M parameters, "
+            f"{data.distinct_count} distinct captions, {len(data)} images, device {device}, "
+            f"{accelerator.num_processes} process(es), mixed precision {accelerator.mixed_precision}"
+        )
 
     def batches(self) -> Iterator[Batch]:
         """This process's batches from where the run stands (a resumed run: its step)."""
         first_draw = self.step * self.cfg.train.gradient_accumulation_steps  # one draw per micro-batch
-        return self.data.batches(self.data_generator, first_draw, self.cfg.train.batch_size,
-                                 self.accelerator.num_processes, self.accelerator.process_index)
+        return self.data.batches(
+            self.data_generator,
+            first_draw,
+            self.cfg.train.batch_size,
+            self.accelerator.num_processes,
+            self.accelerator.process_index,
+        )
 
     def next_batch(self, batches: Iterator[Batch]) -> Batch:
         """The next of `batches`, its captions dropped to "" with probability train.cond_dropout."""
@@ -468,8 +578,9 @@ class Trainer:
     def run(self) -> None:
         cfg, accelerator = self.cfg, self.accelerator
         main = accelerator.is_main_process
-        progress = tqdm(total=cfg.train.max_steps, initial=self.step, desc="training", disable=not main,
-                        dynamic_ncols=True)
+        progress = tqdm(
+            total=cfg.train.max_steps, initial=self.step, desc="training", disable=not main, dynamic_ncols=True
+        )
         self.unet.train()
         images_seen, start = 0, time.time()
         batches = self.batches()
@@ -510,8 +621,16 @@ class Trainer:
     def save(self) -> None:
         if self.accelerator.is_main_process:
             checkpoint_dir = self.output_dir / "checkpoints"
-            ckpt.save_checkpoint(checkpoint_dir, self.step, self.model, self.ema, self.raw_optimizer,
-                                 self.lr_scheduler, self.data_generator, self.cfg.to_dict())
+            ckpt.save_checkpoint(
+                checkpoint_dir,
+                self.step,
+                self.model,
+                self.ema,
+                self.raw_optimizer,
+                self.lr_scheduler,
+                self.data_generator,
+                self.cfg.to_dict(),
+            )
             ckpt.prune_checkpoints(checkpoint_dir, self.cfg.train.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
@@ -519,13 +638,19 @@ class Trainer:
         """A pipeline on the EMA weights (swapped into the model; `ema.restore` puts them back)."""
         self.ema.store(self.model.parameters())
         self.ema.copy_to(self.model.parameters())
-        return Pipeline.from_parts(self.model, self.encoder, self.noise_scheduler.config, self.accelerator.device,
-                                   mixed_precision=self.accelerator.mixed_precision)
+        return Pipeline.from_parts(
+            self.model,
+            self.encoder,
+            self.noise_scheduler.config,
+            self.accelerator.device,
+            mixed_precision=self.accelerator.mixed_precision,
+        )
 
     def validate(self) -> None:
         if self.accelerator.is_main_process:
-            validation_grid(self.ema_pipeline(), self.cfg, self.output_dir / "samples" / f"step-{self.step:06d}.png",
-                            self.step)
+            validation_grid(
+                self.ema_pipeline(), self.cfg, self.output_dir / "samples" / f"step-{self.step:06d}.png", self.step
+            )
             self.ema.restore(self.model.parameters())
             self.model.train()
         self.accelerator.wait_for_everyone()
@@ -534,8 +659,9 @@ class Trainer:
         """Write the EMA weights in diffusers' pipeline layout to output_dir/model."""
         export_dir = self.output_dir / "model"
         if self.accelerator.is_main_process:
-            self.ema_pipeline().save_pretrained(export_dir, {"config.yaml": yaml.safe_dump(self.cfg.to_dict(),
-                                                                                           sort_keys=False)})
+            self.ema_pipeline().save_pretrained(
+                export_dir, {"config.yaml": yaml.safe_dump(self.cfg.to_dict(), sort_keys=False)}
+            )
             self.ema.restore(self.model.parameters())
             self.accelerator.print(f"exported the EMA model to {export_dir}")
         self.accelerator.wait_for_everyone()

@@ -11,6 +11,7 @@ cross-attention reads the text embeddings. The middle always has one.
 A diffusers `ModelMixin` + `ConfigMixin`: `save_pretrained(dir)` writes `config.json` and
 safetensors weights, `UNet.from_pretrained(dir)` reads them back.
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,16 +48,36 @@ class ResBlock(nn.Module):
 class Level(nn.Module):
     """The ResNet (+ transformer) blocks of one resolution, on the way down or up."""
 
-    def __init__(self, in_channels: list[int], out_channels: int, time_dim: int, context_dim: int,
-                 heads: int, attention: bool, dropout: float, name: str, position_grid: int | None = None,
-                 value_start: int = 0):
+    def __init__(
+        self,
+        in_channels: list[int],
+        out_channels: int,
+        time_dim: int,
+        context_dim: int,
+        heads: int,
+        attention: bool,
+        dropout: float,
+        name: str,
+        position_grid: int | None = None,
+        value_start: int = 0,
+    ):
         super().__init__()
         self.resnets = nn.ModuleList(ResBlock(c, out_channels, time_dim, dropout) for c in in_channels)
-        self.attentions = nn.ModuleList(
-            TransformerBlock(out_channels, context_dim, heads, f"{name}.attn.{i}", position_grid=position_grid,
-                             value_start=value_start)
-            for i in range(len(in_channels))
-        ) if attention else None
+        self.attentions = (
+            nn.ModuleList(
+                TransformerBlock(
+                    out_channels,
+                    context_dim,
+                    heads,
+                    f"{name}.attn.{i}",
+                    position_grid=position_grid,
+                    value_start=value_start,
+                )
+                for i in range(len(in_channels))
+            )
+            if attention
+            else None
+        )
 
 
 class UNet(ModelMixin, ConfigMixin):
@@ -104,16 +125,33 @@ class UNet(ModelMixin, ConfigMixin):
             attention = self.resolutions[i] in attention_resolutions
             ins = [previous] + [width] * (blocks_per_level - 1)
             grid = self.resolutions[i] if position_embedding else None
-            self.down.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"down.{i}",
-                                   grid, value_start(self.resolutions[i])))
+            self.down.append(
+                Level(
+                    ins,
+                    width,
+                    time_dim,
+                    context_dim,
+                    attention_heads,
+                    attention,
+                    dropout,
+                    f"down.{i}",
+                    grid,
+                    value_start(self.resolutions[i]),
+                )
+            )
             last = i == len(channels) - 1
             self.downsamples.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
             previous = width
 
         self.mid_resnet1 = ResBlock(previous, previous, time_dim, dropout)
-        self.mid_attention = TransformerBlock(previous, context_dim, attention_heads, "mid.attn.0",
-                                              position_grid=self.resolutions[-1] if position_embedding else None,
-                                              value_start=value_start(self.resolutions[-1]))
+        self.mid_attention = TransformerBlock(
+            previous,
+            context_dim,
+            attention_heads,
+            "mid.attn.0",
+            position_grid=self.resolutions[-1] if position_embedding else None,
+            value_start=value_start(self.resolutions[-1]),
+        )
         self.mid_resnet2 = ResBlock(previous, previous, time_dim, dropout)
 
         self.up = nn.ModuleList()
@@ -124,8 +162,20 @@ class UNet(ModelMixin, ConfigMixin):
             # every block takes one skip connection from the same level of the down path
             ins = [previous + width] + [2 * width] * (blocks_per_level - 1)
             grid = self.resolutions[i] if position_embedding else None
-            self.up.append(Level(ins, width, time_dim, context_dim, attention_heads, attention, dropout, f"up.{i}", grid,
-                                 value_start(self.resolutions[i])))
+            self.up.append(
+                Level(
+                    ins,
+                    width,
+                    time_dim,
+                    context_dim,
+                    attention_heads,
+                    attention,
+                    dropout,
+                    f"up.{i}",
+                    grid,
+                    value_start(self.resolutions[i]),
+                )
+            )
             self.upsamples.append(nn.Conv2d(width, channels[i - 1], 3, padding=1) if i > 0 else nn.Identity())
             previous = channels[i - 1] if i > 0 else width
 
@@ -196,9 +246,16 @@ def unet_settings(cfg, context_dim: int, value_context_start: int = 0) -> dict:
     `model.values_from_token_embeddings` (0 otherwise)."""
     model = cfg.model
     return dict(
-        sample_size=cfg.data.resolution, channels=tuple(model.channels), blocks_per_level=model.blocks_per_level,
-        attention_resolutions=tuple(model.attention_resolutions), attention_heads=model.attention_heads,
-        context_dim=context_dim, dropout=model.dropout, position_embedding=model.position_embedding,
+        sample_size=cfg.data.resolution,
+        channels=tuple(model.channels),
+        blocks_per_level=model.blocks_per_level,
+        attention_resolutions=tuple(model.attention_resolutions),
+        attention_heads=model.attention_heads,
+        context_dim=context_dim,
+        dropout=model.dropout,
+        position_embedding=model.position_embedding,
         value_context_start=value_context_start if model.values_from_token_embeddings else 0,
-        value_context_resolutions=None if model.token_value_resolutions is None else tuple(model.token_value_resolutions),
+        value_context_resolutions=None
+        if model.token_value_resolutions is None
+        else tuple(model.token_value_resolutions),
     )

@@ -9,6 +9,7 @@ In both, a word weighted below 1 can also fade out of the other words' text stat
 "fade", the default): the causal CLIP writes "red" into the state of "circle" in "a red circle",
 so removing the attention to "red" alone leaves the colour in the picture.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -55,8 +56,13 @@ def token_weights(prompts: list[WeightedPrompt], offsets: torch.Tensor) -> torch
     return torch.stack([word_token_weights(p, o, T) for p, o in zip(prompts, offsets)])
 
 
-def condition(encoder: TextEncoder, prompts: list[str], weights: torch.Tensor | None, weighting: Weighting,
-              encoded: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def condition(
+    encoder: TextEncoder,
+    prompts: list[str],
+    weights: torch.Tensor | None,
+    weighting: Weighting,
+    encoded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The text states (B, T, D) the UNet attends to for `prompts` and their key mask (B, T),
     under per-token `weights` (B, T) (None: the plain encoding). encoded: the plain encoding of
     `prompts` when the caller already has it.
@@ -81,8 +87,12 @@ def condition(encoder: TextEncoder, prompts: list[str], weights: torch.Tensor | 
         deleted = [delete_tokens(p, o, d) for p, o, d in zip(prompts, offsets, down.tolist())]
         without, _ = encoder.encode(deleted)
         # where each of this prompt's tokens sits in the deleted prompt (-1: a deleted word)
-        mapping = torch.stack([align_tokens(o_without, text_without, o, p, T) for o_without, text_without, o, p
-                               in zip(encoder.offsets(deleted), deleted, offsets, prompts)]).to(embeddings.device)
+        mapping = torch.stack(
+            [
+                align_tokens(o_without, text_without, o, p, T)
+                for o_without, text_without, o, p in zip(encoder.offsets(deleted), deleted, offsets, prompts)
+            ]
+        ).to(embeddings.device)
         without = torch.gather(without, 1, mapping.clamp(min=0)[:, :, None].expand(-1, -1, D))
         without = torch.where((mapping >= 0)[:, :, None], without, embeddings)
         scale = weights.masked_fill(~down, 1.0).amin(dim=1)[:, None, None]  # (B, 1, 1)

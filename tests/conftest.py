@@ -1,4 +1,5 @@
 """Shared test setup: the tiny config, one tiny trained run per session, a CLI runner."""
+
 import copy
 import json
 import os
@@ -19,9 +20,16 @@ TINY = {
     "model": {"channels": [16, 32], "attention_resolutions": [8], "attention_heads": 2},
     "data": {"resolution": 16, "num_samples": 64},
     "text": {"steps": 3, "batch_size": 16, "width": 32, "layers": 1, "vocab_size": 600},
-    "train": {"max_steps": 4, "batch_size": 4, "warmup_steps": 0, "checkpoint_every": 2, "validate_every": 4,
-              "keep_checkpoints": 2, "validation_steps": 2,
-              "validation_prompts": ["a red circle on the left", "a blue square"]},
+    "train": {
+        "max_steps": 4,
+        "batch_size": 4,
+        "warmup_steps": 0,
+        "checkpoint_every": 2,
+        "validate_every": 4,
+        "keep_checkpoints": 2,
+        "validation_steps": 2,
+        "validation_prompts": ["a red circle on the left", "a blue square"],
+    },
 }
 
 
@@ -65,7 +73,13 @@ def run_cli():
 
     def run(script, *args, timeout=300):
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
-        return subprocess.run([sys.executable, script, *map(str, args)], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, script, *map(str, args)],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     return run

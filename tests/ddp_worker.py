@@ -3,10 +3,10 @@ write its final (trained, not EMA) UNet weights to OUTPUT_DIR/rank<k>.safetensor
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUTPUT_DIR key=value ...
 """
+
 import os
 import sys
 from pathlib import Path
-
 
 from safetensors.torch import save_file
 
@@ -30,8 +30,9 @@ def main():
     training.train(load_config(None, overrides), output_dir)
     (unet,) = created
     rank = int(os.environ["RANK"])
-    save_file({k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()},
-              output_dir / f"rank{rank}.safetensors")
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}, output_dir / f"rank{rank}.safetensors"
+    )
 
 
 if __name__ == "__main__":

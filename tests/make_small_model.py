@@ -6,23 +6,45 @@ Tests that need a model which actually follows its prompts (e.g. "weight 0 on a 
 lowers that colour's share of the image") use this one; the session's 4-step model in
 conftest.py is only good for plumbing. 16 px, one object per image, grounding loss on.
 """
+
 import shutil
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-
 from diffusion.config import config_from_dict
 from diffusion.training import train
+
+REPO = Path(__file__).resolve().parents[1]
 
 SMALL = {
     "model": {"channels": [32, 64], "attention_resolutions": [16, 8], "attention_heads": 4},
     "data": {"resolution": 16, "num_samples": 5000, "max_objects": 1},
-    "text": {"width": 64, "layers": 2, "hidden_layer": -3, "steps": 150, "batch_size": 256, "vocab_size": 600, "max_length": 16},
-    "train": {"max_steps": 800, "batch_size": 64, "lr": 0.002, "warmup_steps": 50, "checkpoint_every": 800,
-              "validate_every": 800, "grounding_weight": 0.01, "grounding_pixel_weight": 0.0, "grounding_resolutions": [16, 8],
-              "validation_prompts": ["a red circle on the left", "a blue square on the right",
-                                     "a green cross at the top", "a yellow triangle in the centre"]},
+    "text": {
+        "width": 64,
+        "layers": 2,
+        "hidden_layer": -3,
+        "steps": 150,
+        "batch_size": 256,
+        "vocab_size": 600,
+        "max_length": 16,
+    },
+    "train": {
+        "max_steps": 800,
+        "batch_size": 64,
+        "lr": 0.002,
+        "warmup_steps": 50,
+        "checkpoint_every": 800,
+        "validate_every": 800,
+        "grounding_weight": 0.01,
+        "grounding_pixel_weight": 0.0,
+        "grounding_resolutions": [16, 8],
+        "validation_prompts": [
+            "a red circle on the left",
+            "a blue square on the right",
+            "a green cross at the top",
+            "a yellow triangle in the centre",
+        ],
+    },
 }
 TARGET = REPO / "tests" / "assets" / "small-shapes"
 

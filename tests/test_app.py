@@ -1,4 +1,5 @@
 """Tests for app.py: the editor's model-facing functions, and the page itself in headless Chromium."""
+
 import io
 import os
 import socket
@@ -19,8 +20,14 @@ from diffusion.pipeline import Pipeline, Weighting
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = REPO / "tests" / "assets" / "small-shapes"  # 16 px, follows its prompts
 CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright cannot download its own browsers here
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                 "--disable-sync", "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +46,14 @@ def test_a_released_slider_rewrites_the_prompt_in_the_weighting_syntax():
 
 def test_typed_weights_set_the_sliders():
     words = app.word_weights("a (red:1.5) [circle] on the (left:7)")
-    assert [(w.label, w.weight) for w in words] == [("a", 1.0), ("red", 1.5), ("circle", 1 / 1.1), ("on", 1.0),
-                                                    ("the", 1.0), ("left", 7.0)]
+    assert [(w.label, w.weight) for w in words] == [
+        ("a", 1.0),
+        ("red", 1.5),
+        ("circle", 1 / 1.1),
+        ("on", 1.0),
+        ("the", 1.0),
+        ("left", 7.0),
+    ]
     states = app.slider_states(words, None)
     assert len(states) == app.SLIDERS
     assert [s["label"] for s in states[:6]] == ["a", "red", "circle", "on", "the", "left"]
@@ -59,10 +72,12 @@ def test_render_gives_the_pipelines_images_and_maps_and_one_map_per_word_and_ste
     settings = app.Settings(seed=3, steps=4, num_images=2)
     prompt = "a (red:0) circle on the left"
     result = editor.render(prompt, settings)
-    reference = Pipeline.from_pretrained(tiny_model, device="cpu",
-                                         mixed_precision=editor.precision(settings.unet_batch(2)))
-    expected = reference(prompt, num_images_per_prompt=2, seed=3, steps=4, attention_maps=True,
-                         weighting=Weighting(), progress=False)
+    reference = Pipeline.from_pretrained(
+        tiny_model, device="cpu", mixed_precision=editor.precision(settings.unet_batch(2))
+    )
+    expected = reference(
+        prompt, num_images_per_prompt=2, seed=3, steps=4, attention_maps=True, weighting=Weighting(), progress=False
+    )
     assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(result.output.images, expected.images))
     for maps, expected_maps, step_maps in zip(result.output.attention_maps, expected.attention_maps, result.step_maps):
         assert list(maps) == ["a", "red", "circle", "on", "the", "left"]
@@ -152,8 +167,13 @@ def server(tmp_path_factory):
     port = free_port()
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
-        process = subprocess.Popen([sys.executable, "app.py", "--model", str(SMALL_MODEL), "--port", str(port),
-                                    "--host", "127.0.0.1"], cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        process = subprocess.Popen(
+            [sys.executable, "app.py", "--model", str(SMALL_MODEL), "--port", str(port), "--host", "127.0.0.1"],
+            cwd=REPO,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
     url = f"http://127.0.0.1:{port}/"
     try:
         deadline = time.monotonic() + 180
@@ -181,8 +201,9 @@ def test_the_page_edits_weights_shows_maps_errors_and_swaps(server, tmp_path):
     from playwright.sync_api import expect, sync_playwright
 
     if not os.access(CHROMIUM, os.X_OK):
-        pytest.fail(f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); "
-                    ".ci/run does this")
+        pytest.fail(
+            f"{CHROMIUM} is missing: install Debian's chromium (apt-get install -y chromium); .ci/run does this"
+        )
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
         try:

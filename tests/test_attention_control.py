@@ -1,19 +1,26 @@
 """Attention controllers: recording per-word maps, reweighting, injection and local blend
 (Prompt-to-Prompt), and which tokens a word swap changes."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion.attention import AttentionSite, CrossAttention
-from diffusion.attention_control import (AttentionInjector, AttentionRecorder, AttentionReweighter,
-                                         ControllerChain, LocalBlend, SiteFilter, changed_tokens)
-from diffusion.attention import AttentionCall
-from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
-from diffusion.weighting import Weighting, condition
-from diffusion.prompts import align_tokens, split_words
+from diffusion.attention import AttentionCall, AttentionSite, CrossAttention
+from diffusion.attention_control import (
+    AttentionInjector,
+    AttentionRecorder,
+    AttentionReweighter,
+    ControllerChain,
+    LocalBlend,
+    SiteFilter,
+    changed_tokens,
+)
 from diffusion.clip_training import fit_tokenizer
+from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
+from diffusion.prompts import align_tokens, split_words
+from diffusion.weighting import Weighting, condition
 
 
 # float32: these tests compare images drawn through the fused attention kernel with images drawn
@@ -51,6 +58,7 @@ def site(resolution=(4, 4), step=0, num_steps=10, conditional=slice(None)):
 
 # ---- hand-made examples -----------------------------------------------------------------------
 
+
 def test_reweighting_equals_p_times_w_renormalised_then_v():
     torch.manual_seed(0)
     layer = CrossAttention(channels=8, context_dim=6, heads=2, name="x").eval()
@@ -83,7 +91,10 @@ def test_reweighting_touches_only_the_conditional_rows():
     weights[:, 1] = 3.0  # every pixel of the conditional rows then reads token 1 alone
     edited = AttentionReweighter(weights).process(site(conditional=slice(2, 4)), p)
     assert torch.equal(edited[:2], p[:2])
-    assert torch.allclose(edited[2:, :, :, 1], torch.ones(())) and torch.count_nonzero(edited[2:, :, :, [0, 2, 3, 4, 5]]) == 0
+    assert (
+        torch.allclose(edited[2:, :, :, 1], torch.ones(()))
+        and torch.count_nonzero(edited[2:, :, :, [0, 2, 3, 4, 5]]) == 0
+    )
 
 
 def test_recorder_maps_sum_to_one_over_tokens_at_every_position():
@@ -146,8 +157,12 @@ def test_merge_word_maps_sums_sub_word_tokens_and_separates_repeats():
 # ---- which tokens a word swap changes, and the local blend -------------------------------------
 
 T = 16
-CAPTIONS = [f"a {colour} {shape} on the {side}" for colour in ("red", "green", "blue", "yellow")
-            for shape in ("circle", "square", "triangle") for side in ("left", "right")]
+CAPTIONS = [
+    f"a {colour} {shape} on the {side}"
+    for colour in ("red", "green", "blue", "yellow")
+    for shape in ("circle", "square", "triangle")
+    for side in ("left", "right")
+]
 
 
 @pytest.fixture(scope="module")
@@ -159,11 +174,13 @@ def swap_tokens(tokenizer, pairs):
     """changed_tokens of (source, edit) `pairs` tokenized as TextEncoder.tokenize does, with each
     prompt's token texts: (2P, T) bool, [[token text, ...] per prompt]."""
     texts = [text for pair in pairs for text in pair]
-    tokens = tokenizer(texts, return_offsets_mapping=True, padding="max_length", truncation=True, max_length=T,
-                       return_tensors="pt")
+    tokens = tokenizer(
+        texts, return_offsets_mapping=True, padding="max_length", truncation=True, max_length=T, return_tensors="pt"
+    )
     ids, offsets = tokens["input_ids"], tokens["offset_mapping"]
-    mapping = torch.stack([align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
-                           for k in range(len(pairs))])
+    mapping = torch.stack(
+        [align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T) for k in range(len(pairs))]
+    )
     pieces = [[text[a:b] for a, b in o.tolist()] for text, o in zip(texts, offsets)]
     return changed_tokens(ids, offsets, mapping), pieces
 
@@ -186,9 +203,14 @@ def test_an_added_word_changes_only_the_edits_tokens(tokenizer):
 
 
 def test_changed_tokens_of_several_pairs_and_of_an_unchanged_pair(tokenizer):
-    changed, pieces = swap_tokens(tokenizer, [("a red circle on the left", "a red circle on the left"),
-                                              ("a red circle", "a zebra circle"),
-                                              ("a green square on the left", "a green triangle on the right")])
+    changed, pieces = swap_tokens(
+        tokenizer,
+        [
+            ("a red circle on the left", "a red circle on the left"),
+            ("a red circle", "a zebra circle"),
+            ("a green square on the left", "a green triangle on the right"),
+        ],
+    )
     assert not changed[:2].any()  # the same prompt twice changes nothing
     assert marked(changed, pieces, 2) == ["red"] and "".join(marked(changed, pieces, 3)) == "zebra"
     assert marked(changed, pieces, 4) == ["square", "left"] and marked(changed, pieces, 5) == ["triangle", "right"]
@@ -255,6 +277,7 @@ def test_local_blend_records_only_what_its_recorder_wants():
 
 # ---- through the pipeline -------------------------------------------------------------------
 
+
 def test_pipeline_maps_are_per_word_and_hold_the_word_tokens_mass(pipe):
     out = pipe(["a red circle and a red square"], steps=3, attention_maps=True, progress=False)
     maps = out.attention_maps[0]
@@ -303,11 +326,15 @@ def test_embedding_weight_zero_removes_the_word(live_pipe):
         if "left:0" in prompt:  # two words at 0: the prompt without either
             deleted = np.asarray(live_pipe("a circle", steps=3, progress=False).images[0], np.int16)
         assert np.abs(np.asarray(weighted, np.int16) - deleted).max() <= 1, prompt
-    red, blue = (live_pipe(f"a ({c}:0) circle on the left", steps=3, progress=False, weighting=zero).images[0]
-                 for c in ("red", "blue"))
+    red, blue = (
+        live_pipe(f"a ({c}:0) circle on the left", steps=3, progress=False, weighting=zero).images[0]
+        for c in ("red", "blue")
+    )
     assert np.array_equal(np.asarray(red), np.asarray(blue))
-    red, blue = (live_pipe(f"a ({c}:0.5) circle on the left", steps=3, progress=False, weighting=zero).images[0]
-                 for c in ("red", "blue"))
+    red, blue = (
+        live_pipe(f"a ({c}:0.5) circle on the left", steps=3, progress=False, weighting=zero).images[0]
+        for c in ("red", "blue")
+    )
     assert not np.array_equal(np.asarray(red), np.asarray(blue))
 
 
@@ -351,14 +378,16 @@ def test_attention_weights_and_their_fading_act_only_within_the_window(live_pipe
     # 3 steps sit at fractions 0, 1/3, 2/3: a window of [0.9, 1) holds none, so nothing changes
     plain = live_pipe("a red circle on the left", steps=3, progress=False).images[0]
     for window, changed in (((0.9, 1.0), False), ((0.0, 0.5), True)):
-        weighted = live_pipe("a (red:0) circle on the left", steps=3, progress=False,
-                             weighting=Weighting("attention", steps=window)).images[0]
+        weighted = live_pipe(
+            "a (red:0) circle on the left", steps=3, progress=False, weighting=Weighting("attention", steps=window)
+        ).images[0]
         assert np.array_equal(np.asarray(plain), np.asarray(weighted)) != changed, window
 
 
 def test_swap_with_the_same_prompt_keeps_the_source_image(pipe):
-    source, edit = pipe.swap("a red circle on the left", "a red circle on the left", num_images=2, steps=3,
-                             progress=False)
+    source, edit = pipe.swap(
+        "a red circle on the left", "a red circle on the left", num_images=2, steps=3, progress=False
+    )
     for a, b in zip(source.images, edit.images):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
@@ -371,8 +400,9 @@ def test_swap_source_is_the_plain_sample(pipe):
 
 def test_swap_injection_changes_the_edit(live_pipe):
     _, injected = live_pipe.swap("a red circle on the left", "a blue square on the right", steps=3, progress=False)
-    _, free = live_pipe.swap("a red circle on the left", "a blue square on the right", steps=3, edit_steps=0.0,
-                        progress=False)
+    _, free = live_pipe.swap(
+        "a red circle on the left", "a blue square on the right", steps=3, edit_steps=0.0, progress=False
+    )
     assert not np.array_equal(np.asarray(injected.images[0]), np.asarray(free.images[0]))
 
 
@@ -382,8 +412,9 @@ def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):
     off, and differs from it inside."""
     import diffusion.pipeline
 
-    small = Pipeline.from_pretrained(Path(__file__).parent / "assets" / "small-shapes", device="cpu",
-                                     mixed_precision="no")
+    small = Pipeline.from_pretrained(
+        Path(__file__).parent / "assets" / "small-shapes", device="cpu", mixed_precision="no"
+    )
     blends = []
 
     class Watched(LocalBlend):
@@ -411,19 +442,24 @@ def test_map_options_limit_the_recorded_layers(pipe):
     assert "red" in out.attention_maps[0]
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    ({"weighting": Weighting("loud")}, "weight mode"),
-    ({"weighting": Weighting(steps=(0.5, 0.2))}, "weight steps"),
-    ({"weighting": Weighting(context="forget")}, "weight context"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        ({"weighting": Weighting("loud")}, "weight mode"),
+        ({"weighting": Weighting(steps=(0.5, 0.2))}, "weight steps"),
+        ({"weighting": Weighting(context="forget")}, "weight context"),
+    ],
+)
 def test_bad_weighting_is_a_user_error(pipe, kwargs, fragment):
     from diffusion.errors import UserError
+
     with pytest.raises(UserError, match=fragment):
         pipe("a red circle", steps=2, progress=False, **kwargs)
 
 
 def test_malformed_prompt_is_a_user_error_with_a_caret(pipe):
     from diffusion.prompts import PromptSyntaxError
+
     with pytest.raises(PromptSyntaxError) as error:
         pipe("a (red:abc) circle", steps=2, progress=False)
     assert "^" in str(error.value)

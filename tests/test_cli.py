@@ -1,4 +1,5 @@
 """Tests for train.py and sample.py as a user runs them: exit codes, one-line errors, outputs."""
+
 import json
 import os
 import re
@@ -41,19 +42,33 @@ def broken_models(tiny_model, tmp_path_factory):
 
 
 # ---- train.py -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, fragments", [
-    (["--config", "configs/nope.yaml"], ["config file 'configs/nope.yaml' not found"]),
-    (["train.max_step=3"], ["unknown config key 'train.max_step'", "did you mean 'train.max_steps'"]),
-    (["train.max_steps=-1"], ["train.max_steps must be positive"]),
-    (["train.batch_size=0"], ["train.batch_size must be positive"]),
-    (["train.lr=inf"], ["train.lr must be a finite number"]),
-    (["model.attention_resolutions=[5]"], ["model.attention_resolutions has 5"]),
-    (["train.max_steps"], ["must look like key=value"]),
-    (["--bogus"], ["unrecognized arguments: --bogus"]),
-    (["data.max_objects=7"], ["data.max_objects must be an integer between 1 and 4"]),
-    (["data.object_weights=[1,2]"], ["data.object_weights must be 4 non-negative weights"]),
-], ids=["missing-config", "unknown-key", "negative-steps", "zero-batch", "infinite-lr", "attention-not-a-level",
-        "override-without-value", "unknown-option", "too-many-objects", "object-weights-length"])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--config", "configs/nope.yaml"], ["config file 'configs/nope.yaml' not found"]),
+        (["train.max_step=3"], ["unknown config key 'train.max_step'", "did you mean 'train.max_steps'"]),
+        (["train.max_steps=-1"], ["train.max_steps must be positive"]),
+        (["train.batch_size=0"], ["train.batch_size must be positive"]),
+        (["train.lr=inf"], ["train.lr must be a finite number"]),
+        (["model.attention_resolutions=[5]"], ["model.attention_resolutions has 5"]),
+        (["train.max_steps"], ["must look like key=value"]),
+        (["--bogus"], ["unrecognized arguments: --bogus"]),
+        (["data.max_objects=7"], ["data.max_objects must be an integer between 1 and 4"]),
+        (["data.object_weights=[1,2]"], ["data.object_weights must be 4 non-negative weights"]),
+    ],
+    ids=[
+        "missing-config",
+        "unknown-key",
+        "negative-steps",
+        "zero-batch",
+        "infinite-lr",
+        "attention-not-a-level",
+        "override-without-value",
+        "unknown-option",
+        "too-many-objects",
+        "object-weights-length",
+    ],
+)
 def test_train_rejects_bad_arguments_in_one_line(run_cli, tmp_path, args, fragments):
     result = run_cli("train.py", "--output-dir", tmp_path / "out", *args)
     assert_one_line_error(result, *fragments)
@@ -71,27 +86,43 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
     shutil.copytree(tiny_run / "checkpoints" / "step-000004", checkpoint)
     path = checkpoint / "model.safetensors"
     path.write_bytes(path.read_bytes()[:1000])
-    result = run_cli("train.py", "--output-dir", tmp_path / "out", "--resume", checkpoint,
-                     *tiny_overrides, "train.max_steps=6")
+    result = run_cli(
+        "train.py", "--output-dir", tmp_path / "out", "--resume", checkpoint, *tiny_overrides, "train.max_steps=6"
+    )
     assert_one_line_error(result, f"checkpoint '{checkpoint}' is corrupt")
     assert not (tmp_path / "out").exists()
 
 
 # ---- sample.py errors -------------------------------------------------------------------------------
-@pytest.mark.parametrize("args, fragments", [
-    (["--guidance", "inf", "a red circle"], ["guidance must be a finite number"]),
-    (["--guidance", "nan", "a red circle"], ["guidance must be a finite number"]),
-    (["--steps", "0", "a red circle"], ["steps must be a positive whole number, got 0"]),
-    (["--steps", "5000", "a red circle"], ["steps must be between 1 and the model's", "got 5000"]),
-    (["-n", "0", "a red circle"], ["images per prompt must be at least 1, got 0"]),
-    ([], ["no prompt given"]),
-    (["--prompt-file", "/nonexistent/prompts.txt"], ["cannot read --prompt-file"]),
-    (["--sampler", "plms", "a red circle"], ["invalid choice: 'plms'"]),
-    (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
-    (["--mixed-precision", "fp8", "a red circle"], ["invalid choice: 'fp8'"]),
-    (["--weight-context", "forget", "a (red:0) circle"], ["invalid choice: 'forget'"]),
-], ids=["guidance-inf", "guidance-nan", "steps-0", "steps-over-training", "n-0", "no-prompt", "missing-prompt-file", "unknown-sampler",
-        "n-not-a-number", "unknown-mixed-precision", "unknown-weight-context"])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--guidance", "inf", "a red circle"], ["guidance must be a finite number"]),
+        (["--guidance", "nan", "a red circle"], ["guidance must be a finite number"]),
+        (["--steps", "0", "a red circle"], ["steps must be a positive whole number, got 0"]),
+        (["--steps", "5000", "a red circle"], ["steps must be between 1 and the model's", "got 5000"]),
+        (["-n", "0", "a red circle"], ["images per prompt must be at least 1, got 0"]),
+        ([], ["no prompt given"]),
+        (["--prompt-file", "/nonexistent/prompts.txt"], ["cannot read --prompt-file"]),
+        (["--sampler", "plms", "a red circle"], ["invalid choice: 'plms'"]),
+        (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
+        (["--mixed-precision", "fp8", "a red circle"], ["invalid choice: 'fp8'"]),
+        (["--weight-context", "forget", "a (red:0) circle"], ["invalid choice: 'forget'"]),
+    ],
+    ids=[
+        "guidance-inf",
+        "guidance-nan",
+        "steps-0",
+        "steps-over-training",
+        "n-0",
+        "no-prompt",
+        "missing-prompt-file",
+        "unknown-sampler",
+        "n-not-a-number",
+        "unknown-mixed-precision",
+        "unknown-weight-context",
+    ],
+)
 def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model, tmp_path, args, fragments):
     out = tmp_path / "grid.png"
     out.write_bytes(SENTINEL)
@@ -101,12 +132,16 @@ def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model
     assert [p.name for p in tmp_path.iterdir()] == ["grid.png"]  # no images written beside it
 
 
-@pytest.mark.parametrize("model, fragments", [
-    ("missing", ["not found"]),
-    ("old-version", ["incompatible version", "format 99"]),
-    ("no-unet-weights", ["cannot load", "unet"]),
-    ("no-text-weights", ["could not load a CLIP text encoder"]),
-], ids=["missing", "old-version", "no-unet-weights", "no-text-weights"])
+@pytest.mark.parametrize(
+    "model, fragments",
+    [
+        ("missing", ["not found"]),
+        ("old-version", ["incompatible version", "format 99"]),
+        ("no-unet-weights", ["cannot load", "unet"]),
+        ("no-text-weights", ["could not load a CLIP text encoder"]),
+    ],
+    ids=["missing", "old-version", "no-unet-weights", "no-text-weights"],
+)
 def test_sample_rejects_bad_model_folders_and_keeps_the_old_grid(run_cli, broken_models, tmp_path, model, fragments):
     out = tmp_path / "grid.png"
     out.write_bytes(SENTINEL)
@@ -132,20 +167,44 @@ def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_
 
     out = tmp_path / "new" / "grid.png"  # the folder is created
     prompts = ["a red circle on the left", "a blue square"]
-    result = run_cli("sample.py", "--model", tiny_model, *prompts, "-n", "2", "--seed", "5", "--steps", "3",
-                     "--sampler", "ddim", "--guidance", "2.5", "--mixed-precision", "no", "--out", out)
+    result = run_cli(
+        "sample.py",
+        "--model",
+        tiny_model,
+        *prompts,
+        "-n",
+        "2",
+        "--seed",
+        "5",
+        "--steps",
+        "3",
+        "--sampler",
+        "ddim",
+        "--guidance",
+        "2.5",
+        "--mixed-precision",
+        "no",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     assert "Traceback" not in result.stderr and "error:" not in result.stderr
     assert f"wrote {out} and 4 images beside it" in result.stdout
-    assert sorted(p.name for p in out.parent.iterdir()) == ["grid-000.png", "grid-001.png", "grid-002.png",
-                                                            "grid-003.png", "grid.png"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [
+        "grid-000.png",
+        "grid-001.png",
+        "grid-002.png",
+        "grid-003.png",
+        "grid.png",
+    ]
     with Image.open(out) as grid:
         assert grid.text["prompts"] == "\n".join(prompts)
         assert grid.text["seed"] == "5" and grid.text["sampler"] == "ddim"
         assert grid.width > 2 * 16 and grid.height > 2 * 16
 
     expected = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")(
-        prompts, num_images_per_prompt=2, seed=5, steps=3, guidance=2.5, sampler="ddim", progress=False)
+        prompts, num_images_per_prompt=2, seed=5, steps=3, guidance=2.5, sampler="ddim", progress=False
+    )
     for i, (prompt, seed) in enumerate([(prompts[0], 5), (prompts[0], 6), (prompts[1], 5), (prompts[1], 6)]):
         with Image.open(out.with_name(f"grid-{i:03d}.png")) as image:
             assert image.size == (16, 16)
@@ -164,8 +223,20 @@ def test_sample_writes_attention_panels_and_raw_maps(run_cli, tiny_model, tmp_pa
     from safetensors.torch import load_file
 
     maps = tmp_path / "maps"
-    result = run_cli("sample.py", "--model", tiny_model, "a red circle", "-n", "1", "--steps", "2",
-                     "--out", tmp_path / "grid.png", "--attention", maps)
+    result = run_cli(
+        "sample.py",
+        "--model",
+        tiny_model,
+        "a red circle",
+        "-n",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        tmp_path / "grid.png",
+        "--attention",
+        maps,
+    )
     assert result.returncode == 0, result.stderr
     assert f"attention maps in {maps}" in result.stdout
     assert sorted(p.name for p in maps.iterdir()) == ["grid-000.png", "grid-000.safetensors"]
@@ -214,8 +285,9 @@ print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def test_tuned_malloc_reuses_freed_memory_instead_of_faulting_it_in_again():
     def faults(mode: str, **env) -> tuple[str, int]:
-        result = subprocess.run([sys.executable, "-c", FAULTS, mode], capture_output=True, text=True,
-                                env={**os.environ, **env})
+        result = subprocess.run(
+            [sys.executable, "-c", FAULTS, mode], capture_output=True, text=True, env={**os.environ, **env}
+        )
         assert result.returncode == 0, result.stderr
         applied, count = result.stdout.split()
         return applied, int(count)
@@ -234,14 +306,29 @@ def test_sample_streams_many_images_and_grids_only_the_first_64(run_cli, tiny_mo
     from diffusion.pipeline import Pipeline
 
     out = tmp_path / "grid.png"
-    result = run_cli("sample.py", "--model", tiny_model, "a red circle", "-n", "70", "--batch-size", "16",
-                     "--steps", "2", "--mixed-precision", "no", "--out", out)
+    result = run_cli(
+        "sample.py",
+        "--model",
+        tiny_model,
+        "a red circle",
+        "-n",
+        "70",
+        "--batch-size",
+        "16",
+        "--steps",
+        "2",
+        "--mixed-precision",
+        "no",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr
     assert f"wrote {out} and 70 images beside it; the grid shows the first 64" in result.stdout
     assert len(list(tmp_path.glob("grid-*.png"))) == 70
     # the images are the pipeline's own, whatever the batches they were made in
     expected = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")(
-        "a red circle", num_images_per_prompt=70, batch_size=70, steps=2, progress=False)
+        "a red circle", num_images_per_prompt=70, batch_size=70, steps=2, progress=False
+    )
     for i in (0, 15, 16, 69):
         with Image.open(out.with_name(f"grid-{i:03d}.png")) as image:
             assert np.array_equal(np.asarray(image), np.asarray(expected.images[i]))
@@ -260,8 +347,23 @@ print("peak", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 
 def test_sample_peak_memory_does_not_grow_with_the_number_of_images(run_cli, tiny_model, tmp_path):
     def peak(n: int) -> int:
-        result = run_cli("-c", PEAK_MEMORY, "--model", tiny_model, "a red circle", "-n", n, "--batch-size", 100,
-                         "--steps", "1", "--mixed-precision", "no", "--out", tmp_path / f"n{n}" / "grid.png")
+        result = run_cli(
+            "-c",
+            PEAK_MEMORY,
+            "--model",
+            tiny_model,
+            "a red circle",
+            "-n",
+            n,
+            "--batch-size",
+            100,
+            "--steps",
+            "1",
+            "--mixed-precision",
+            "no",
+            "--out",
+            tmp_path / f"n{n}" / "grid.png",
+        )
         assert result.returncode == 0, result.stderr
         return int(result.stdout.split("peak")[-1])
 

@@ -1,4 +1,5 @@
 """Tests for diffusion/config.py: defaults, YAML files, dotted overrides and validation."""
+
 import dataclasses
 from pathlib import Path
 
@@ -59,23 +60,29 @@ def test_overrides_apply_after_the_file(tmp_path):
     assert load_config(path, ["train.max_steps=20"]).train.max_steps == 20
 
 
-@pytest.mark.parametrize("override, key, expected", [
-    ("train.max_steps=3000", "train.max_steps", 3000),
-    ("train.lr=1e-4", "train.lr", 1e-4),
-    ("train.lr=0.5", "train.lr", 0.5),
-    ("train.lr=2", "train.lr", 2.0),
-    ("model.channels=[16, 32, 64]", "model.channels", [16, 32, 64]),
-    ("model.channels=[16,32,64]", "model.channels", [16, 32, 64]),
-    ("train.validation_prompts=[a red circle, a blue square]", "train.validation_prompts",
-     ["a red circle", "a blue square"]),
-    ("train.snr_gamma=null", "train.snr_gamma", None),
-    ("train.snr_gamma=", "train.snr_gamma", None),
-    ("text.pretrained=null", "text.pretrained", None),
-    ("data.random_flip=true", "data.random_flip", True),
-    ("text.mask_eos=false", "text.mask_eos", False),
-    ("data.kind=shapes", "data.kind", "shapes"),
-    ("text.hidden_layer=-2", "text.hidden_layer", -2),
-])
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.max_steps=3000", "train.max_steps", 3000),
+        ("train.lr=1e-4", "train.lr", 1e-4),
+        ("train.lr=0.5", "train.lr", 0.5),
+        ("train.lr=2", "train.lr", 2.0),
+        ("model.channels=[16, 32, 64]", "model.channels", [16, 32, 64]),
+        ("model.channels=[16,32,64]", "model.channels", [16, 32, 64]),
+        (
+            "train.validation_prompts=[a red circle, a blue square]",
+            "train.validation_prompts",
+            ["a red circle", "a blue square"],
+        ),
+        ("train.snr_gamma=null", "train.snr_gamma", None),
+        ("train.snr_gamma=", "train.snr_gamma", None),
+        ("text.pretrained=null", "text.pretrained", None),
+        ("data.random_flip=true", "data.random_flip", True),
+        ("text.mask_eos=false", "text.mask_eos", False),
+        ("data.kind=shapes", "data.kind", "shapes"),
+        ("text.hidden_layer=-2", "text.hidden_layer", -2),
+    ],
+)
 def test_dotted_overrides_are_parsed_as_yaml(override, key, expected):
     cfg = config_from_dict({}, [override])
     section, name = key.split(".")
@@ -124,46 +131,52 @@ def test_a_section_that_is_not_a_mapping():
         config_from_dict({"train": 5})
 
 
-@pytest.mark.parametrize("override, key", [
-    ("train.max_steps=abc", "train.max_steps"),
-    ("train.max_steps=1.5", "train.max_steps"),
-    ("train.max_steps=true", "train.max_steps"),   # a bool is not an int
-    ("train.lr=fast", "train.lr"),
-    ("model.channels=16", "model.channels"),
-    ("model.channels=[16, x]", "model.channels[1]"),
-    ("data.random_flip=3", "data.random_flip"),
-    ("train.validation_prompts=[1]", "train.validation_prompts[0]"),
-    ("train.snr_gamma=[1]", "train.snr_gamma"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("train.max_steps=abc", "train.max_steps"),
+        ("train.max_steps=1.5", "train.max_steps"),
+        ("train.max_steps=true", "train.max_steps"),  # a bool is not an int
+        ("train.lr=fast", "train.lr"),
+        ("model.channels=16", "model.channels"),
+        ("model.channels=[16, x]", "model.channels[1]"),
+        ("data.random_flip=3", "data.random_flip"),
+        ("train.validation_prompts=[1]", "train.validation_prompts[0]"),
+        ("train.snr_gamma=[1]", "train.snr_gamma"),
+    ],
+)
 def test_wrong_type_names_the_key(override, key):
     with pytest.raises(UserError) as error:
         config_from_dict({}, [override])
     assert str(error.value).startswith(f"{key} must be")
 
 
-@pytest.mark.parametrize("override, key, fragment", [
-    ("train.max_steps=-1", "train.max_steps", "positive"),
-    ("train.max_steps=0", "train.max_steps", "positive"),
-    ("train.batch_size=0", "train.batch_size", "positive"),
-    ("text.steps=-5", "text.steps", "positive"),
-    ("train.warmup_steps=-1", "train.warmup_steps", "negative"),
-    ("train.lr=-1e-3", "train.lr", "positive"),
-    ("train.lr=inf", "train.lr", "finite"),
-    ("train.lr=nan", "train.lr", "finite"),
-    ("train.validation_guidance=.inf", "train.validation_guidance", "finite"),
-    ("train.cond_dropout=1.0", "train.cond_dropout", "[0, 1)"),
-    ("train.ema_decay=-0.1", "train.ema_decay", "[0, 1)"),
-    ("train.timestep_bias_portion=1.5", "train.timestep_bias_portion", "[0, 1)"),
-    ("train.timestep_bias_multiplier=-2", "train.timestep_bias_multiplier", "negative"),
-    ("train.mixed_precision=fp8", "train.mixed_precision", "auto, no, fp16, bf16"),
-    ("train.prediction_type=x0", "train.prediction_type", "epsilon"),
-    ("train.beta_schedule=cosine", "train.beta_schedule", "squaredcos_cap_v2"),
-    ("data.kind=webdataset", "data.kind", "shapes, imagefolder"),
-    ("model.attention_resolutions=[5]", "model.attention_resolutions", "[32, 16, 8]"),
-    ("model.channels=[12, 24]", "model.channels", "multiples of 8"),
-    ("model.channels=[]", "model.channels", "non-empty"),
-    ("data.resolution=30", "data.resolution", "divisible"),
-])
+@pytest.mark.parametrize(
+    "override, key, fragment",
+    [
+        ("train.max_steps=-1", "train.max_steps", "positive"),
+        ("train.max_steps=0", "train.max_steps", "positive"),
+        ("train.batch_size=0", "train.batch_size", "positive"),
+        ("text.steps=-5", "text.steps", "positive"),
+        ("train.warmup_steps=-1", "train.warmup_steps", "negative"),
+        ("train.lr=-1e-3", "train.lr", "positive"),
+        ("train.lr=inf", "train.lr", "finite"),
+        ("train.lr=nan", "train.lr", "finite"),
+        ("train.validation_guidance=.inf", "train.validation_guidance", "finite"),
+        ("train.cond_dropout=1.0", "train.cond_dropout", "[0, 1)"),
+        ("train.ema_decay=-0.1", "train.ema_decay", "[0, 1)"),
+        ("train.timestep_bias_portion=1.5", "train.timestep_bias_portion", "[0, 1)"),
+        ("train.timestep_bias_multiplier=-2", "train.timestep_bias_multiplier", "negative"),
+        ("train.mixed_precision=fp8", "train.mixed_precision", "auto, no, fp16, bf16"),
+        ("train.prediction_type=x0", "train.prediction_type", "epsilon"),
+        ("train.beta_schedule=cosine", "train.beta_schedule", "squaredcos_cap_v2"),
+        ("data.kind=webdataset", "data.kind", "shapes, imagefolder"),
+        ("model.attention_resolutions=[5]", "model.attention_resolutions", "[32, 16, 8]"),
+        ("model.channels=[12, 24]", "model.channels", "multiples of 8"),
+        ("model.channels=[]", "model.channels", "non-empty"),
+        ("data.resolution=30", "data.resolution", "divisible"),
+    ],
+)
 def test_invalid_values_are_user_errors_naming_the_key(override, key, fragment):
     with pytest.raises(UserError) as error:
         config_from_dict({}, [override])
@@ -219,7 +232,12 @@ def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
 def test_grounding_needs_masks():
     with pytest.raises(UserError, match="train.grounding_weight needs object masks"):
         config_from_dict({}, ["data.kind=imagefolder"])
-    assert config_from_dict({}, ["data.kind=imagefolder", "train.grounding_weight=0", "train.grounding_pixel_weight=0"]).data.kind == "imagefolder"
+    assert (
+        config_from_dict(
+            {}, ["data.kind=imagefolder", "train.grounding_weight=0", "train.grounding_pixel_weight=0"]
+        ).data.kind
+        == "imagefolder"
+    )
 
 
 def test_values_from_token_embeddings_needs_them_appended():
@@ -266,14 +284,26 @@ def test_class_defaults_agree_with_the_config():
     from diffusion.unet import UNet, unet_settings
 
     cfg = Config()
-    unet_defaults = {name: p.default for name, p in inspect.signature(UNet.__init__).parameters.items()
-                     if p.default is not inspect.Parameter.empty}
+    unet_defaults = {
+        name: p.default
+        for name, p in inspect.signature(UNet.__init__).parameters.items()
+        if p.default is not inspect.Parameter.empty
+    }
     for name, value in unet_settings(cfg, context_dim=unet_defaults["context_dim"]).items():
         assert unet_defaults[name] == value, name
     encoder_defaults = inspect.signature(TextEncoder.__init__).parameters
     for name in ("hidden_layer", "mask_eos", "concat_token_embeddings"):
         assert encoder_defaults[name].default == getattr(cfg.text, name), name
     ours, configured = ShapesDataset(), build_dataset(cfg.data)
-    for name in ("resolution", "num_samples", "min_objects", "max_objects", "object_weights", "seed", "holdout",
-                 "holdout_mode", "omission"):
+    for name in (
+        "resolution",
+        "num_samples",
+        "min_objects",
+        "max_objects",
+        "object_weights",
+        "seed",
+        "holdout",
+        "holdout_mode",
+        "omission",
+    ):
         assert getattr(ours, name) == getattr(configured, name), name

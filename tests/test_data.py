@@ -1,4 +1,5 @@
 """Tests for diffusion/data.py: the factory that picks a dataset from the config."""
+
 from types import SimpleNamespace
 
 import pytest
@@ -14,9 +15,24 @@ from diffusion.shapes import ShapesDataset
 
 
 def data_config(**overrides):
-    values = dict(kind="shapes", resolution=32, num_samples=10, min_objects=1, max_objects=2,
-                  object_weights=[1, 3, 0, 0], omit_colour=0.0, omit_shape=0.0, omit_position=0.0, omit_size=0.5,
-                  seed=0, holdout=["red square"], path=None, center_crop=True, random_flip=False, skip_bad=False)
+    values = dict(
+        kind="shapes",
+        resolution=32,
+        num_samples=10,
+        min_objects=1,
+        max_objects=2,
+        object_weights=[1, 3, 0, 0],
+        omit_colour=0.0,
+        omit_shape=0.0,
+        omit_position=0.0,
+        omit_size=0.5,
+        seed=0,
+        holdout=["red square"],
+        path=None,
+        center_crop=True,
+        random_flip=False,
+        skip_bad=False,
+    )
     return SimpleNamespace(**{**values, **overrides})
 
 

@@ -1,15 +1,35 @@
 """The shapes detector: accurate on generator images, robust to noise, silent on empty images;
 clean objects, stray paint and background grain."""
+
 from itertools import pairwise
 
 import numpy as np
 import pytest
 
-from diffusion.shapes import (
-    BACKGROUND, COLOURS, POSITIONS, SHAPES, SIZES, Scene, ShapeObject, ShapesDataset, render_scene,
+from diffusion.detector import (
+    CATEGORIES,
+    MAX_FIT_ERROR,
+    MAX_STRAY_FRACTION,
+    Detection,
+    detect,
+    detector_accuracy,
+    foreground,
+    grain,
+    is_clean_object,
+    match,
+    stray_pixels,
 )
-from diffusion.detector import (CATEGORIES, MAX_FIT_ERROR, MAX_STRAY_FRACTION, Detection, detect, detector_accuracy,
-                                foreground, grain, is_clean_object, match, stray_pixels)
+from diffusion.shapes import (
+    BACKGROUND,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    ShapesDataset,
+    render_scene,
+)
 
 
 def render(objects: list[ShapeObject], resolution: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -85,7 +105,8 @@ def test_touching_objects_of_one_colour_stay_apart():
 
 def test_match_is_one_to_one_and_reports_missing_objects():
     objects = [
-        placed("green", "cross", "large", "left"), placed("yellow", "triangle", "small", "right"),
+        placed("green", "cross", "large", "left"),
+        placed("yellow", "triangle", "small", "right"),
     ]
     image, masks = render(objects)
     found = detect(image)
@@ -102,6 +123,7 @@ def test_rejects_non_square_images():
 
 
 # ---- image quality: clean objects and background grain ------------------------------------------
+
 
 def noisy(image: np.ndarray, where: np.ndarray, std: float, seed: int = 0) -> np.ndarray:
     """`image` with Gaussian noise of `std` grey levels added at the pixels `where` (H, W) bool
@@ -159,13 +181,13 @@ def test_an_object_with_a_blob_of_another_colour_touching_it_is_not_clean():
     ys, xs = np.nonzero(masks[0])
     top, right = ys.min(), xs.max()
     small = image.copy()  # 2 x 3 px: too small to be an object, so it is paint outside the square
-    small[top:top + 2, right + 1:right + 4] = COLOURS["green"]
+    small[top : top + 2, right + 1 : right + 4] = COLOURS["green"]
     found = detect(small)
     assert [d.colour for d in found] == ["red"]
     assert stray_pixels(small, found) == 4  # the column next to the square is its antialiased edge
     assert not is_clean_object(small, found)
     large = image.copy()  # 4 x 4 px: read as a second object
-    large[top:top + 4, right + 1:right + 5] = COLOURS["green"]
+    large[top : top + 4, right + 1 : right + 5] = COLOURS["green"]
     found = detect(large)
     assert sorted(d.colour for d in found) == ["green", "red"]
     assert not is_clean_object(large, found)

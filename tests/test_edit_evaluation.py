@@ -1,5 +1,6 @@
 """Measuring edits (diffusion/edit_evaluation.py): the edit prompts, the weight contract on
 hand-made responses, the word-swap cases, and swap scores on hand-drawn source and edit images."""
+
 import copy
 import dataclasses
 import re
@@ -8,12 +9,33 @@ import numpy as np
 import pytest
 
 from diffusion.detector import detect
-from diffusion.edit_evaluation import (CONTRACT_WEIGHTS, EDIT_WEIGHTS, MONOTONE_WEIGHTS, SWAP_KINDS, SWAP_TARGETS,
-                                       EditPrompt, SwapCase, edit_prompts, named_area, score_swap, swap_cases,
-                                       swap_targets, weight_contract)
+from diffusion.edit_evaluation import (
+    CONTRACT_WEIGHTS,
+    EDIT_WEIGHTS,
+    MONOTONE_WEIGHTS,
+    SWAP_KINDS,
+    SWAP_TARGETS,
+    EditPrompt,
+    SwapCase,
+    edit_prompts,
+    named_area,
+    score_swap,
+    swap_cases,
+    swap_targets,
+    weight_contract,
+)
 from diffusion.prompts import parse_prompt
-from diffusion.shapes import (BACKGROUND, COLOURS, POSITION_PHRASES, POSITIONS, SIZES, Scene, ShapeObject,
-                              parse_holdout, render_scene)
+from diffusion.shapes import (
+    BACKGROUND,
+    COLOURS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SIZES,
+    Scene,
+    ShapeObject,
+    parse_holdout,
+    render_scene,
+)
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle", "orange circle"]
 HELD = parse_holdout(HOLDOUT)
@@ -33,6 +55,7 @@ def draw(*objects: ShapeObject, resolution: int = 32) -> np.ndarray:
 
 
 # ---- prompts of the weight response ----------------------------------------------------------
+
 
 def test_edit_prompt_text_deleted_words_and_articles():
     orange = EditPrompt("orange", "circle", "left")
@@ -68,8 +91,10 @@ def test_edit_prompts_are_deterministic_and_never_held_out():
 
 
 def test_named_area_counts_the_colour_or_the_shape():
-    image, masks = render_scene(Scene([placed("red", "square", "large", "left"),
-                                       placed("blue", "circle", "small", "right")], "", [], [], []), 32)
+    image, masks = render_scene(
+        Scene([placed("red", "square", "large", "left"), placed("blue", "circle", "small", "right")], "", [], [], []),
+        32,
+    )
     found = detect(image)
     pixels = 32 * 32
     assert named_area(image, found, "colour", "red") == pytest.approx(masks[0].sum() / pixels)
@@ -83,12 +108,25 @@ def test_named_area_counts_the_colour_or_the_shape():
 
 # ---- the weight contract ---------------------------------------------------------------------
 
+
 def good_response() -> dict:
     """A weight response that keeps every clause: drawn and present everywhere (weight 0: the
     attribute as often as with the word deleted), area and mass rising, even grain."""
-    rows = [{"word": word, "mode": mode, "weight": w, "drawn": 1.0, "present": 0.2 if w == 0 else 1.0,
-             "area": 0.01 * (1 + w), "mass": 0.1 * (1 + w), "grain": 2.0}
-            for word in ("colour", "shape") for mode in ("attention", "embedding") for w in EDIT_WEIGHTS]
+    rows = [
+        {
+            "word": word,
+            "mode": mode,
+            "weight": w,
+            "drawn": 1.0,
+            "present": 0.2 if w == 0 else 1.0,
+            "area": 0.01 * (1 + w),
+            "mass": 0.1 * (1 + w),
+            "grain": 2.0,
+        }
+        for word in ("colour", "shape")
+        for mode in ("attention", "embedding")
+        for w in EDIT_WEIGHTS
+    ]
     deleted = {word: {"drawn": 1.0, "present": 0.2, "area": 0.01, "grain": 2.0} for word in ("colour", "shape")}
     return {"n": 20, "rows": rows, "deleted": deleted}
 
@@ -169,14 +207,16 @@ def test_the_contract_checks_only_the_weights_measured():
 
 # ---- word swap cases ---------------------------------------------------------------------------
 
+
 def content(text: str) -> list[str]:
     """The words of a prompt without its articles."""
     return [w for w in re.findall(r"\w+", text) if w not in ARTICLES]
 
 
 def articles_agree(text: str) -> bool:
-    return all((article == "an") == (following[0] in "aeiou")
-               for article, following in re.findall(r"\b(an?) (\w+)", text))
+    return all(
+        (article == "an") == (following[0] in "aeiou") for article, following in re.findall(r"\b(an?) (\w+)", text)
+    )
 
 
 @pytest.mark.parametrize("kind", ["colour", "shape", "size"])
@@ -196,7 +236,7 @@ def test_a_swap_changes_exactly_the_swapped_word(kind):
         if kind == "size":
             assert case.scene.size_spans[case.index] is not None  # only sizes the caption names
             start = case.scene.size_spans[case.index][0]
-            assert case.source[start:start + len(case.old)] == case.old
+            assert case.source[start : start + len(case.old)] == case.old
         else:
             swapped = (case.new, obj.shape) if kind == "colour" else (obj.colour, case.new)
             assert swapped not in HELD, case.edit
@@ -226,7 +266,7 @@ def test_an_added_word_is_the_colour_deleted_from_the_caption():
         assert case.edit == case.scene.caption
         assert case.old is None and case.new == obj.colour
         start, end = case.scene.colour_spans[case.index]
-        without = case.edit[:start] + case.edit[end + 1:]  # the colour and its space
+        without = case.edit[:start] + case.edit[end + 1 :]  # the colour and its space
         assert content(case.source) == content(without)
         assert re.sub(r"\ban ", "a ", case.source) == re.sub(r"\ban ", "a ", without)  # only an article differs
         assert articles_agree(case.source), case.source
@@ -259,16 +299,28 @@ def case_of(kind: str, old, new, objects=(RED, BLUE), index: int = 0) -> SwapCas
 def test_an_unchanged_edit_keeps_everything_and_adds_nothing():
     source = draw(RED, BLUE)
     scores = score_swap(case_of("colour", "red", "green"), source, source.copy())
-    assert scores == {"new present": False, "old gone": False, "colour kept": True, "edited iou >= 0.8": True,
-                      "centre within 2 px": True, "others iou >= 0.9": True}
+    assert scores == {
+        "new present": False,
+        "old gone": False,
+        "colour kept": True,
+        "edited iou >= 0.8": True,
+        "centre within 2 px": True,
+        "others iou >= 0.9": True,
+    }
 
 
 def test_a_colour_swap_redrawn_in_the_new_colour():
     source = draw(RED, BLUE)
     edit = draw(dataclasses.replace(RED, colour="green"), BLUE)
     scores = score_swap(case_of("colour", "red", "green"), source, edit)
-    assert scores == {"new present": True, "old gone": True, "colour kept": False, "edited iou >= 0.8": True,
-                      "centre within 2 px": True, "others iou >= 0.9": True}
+    assert scores == {
+        "new present": True,
+        "old gone": True,
+        "colour kept": False,
+        "edited iou >= 0.8": True,
+        "centre within 2 px": True,
+        "others iou >= 0.9": True,
+    }
     purple = draw(dataclasses.replace(RED, colour="purple"), BLUE)  # changed, but not to the asked colour
     scores = score_swap(case_of("colour", "red", "green"), source, purple)
     assert scores["old gone"] and not scores["new present"]
@@ -330,12 +382,26 @@ def test_swap_cases_of_the_generator_score_as_kept_when_nothing_changes():
 
 # ---- swap targets --------------------------------------------------------------------------------
 
+
 def swap_response() -> dict:
     """Every swap rate 1 at edit steps 0.2 and 0.6."""
-    rates = {m: 1.0 for m in ("new present", "old gone", "colour kept", "edited iou >= 0.8",
-                                "centre within 2 px", "others iou >= 0.9")}
-    return {"kinds": {kind: {"n": 10, "by_steps": {"0.6": {"scored": 10, **rates}, "0.2": {"scored": 10, **rates}}}
-                      for kind in SWAP_KINDS}}
+    rates = {
+        m: 1.0
+        for m in (
+            "new present",
+            "old gone",
+            "colour kept",
+            "edited iou >= 0.8",
+            "centre within 2 px",
+            "others iou >= 0.9",
+        )
+    }
+    return {
+        "kinds": {
+            kind: {"n": 10, "by_steps": {"0.6": {"scored": 10, **rates}, "0.2": {"scored": 10, **rates}}}
+            for kind in SWAP_KINDS
+        }
+    }
 
 
 def test_swap_targets_check_colour_and_shape_swaps_at_one_edit_steps_value():

@@ -1,4 +1,5 @@
 """Tests for diffusion/embedding_store.py: the on-disk text states of a caption list."""
+
 import copy
 import errno
 import json
@@ -14,8 +15,14 @@ from diffusion.embedding_store import EmbeddingStore, cache_folder, cache_key
 from diffusion.errors import UserError
 from diffusion.text_encoder import EmbeddingCache, TextEncoder
 
-CAPTIONS = ["", "a blue square", "a red circle on the left", "a small green cross at the top",
-            "a yellow triangle below a purple circle", "two red squares"]
+CAPTIONS = [
+    "",
+    "a blue square",
+    "a red circle on the left",
+    "a small green cross at the top",
+    "a yellow triangle below a purple circle",
+    "two red squares",
+]
 MAX_LENGTH = 16
 
 
@@ -27,10 +34,17 @@ def tokenizer():
 def tiny_encoder(tokenizer, **options) -> TextEncoder:
     """A tiny untrained CLIP text encoder (the same weights every call)."""
     torch.manual_seed(0)
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                            num_attention_heads=2, max_position_embeddings=MAX_LENGTH,
-                            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=tokenizer.pad_token_id)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        max_position_embeddings=MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     return TextEncoder(tokenizer, CLIPTextModel(config), **{"concat_token_embeddings": True, **options})
 
 
@@ -83,8 +97,10 @@ def test_a_second_open_reuses_the_file_without_encoding(tmp_path, encoder, monke
 def test_the_key_ignores_where_the_encoder_was_loaded_from(tmp_path, encoder):
     for name in ("run-a", "run-b"):
         encoder.save_pretrained(tmp_path / name)
-    loaded = [TextEncoder.from_pretrained(tmp_path / name, max_length=MAX_LENGTH, concat_token_embeddings=True)
-              for name in ("run-a", "run-b")]
+    loaded = [
+        TextEncoder.from_pretrained(tmp_path / name, max_length=MAX_LENGTH, concat_token_embeddings=True)
+        for name in ("run-a", "run-b")
+    ]
     assert cache_key(loaded[0], CAPTIONS) == cache_key(loaded[1], CAPTIONS) == cache_key(encoder, CAPTIONS)
     encoder.encode(["a red circle"])  # call state is not part of the key
     assert cache_key(encoder, CAPTIONS) == cache_key(loaded[0], CAPTIONS)
@@ -97,16 +113,26 @@ def changed_weight(tokenizer):
     return encoder
 
 
-@pytest.mark.parametrize("change", [
-    lambda tokenizer: (tiny_encoder(tokenizer), CAPTIONS[:-1] + ["two red squares."]),
-    lambda tokenizer: (changed_weight(tokenizer), CAPTIONS),
-    lambda tokenizer: (tiny_encoder(tokenizer, mask_eos=False), CAPTIONS),
-    lambda tokenizer: (tiny_encoder(tokenizer, hidden_layer=-2), CAPTIONS),
-    lambda tokenizer: (tiny_encoder(tokenizer, max_length=MAX_LENGTH - 2), CAPTIONS),
-    lambda tokenizer: (tiny_encoder(tokenizer, concat_token_embeddings=False), CAPTIONS),
-    lambda tokenizer: (TextEncoder(fit_tokenizer(CAPTIONS * 2, 560, MAX_LENGTH), tiny_encoder(tokenizer).model,
-                                   concat_token_embeddings=True), CAPTIONS),
-], ids=["a caption", "a weight", "mask_eos", "hidden_layer", "max_length", "concat_token_embeddings", "tokenizer"])
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda tokenizer: (tiny_encoder(tokenizer), CAPTIONS[:-1] + ["two red squares."]),
+        lambda tokenizer: (changed_weight(tokenizer), CAPTIONS),
+        lambda tokenizer: (tiny_encoder(tokenizer, mask_eos=False), CAPTIONS),
+        lambda tokenizer: (tiny_encoder(tokenizer, hidden_layer=-2), CAPTIONS),
+        lambda tokenizer: (tiny_encoder(tokenizer, max_length=MAX_LENGTH - 2), CAPTIONS),
+        lambda tokenizer: (tiny_encoder(tokenizer, concat_token_embeddings=False), CAPTIONS),
+        lambda tokenizer: (
+            TextEncoder(
+                fit_tokenizer(CAPTIONS * 2, 560, MAX_LENGTH),
+                tiny_encoder(tokenizer).model,
+                concat_token_embeddings=True,
+            ),
+            CAPTIONS,
+        ),
+    ],
+    ids=["a caption", "a weight", "mask_eos", "hidden_layer", "max_length", "concat_token_embeddings", "tokenizer"],
+)
 def test_another_caption_or_encoder_gets_its_own_file(tmp_path, tokenizer, encoder, change, monkeypatch):
     first = EmbeddingStore.open(tmp_path, encoder, CAPTIONS, progress=False)
     other_encoder, captions = change(tokenizer)
@@ -119,33 +145,45 @@ def test_another_caption_or_encoder_gets_its_own_file(tmp_path, tokenizer, encod
 
 def wrong_key(path, encoder):
     embeddings, key_mask = encoder.encode(CAPTIONS)
-    save_file({"embeddings": embeddings, "key_mask": key_mask}, path, metadata={"format": embedding_store.FORMAT,
-                                                                              "key": "0" * 64})
+    save_file(
+        {"embeddings": embeddings, "key_mask": key_mask},
+        path,
+        metadata={"format": embedding_store.FORMAT, "key": "0" * 64},
+    )
 
 
 def wrong_shape(path, encoder):
     embeddings, key_mask = encoder.encode(CAPTIONS[:-1])
-    save_file({"embeddings": embeddings, "key_mask": key_mask}, path, metadata={
-        "format": embedding_store.FORMAT, "key": cache_key(encoder, CAPTIONS)})
+    save_file(
+        {"embeddings": embeddings, "key_mask": key_mask},
+        path,
+        metadata={"format": embedding_store.FORMAT, "key": cache_key(encoder, CAPTIONS)},
+    )
 
 
 def flipped_header(path, encoder):
     data = bytearray(path.read_bytes())
     header_length = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_length])
+    header = json.loads(data[8 : 8 + header_length])
     header["key_mask"]["dtype"] = "U8"
     text = json.dumps(header).encode().ljust(header_length)
-    path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + header_length:]))
+    path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + header_length :]))
 
 
-@pytest.mark.parametrize("corrupt", [
-    lambda path, encoder: path.write_bytes(path.read_bytes()[:-100]),
-    lambda path, encoder: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]),
-    lambda path, encoder: path.write_bytes(b""),
-    lambda path, encoder: path.write_bytes(b"\x00\xff not a safetensors file " * 20),
-    lambda path, encoder: path.write_bytes(path.read_bytes() + b"extra"),
-    wrong_key, wrong_shape, flipped_header,
-], ids=["truncated", "half", "empty", "garbage", "appended", "wrong-key", "wrong-shape", "wrong-dtype"])
+@pytest.mark.parametrize(
+    "corrupt",
+    [
+        lambda path, encoder: path.write_bytes(path.read_bytes()[:-100]),
+        lambda path, encoder: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]),
+        lambda path, encoder: path.write_bytes(b""),
+        lambda path, encoder: path.write_bytes(b"\x00\xff not a safetensors file " * 20),
+        lambda path, encoder: path.write_bytes(path.read_bytes() + b"extra"),
+        wrong_key,
+        wrong_shape,
+        flipped_header,
+    ],
+    ids=["truncated", "half", "empty", "garbage", "appended", "wrong-key", "wrong-shape", "wrong-dtype"],
+)
 def test_a_corrupt_file_is_rebuilt_with_a_one_line_warning(tmp_path, encoder, corrupt, monkeypatch):
     path = EmbeddingStore.open(tmp_path, encoder, CAPTIONS, progress=False).path
     corrupt(path, encoder)
@@ -166,8 +204,10 @@ def test_a_failed_write_is_a_user_error_and_leaves_nothing_half_written(tmp_path
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(embedding_store.os, "fsync", disk_full)
-    with pytest.warns(UserWarning, match="rebuilding"), \
-            pytest.raises(UserError, match="No space left on device.*data.embedding_cache") as error:
+    with (
+        pytest.warns(UserWarning, match="rebuilding"),
+        pytest.raises(UserError, match="No space left on device.*data.embedding_cache") as error,
+    ):
         EmbeddingStore.open(tmp_path, encoder, CAPTIONS, progress=False)
     assert "\n" not in str(error.value)
     assert [p.name for p in tmp_path.iterdir()] == [path.name] and path.read_bytes() == b"garbage"
@@ -196,8 +236,11 @@ def test_the_cache_folder(tmp_path, monkeypatch):
     assert cache_folder(None).is_dir()
     assert cache_folder(str(tmp_path / "a" / "b")) == tmp_path / "a" / "b"
     (tmp_path / "file").write_text("x")
-    with pytest.raises(UserError, match=r"^data.embedding_cache: cannot create the folder .*file/sub.*; set "
-                                        r"data.embedding_cache to a folder you can write") as error:
+    with pytest.raises(
+        UserError,
+        match=r"^data.embedding_cache: cannot create the folder .*file/sub.*; set "
+        r"data.embedding_cache to a folder you can write",
+    ) as error:
         cache_folder(str(tmp_path / "file" / "sub"))
     assert "\n" not in str(error.value)
 

@@ -1,5 +1,6 @@
 """The evaluation: metrics on hand-made maps, prompt conditions, a perfect "model" (the generator's
 own images) scoring ~1, and evaluate.py on the tiny model (the report itself: test_report.py)."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -9,11 +10,10 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.shapes import render_scene
 from diffusion.detector import Detection, detect
 from diffusion.edit_evaluation import SWAP_KINDS
-from diffusion.evaluation import (CATEGORIES, Case, category_cases, map_iou, passes, pointing, span_map,
-                                  stated_positions)
+from diffusion.evaluation import CATEGORIES, Case, category_cases, map_iou, passes, pointing, span_map, stated_positions
+from diffusion.shapes import render_scene
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle"]
 
@@ -25,12 +25,12 @@ def box(side, y0, y1, x0, x1):
 
 
 def test_iou_and_pointing_on_hand_made_maps():
-    mask = box(8, 2, 4, 2, 4)                      # 4 pixels
+    mask = box(8, 2, 4, 2, 4)  # 4 pixels
     exact = mask.astype(float)
     assert map_iou(exact, mask) == 1.0 and pointing(exact, mask)
-    wide = box(8, 2, 4, 2, 6).astype(float)       # 8 pixels, half of them outside
+    wide = box(8, 2, 4, 2, 6).astype(float)  # 8 pixels, half of them outside
     assert map_iou(wide, mask) == pytest.approx(0.5)
-    faint = exact + 0.3 * box(8, 0, 8, 0, 8)       # below 0.4 x max outside the mask: not in the region
+    faint = exact + 0.3 * box(8, 0, 8, 0, 8)  # below 0.4 x max outside the mask: not in the region
     assert map_iou(faint, mask) == 1.0
     elsewhere = box(8, 6, 8, 6, 8).astype(float)
     assert map_iou(elsewhere, mask) == 0.0 and not pointing(elsewhere, mask)
@@ -80,8 +80,11 @@ def detection(colour, shape, position, center, side=32):
 
 
 def test_passes_needs_every_stated_condition():
-    case = next(c for c in category_cases("position", 50, 3, 32, HOLDOUT)
-                if len(c.scene.objects) == 1 and stated_positions(c.scene))
+    case = next(
+        c
+        for c in category_cases("position", 50, 3, 32, HOLDOUT)
+        if len(c.scene.objects) == 1 and stated_positions(c.scene)
+    )
     obj = case.scene.objects[0]
     assert passes(case, [detection(obj.colour, obj.shape, obj.position, obj.center)])
     wrong_place = next(p for p in ("left", "right") if p != obj.position)
@@ -105,9 +108,29 @@ def test_the_generators_own_images_pass_almost_every_prompt():
 
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "new" / "report.json"  # the folder is created
-    result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-edit", 1, "--n-samplers", 1,
-                     "--parts", "faithfulness,edit", "--guidance", 5, "--mixed-precision", "no", "--sampler", "ddim",
-                     "--weight-context", "keep", "--out", out)
+    result = run_cli(
+        "evaluate.py",
+        "--model",
+        tiny_model,
+        "--n",
+        1,
+        "--n-edit",
+        1,
+        "--n-samplers",
+        1,
+        "--parts",
+        "faithfulness,edit",
+        "--guidance",
+        5,
+        "--mixed-precision",
+        "no",
+        "--sampler",
+        "ddim",
+        "--weight-context",
+        "keep",
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "faithfulness" in report and "edit" in report and not {"swap", "samplers"} & set(report)
@@ -122,8 +145,22 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
 
 def test_evaluate_cli_swap_options_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "swap.json"
-    result = run_cli("evaluate.py", "--model", tiny_model, "--n", 1, "--n-swap", 1, "--parts", "swap",
-                     "--local-blend", "--edit-steps", 0.5, "--out", out)
+    result = run_cli(
+        "evaluate.py",
+        "--model",
+        tiny_model,
+        "--n",
+        1,
+        "--n-swap",
+        1,
+        "--parts",
+        "swap",
+        "--local-blend",
+        "--edit-steps",
+        0.5,
+        "--out",
+        out,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert not {"faithfulness", "edit", "samplers"} & set(report)
@@ -151,19 +188,58 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
 
     def fake_evaluate(pipe, **kwargs):
         given.update(kwargs)
-        unscored = {"scored": 0, **dict.fromkeys(("new present", "old gone", "colour kept", "edited iou >= 0.8",
-                                                  "centre within 2 px", "others iou >= 0.9"))}
-        swap = {"n": 3, "edit_steps": [0.0, 0.3], "local_blend": True, "default_edit_steps": 0.3,
-                "kinds": {"colour": {"n": 3, "by_steps": {"0": unscored, "0.3": unscored}}}}
-        report = {"n": 1, "seed": kwargs["seed"], "resolution": 16, "detector": {"count": 1.0}, "swap": swap,
-                  "targets": {}}
+        unscored = {
+            "scored": 0,
+            **dict.fromkeys(
+                (
+                    "new present",
+                    "old gone",
+                    "colour kept",
+                    "edited iou >= 0.8",
+                    "centre within 2 px",
+                    "others iou >= 0.9",
+                )
+            ),
+        }
+        swap = {
+            "n": 3,
+            "edit_steps": [0.0, 0.3],
+            "local_blend": True,
+            "default_edit_steps": 0.3,
+            "kinds": {"colour": {"n": 3, "by_steps": {"0": unscored, "0.3": unscored}}},
+        }
+        report = {
+            "n": 1,
+            "seed": kwargs["seed"],
+            "resolution": 16,
+            "detector": {"count": 1.0},
+            "swap": swap,
+            "targets": {},
+        }
         return report, [], {"colour": [("a red circle", "a blue circle", image, image)]}
 
     monkeypatch.setattr(diffusion.report, "evaluate", fake_evaluate)
     out = tmp_path / "report.json"
-    cli.main(["--model", str(tiny_model), "--parts", "edit,swap", "--n-edit", "2", "--n-swap", "3", "--swap-sweep",
-              "--local-blend", "--edit-steps", "0.3", "--weight-context", "keep",
-              "--out", str(out)])
+    cli.main(
+        [
+            "--model",
+            str(tiny_model),
+            "--parts",
+            "edit,swap",
+            "--n-edit",
+            "2",
+            "--n-swap",
+            "3",
+            "--swap-sweep",
+            "--local-blend",
+            "--edit-steps",
+            "0.3",
+            "--weight-context",
+            "keep",
+            "--out",
+            str(out),
+        ]
+    )
     assert given["parts"] == ("edit", "swap") and given["n_edit"] == 2 and given["n_swap"] == 3
     assert given["swap_sweep"] is True and given["local_blend"] is True and given["edit_steps"] == 0.3
     assert given["weighting"] == Weighting(context="keep")
@@ -173,22 +249,25 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
     assert given["weighting"] == Weighting()
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--n", "0"], "--n must be at least 1"),
-    (["--parts", "speed"], "unknown part"),
-    (["--categories", "single object,shapes"], "unknown category 'shapes'; choose from single object"),
-    (["--categories", ","], "no category given; choose from single object"),
-    (["--seed", "0"], "training data seed"),
-    (["--guidance", "-1"], "--guidance must be a finite number"),
-    (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
-    (["--sampler", "plms"], "invalid choice: 'plms'"),
-    (["--weight-context", "forget"], "invalid choice: 'forget'"),
-    (["--n-swap", "0"], "--n-swap must be at least 1"),
-    (["--parts", "edit,swaps"], "unknown part(s) 'swaps'"),
-    (["--edit-steps", "2"], "--edit-steps must be a fraction in [0, 1], got '2'"),
-    (["--edit-steps", "x"], "--edit-steps must be a fraction in [0, 1], got 'x'"),
-    (["--edit-steps", "nan"], "--edit-steps must be a fraction in [0, 1], got 'nan'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--n", "0"], "--n must be at least 1"),
+        (["--parts", "speed"], "unknown part"),
+        (["--categories", "single object,shapes"], "unknown category 'shapes'; choose from single object"),
+        (["--categories", ","], "no category given; choose from single object"),
+        (["--seed", "0"], "training data seed"),
+        (["--guidance", "-1"], "--guidance must be a finite number"),
+        (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
+        (["--sampler", "plms"], "invalid choice: 'plms'"),
+        (["--weight-context", "forget"], "invalid choice: 'forget'"),
+        (["--n-swap", "0"], "--n-swap must be at least 1"),
+        (["--parts", "edit,swaps"], "unknown part(s) 'swaps'"),
+        (["--edit-steps", "2"], "--edit-steps must be a fraction in [0, 1], got '2'"),
+        (["--edit-steps", "x"], "--edit-steps must be a fraction in [0, 1], got 'x'"),
+        (["--edit-steps", "nan"], "--edit-steps must be a fraction in [0, 1], got 'nan'"),
+    ],
+)
 def test_evaluate_cli_bad_input_is_one_line(tiny_model, run_cli, args, message):
     result = run_cli("evaluate.py", "--model", tiny_model, *args)
     assert result.returncode == 2

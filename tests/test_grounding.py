@@ -1,9 +1,10 @@
 """The token-level grounding loss: targets from the shapes generator, the loss on hand-made maps."""
+
 import torch
 
 from diffusion.attention import AttentionSite
-from diffusion.shapes import ShapesDataset
 from diffusion.grounding import GroundingLoss, grounding_targets
+from diffusion.shapes import ShapesDataset
 from diffusion.text_encoder import TextEncoder
 
 
@@ -22,7 +23,7 @@ def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):
         for k, obj in enumerate(sample.scene.objects):
             assert "".join(named[k]).startswith(obj.colour) and "".join(named[k]).endswith(obj.shape)
             assert torch.equal(rendered.masks[i, k], torch.from_numpy(sample.masks[k]))
-        assert not rendered.masks[i, len(sample.scene.objects):].any()  # unused slots stay empty
+        assert not rendered.masks[i, len(sample.scene.objects) :].any()  # unused slots stay empty
 
 
 def make_loss(attention_on_object: bool):

@@ -1,4 +1,5 @@
 """Tests for diffusion/image_folder.py: a folder of captioned images."""
+
 import json
 import logging
 from pathlib import Path
@@ -30,8 +31,10 @@ def test_image_folder_with_metadata_jsonl(tmp_path):
     write_png(tmp_path / "a.png", (40, 20))
     write_png(tmp_path / "sub" / "b.jpg", (18, 50), (10, 10, 200))
     write_png(tmp_path / "unlisted.png")  # not in metadata.jsonl, so not used
-    write_metadata(tmp_path, [{"file_name": "a.png", "text": "a red  thing\n"},
-                              {"file_name": "sub/b.jpg", "text": "a blue thing"}, ""])
+    write_metadata(
+        tmp_path,
+        [{"file_name": "a.png", "text": "a red  thing\n"}, {"file_name": "sub/b.jpg", "text": "a blue thing"}, ""],
+    )
     dataset = ImageFolderDataset(tmp_path, 16)
     assert len(dataset) == 2
     assert dataset.captions() == ["a red thing", "a blue thing"]
@@ -124,8 +127,7 @@ def test_file_name_outside_the_folder_raises(tmp_path, file_name):
     root = tmp_path / "data"
     write_png(root / "ok.png")
     write_png(tmp_path / "x.png")  # exists, but outside the folder
-    write_metadata(root, [{"file_name": "ok.png", "text": "ok"},
-                          {"file_name": file_name, "text": "escape"}])
+    write_metadata(root, [{"file_name": "ok.png", "text": "ok"}, {"file_name": file_name, "text": "escape"}])
     with pytest.raises(UserError, match="outside") as error:
         ImageFolderDataset(root, 16)
     assert "line 2" in str(error.value)
@@ -144,8 +146,11 @@ def test_missing_caption_raises_or_is_skipped(tmp_path):
 
 @pytest.mark.parametrize(
     "line, fragment",
-    [("{not json", "line 2.*not valid JSON"), ('{"file_name": "a.png"}', "line 2.*text"),
-     ('{"file_name": "gone.png", "text": "t"}', "gone.png.*not found")],
+    [
+        ("{not json", "line 2.*not valid JSON"),
+        ('{"file_name": "a.png"}', "line 2.*text"),
+        ('{"file_name": "gone.png", "text": "t"}', "gone.png.*not found"),
+    ],
 )
 def test_bad_metadata_lines_raise_naming_the_line(tmp_path, line, fragment):
     write_png(tmp_path / "a.png")
@@ -171,8 +176,9 @@ def test_txt_captions_come_in_sorted_path_order(tmp_path):
     for name in names:
         write_png(tmp_path / name)
         (tmp_path / name).with_suffix(".txt").write_text(name)
-    assert ImageFolderDataset(tmp_path, 16).captions() == [str(p.relative_to(tmp_path)) for p in
-                                                           sorted(tmp_path / name for name in names)]
+    assert ImageFolderDataset(tmp_path, 16).captions() == [
+        str(p.relative_to(tmp_path)) for p in sorted(tmp_path / name for name in names)
+    ]
 
 
 def test_packed_strings_round_trip_any_text():
@@ -190,7 +196,10 @@ def test_the_dataset_keeps_no_python_object_per_image(tmp_path):
     write_metadata(tmp_path, [{"file_name": f"{i}.png", "text": f"caption {i}"} for i in range(30)])
     dataset = ImageFolderDataset(tmp_path, 16)
     assert len(dataset) == 30 and dataset.captions()[7] == "caption 7"
-    per_image = {name: value for name, value in vars(dataset).items()
-                 if isinstance(value, (list, dict, tuple, set)) and len(value) >= 30}
+    per_image = {
+        name: value
+        for name, value in vars(dataset).items()
+        if isinstance(value, (list, dict, tuple, set)) and len(value) >= 30
+    }
     assert per_image == {}
     assert dataset.paths[7] == str(tmp_path / "7.png")

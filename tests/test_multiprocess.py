@@ -1,4 +1,5 @@
 """Two-process data-parallel training on the CPU (torchrun, gloo): the ranks stay in sync."""
+
 import os
 import shutil
 import subprocess
@@ -23,9 +24,21 @@ def test_two_processes_end_with_identical_weights(tmp_path, tiny_overrides):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a fresh job, whatever launched pytest
     result = subprocess.run(
-        [torchrun, "--standalone", "--nproc_per_node", "2", str(REPO / "tests" / "ddp_worker.py"), str(out),
-         *tiny_overrides],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(REPO / "tests" / "ddp_worker.py"),
+            str(out),
+            *tiny_overrides,
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "2 process(es)" in result.stdout

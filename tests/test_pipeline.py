@@ -1,4 +1,5 @@
 """Tests for diffusion/pipeline.py against the tiny trained model of the session."""
+
 import inspect
 import json
 import re
@@ -13,8 +14,15 @@ from PIL import Image
 from diffusion.attention import AttentionController
 from diffusion.errors import UserError
 from diffusion.images import to_pil, uint8_images
-from diffusion.pipeline import (DEFAULT_SAMPLER, SAMPLERS, Pipeline, Weighting, make_sampler, sampler_timesteps,
-                                set_sampler_timesteps)
+from diffusion.pipeline import (
+    DEFAULT_SAMPLER,
+    SAMPLERS,
+    Pipeline,
+    Weighting,
+    make_sampler,
+    sampler_timesteps,
+    set_sampler_timesteps,
+)
 from diffusion.prompts import parse_prompt
 
 PROMPTS = ["a red circle on the left", "a blue square"]
@@ -43,12 +51,17 @@ def test_a_copied_model_folder_loads_on_its_own(tiny_model, tmp_path, pipe):
 def test_images_have_the_model_size_and_count(pipe):
     out = pipe(PROMPTS, num_images_per_prompt=3, seed=7, steps=2, progress=False)
     assert len(out.images) == 6
-    assert all(isinstance(image, Image.Image) and image.size == (16, 16) and image.mode == "RGB"
-               for image in out.images)
+    assert all(
+        isinstance(image, Image.Image) and image.size == (16, 16) and image.mode == "RGB" for image in out.images
+    )
     assert out.prompts == [PROMPTS[0]] * 3 + [PROMPTS[1]] * 3
     assert out.seeds == [7, 8, 9, 7, 8, 9]
-    assert {k: out.settings[k] for k in ("sampler", "steps", "guidance", "negative_prompt")} == \
-        {"sampler": "euler", "steps": 2, "guidance": 3.0, "negative_prompt": ""}
+    assert {k: out.settings[k] for k in ("sampler", "steps", "guidance", "negative_prompt")} == {
+        "sampler": "euler",
+        "steps": 2,
+        "guidance": 3.0,
+        "negative_prompt": "",
+    }
 
 
 def test_a_single_prompt_string(pipe):
@@ -74,8 +87,9 @@ def test_ddim_and_euler_take_the_same_ode_step(steps):
     (diffusers' clip_sample, on in the training scheduler's config) breaks this: with guidance the
     x0 estimate overshoots, and clipped it dragged faithfulness at 50 steps from 0.80 to 0.23."""
     # float32: the two differ only by rounding, which bf16 autocast would raise to 0.02
-    small = Pipeline.from_pretrained(Path(__file__).parent / "assets" / "small-shapes", device="cpu",
-                                     mixed_precision="no")
+    small = Pipeline.from_pretrained(
+        Path(__file__).parent / "assets" / "small-shapes", device="cpu", mixed_precision="no"
+    )
     prompts, seeds = ["a red circle", "a blue square", "a green cross", "a yellow triangle"], [0, 1, 2, 3]
     ddim = small.denoise(prompts, seeds, steps=steps, sampler="ddim")
     euler = small.denoise(prompts, seeds, steps=steps, sampler="euler")
@@ -105,6 +119,7 @@ def test_samplers_are_the_four_documented_ones():
 
 def test_sample_py_lists_the_pipeline_samplers_and_default():
     import importlib.util
+
     spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).parents[1] / "sample.py")
     cli = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(cli)
@@ -212,6 +227,7 @@ def test_callback_on_step_end_is_called_once_per_step_and_can_replace_the_images
     def zero_at(at):
         def callback(pipeline, step, timestep, tensors):
             return {"latents": torch.zeros_like(tensors["latents"])} if step == at else tensors
+
         return callback
 
     grey = pipe.denoise(PROMPTS, [0, 1], steps=3, callback_on_step_end=zero_at(2))
@@ -241,11 +257,11 @@ def test_a_batch_of_swaps_gives_the_images_of_one_swap_each(exact_pipe):
     assert x.shape == (4, 3, 16, 16) and maps is None
     for k, ((source, edit), seed) in enumerate(zip(SWAPS, [3, 7])):
         alone, _ = exact_pipe.swap_batch([(source, edit)], [seed], 0.6, SWAP_SETTINGS, Weighting())
-        torch.testing.assert_close(x[2 * k:2 * k + 2], alone, rtol=0, atol=1e-5)
+        torch.testing.assert_close(x[2 * k : 2 * k + 2], alone, rtol=0, atol=1e-5)
         outputs = exact_pipe.swap(source, edit, seed=seed, steps=3, edit_steps=0.6, progress=False)
         for output, row, prompt in zip(outputs, (2 * k, 2 * k + 1), (source, edit)):
             assert output.prompts == [prompt] and output.seeds == [seed]
-            assert np.abs(pixels(output.images)[0] - uint8_images(x[row:row + 1])[0].astype(int)).max() <= 1
+            assert np.abs(pixels(output.images)[0] - uint8_images(x[row : row + 1])[0].astype(int)).max() <= 1
     assert (x[0] - x[2]).abs().max() > 1e-3  # the pairs differ: the test can tell them apart
 
 
@@ -261,11 +277,11 @@ def test_swap_images_do_not_depend_on_its_batch_size(exact_pipe):
 
 
 def test_local_blend_with_an_unchanged_prompt_keeps_the_source(exact_pipe):
-    x, _ = exact_pipe.swap_batch([(SWAPS[0][0], SWAPS[0][0])], [4], 0.6, SWAP_SETTINGS, Weighting(),
-                                 local_blend=True)
+    x, _ = exact_pipe.swap_batch([(SWAPS[0][0], SWAPS[0][0])], [4], 0.6, SWAP_SETTINGS, Weighting(), local_blend=True)
     assert torch.equal(x[1], x[0])
-    source, edit = exact_pipe.swap(SWAPS[0][0], SWAPS[0][0], num_images=2, seed=4, steps=3, local_blend=True,
-                                   batch_size=2, progress=False)
+    source, edit = exact_pipe.swap(
+        SWAPS[0][0], SWAPS[0][0], num_images=2, seed=4, steps=3, local_blend=True, batch_size=2, progress=False
+    )
     assert np.array_equal(pixels(edit.images), pixels(source.images))
     assert np.abs(pixels(source.images)[0] - uint8_images(x[:1])[0]).max() <= 1  # seed 4 in both
     assert source.settings["local_blend"] is True and edit.settings["local_blend"] is True
@@ -277,15 +293,18 @@ def test_swap_edit_steps_outside_zero_to_one_are_user_errors(exact_pipe, edit_st
         exact_pipe.swap_batch(SWAPS[:1], [0], edit_steps, SWAP_SETTINGS, Weighting())
 
 
-@pytest.mark.parametrize("kwargs, fragment", [
-    (dict(steps=0), "steps"),
-    (dict(guidance=float("nan")), "guidance"),
-    (dict(guidance=float("inf")), "guidance"),
-    (dict(guidance=-1.0), "guidance"),
-    (dict(num_images_per_prompt=0), "images per prompt"),
-    (dict(batch_size=0), "batch size"),
-    (dict(sampler="plms"), "unknown sampler 'plms'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, fragment",
+    [
+        (dict(steps=0), "steps"),
+        (dict(guidance=float("nan")), "guidance"),
+        (dict(guidance=float("inf")), "guidance"),
+        (dict(guidance=-1.0), "guidance"),
+        (dict(num_images_per_prompt=0), "images per prompt"),
+        (dict(batch_size=0), "batch size"),
+        (dict(sampler="plms"), "unknown sampler 'plms'"),
+    ],
+)
 def test_bad_sampling_arguments_are_user_errors(pipe, kwargs, fragment):
     with pytest.raises(UserError, match=re.escape(fragment)):
         pipe(PROMPTS[0], progress=False, **{"steps": 2, **kwargs})
@@ -391,6 +410,7 @@ def test_unknown_mixed_precision_is_a_user_error(tiny_model):
 
 # ---- the diffusers way ---------------------------------------------------------------------
 
+
 def test_diffusers_loads_an_exported_model(pipe, tmp_path):
     from diffusers import DiffusionPipeline
 
@@ -399,8 +419,10 @@ def test_diffusers_loads_an_exported_model(pipe, tmp_path):
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True).to("cpu")
     assert isinstance(loaded, Pipeline)
     ours = Pipeline.from_pretrained(tmp_path / "model", device="cpu")
-    assert np.array_equal(pixels(loaded("a red circle", steps=3, progress=False).images),
-                          pixels(ours("a red circle", steps=3, progress=False).images))
+    assert np.array_equal(
+        pixels(loaded("a red circle", steps=3, progress=False).images),
+        pixels(ours("a red circle", steps=3, progress=False).images),
+    )
 
 
 def test_to_moves_the_pipeline_and_returns_it(pipe):
@@ -410,12 +432,14 @@ def test_to_moves_the_pipeline_and_returns_it(pipe):
 def test_generators_instead_of_seeds(pipe):
     by_seed = pipe("a red circle", num_images_per_prompt=3, seed=7, steps=3, progress=False)
     generators = [torch.Generator().manual_seed(7 + i) for i in range(3)]
-    by_generator = pipe("a red circle", num_images_per_prompt=3, generator=generators, steps=3, batch_size=2,
-                        progress=False)
+    by_generator = pipe(
+        "a red circle", num_images_per_prompt=3, generator=generators, steps=3, batch_size=2, progress=False
+    )
     assert np.array_equal(pixels(by_seed.images), pixels(by_generator.images))
     assert by_seed.seeds == [7, 8, 9] and by_generator.seeds == [None] * 3
-    one = pipe("a red circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), steps=3,
-               progress=False)
+    one = pipe(
+        "a red circle", num_images_per_prompt=2, generator=torch.Generator().manual_seed(7), steps=3, progress=False
+    )
     assert len(one.images) == 2 and not np.array_equal(*pixels(one.images))  # drawn one after the other
     with pytest.raises(UserError, match="2 generators for 3 images"):
         pipe("a red circle", num_images_per_prompt=3, generator=generators[:2], progress=False)

@@ -1,4 +1,5 @@
 """Tests for diffusion/precision.py: what "auto" resolves to and what each setting runs in."""
+
 import pytest
 import torch
 
@@ -9,7 +10,7 @@ from diffusion.errors import UserError
 def test_auto_mixed_precision_is_bf16_only_where_it_is_native(monkeypatch):
     cpu = torch.device("cpu")
     for native, expected in ((True, "bf16"), (False, "no")):
-        monkeypatch.setattr(precision, "native_bf16", lambda device: native)
+        monkeypatch.setattr(precision, "native_bf16", lambda device, native=native: native)
         assert precision.resolve_mixed_precision("auto", cpu) == expected
     for setting in ("no", "bf16", "fp16"):  # an explicit setting is kept as it is
         assert precision.resolve_mixed_precision(setting, cpu) == setting

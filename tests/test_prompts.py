@@ -1,8 +1,10 @@
 """Tests for diffusion/prompts.py: weighting syntax, words, token/word maps and token alignment."""
+
 import pytest
 import torch
 from transformers import CLIPTextConfig, CLIPTextModel
 
+from diffusion.clip_training import fit_tokenizer
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.prompts import (
     PromptSyntaxError,
@@ -18,7 +20,6 @@ from diffusion.prompts import (
     word_token_weights,
     word_tokens,
 )
-from diffusion.clip_training import fit_tokenizer
 from diffusion.text_encoder import TextEncoder
 
 CAPTIONS = [
@@ -37,8 +38,9 @@ def tokenizer():
 
 def offsets_of(tokenizer, prompt):
     """(T, 2) offsets of one prompt, padded (and truncated) to T tokens, as TextEncoder.tokenize gives."""
-    tokens = tokenizer(prompt, return_offsets_mapping=True, padding="max_length", truncation=True,
-                       max_length=T, return_tensors="pt")
+    tokens = tokenizer(
+        prompt, return_offsets_mapping=True, padding="max_length", truncation=True, max_length=T, return_tensors="pt"
+    )
     return tokens["offset_mapping"][0]
 
 
@@ -58,8 +60,7 @@ GOOD = [
     ("(red: 1.25 )", "red", [("red", 0, 1.25)]),
     ("a ( red :2) b", "a  red  b", [("red", 3, 2.0)]),
     ("(a:2)(b:3)", "ab", [("a", 0, 2.0), ("b", 1, 3.0)]),
-    ("(a red:2) circle (on the left:0.25)", "a red circle on the left",
-     [("a red", 0, 2.0), ("on the left", 13, 0.25)]),
+    ("(a red:2) circle (on the left:0.25)", "a red circle on the left", [("a red", 0, 2.0), ("on the left", 13, 0.25)]),
     (r"a \(red\) circle", "a (red) circle", []),
     (r"(\(red\):2)", "(red)", [("(red)", 0, 2.0)]),
     (r"back\\slash", "back\\slash", []),
@@ -235,6 +236,7 @@ def test_weight_at_takes_the_most_overlapping_span():
 
 # --- words --------------------------------------------------------------------------------------
 
+
 def test_split_words_labels_repeats_case_insensitively():
     words = split_words("A red circle, a RED square; don't red!")
     assert [word.text for word in words] == ["A", "red", "circle", "a", "RED", "square", "don't", "red"]
@@ -260,6 +262,7 @@ def test_find_word():
 
 
 # --- writing prompts: format_prompt and set_word_weight -----------------------------------------
+
 
 def test_format_prompt_writes_the_spans_not_weighted_1():
     assert format_prompt("a red circle", [(2, 5, 1.5)]) == "a (red:1.5) circle"
@@ -343,6 +346,7 @@ def test_set_word_weight_errors():
 
 # --- tokens ---------------------------------------------------------------------------------------
 
+
 def test_rare_word_is_split_into_several_tokens(tokenizer):
     pieces = tokenizer.tokenize("zebra")
     assert len(pieces) >= 3, pieces
@@ -403,10 +407,12 @@ def test_word_token_weights_apply_to_every_subword_and_pad_short_offsets(tokeniz
 
 
 def test_delete_tokens_removes_whole_words_and_their_spaces(tokenizer):
-    for prompt, gone, expected in [("a red circle on the left", {"red"}, "a circle on the left"),
-                                   ("a zebra and a red circle", {"zebra", "red"}, "a and a circle"),
-                                   ("a red circle, on the left", {"left"}, "a red circle, on the"),
-                                   ("a red circle", set(), "a red circle")]:
+    for prompt, gone, expected in [
+        ("a red circle on the left", {"red"}, "a circle on the left"),
+        ("a zebra and a red circle", {"zebra", "red"}, "a and a circle"),
+        ("a red circle, on the left", {"left"}, "a red circle, on the"),
+        ("a red circle", set(), "a red circle"),
+    ]:
         offsets = offsets_of(tokenizer, prompt)
         spans = [(w.start, w.end) for w in split_words(prompt) if w.text in gone]
         drop = [end > start and any(s <= start and end <= e for s, e in spans) for start, end in offsets.tolist()]
@@ -414,6 +420,7 @@ def test_delete_tokens_removes_whole_words_and_their_spaces(tokenizer):
 
 
 # --- alignment ------------------------------------------------------------------------------------
+
 
 def align(tokenizer, source, target):
     return align_tokens(offsets_of(tokenizer, source), source, offsets_of(tokenizer, target), target, T)
@@ -473,8 +480,14 @@ def test_align_unequal_replacement_and_truncation(tokenizer):
 
 
 def test_with_text_encoder_tokenize(tokenizer):
-    config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=T)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=T,
+    )
     encoder = TextEncoder(tokenizer, CLIPTextModel(config))
     prompts = [parse_prompt("a (red:2) zebra"), parse_prompt("a (blue:2) zebra")]
     offsets = encoder.tokenize([prompt.text for prompt in prompts])["offsets"]  # (B, T, 2)

@@ -1,13 +1,20 @@
 """The evaluation report (diffusion/report.py): targets and the printed table from hand-made
 reports, the pictures, and evaluate() on the tiny model."""
+
 import json
 from itertools import product
 
 import numpy as np
 import pytest
 
-from diffusion.edit_evaluation import (EDIT_STEPS, EDIT_WEIGHTS, SWAP_KINDS, WEIGHT_MODES_MEASURED, swap_targets,
-                                       weight_contract)
+from diffusion.edit_evaluation import (
+    EDIT_STEPS,
+    EDIT_WEIGHTS,
+    SWAP_KINDS,
+    WEIGHT_MODES_MEASURED,
+    swap_targets,
+    weight_contract,
+)
 from diffusion.errors import UserError
 from diffusion.evaluation import CATEGORIES, TARGETS
 from diffusion.pipeline import Pipeline, Weighting
@@ -21,39 +28,68 @@ def edit_part(colour_deleted: float = 0.5, shape_deleted: float = 0.25) -> dict:
     """A weight response that keeps the contract: rising area and mass, an object drawn
     everywhere; each word and mode a little apart (`k`), so that no line hides another."""
     series = list(product(("colour", "shape"), WEIGHT_MODES_MEASURED))
-    rows = [{"word": word, "mode": mode, "weight": w, "drawn": 1.0 - 0.015 * k,
-             "present": 0.1 if w == 0 else 1.0 - 0.015 * k, "area": 0.02 * (1 + w) + 0.01 * k,
-             "mass": 0.05 * (1 + w) + 0.02 * k, "grain": 1.0 + 0.1 * w + 0.1 * k}
-            for k, (word, mode) in enumerate(series) for w in EDIT_WEIGHTS]
-    deleted = {"colour": {"drawn": 1.0, "present": colour_deleted, "area": 0.02, "grain": 1.0},
-               "shape": {"drawn": 0.9, "present": shape_deleted, "area": 0.02, "grain": 1.0}}
+    rows = [
+        {
+            "word": word,
+            "mode": mode,
+            "weight": w,
+            "drawn": 1.0 - 0.015 * k,
+            "present": 0.1 if w == 0 else 1.0 - 0.015 * k,
+            "area": 0.02 * (1 + w) + 0.01 * k,
+            "mass": 0.05 * (1 + w) + 0.02 * k,
+            "grain": 1.0 + 0.1 * w + 0.1 * k,
+        }
+        for k, (word, mode) in enumerate(series)
+        for w in EDIT_WEIGHTS
+    ]
+    deleted = {
+        "colour": {"drawn": 1.0, "present": colour_deleted, "area": 0.02, "grain": 1.0},
+        "shape": {"drawn": 0.9, "present": shape_deleted, "area": 0.02, "grain": 1.0},
+    }
     return {"n": 8, "rows": rows, "deleted": deleted}
 
 
 def swap_part(fractions=("0.2", "0.6")) -> dict:
     """A word-swap part measured at `fractions`: every rate of the k-th kind 0.25 (k + 1)."""
-    kinds = {kind: {"n": 4, "by_steps": {f: {"scored": 4, **{m: 0.25 * (k + 1) for m in MEASURES}}
-                                         for f in fractions}}
-             for k, kind in enumerate(SWAP_KINDS)}
-    return {"n": 4, "edit_steps": [float(f) for f in fractions], "local_blend": False, "kinds": kinds,
-            "default_edit_steps": 0.6}
+    kinds = {
+        kind: {"n": 4, "by_steps": {f: {"scored": 4, **{m: 0.25 * (k + 1) for m in MEASURES}} for f in fractions}}
+        for k, kind in enumerate(SWAP_KINDS)
+    }
+    return {
+        "n": 4,
+        "edit_steps": [float(f) for f in fractions],
+        "local_blend": False,
+        "kinds": kinds,
+        "default_edit_steps": 0.6,
+    }
 
 
 def hand_made_report() -> dict:
-    report = {"n": 200, "seed": 5, "resolution": 32, "guidance": 3.0, "sampler": "euler", "mixed_precision": "no",
-              "detector": {"count": 1.0, "colour": 1.0, "shape": 0.99, "size": 1.0, "position": 1.0},
-              "faithfulness": {"single object": {"score": 0.995, "n": 200}, "counting": {"score": 0.9, "n": 200}},
-              "localisation": {"dataset": {"shape miou": 0.5}},
-              "weighting": {"context": "keep", "steps": [0.0, 1.0], "resolutions": None},
-              "edit": edit_part(), "swap": swap_part(),
-              "samplers": {"n": 4, "reference": {"sampler": "dpm++", "steps": 250, "score": 0.85},
-                           "scores": {name: {str(s): 0.83 for s in (5, 10, 20, 50)}
-                                      for name in ("dpm++", "ddim", "ddpm", "euler")}}}
+    report = {
+        "n": 200,
+        "seed": 5,
+        "resolution": 32,
+        "guidance": 3.0,
+        "sampler": "euler",
+        "mixed_precision": "no",
+        "detector": {"count": 1.0, "colour": 1.0, "shape": 0.99, "size": 1.0, "position": 1.0},
+        "faithfulness": {"single object": {"score": 0.995, "n": 200}, "counting": {"score": 0.9, "n": 200}},
+        "localisation": {"dataset": {"shape miou": 0.5}},
+        "weighting": {"context": "keep", "steps": [0.0, 1.0], "resolutions": None},
+        "edit": edit_part(),
+        "swap": swap_part(),
+        "samplers": {
+            "n": 4,
+            "reference": {"sampler": "dpm++", "steps": 250, "score": 0.85},
+            "scores": {name: {str(s): 0.83 for s in (5, 10, 20, 50)} for name in ("dpm++", "ddim", "ddpm", "euler")},
+        },
+    }
     report["targets"] = targets(report)
     return report
 
 
 # ---- targets and the table ---------------------------------------------------------------------
+
 
 def test_targets_from_a_hand_made_report():
     report = hand_made_report()
@@ -82,16 +118,22 @@ def test_targets_from_a_hand_made_report():
 def test_format_report_prints_every_part_and_how_many_targets_are_met():
     report = hand_made_report()
     text = format_report(report)
-    for fragment in ("weighting: context keep, steps 0-1, resolutions all",
-                     "weight response (n=8; drawn = one clean object)", "word swap (n=4 per kind",
-                     "samplers (n=4; reference dpm++ 250 steps: 0.850)", "single object"):
+    for fragment in (
+        "weighting: context keep, steps 0-1, resolutions all",
+        "weight response (n=8; drawn = one clean object)",
+        "word swap (n=4 per kind",
+        "samplers (n=4; reference dpm++ 250 steps: 0.850)",
+        "single object",
+    ):
         assert fragment in text
     lines = text.splitlines()
     assert sum(line.split()[:2] in (["colour", "deleted"], ["shape", "deleted"]) for line in lines) == 2
-    assert sum(line.split()[:2] in [[w, m] for w in ("colour", "shape") for m in WEIGHT_MODES_MEASURED]
-               for line in lines) == len(report["edit"]["rows"])
-    assert sum(line.split()[:2] in ([kind, f] for kind in SWAP_KINDS for f in ("0.2", "0.6"))
-               for line in lines) == 2 * len(SWAP_KINDS)
+    assert sum(
+        line.split()[:2] in [[w, m] for w in ("colour", "shape") for m in WEIGHT_MODES_MEASURED] for line in lines
+    ) == len(report["edit"]["rows"])
+    assert sum(
+        line.split()[:2] in ([kind, f] for kind in SWAP_KINDS for f in ("0.2", "0.6")) for line in lines
+    ) == 2 * len(SWAP_KINDS)
     for key, target in report["targets"].items():
         (line,) = [line for line in lines if line.startswith(key + " ")]
         assert line.endswith({True: "yes", False: "no", None: "-"}[target["met"]])
@@ -105,6 +147,7 @@ def test_format_report_prints_every_part_and_how_many_targets_are_met():
 
 # ---- pictures ----------------------------------------------------------------------------------
 
+
 def test_edit_plot_draws_every_series_and_the_word_deleted_floors():
     plot = edit_plot(edit_part(colour_deleted=0.5, shape_deleted=0.25))
     pixels = np.asarray(plot)
@@ -114,9 +157,11 @@ def test_edit_plot_draws_every_series_and_the_word_deleted_floors():
         columns = np.nonzero((pixels[:188] == colour).all(-1))[1]
         assert {int(x) // panel for x in columns} == set(range(5)), colour
     # the present panel (the second): one dashed floor per word at its value, 0.5 above 0.25
-    present = pixels[24:189, panel + 40:2 * panel - 12]
-    floors = {word: np.nonzero((present == tuple(c // 2 for c in STYLES[(word, "attention")])).all(-1))[0]
-              for word in ("colour", "shape")}
+    present = pixels[24:189, panel + 40 : 2 * panel - 12]
+    floors = {
+        word: np.nonzero((present == tuple(c // 2 for c in STYLES[(word, "attention")])).all(-1))[0]
+        for word in ("colour", "shape")
+    }
     assert len(floors["colour"]) and len(floors["shape"])
     assert np.median(floors["colour"]) < np.median(floors["shape"])  # smaller y: higher
 
@@ -150,21 +195,30 @@ def test_swap_strip_shows_the_first_two_pairs_of_each_kind():
 
 # ---- evaluate() on the tiny model --------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def pipe(tiny_model):
     return Pipeline.from_pretrained(tiny_model, device="cpu")
 
 
 def test_evaluate_smoke_on_the_tiny_model(pipe):
-    report, examples, swap_examples = evaluate(pipe, n=2, holdout=HOLDOUT, n_samplers=2, batch_size=8,
-                                               detector_n=10, parts=("faithfulness", "localisation", "samplers"))
+    report, examples, swap_examples = evaluate(
+        pipe,
+        n=2,
+        holdout=HOLDOUT,
+        n_samplers=2,
+        batch_size=8,
+        detector_n=10,
+        parts=("faithfulness", "localisation", "samplers"),
+    )
     assert set(report["faithfulness"]) == set(CATEGORIES)
     for value in report["faithfulness"].values():
         assert value["n"] == 2 and 0 <= value["score"] <= 1
     by_count = report["faithfulness"]["counting"]["by_count"]  # the counting score split by count
     assert set(by_count) <= {"1", "2", "3", "4"} and sum(v["n"] for v in by_count.values()) == 2
     assert sum(v["score"] * v["n"] for v in by_count.values()) == pytest.approx(
-        2 * report["faithfulness"]["counting"]["score"])
+        2 * report["faithfulness"]["counting"]["score"]
+    )
     assert set(report["localisation"]) == {"generated", "dataset"}
     assert {"shape miou", "shape pointing", "colour miou", "colour pointing"} <= set(report["localisation"]["dataset"])
     assert report["localisation"]["dataset"]["shape words"] > 0
@@ -193,8 +247,16 @@ def edit_run(pipe):
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipe, "sample_batch", recording)
         report, examples, swap_examples = evaluate(
-            pipe, n=1, holdout=HOLDOUT, n_edit=1, n_swap=1, batch_size=8, detector_n=1, parts=("edit", "swap"),
-            weighting=Weighting(context="keep"))
+            pipe,
+            n=1,
+            holdout=HOLDOUT,
+            n_edit=1,
+            n_swap=1,
+            batch_size=8,
+            detector_n=1,
+            parts=("edit", "swap"),
+            weighting=Weighting(context="keep"),
+        )
     return report, examples, swap_examples, batches
 
 
@@ -208,8 +270,9 @@ def test_evaluate_measures_the_weight_response(edit_run):
         assert {"drawn", "present", "area", "mass", "grain"} <= set(row)
         assert all(0 <= row[k] <= 1 for k in ("drawn", "present", "area", "mass")) and row["grain"] >= 0
     for word in ("colour", "shape"):  # weight 1 is the plain prompt, sampled once for both modes
-        ones = [{k: v for k, v in r.items() if k != "mode"}
-                for r in edit["rows"] if (r["word"], r["weight"]) == (word, 1)]
+        ones = [
+            {k: v for k, v in r.items() if k != "mode"} for r in edit["rows"] if (r["word"], r["weight"]) == (word, 1)
+        ]
         assert ones[0] == ones[1]
     assert set(edit["deleted"]) == {"colour", "shape"}
     for base in edit["deleted"].values():
@@ -260,8 +323,18 @@ def test_evaluate_targets_and_table_hold_the_contract_and_the_swap(edit_run):
 
 
 def test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given(pipe):
-    report, _, swap_examples = evaluate(pipe, n=1, holdout=HOLDOUT, n_swap=1, batch_size=8, detector_n=1,
-                                        parts=("swap",), edit_steps=0.5, swap_sweep=True, local_blend=True)
+    report, _, swap_examples = evaluate(
+        pipe,
+        n=1,
+        holdout=HOLDOUT,
+        n_swap=1,
+        batch_size=8,
+        detector_n=1,
+        parts=("swap",),
+        edit_steps=0.5,
+        swap_sweep=True,
+        local_blend=True,
+    )
     swap = report["swap"]
     swept = sorted(set(EDIT_STEPS) | {0.5})
     assert swap["edit_steps"] == swept and swap["default_edit_steps"] == 0.5 and swap["local_blend"] is True
@@ -274,8 +347,16 @@ def test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given(pipe):
 
 
 def test_evaluate_scores_only_the_categories_it_is_given(pipe):
-    report, _, _ = evaluate(pipe, n=3, holdout=HOLDOUT, n_samplers=2, batch_size=8, detector_n=1,
-                            parts=("faithfulness", "samplers"), categories=("single object",))
+    report, _, _ = evaluate(
+        pipe,
+        n=3,
+        holdout=HOLDOUT,
+        n_samplers=2,
+        batch_size=8,
+        detector_n=1,
+        parts=("faithfulness", "samplers"),
+        categories=("single object",),
+    )
     assert set(report["faithfulness"]) == {"single object"} and report["faithfulness"]["single object"]["n"] == 3
     assert report["targets"]["faithfulness/single object"]["value"] == report["faithfulness"]["single object"]["score"]
     assert report["targets"]["faithfulness/position"]["met"] is None  # not measured, not failed

@@ -1,4 +1,5 @@
 """Tests for diffusion/shapes.py: the procedural shapes dataset, its captions, masks and spans."""
+
 import hashlib
 import os
 import re
@@ -88,11 +89,11 @@ def test_captions_do_not_depend_on_the_process_hash_seed():
         "'green circle'], holdout_mode='only'); print('\\n'.join(d.captions()))"
     )
     env = {**os.environ, "PYTHONHASHSEED": "12345", "PYTHONPATH": str(REPO_ROOT)}
-    result = subprocess.run(
-        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-    )
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     here = ShapesDataset(
-        num_samples=200, max_objects=3, holdout=["green circle", "blue cross", "red square"],
+        num_samples=200,
+        max_objects=3,
+        holdout=["green circle", "blue cross", "red square"],
         holdout_mode="only",
     )
     assert result.stdout.splitlines() == here.captions()
@@ -203,7 +204,6 @@ def test_getitem_and_render_all_agree_with_sample():
 # Shapes: captions
 
 
-
 def test_rendering_in_parallel_gives_the_serial_result():
     """Two forked workers and chunks that split the set unevenly: the same images, masks,
     captions and scenes, in index order, as rendering one sample at a time."""
@@ -226,6 +226,7 @@ def test_rendering_in_parallel_gives_the_serial_result():
         count = len(sample.masks)
         assert torch.equal(parallel.masks[i, :count], torch.from_numpy(sample.masks))
         assert not parallel.masks[i, count:].any()
+
 
 def test_caption_spans_point_at_the_words_and_positions_are_named():
     rng = np.random.default_rng(123)
@@ -270,10 +271,19 @@ CAPTIONS_BEFORE_OMISSION = {
 
 @pytest.mark.parametrize("max_objects, weights", list(CAPTIONS_BEFORE_OMISSION))
 def test_no_omission_gives_the_captions_the_set_always_had(max_objects, weights):
-    dataset = ShapesDataset(32, 3000, 1, max_objects, 0, ["red square"], object_weights=weights,
-                            omission=Omission(colour=0, shape=0, position=0))
-    text = "\n".join(f"{s.caption}|{s.colour_spans}|{s.shape_spans}|{s.size_spans}"
-                     for s in map(dataset.scene, range(3000)))
+    dataset = ShapesDataset(
+        32,
+        3000,
+        1,
+        max_objects,
+        0,
+        ["red square"],
+        object_weights=weights,
+        omission=Omission(colour=0, shape=0, position=0),
+    )
+    text = "\n".join(
+        f"{s.caption}|{s.colour_spans}|{s.shape_spans}|{s.size_spans}" for s in map(dataset.scene, range(3000))
+    )
     assert hashlib.sha256(text.encode()).hexdigest() == CAPTIONS_BEFORE_OMISSION[max_objects, weights]
 
 
@@ -302,8 +312,11 @@ def test_omitted_attributes_keep_captions_true_and_spans_exact():
         assert len(nouns) == len(scene.objects), caption
         for k, obj in enumerate(scene.objects):
             objects += 1
-            for attribute, spans in (("colour", scene.colour_spans), ("shape", scene.shape_spans),
-                                     ("size", scene.size_spans)):
+            for attribute, spans in (
+                ("colour", scene.colour_spans),
+                ("shape", scene.shape_spans),
+                ("size", scene.size_spans),
+            ):
                 if spans[k] is not None:
                     assert caption[slice(*spans[k])] == getattr(obj, attribute)
             left_out["colour"] += scene.colour_spans[k] is None
@@ -371,8 +384,9 @@ def test_relation_captions_are_true_of_the_drawing():
         if checked < 40:  # also on the pixels; triangles' centroids sit low, hence 0.1
             masks = render_scene(scene, resolution)[1]
             (mx, my), (nx, ny) = centroid(masks[subject]), centroid(masks[reference])
-            pixel_offset = {"to the left of": nx - mx, "to the right of": mx - nx,
-                            "above": ny - my, "below": my - ny}[phrase]
+            pixel_offset = {"to the left of": nx - mx, "to the right of": mx - nx, "above": ny - my, "below": my - ny}[
+                phrase
+            ]
             assert pixel_offset >= 0.1 * resolution, scene.caption
         checked += 1
     assert checked > 50
@@ -403,11 +417,7 @@ def test_holdout_exclude_never_draws_a_held_out_pair_and_only_always_does():
         assert pairs & holdout, scene.caption
         seen |= pairs & holdout
     assert seen == holdout
-    anything = {
-        (o.colour, o.shape)
-        for _ in range(500)
-        for o in sample_scene(rng, 32, 1, 2, holdout, "any").objects
-    }
+    anything = {(o.colour, o.shape) for _ in range(500) for o in sample_scene(rng, 32, 1, 2, holdout, "any").objects}
     assert holdout <= anything
 
 
@@ -420,8 +430,12 @@ def test_dataset_holdout_applies_to_its_samples():
 
 @pytest.mark.parametrize(
     "holdout, fragment",
-    [(["red hexagon"], "red hexagon"), (["pink square"], "pink square"), (["red"], "'red'"),
-     ("red square", "must be a list")],
+    [
+        (["red hexagon"], "red hexagon"),
+        (["pink square"], "pink square"),
+        (["red"], "'red'"),
+        ("red square", "must be a list"),
+    ],
 )
 def test_unknown_holdout_names_raise_user_error(holdout, fragment):
     with pytest.raises(UserError, match=fragment) as error:
@@ -441,13 +455,17 @@ def test_impossible_holdout_modes_raise_user_error():
 
 @pytest.mark.parametrize(
     "kwargs, key",
-    [({"resolution": 8}, "data.resolution"), ({"num_samples": 0}, "data.num_samples"),
-     ({"min_objects": 0}, "data.min_objects"), ({"max_objects": 5}, "data.max_objects"),
-     ({"min_objects": 3, "max_objects": 2}, "data.max_objects"),
-     ({"resolution": 32.0}, "data.resolution"),
-     ({"max_objects": 4, "object_weights": [1, 2]}, "data.object_weights"),
-     ({"max_objects": 2, "object_weights": [1, -1, 1, 1]}, "data.object_weights"),
-     ({"max_objects": 2, "object_weights": [0, 0, 1, 1]}, "data.object_weights")],
+    [
+        ({"resolution": 8}, "data.resolution"),
+        ({"num_samples": 0}, "data.num_samples"),
+        ({"min_objects": 0}, "data.min_objects"),
+        ({"max_objects": 5}, "data.max_objects"),
+        ({"min_objects": 3, "max_objects": 2}, "data.max_objects"),
+        ({"resolution": 32.0}, "data.resolution"),
+        ({"max_objects": 4, "object_weights": [1, 2]}, "data.object_weights"),
+        ({"max_objects": 2, "object_weights": [1, -1, 1, 1]}, "data.object_weights"),
+        ({"max_objects": 2, "object_weights": [0, 0, 1, 1]}, "data.object_weights"),
+    ],
 )
 def test_bad_shapes_arguments_name_the_config_key(kwargs, key):
     with pytest.raises(UserError, match=re.escape(key)):

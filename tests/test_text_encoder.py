@@ -1,4 +1,5 @@
 """Tests for diffusion/text_encoder.py, with tiny models built locally (the hub is unreachable)."""
+
 import types
 
 import pytest
@@ -6,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
-from diffusion.errors import UserError
 from diffusion.clip_training import fit_tokenizer, train_clip
+from diffusion.errors import UserError
 from diffusion.text_encoder import EmbeddingCache, TextEncoder
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}

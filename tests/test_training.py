@@ -1,4 +1,5 @@
 """Tests for diffusion/training.py and diffusion/checkpoint.py: what a run writes, resuming, failures."""
+
 import copy
 import hashlib
 import json
@@ -7,8 +8,8 @@ import shutil
 
 import numpy as np
 import pytest
-import yaml
 import torch
+import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -33,8 +34,11 @@ def assert_same(a, b):
 
 def tree_digest(folder):
     """{relative path: sha256} of every file under `folder`."""
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture
@@ -133,8 +137,10 @@ def test_resuming_reproduces_the_uninterrupted_run_exactly(tiny_run, run_copy, t
     train(config_from_dict(tiny_dict), run_copy, resume=str(run_copy / "checkpoints" / "step-000002"))
     for name, tensors in original.items():
         assert_same(weights(run_copy, 4, name), tensors)
-    assert_same(load_file(next((run_copy / "model" / "unet").glob("*.safetensors"))),
-                load_file(next((tiny_run / "model" / "unet").glob("*.safetensors"))))
+    assert_same(
+        load_file(next((run_copy / "model" / "unet").glob("*.safetensors"))),
+        load_file(next((tiny_run / "model" / "unet").glob("*.safetensors"))),
+    )
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(tiny_run, tmp_path, tiny_dict, capsys):
@@ -146,14 +152,18 @@ def test_resume_latest_without_checkpoints_starts_fresh(tiny_run, tmp_path, tiny
     assert_same(weights(out, 4), weights(tiny_run, 4))
 
 
-@pytest.mark.parametrize("name, corrupt", [
-    ("model.safetensors", lambda data: data[: len(data) // 2]),
-    ("model.safetensors", lambda data: b""),
-    ("optimizer.safetensors", lambda data: data[:-8]),
-    ("rng.safetensors", lambda data: b"not a safetensors file"),
-    ("state.json", lambda data: b"\x00\xff garbage {"),
-    ("state.json", lambda data: b"{}"),
-], ids=["model-half", "model-empty", "optimizer-truncated", "rng-garbage", "state-garbage", "state-no-step"])
+@pytest.mark.parametrize(
+    "name, corrupt",
+    [
+        ("model.safetensors", lambda data: data[: len(data) // 2]),
+        ("model.safetensors", lambda data: b""),
+        ("optimizer.safetensors", lambda data: data[:-8]),
+        ("rng.safetensors", lambda data: b"not a safetensors file"),
+        ("state.json", lambda data: b"\x00\xff garbage {"),
+        ("state.json", lambda data: b"{}"),
+    ],
+    ids=["model-half", "model-empty", "optimizer-truncated", "rng-garbage", "state-garbage", "state-no-step"],
+)
 def test_a_corrupt_checkpoint_is_a_user_error_naming_it(run_copy, tiny_dict, name, corrupt):
     latest = run_copy / "checkpoints" / "step-000004"
     path = latest / name
@@ -219,8 +229,12 @@ def test_save_checkpoint_replaces_and_prune_keeps_the_newest(tiny_run, tmp_path)
         shutil.copytree(tiny_run / "checkpoints" / "step-000002", folder / f"step-{step:06d}")
     (folder / "step-000030.tmp").mkdir()
     (folder / "step-000040").write_text("a file, not a checkpoint")
-    assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-000001", "step-000005", "step-000010",
-                                                                "step-000020"]
+    assert [p.name for p in ckpt.list_checkpoints(folder)] == [
+        "step-000001",
+        "step-000005",
+        "step-000010",
+        "step-000020",
+    ]
     ckpt.prune_checkpoints(folder, 2)
     assert [p.name for p in ckpt.list_checkpoints(folder)] == ["step-000010", "step-000020"]
     assert (folder / "step-000030.tmp").is_dir()
@@ -285,8 +299,14 @@ def test_values_from_token_embeddings_trains_a_unet_whose_values_read_them(tmp_p
     assert pipe.unet.config.value_context_start == width
     assert pipe.unet.mid_attention.cross_attention.to_v.in_features == width
     assert pipe.unet.mid_attention.cross_attention.to_k.in_features == 2 * width
-    x, _ = pipe.sample_batch([parse_prompt("a (red:0) circle")], [0], {"steps": 2, "guidance": 3.0, "sampler": "dpm++",
-                             "negative_prompt": None}, None, Weighting(), None)
+    x, _ = pipe.sample_batch(
+        [parse_prompt("a (red:0) circle")],
+        [0],
+        {"steps": 2, "guidance": 3.0, "sampler": "dpm++", "negative_prompt": None},
+        None,
+        Weighting(),
+        None,
+    )
     assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
 
 
@@ -311,8 +331,9 @@ def image_folder(tmp_path_factory):
 
 def folder_config(tiny_dict, folder, cache, **data):
     """The tiny config on an image folder (random crops and flips on)."""
-    tiny_dict["data"].update(kind="imagefolder", path=str(folder), center_crop=False, random_flip=True,
-                             embedding_cache=str(cache), **data)
+    tiny_dict["data"].update(
+        kind="imagefolder", path=str(folder), center_crop=False, random_flip=True, embedding_cache=str(cache), **data
+    )
     tiny_dict["train"].update(grounding_weight=0, grounding_pixel_weight=0)
     return config_from_dict(tiny_dict)
 
@@ -331,8 +352,16 @@ def streaming_data(folder, cache, seed=0, workers=0, **options):
     captions = dataset.captions()
     tokenizer = fit_tokenizer(captions, vocab_size=600, model_max_length=24)
     torch.manual_seed(0)
-    model = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                         num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=24))
+    model = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            max_position_embeddings=24,
+        )
+    )
     distinct = sorted(set(captions) | {""})
     store = EmbeddingStore.open(cache_folder(str(cache)), TextEncoder(tokenizer, model), distinct, progress=False)
     rows = np.array([distinct.index(c) for c in captions])
@@ -354,8 +383,10 @@ def assert_same_batches(a, b):
 
 
 def test_folder_batches_do_not_depend_on_the_number_of_workers(image_folder, tmp_path):
-    data = {workers: streaming_data(image_folder, tmp_path, workers=workers, center_crop=False, random_flip=True)
-            for workers in (0, 1, 2)}
+    data = {
+        workers: streaming_data(image_folder, tmp_path, workers=workers, center_crop=False, random_flip=True)
+        for workers in (0, 1, 2)
+    }
     batches = {workers: take(d, 5) for workers, d in data.items()}
     assert_same_batches(batches[0], batches[1])
     assert_same_batches(batches[0], batches[2])
@@ -406,14 +437,19 @@ def test_resuming_an_image_folder_run_reproduces_it_exactly(image_folder, tmp_pa
     (cache_file,) = cache.iterdir()
     resumed = tmp_path / "resumed"
     shutil.copytree(first, resumed)
-    train(folder_config(copy.deepcopy(tiny_dict), image_folder, cache, workers=0), resumed,
-          resume=str(resumed / "checkpoints" / "step-000002"))
+    train(
+        folder_config(copy.deepcopy(tiny_dict), image_folder, cache, workers=0),
+        resumed,
+        resume=str(resumed / "checkpoints" / "step-000002"),
+    )
     out = capsys.readouterr().out
     assert f"read from {cache_file}" in out and "resumed from" in out
     for name in ("model", "ema", "optimizer"):
         assert_same(weights(resumed, 4, name), weights(first, 4, name))
-    assert_same(load_file(next((resumed / "model" / "unet").glob("*.safetensors"))),
-                load_file(next((first / "model" / "unet").glob("*.safetensors"))))
+    assert_same(
+        load_file(next((resumed / "model" / "unet").glob("*.safetensors"))),
+        load_file(next((first / "model" / "unet").glob("*.safetensors"))),
+    )
     assert any(not torch.equal(a, b) for a, b in zip(weights(first, 2).values(), weights(first, 4).values()))
 
 
@@ -425,8 +461,9 @@ def test_a_bad_embedding_cache_folder_fails_before_anything_is_written(image_fol
     assert "\n" not in str(error.value) and not out.exists()
 
 
-@pytest.mark.parametrize("value, message", [(-1, "data.workers must be 0 .* got -1"),
-                                            ("two", "data.workers must be int, got 'two'")])
+@pytest.mark.parametrize(
+    "value, message", [(-1, "data.workers must be 0 .* got -1"), ("two", "data.workers must be int, got 'two'")]
+)
 def test_bad_data_workers_is_a_one_line_error(value, message):
     with pytest.raises(UserError, match=message):
         config_from_dict({}, [f"data.workers={value}"])

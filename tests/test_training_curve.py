@@ -1,4 +1,5 @@
 """tools/training_curve.py: merged reports, the zoomed chart, and one-line errors."""
+
 import json
 
 import pytest
@@ -6,7 +7,9 @@ from PIL import Image
 
 
 def _report(path, **scores):
-    path.write_text(json.dumps({"faithfulness": {k.replace("_", " "): {"score": v, "n": 200} for k, v in scores.items()}}))
+    path.write_text(
+        json.dumps({"faithfulness": {k.replace("_", " "): {"score": v, "n": 200} for k, v in scores.items()}})
+    )
     return path
 
 
@@ -15,8 +18,17 @@ def test_merges_reports_and_draws_the_zoomed_chart(tmp_path, run_cli):
     a1000 = _report(tmp_path / "a1000.json", single_object=0.989)  # the same model, more single-object prompts
     b = _report(tmp_path / "b.json", single_object=0.7, position=0.5)
     out = tmp_path / "curve.png"
-    result = run_cli("tools/training_curve.py", "--ymin", 0.85, "--mark", "40000=budget", "--out", out,
-                     f"51200={a}+{a1000}", f"25600={b}")
+    result = run_cli(
+        "tools/training_curve.py",
+        "--ymin",
+        0.85,
+        "--mark",
+        "40000=budget",
+        "--out",
+        out,
+        f"51200={a}+{a1000}",
+        f"25600={b}",
+    )
     assert result.returncode == 0, result.stderr
     rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
     assert rows[0] == "| training images | single object | position |"
@@ -24,12 +36,15 @@ def test_merges_reports_and_draws_the_zoomed_chart(tmp_path, run_cli):
     assert Image.open(out).size == (760, 340)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--ymin", "1", "1={good}"], "--ymin must be in [0, 1), got 1.0"),
-    (["--mark", "budget", "1={good}"], "--mark 'budget' is not IMAGES=LABEL"),
-    (["51200="], "'51200=' is not IMAGES=REPORT"),
-    (["51200={good}+missing.json"], "cannot read report 'missing.json'"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ymin", "1", "1={good}"], "--ymin must be in [0, 1), got 1.0"),
+        (["--mark", "budget", "1={good}"], "--mark 'budget' is not IMAGES=LABEL"),
+        (["51200="], "'51200=' is not IMAGES=REPORT"),
+        (["51200={good}+missing.json"], "cannot read report 'missing.json'"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, run_cli, args, message):
     good = _report(tmp_path / "a.json", single_object=0.9)
     result = run_cli("tools/training_curve.py", "--out", tmp_path / "c.png", *(a.format(good=good) for a in args))

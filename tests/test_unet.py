@@ -1,4 +1,5 @@
 """Tests for diffusion/unet.py and diffusion/attention.py: shapes, the cross-attention hook, saving."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,8 +13,14 @@ T, D = 6, 24  # text tokens, text embedding width
 def make_unet(**kwargs) -> UNet:
     """A UNet with every weight perturbed: the zero-initialised output layers would otherwise hide
     what the attention layers do."""
-    settings = dict(sample_size=16, channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,),
-                    attention_heads=2, context_dim=D)
+    settings = dict(
+        sample_size=16,
+        channels=(16, 32),
+        blocks_per_level=1,
+        attention_resolutions=(8,),
+        attention_heads=2,
+        context_dim=D,
+    )
     settings.update(kwargs)
     torch.manual_seed(0)
     unet = UNet(**settings).eval()
@@ -62,13 +69,16 @@ class AllOnFirstToken(AttentionController):
         return edited
 
 
-@pytest.mark.parametrize("settings, size", [
-    (dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)), 16),
-    (dict(channels=(16, 32), blocks_per_level=2, attention_resolutions=(16, 8)), 16),
-    (dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)), 16),
-    (dict(channels=(16,), blocks_per_level=1, attention_resolutions=(), sample_size=8), 8),
-    (dict(channels=(16, 16, 32), blocks_per_level=1, attention_resolutions=(32,), sample_size=32), 32),
-])
+@pytest.mark.parametrize(
+    "settings, size",
+    [
+        (dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)), 16),
+        (dict(channels=(16, 32), blocks_per_level=2, attention_resolutions=(16, 8)), 16),
+        (dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)), 16),
+        (dict(channels=(16,), blocks_per_level=1, attention_resolutions=(), sample_size=8), 8),
+        (dict(channels=(16, 16, 32), blocks_per_level=1, attention_resolutions=(32,), sample_size=32), 32),
+    ],
+)
 def test_output_has_the_shape_of_the_input(settings, size):
     unet = make_unet(**settings)
     x, t, context, mask = inputs(size=size)
@@ -97,13 +107,29 @@ def test_output_depends_on_the_text():
     assert not torch.allclose(a, b)
 
 
-@pytest.mark.parametrize("settings, expected", [
-    (dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)),
-     [("down.1.attn.0", 8), ("mid.attn.0", 8), ("up.1.attn.0", 8)]),
-    (dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)),
-     [("down.0.attn.0", 16), ("down.0.attn.1", 16), ("down.2.attn.0", 4), ("down.2.attn.1", 4),
-      ("mid.attn.0", 4), ("up.2.attn.0", 4), ("up.2.attn.1", 4), ("up.0.attn.0", 16), ("up.0.attn.1", 16)]),
-])
+@pytest.mark.parametrize(
+    "settings, expected",
+    [
+        (
+            dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)),
+            [("down.1.attn.0", 8), ("mid.attn.0", 8), ("up.1.attn.0", 8)],
+        ),
+        (
+            dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)),
+            [
+                ("down.0.attn.0", 16),
+                ("down.0.attn.1", 16),
+                ("down.2.attn.0", 4),
+                ("down.2.attn.1", 4),
+                ("mid.attn.0", 4),
+                ("up.2.attn.0", 4),
+                ("up.2.attn.1", 4),
+                ("up.0.attn.0", 16),
+                ("up.0.attn.1", 16),
+            ],
+        ),
+    ],
+)
 def test_cross_attention_queries_are_pixels_and_keys_are_tokens(settings, expected):
     unet = make_unet(**settings)
     x, t, context, mask = inputs()
@@ -112,7 +138,7 @@ def test_cross_attention_queries_are_pixels_and_keys_are_tokens(settings, expect
         unet(x, t, context, mask, attention_controller=recorder, step=3)
     heads = unet.config.attention_heads
     assert [(name, resolution) for name, resolution, *_ in recorder.calls] == [(n, (r, r)) for n, r in expected]
-    for name, (h, w), shape, probabilities, site in recorder.calls:
+    for _name, (h, w), shape, probabilities, site in recorder.calls:
         assert shape == (2, heads, h * w, T)  # (batch, heads, queries = pixels, keys = tokens)
         torch.testing.assert_close(probabilities.sum(-1), torch.ones(2, heads, h * w))
         assert (probabilities >= 0).all()
@@ -141,10 +167,13 @@ def test_without_step_the_site_step_is_none():
     assert all(call[4].step is None for call in recorder.calls)
 
 
-@pytest.mark.parametrize("settings", [
-    dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)),
-    dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)),
-])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(channels=(16, 32), blocks_per_level=1, attention_resolutions=(8,)),
+        dict(channels=(8, 16, 32), blocks_per_level=2, attention_resolutions=(16, 4)),
+    ],
+)
 def test_reading_probabilities_does_not_change_the_output(settings):
     """The explicit softmax path (a controller that returns None) matches the fused SDPA path."""
     unet = make_unet(**settings)
@@ -260,8 +289,8 @@ def test_values_read_the_context_from_value_context_start(tmp_path, start):
     mask = torch.zeros(2, T, dtype=torch.bool)
     mask[:, 2] = True
     front, back = context.clone(), context.clone()
-    front[..., :D // 2] += 1.0
-    back[..., D // 2:] += 1.0
+    front[..., : D // 2] += 1.0
+    back[..., D // 2 :] += 1.0
     with torch.no_grad():
         out = unet(x, t, context, mask)
         assert torch.equal(unet(x, t, front, mask), out) == (start == D // 2)
@@ -277,8 +306,12 @@ def test_values_read_the_context_from_value_context_start(tmp_path, start):
 
 @pytest.mark.parametrize("resolutions, token_valued", [(None, {16, 8, 4}), ((16,), {16}), ((8, 4), {8, 4})])
 def test_value_context_resolutions_picks_the_levels(resolutions, token_valued):
-    unet = make_unet(channels=(8, 16, 32), attention_resolutions=(16, 8), value_context_start=D // 2,
-                     value_context_resolutions=resolutions)
+    unet = make_unet(
+        channels=(8, 16, 32),
+        attention_resolutions=(16, 8),
+        value_context_start=D // 2,
+        value_context_resolutions=resolutions,
+    )
     widths = {}
     for module in unet.modules():
         if hasattr(module, "cross_attention"):
@@ -314,8 +347,11 @@ def test_sliced_attention_is_attention_in_value_and_gradient(mask_rows):
 def test_attend_takes_the_fused_kernel_without_a_gradient(monkeypatch):
     """Sampling keeps the fused kernel (bit for bit what it was); only training slices."""
     import diffusion.attention as attention_module
+
     calls = []
-    monkeypatch.setattr(attention_module, "sliced_attention", lambda *a, **k: calls.append(1) or sliced_attention(*a, **k))
+    monkeypatch.setattr(
+        attention_module, "sliced_attention", lambda *a, **k: calls.append(1) or sliced_attention(*a, **k)
+    )
     q = torch.randn(2, 2, 4, 4)
     out = attention_module.attend(q, q, q)
     assert calls == [] and torch.equal(out, F.scaled_dot_product_attention(q, q, q))

@@ -1,13 +1,14 @@
 """Edits measured on a model that follows its prompts (tests/assets/small-shapes, made by
 tests/make_small_model.py): weight 0 on a colour word must lower that colour's share of the image."""
+
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from diffusion.shapes import COLOURS, POSITION_PHRASES, SHAPES
 from diffusion.detector import MIN_COVERAGE, pixel_colours
 from diffusion.pipeline import Pipeline, Weighting
+from diffusion.shapes import COLOURS, POSITION_PHRASES, SHAPES
 
 SMALL = Path(__file__).parent / "assets" / "small-shapes"
 

@@ -6,12 +6,12 @@ MODEL is the run's exported model (for the text encoder, scheduler and UNet conf
 `checkpoints/step-XXXXXX` folder of the same run, OUT the new model folder (with the run's
 config.yaml, so evaluate.py reads its holdout pairs).
 """
+
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
-
 
 from diffusion.cli import ArgumentParser
 from diffusion.errors import UserError, exit_on_user_error

@@ -15,20 +15,30 @@ right edge; --ymin zooms in (values below it sit on the floor, marked by a hollo
 draws a labelled vertical line (a time budget). It answers "would more training reach the
 targets, and how much more?".
 """
+
 import json
 import math
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-
 from diffusion.cli import ArgumentParser
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.evaluation import TARGETS
 from diffusion.images import font, save_png
 
-COLOURS = [(220, 50, 50), (240, 150, 30), (200, 180, 0), (40, 160, 60), (40, 120, 220), (120, 60, 200),
-           (200, 60, 160), (90, 90, 90), (0, 160, 160), (150, 100, 50)]
+COLOURS = [
+    (220, 50, 50),
+    (240, 150, 30),
+    (200, 180, 0),
+    (40, 160, 60),
+    (40, 120, 220),
+    (120, 60, 200),
+    (200, 60, 160),
+    (90, 90, 90),
+    (0, 160, 160),
+    (150, 100, 50),
+]
 
 
 def _value(report: dict, key: str):
@@ -44,8 +54,11 @@ def merge(base: dict, later: dict) -> dict:
     """`base` with `later`'s values in its place, section by section (nested dicts merged)."""
     out = dict(base)
     for key, value in later.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) \
-            and "score" not in value else value
+        out[key] = (
+            merge(out[key], value)
+            if isinstance(value, dict) and isinstance(out.get(key), dict) and "score" not in value
+            else value
+        )
     return out
 
 
@@ -75,8 +88,14 @@ def table(points: list[tuple[int, dict]], keys: list[str]) -> str:
     return "\n".join(lines)
 
 
-def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, height: int = 340, ymin: float = 0.0,
-          marks: list[tuple[int, str]] = ()) -> Image.Image:
+def chart(
+    points: list[tuple[int, dict]],
+    keys: list[str],
+    width: int = 760,
+    height: int = 340,
+    ymin: float = 0.0,
+    marks: list[tuple[int, str]] = (),
+) -> Image.Image:
     image = Image.new("RGB", (width, height), "white")
     draw = ImageDraw.Draw(image)
     label_font = font(11)
@@ -101,8 +120,12 @@ def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, hei
     for images, _ in points:
         x, _ = xy(images, 0)
         draw.text((x - 16, bottom + 4), f"{images // 1000}k", fill="black", font=label_font)
-    draw.text((left, height - 14), "training images (log scale); ticks at the right edge: targets",
-              fill="black", font=label_font)
+    draw.text(
+        (left, height - 14),
+        "training images (log scale); ticks at the right edge: targets",
+        fill="black",
+        font=label_font,
+    )
     for k, key in enumerate(keys):
         colour = COLOURS[k % len(COLOURS)]
         values = [(images, v) for images, report in points if (v := _value(report, key)) is not None]
@@ -115,8 +138,12 @@ def chart(points: list[tuple[int, dict]], keys: list[str], width: int = 760, hei
             _, ty = xy(points[-1][0], TARGETS[key])
             draw.line([width - right, ty, width - right + 10, ty], fill=colour, width=3)
         draw.line([width - right + 20, top + 6 + 16 * k, width - right + 36, top + 6 + 16 * k], fill=colour, width=3)
-        draw.text((width - right + 40, top + 16 * k), key.replace("faithfulness/", "").replace("localisation/", ""),
-                  fill="black", font=label_font)
+        draw.text(
+            (width - right + 40, top + 16 * k),
+            key.replace("faithfulness/", "").replace("localisation/", ""),
+            fill="black",
+            font=label_font,
+        )
     return image
 
 
@@ -126,8 +153,13 @@ def main(argv=None):
     parser.add_argument("points", nargs="+", help="IMAGES=REPORT pairs (training images seen, report.json)")
     parser.add_argument("--out", default="training-curve.png", help="chart PNG path (default training-curve.png)")
     parser.add_argument("--ymin", type=float, default=0.0, help="bottom of the value axis (default 0)")
-    parser.add_argument("--mark", action="append", default=[], metavar="IMAGES=LABEL",
-                        help="a labelled vertical line, e.g. '51200=15 min at 74 images/s' (repeatable)")
+    parser.add_argument(
+        "--mark",
+        action="append",
+        default=[],
+        metavar="IMAGES=LABEL",
+        help="a labelled vertical line, e.g. '51200=15 min at 74 images/s' (repeatable)",
+    )
     args = parser.parse_args(argv)
     if not 0 <= args.ymin < 1:
         raise UserError(f"--ymin must be in [0, 1), got {args.ymin}")

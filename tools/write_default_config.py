@@ -1,7 +1,8 @@
 """Write configs/shapes.yaml from the defaults and comments of diffusion/config.py.
 
-    python tools/write_default_config.py
+python tools/write_default_config.py
 """
+
 from pathlib import Path
 
 from diffusion.config import commented_defaults
