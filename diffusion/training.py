@@ -68,22 +68,25 @@ def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
 
 
 def clip_training_data(cfg: Config, images: torch.Tensor, captions: list[str], main: bool):
-    """Images and captions for the small CLIP: the training set, except that a shapes set with
-    `data.object_weights` is drawn again with every object count equally likely, so the CLIP
-    learns long captions as well as short ones. Measured once: a CLIP trained on the
-    3 : 4 : 2 : 1.5 mix took three-object prompts from 1.00 to 0.65 and counting from 0.92 to
-    0.79 (n = 200 and 100 against a CLIP of the uniform mix, same UNet stage, train.seed 0). Other
-    training seeds of one config spread as widely (three objects 0.615-0.97, README), so that run
-    alone does not prove the CLIP was the cause; the uniform mix costs only its rendering."""
-    if cfg.data.kind != "shapes" or cfg.data.object_weights is None:
+    """Images and captions for the small CLIP: the training set, except that a shapes set is
+    drawn again with every object count equally likely and every object's colour, shape and place
+    named. Long captions then weigh as much as short ones in what the CLIP learns, and words the
+    UNet's captions may leave out (data.omit_*) are always there to be learnt; a CLIP trained on
+    the UNet's own mix encoded long captions and partial ones worse (three objects, colour binding)."""
+    if cfg.data.kind != "shapes":
         return images, captions
-    uniform = build_dataset(dataclasses.replace(cfg.data, object_weights=None))
-    return uniform.render_all(progress=main)
+    full = dataclasses.replace(cfg.data, object_weights=None, omit_colour=0.0, omit_shape=0.0, omit_position=0.0)
+    if full == cfg.data:
+        return images, captions
+    return build_dataset(full).render_all(progress=main)
 
 
-def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: Accelerator) -> TextEncoder:
+def prepare_text_encoder(
+    cfg: Config, output_dir: Path, clip_data, accelerator: Accelerator, captions: list[str] = ()
+) -> TextEncoder:
     """Load the pretrained CLIP named by text.pretrained, or train the small one on
-    `clip_data()` (images, captions), once: a finished `output_dir/clip` is reused on resume."""
+    `clip_data()` (images, captions), once: a finished `output_dir/clip` is reused on resume.
+    captions: the UNet's captions, which the small CLIP's tokenizer covers too."""
     options = {
         "hidden_layer": cfg.text.hidden_layer,
         "mask_eos": cfg.text.mask_eos,
@@ -94,13 +97,15 @@ def prepare_text_encoder(cfg: Config, output_dir: Path, clip_data, accelerator: 
     clip_dir = output_dir / "clip"
     if accelerator.is_main_process and not (clip_dir / "text_encoder").is_dir():
         start = time.time()
-        images, captions = clip_data()
-        tokenizer = fit_tokenizer(captions + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length)
+        images, clip_captions = clip_data()
+        tokenizer = fit_tokenizer(
+            clip_captions + list(captions) + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length
+        )
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
         train_clip(
             images,
-            captions,
+            clip_captions,
             tokenizer,
             cfg.text,
             temporary,
@@ -458,7 +463,7 @@ def prepare_data(
         images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
         object_masks = None
     encoder = prepare_text_encoder(
-        cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main), accelerator
+        cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main), accelerator, captions
     )
     encoder.to(accelerator.device)
     token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"]) if grounded else None

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from diffusion import checkpoint as ckpt
 from diffusion.config import Config, config_from_dict
+from diffusion.data import build_dataset
 from diffusion.errors import UserError
 from diffusion.pipeline import FORMAT_VERSION
 from diffusion.training import sample_timesteps, timestep_weights, train
@@ -494,3 +495,22 @@ def test_a_checkpoint_without_the_data_reading_keys_resumes(run_copy, tiny_dict,
     tiny_dict["data"]["workers"] = 0
     train(config_from_dict(tiny_dict), run_copy, resume="latest")
     assert "resumed from" in capsys.readouterr().out
+
+
+def test_the_small_clip_learns_every_caption_whole_and_its_tokenizer_covers_the_unets(tiny_dict, tmp_path):
+    """Captions that leave an attribute out are for the UNet; the small CLIP learns from the same
+    scenes with every colour, shape and place named, and its tokenizer knows the UNet's words."""
+    from diffusion.config import config_from_dict
+    from diffusion.text_encoder import TextEncoder
+    from diffusion.training import clip_training_data
+
+    tiny_dict["data"].update(omit_colour=0.5, omit_shape=0.5, omit_position=0.5)
+    cfg = config_from_dict(tiny_dict)
+    images, captions = build_dataset(cfg.data).render_all(progress=False)
+    clip_images, clip_captions = clip_training_data(cfg, images, captions, main=False)
+    assert any(" shape" in caption for caption in captions)  # the UNet's captions leave shapes out
+    assert not any(" shape" in caption for caption in clip_captions)
+    assert len(clip_images) == len(clip_captions) == len(captions)
+    model = train(cfg, tmp_path / "run")
+    tokenizer = TextEncoder.from_pretrained(model).tokenizer
+    assert "shape</w>" in tokenizer.get_vocab()

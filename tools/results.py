@@ -1,0 +1,211 @@
+"""Write docs/results.md, and the results table of README.md, from the measurements themselves.
+
+    python tools/results.py
+
+Reads docs/report.json (`evaluate.py --model runs/shapes/model --n 200 --n-edit 64 --n-swap 64
+--swap-sweep --out docs/report.json`), the bench outputs in docs/bench/ (each bench's --json) and
+docs/what-we-tried.md (the one hand-written part: what was tried, what it did, kept or not), so
+that no number is copied by hand. README.md's table sits between the two RESULTS markers.
+"""
+
+import json
+import re
+from pathlib import Path
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+README = DOCS.parent / "README.md"
+MARKERS = ("<!-- RESULTS: written by tools/results.py -->", "<!-- /RESULTS -->")
+
+
+def fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(fmt(cell) for cell in row) + " |" for row in rows]
+
+
+def machine(benches: dict) -> str:
+    training = benches.get("training")
+    if not training:
+        return "the machine is not recorded (run bench/bench_training.py --json docs/bench/training.json)"
+    return (
+        f"{training.get('cpu', 'a CPU')}, {training['threads']} threads: the default's UNet trains at "
+        f"{training['images/s']:.0f} images/s there (bench/bench_training.py)"
+    )
+
+
+def faithfulness_rows(report: dict) -> list[list]:
+    targets = report["targets"]
+    rows = []
+    for category, value in report.get("faithfulness", {}).items():
+        target = targets.get(f"faithfulness/{category}", {})
+        rows.append([category, value and value["score"], value and value["n"], target.get("target"), target.get("met")])
+    return rows
+
+
+def edit_section(report: dict) -> list[str]:
+    edit = report["edit"]
+    lines = [f"### Weights ({edit['n']} one-object prompts; drawn = one clean object)", ""]
+    rows = [
+        [word, "word deleted", "-", base["drawn"], base["present"], base["area"], "-", base["grain"]]
+        for word, base in edit["deleted"].items()
+    ]
+    rows += [
+        [r["word"], r["mode"], r["weight"], r["drawn"], r["present"], r["area"], r["mass"], r["grain"]]
+        for r in edit["rows"]
+    ]
+    lines += table(["word", "mode", "weight", "drawn", "present", "area", "attention share", "grain"], rows)
+    lines += ["", "![weight response](report-edit.png)", ""]
+    return lines
+
+
+def swap_section(report: dict) -> list[str]:
+    swap = report["swap"]
+    measures = [
+        "new present",
+        "old gone",
+        "colour kept",
+        "edited iou >= 0.8",
+        "centre within 2 px",
+        "others iou >= 0.9",
+    ]
+    lines = [
+        f"### Word swaps ({swap['n']} source prompts per kind; rates over the pairs whose source draws "
+        f"its objects{'; local blend' if swap.get('local_blend') else ''})",
+        "",
+    ]
+    rows = [
+        [kind, steps, rates["scored"], *[rates[m] for m in measures]]
+        for kind, values in swap["kinds"].items()
+        for steps, rates in values["by_steps"].items()
+    ]
+    lines += table(["kind", "edit steps", "scored", *measures], rows)
+    lines += ["", "![swap rates](report-swap.png)", "", "![source and edit](report-swap-strip.png)", ""]
+    return lines
+
+
+def bench_section(benches: dict) -> list[str]:
+    lines = []
+    if "training" in benches:
+        t = benches["training"]
+        lines += [
+            "### Training speed (bench/bench_training.py)",
+            "",
+            f"- matmul peak: bf16 {t['bf16 peak GFLOP/s']:.0f} GFLOP/s, float32 {t['float32 peak GFLOP/s']:.0f}",
+            f"- UNet training step: {t['images/s']:.0f} images/s, {t['GFLOP per image']:.2f} GFLOP per image, "
+            f"{t['step GFLOP/s']:.0f} GFLOP/s = {t['share of the bf16 peak']:.0%} of the bf16 peak",
+            f"- small CLIP step: float32 {t['clip float32 s/step']:.3f} s, bf16 {t['clip bf16 s/step']:.3f} s",
+            "",
+        ]
+    if "sampling" in benches:
+        keys = ["latency ms", "latency with maps ms", "images/s at 16", "images/s at 50"]
+        lines += ["### Sampling speed (bench/bench_sampling.py)", ""]
+        lines += table(
+            ["code", *keys], [[name, *[values[k] for k in keys]] for name, values in benches["sampling"].items()]
+        )
+        lines += [""]
+    if "memory" in benches:
+        lines += ["### Memory against the work (bench/bench_memory.py)", ""]
+        rows = [
+            [command, n, values["peak MiB"], values["seconds"]]
+            for command, runs in benches["memory"].items()
+            for n, values in runs.items()
+        ]
+        lines += table(["command", "n", "peak MiB", "seconds"], rows) + [""]
+    if "image_folder" in benches:
+        lines += ["### Image folders (bench/bench_image_folder.py)", ""]
+        rows = [
+            [r.get("images"), r.get("path"), r.get("peak MiB"), r.get("images/s")]
+            for r in benches["image_folder"].get("runs", [])
+        ]
+        lines += table(["images", "data path", "peak MiB", "images/s"], rows) + [""]
+    return lines
+
+
+def results(report: dict, benches: dict, tried: str) -> str:
+    lines = [
+        "# Results",
+        "",
+        "Written by `python tools/results.py` from docs/report.json and docs/bench/; do not edit by hand.",
+        "",
+        f"Measured on {machine(benches)}. Evaluation: n = {report['n']} prompts per category, seed "
+        f"{report['seed']}, {report['sampler']} 20 steps, guidance {report['guidance']:g}, mixed precision "
+        f"{report['mixed_precision']}, {report['seconds']:.0f} s.",
+        "",
+    ]
+    met = [t["met"] for t in report["targets"].values() if t["met"] is not None]
+    lines += [f"**{sum(met)} of {len(met)} measured targets met.**", "", "## Targets", ""]
+    lines += table(
+        ["target", "value", "goal", "met"],
+        [[key, t["value"], t["target"], t["met"]] for key, t in report["targets"].items()],
+    )
+    lines += ["", "## Faithfulness", ""]
+    lines += table(["category", "score", "n", "target", "met"], faithfulness_rows(report))
+    lines += ["", "![examples](report-examples.png)", "", "## Attention localisation", ""]
+    for where, values in report.get("localisation", {}).items():
+        lines.append(f"- {where} images: " + ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
+    lines += ["", "## Edits", ""]
+    if "edit" in report:
+        lines += edit_section(report)
+    if "swap" in report:
+        lines += swap_section(report)
+    if "samplers" in report:
+        sweep = report["samplers"]
+        lines += [
+            "## Samplers",
+            "",
+            f"Reference: {sweep['reference']['sampler']} {sweep['reference']['steps']} steps, "
+            f"{sweep['reference']['score']:.3f} (n = {sweep['n']}).",
+            "",
+        ]
+        steps = list(next(iter(sweep["scores"].values())))
+        lines += table(
+            ["sampler", *[f"{s} steps" for s in steps]],
+            [[name, *[scores[s] for s in steps]] for name, scores in sweep["scores"].items()],
+        ) + [""]
+    lines += ["## Speed and memory", ""] + bench_section(benches)
+    lines += ["## What we tried", "", tried.strip(), ""]
+    return "\n".join(lines)
+
+
+def readme_table(report: dict, benches: dict) -> str:
+    """The short table for README.md: the targets, grouped."""
+    targets = report["targets"]
+    met = [t["met"] for t in targets.values() if t["met"] is not None]
+    rows = [
+        [category, value and value["score"], target, ok] for category, value, _, target, ok in faithfulness_rows(report)
+    ]
+    lines = table(["faithfulness", "score", "target", "met"], rows)
+    edit = [t for key, t in targets.items() if key.startswith("edit/")]
+    swap = [t for key, t in targets.items() if key.startswith("swap/")]
+    lines += [
+        "",
+        f"Weight contract: {sum(bool(t['met']) for t in edit)} of {len(edit)} clauses met; word swaps: "
+        f"{sum(bool(t['met']) for t in swap)} of {len(swap)}; in all {sum(met)} of {len(met)} measured targets "
+        f"([docs/results.md](docs/results.md)). Measured on {machine(benches)}.",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    report = json.loads((DOCS / "report.json").read_text())
+    benches = {path.stem: json.loads(path.read_text()) for path in sorted((DOCS / "bench").glob("*.json"))}
+    tried = (DOCS / "what-we-tried.md").read_text()
+    (DOCS / "results.md").write_text(results(report, benches, tried))
+    readme = README.read_text()
+    start, end = MARKERS
+    pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
+    if not pattern.search(readme):
+        raise SystemExit(f"error: README.md has no {start} ... {end} section; add the two markers where the table goes")
+    README.write_text(pattern.sub(lambda _: f"{start}\n{readme_table(report, benches)}\n{end}", readme))
+    print(f"wrote {DOCS / 'results.md'} and the table of {README}")
+
+
+if __name__ == "__main__":
+    main()
