@@ -15,10 +15,15 @@ import math
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
-from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS
+from diffusion.config import (
+    DEFAULT_PARTS,
+    DEFAULT_SAMPLER,
+    EVALUATION_PARTS,
+    MIXED_PRECISION,
+    SAMPLER_NAMES,
+    WEIGHT_CONTEXTS,
+)
 from diffusion.errors import UserError, exit_on_user_error
-
-PARTS = ("faithfulness", "localisation", "edit", "swap", "samplers")
 
 
 def comma_list(text: str) -> tuple[str, ...]:
@@ -27,9 +32,9 @@ def comma_list(text: str) -> tuple[str, ...]:
 
 def parts_list(text: str) -> tuple[str, ...]:
     parts = comma_list(text)
-    unknown = [p for p in parts if p not in PARTS]
+    unknown = [p for p in parts if p not in EVALUATION_PARTS]
     if unknown or not parts:
-        raise UserError(f"unknown part(s) {', '.join(unknown) or text!r}; choose from {', '.join(PARTS)}")
+        raise UserError(f"unknown part(s) {', '.join(unknown) or text!r}; choose from {', '.join(EVALUATION_PARTS)}")
     return parts
 
 
@@ -55,8 +60,8 @@ def main(argv=None):
         help="evaluation scene seed (default 1000003; must differ from the training data seed)",
     )
     parser.add_argument("--out", default=None, help="JSON report path (default: <model>/../report.json)")
-    parser.add_argument("--n-edit", type=int, default=32, help="prompts of the weight-response sweep (default 32)")
-    parser.add_argument("--n-swap", type=int, default=32, help="source prompts per word-swap kind (default 32)")
+    parser.add_argument("--n-edit", type=int, default=16, help="prompts of the weight-response sweep (default 16)")
+    parser.add_argument("--n-swap", type=int, default=16, help="source prompts per word-swap kind (default 16)")
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
     parser.add_argument(
         "--guidance",
@@ -96,7 +101,10 @@ def main(argv=None):
     )
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument(
-        "--parts", type=parts_list, default=PARTS, help=f"comma list of {','.join(PARTS)} (default all)"
+        "--parts",
+        type=parts_list,
+        default=DEFAULT_PARTS,
+        help=f"comma list of {','.join(EVALUATION_PARTS)} (default {','.join(DEFAULT_PARTS)})",
     )
     parser.add_argument(
         "--categories",

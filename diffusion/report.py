@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from . import edit_evaluation as edits
-from .config import DEFAULT_SAMPLER
+from .config import DEFAULT_PARTS, DEFAULT_SAMPLER
 from .detector import detector_accuracy
 from .errors import UserError
 from .evaluation import (
@@ -31,7 +31,6 @@ from .evaluation import (
 from .images import font, labelled_grid
 from .pipeline import Weighting
 
-PARTS = ("faithfulness", "localisation", "edit", "swap", "samplers")
 SAMPLER_LABELS = {"dpm++": "DPM-Solver++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
 
 
@@ -41,13 +40,13 @@ def evaluate(
     seed: int = EVAL_SEED,
     holdout: list[str] | None = None,
     training_seed: int = 0,
-    n_edit: int = 32,
-    n_swap: int = 32,
+    n_edit: int = 16,
+    n_swap: int = 16,
     n_samplers: int = 20,
     batch_size: int = 50,
     detector_n: int = 300,
     guidance: float = 3.0,
-    parts: tuple[str, ...] = PARTS,
+    parts: tuple[str, ...] = DEFAULT_PARTS,
     sampler: str = DEFAULT_SAMPLER,
     weighting: Weighting | None = None,
     edit_steps: float = 0.6,

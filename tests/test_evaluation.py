@@ -244,9 +244,12 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
     assert given["swap_sweep"] is True and given["local_blend"] is True and given["edit_steps"] == 0.3
     assert given["weighting"] == Weighting(context="keep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-swap-strip.png", "report-swap.png", "report.json"]
-    cli.main(["--model", str(tiny_model), "--parts", "swap", "--out", str(out)])
+    cli.main(["--model", str(tiny_model), "--out", str(out)])
     assert given["swap_sweep"] is False and given["local_blend"] is False and given["edit_steps"] == 0.6
     assert given["weighting"] == Weighting()
+    # the default run: every part but the sampler sweep, 16 prompts for the edits and each swap
+    assert given["parts"] == ("faithfulness", "localisation", "edit", "swap")
+    assert given["n_edit"] == 16 and given["n_swap"] == 16
 
 
 @pytest.mark.parametrize(
