@@ -100,9 +100,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor
 
     Training on CPU (queries that need a gradient): `sliced_attention`. At this model's sizes
     (16 px self-attention: 256 queries of width 16) the fused kernel's backward is slow, and
-    unsliced scores fall out of cache (`bench/bench_attention_kernel.py` measures both, per layer
-    and per training step). Everywhere else the fused kernel, which never materialises the
-    probabilities (sampling on CPU: the two agree within the noise)."""
+    unsliced scores fall out of cache. Everywhere else the fused kernel, which never materialises
+    the probabilities."""
     if q.device.type == "cpu" and q.requires_grad:
         return sliced_attention(q, k, v, mask)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

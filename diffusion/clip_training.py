@@ -33,9 +33,9 @@ TEXT_HEADS = 4
 VISION_WIDTH = 128
 VISION_LAYERS = 2
 PROJECTION_DIM = 128
-# The small CLIP's MLP activation: PyTorch's fused GELU. CLIP's own quick_gelu, x * sigmoid(1.702 x),
-# runs as three elementwise passes forward and five backward, which took a third of a contrastive
-# step here; with GELU a step took 0.75 s instead of 0.93 (bench/bench_training_overhead.py).
+# The small CLIP's MLP activation: PyTorch's fused GELU, one pass each way. CLIP's own quick_gelu,
+# x * sigmoid(1.702 x), runs as three elementwise passes forward and five backward over the CLIP's
+# largest activations, a third of a contrastive step.
 ACTIVATION = "gelu"
 
 

@@ -150,11 +150,8 @@ class Config:
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # also sample.py's and evaluate.py's --mixed-precision
 # The samplers of diffusion.pipeline.SAMPLERS by name, here so the command lines need not import torch.
 SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
-# The default sampler. At 20 steps Euler beat DPM++ 2M on the default config at four training
-# seeds: faithfulness means (n = 200) 0.990 / 0.901 / 0.855 / 0.915 / 0.950 / 0.960 / 0.974 against
-# 0.983 / 0.895 / 0.839 / 0.896 / 0.940 / 0.946 / 0.968 (single, two, three objects, binding,
-# position, counting, held-out pairs; README). Why the second-order step does worse here was not
-# investigated.
+# The default sampler: at 20 steps Euler was more faithful than DPM-Solver++ 2M on the default
+# config at every training seed tried (docs/what-we-tried.md).
 DEFAULT_SAMPLER = "euler"
 # How (word:w) weights act (diffusion/pipeline.py's Weighting; sample.py's --weight-mode and
 # --weight-context): the first of each is the default.

@@ -1,6 +1,7 @@
 """Turning tensors into pictures: PIL conversion, labelled grids, PNGs with text metadata.
 
-PIL and numpy only (torchvision is deliberately not a dependency, see README).
+PIL and numpy only: torchvision is deliberately not a dependency (a broken install of it breaks
+transformers' and diffusers' imports).
 """
 
 from __future__ import annotations

@@ -66,12 +66,11 @@ FORMAT_VERSION = 1
 # r = num_train_timesteps // K (see `sampler_timesteps`). Not the last timestep: the cosine
 # schedule's t = 999 has alpha_bar ~ 2e-9, where an epsilon model's x0 estimate explodes and
 # samplers that do not clip x0 (DPM++, Euler) end in noise. DPM++ gets these timesteps passed in:
-# its own "leading" rule divides by K + 1 and starts low, at t = 750 for 250 steps, so it began
-# from pure noise labelled as a quarter-clean image and left grain and extra objects (measured).
-# DPM++ also clips x0 by dynamic thresholding to [-1, 1]. DDIM must not clip (clip_sample is on
-# in the training scheduler's config): it clips x0 but keeps the unclipped noise estimate, and with
-# guidance the two disagree at every step (measured: faithfulness 0.80 at 5 steps fell to 0.23 at 50;
-# unclipped, DDIM gives Euler's images, as the ODE says it must; tests/test_pipeline.py).
+# its own "leading" rule divides by K + 1 and starts low (t = 750 for 250 steps), so it would begin
+# from pure noise labelled as a quarter-clean image. DPM++ also clips x0 by dynamic thresholding to
+# [-1, 1]. DDIM must not clip (clip_sample is on in the training scheduler's config): it clips x0
+# but keeps the unclipped noise estimate, and with guidance the two disagree at every step, so more
+# steps made worse images; unclipped, DDIM gives Euler's images, as the ODE says it must (tested).
 SAMPLERS = {
     "dpm++": (
         DPMSolverMultistepScheduler,

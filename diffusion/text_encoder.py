@@ -125,8 +125,8 @@ class TextEncoder(nn.Module):
         concat_token_embeddings: append each token's own embedding (the embedding layer, final
             layer norm applied) to the chosen layer's states, D -> 2D features: the UNet sees
             what the word is as well as its context. A small CLIP trained here blurs words it
-            did not need for retrieval (measured: "left" vs "right" in the same caption have
-            cosine 0.98 at its last layer, 0.5 at the embedding layer).
+            did not need for retrieval ("left" and "right" in the same caption come out nearly
+            the same at its last layer, not at the embedding layer).
         """
         super().__init__()
         positions = model.config.max_position_embeddings
