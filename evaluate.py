@@ -48,8 +48,7 @@ def fraction(text: str) -> float:
     return value
 
 
-@exit_on_user_error
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Evaluate a trained shapes model.")
     parser.add_argument("--model", required=True, help="model folder written by train.py (e.g. runs/shapes/model)")
     parser.add_argument("--n", type=int, default=100, help="prompts per faithfulness category (default 100)")
@@ -120,7 +119,12 @@ def main(argv=None):
         choices=MIXED_PRECISION,
         help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     one_line_warnings()
     for name in ("n", "n_edit", "n_swap", "n_samplers", "batch_size"):
         if getattr(args, name) < 1:

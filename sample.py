@@ -75,8 +75,7 @@ def read_prompts(args) -> list[str]:
     return prompts
 
 
-@exit_on_user_error
-def main(argv=None):
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Sample images from a trained text-to-image model.")
     parser.add_argument("prompts", nargs="*", help="one or more prompts")
     parser.add_argument("--model", required=True, help="model folder written by train.py (e.g. runs/shapes/model)")
@@ -143,11 +142,16 @@ def main(argv=None):
         action="store_true",
         help="with --edit: keep the source's pixels outside the changed words' maps (Prompt-to-Prompt's local blend)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+@exit_on_user_error
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     one_line_warnings()
     prompts = read_prompts(args)
 
-    from diffusion.images import check_writable, labelled_grid, save_png
+    from diffusion.images import check_writable
     from diffusion.pipeline import Pipeline, Weighting, check_sampling_args
     from diffusion.prompts import parse_prompt
 
@@ -188,10 +192,18 @@ def main(argv=None):
                 weighting=weighting,
             )
         )
-    # Every image is written as soon as it is made; only the grid's images are kept.
+    write_outputs(batches, out, attention_dir, prompts, args, common)
+
+
+def write_outputs(batches, out: Path, attention_dir: Path | None, prompts: list[str], args, common: dict) -> None:
+    """Write each image as soon as it is made (and its maps, with --attention), then a grid of the
+    first GRID_LIMIT; only the grid's images are kept. batches: tuples (output,), or (source
+    output, edit output) with --edit."""
+    from diffusion.images import labelled_grid, save_png
+
     names = ("source", "edit") if args.edit else ("",)
     grid, count, settings = [], 0, {}
-    for results in batches:  # (output,), or (source output, edit output) with --edit
+    for results in batches:
         for name, result in zip(names, results):
             settings = {**result.settings, **common}
             stem = f"{out.stem}-{name}" if name else out.stem

@@ -119,12 +119,14 @@ def bench_section(benches: dict) -> list[str]:
         ]
         lines += table(["command", "n", "peak MiB", "seconds"], rows) + [""]
     if "image_folder" in benches:
-        lines += ["### Image folders (bench/bench_image_folder.py)", ""]
+        folder = benches["image_folder"]
+        lines += [f"### Image folders (bench/bench_image_folder.py, {folder['steps']} steps of batch 32 at 64 px)", ""]
         rows = [
-            [r.get("images"), r.get("path"), r.get("peak MiB"), r.get("images/s")]
-            for r in benches["image_folder"].get("runs", [])
+            [r["images"], r["path"], r["store"], r["peak_rss_mib"], r["workers_peak_rss_mib"], r["images_per_s"]]
+            for r in folder["results"]
         ]
-        lines += table(["images", "data path", "peak MiB", "images/s"], rows) + [""]
+        lines += table(["images", "data path", "text states", "peak MiB", "largest worker MiB", "images/s"], rows)
+        lines += [""]
     return lines
 
 
