@@ -3,8 +3,9 @@
     python tests/make_small_model.py
 
 Tests that need a model which actually follows its prompts (e.g. "weight 0 on a colour word
-lowers that colour's share of the image") use this one; the session's 4-step model in
-conftest.py is only good for plumbing. 16 px, one object per image, grounding loss on.
+lowers that colour's share of the image and keeps an object") use this one; the session's
+4-step model in conftest.py is only good for plumbing. 16 px, one object per image, grounding
+loss on, captions that leave a colour or a shape out now and then (so weight 0 has a prior).
 """
 
 import shutil
@@ -17,12 +18,18 @@ from diffusion.training import train
 REPO = Path(__file__).resolve().parents[1]
 
 SMALL = {
-    "model": {"channels": [32, 64], "attention_resolutions": [16, 8], "attention_heads": 4},
-    "data": {"resolution": 16, "num_samples": 5000, "max_objects": 1},
+    "model": {
+        "channels": [32, 64],
+        "attention_resolutions": [16, 8],
+        "attention_heads": 4,
+        "position_embedding": False,
+    },
+    "data": {"resolution": 16, "num_samples": 5000, "max_objects": 1, "omit_colour": 0.35, "omit_shape": 0.15},
     "text": {
         "width": 64,
         "layers": 2,
         "hidden_layer": -3,
+        "concat_token_embeddings": False,
         "steps": 150,
         "batch_size": 256,
         "vocab_size": 600,
