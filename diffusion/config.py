@@ -80,6 +80,7 @@ class DataConfig:
     omit_shape: float = 0.0  # shapes: the same for its shape ("a red shape")
     omit_position: float = 0.0  # shapes: the same for its position phrase (relations between two objects are kept)
     omit_size: float = 0.5  # shapes: the same for its size word ("small", "large")
+    omit_max_objects: int = 4  # shapes: leave colour, shape, position out only in captions of at most this many objects
     seed: int = 0  # shapes: the dataset is a pure function of this seed
     holdout: list[str] = field(  # shapes: colour-shape pairs never shown in training
         default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"]
@@ -169,6 +170,7 @@ CHOICES = {
     "train.beta_schedule": ("linear", "scaled_linear", "squaredcos_cap_v2"),
 }
 POSITIVE = {
+    "data.omit_max_objects",
     "model.blocks_per_level",
     "model.attention_heads",
     "text.max_length",

@@ -33,7 +33,11 @@ def build_dataset(data_config) -> Dataset:
             holdout=data_config.holdout,
             object_weights=data_config.object_weights,
             omission=Omission(
-                data_config.omit_colour, data_config.omit_shape, data_config.omit_position, data_config.omit_size
+                data_config.omit_colour,
+                data_config.omit_shape,
+                data_config.omit_position,
+                data_config.omit_size,
+                data_config.omit_max_objects,
             ),
         )
     if kind == "imagefolder":

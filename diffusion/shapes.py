@@ -125,16 +125,20 @@ class Omission:
     captions learns what an unnamed attribute looks like (the prior a weight of 0 falls back to).
     Each is a probability per object: `colour` ("a circle"), `shape` ("a red shape"), `position`
     (the object's position phrase; relations are kept), and `size`, the share of objects whose
-    size word is left out (half of them by default, as the set always had)."""
+    size word is left out (half of them by default, as the set always had). Colour, shape and
+    position are left out only in captions of at most `max_objects` objects, so that captions
+    of more objects, which teach binding and composition, can stay whole."""
 
     colour: float = 0.0
     shape: float = 0.0
     position: float = 0.0
     size: float = 0.5
+    max_objects: int = 4
 
-    def draws_extra(self) -> bool:
-        """Whether colour, shape or position is ever left out (each object then draws three numbers)."""
-        return any(p > 0 for p in (self.colour, self.shape, self.position))
+    def draws_extra(self, count: int) -> bool:
+        """Whether a caption of `count` objects may leave colour, shape or position out (each
+        object then draws three numbers)."""
+        return count <= self.max_objects and any(p > 0 for p in (self.colour, self.shape, self.position))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -284,7 +288,7 @@ def _caption(
     count = len(objects)
     with_size = (rng.random(count) < 1 - omission.size).tolist()
     with_colour = with_shape = with_position = [True] * count
-    if omission.draws_extra():  # draws nothing otherwise, so such captions stay as they always were
+    if omission.draws_extra(count):  # draws nothing otherwise, so such captions stay as they always were
         kept = rng.random((count, 3)) >= [omission.colour, omission.shape, omission.position]  # (count, 3)
         with_colour, with_shape, with_position = (kept[:, j].tolist() for j in range(3))
     writer = _CaptionWriter(objects, with_size, with_colour, with_shape)

@@ -26,6 +26,7 @@ def data_config(**overrides):
         omit_shape=0.0,
         omit_position=0.0,
         omit_size=0.5,
+        omit_max_objects=4,
         seed=0,
         holdout=["red square"],
         path=None,

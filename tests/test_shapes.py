@@ -350,6 +350,21 @@ def test_omitted_attributes_keep_captions_true_and_spans_exact():
         assert int((row >= 0).sum()) == named
 
 
+def test_omission_can_be_kept_to_captions_of_few_objects():
+    omission = Omission(colour=0.8, shape=0.5, position=0.5, max_objects=1)
+    dataset = ShapesDataset(32, 600, 1, 4, seed=3, omission=omission)
+    plain = ShapesDataset(32, 600, 1, 4, seed=3)
+    single_left_out = 0
+    for i in range(len(dataset)):
+        scene = dataset.scene(i)
+        if len(scene.objects) > 1:  # whole, and exactly the caption the set always had
+            assert scene.caption == plain.scene(i).caption
+        else:
+            single_left_out += scene.colour_spans[0] is None
+    singles = sum(len(dataset.scene(i).objects) == 1 for i in range(len(dataset)))
+    assert singles > 50 and abs(single_left_out / singles - 0.8) < 0.1
+
+
 def test_omission_probabilities_are_config_keys():
     from diffusion.config import config_from_dict
     from diffusion.data import build_dataset
@@ -360,6 +375,8 @@ def test_omission_probabilities_are_config_keys():
     assert all(UNNAMED_SHAPE in dataset.scene(i).caption for i in range(10))
     with pytest.raises(UserError, match="data.omit_colour must be a probability in"):
         config_from_dict({"data": {"omit_colour": 1.5}})
+    with pytest.raises(UserError, match="data.omit_max_objects must be positive"):
+        config_from_dict({"data": {"omit_max_objects": 0}})
 
 
 def test_relation_captions_are_true_of_the_drawing():
