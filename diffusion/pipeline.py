@@ -133,6 +133,7 @@ OUTPUT_TYPES = ("pil", "pt", "np")
 # finds this class (model_index.json's _class_name names the file and the class).
 PIPELINE_FILE = '''"""Lets diffusers load this model: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
 The class is tiny-t2i-diffusion's Pipeline (pip install -e . in its repository)."""
+
 from diffusion.pipeline import Pipeline  # noqa: F401
 '''
 
