@@ -30,12 +30,18 @@ from PIL import Image
 
 from diffusion.attention_control import AttentionRecorder
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
-from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS, WEIGHT_MODES
+from diffusion.config import (
+    DEFAULT_EDIT_STEPS,
+    DEFAULT_SAMPLER,
+    MIXED_PRECISION,
+    SAMPLER_NAMES,
+    WEIGHT_CONTEXTS,
+    WEIGHT_MODES,
+)
 from diffusion.errors import UserError, exit_on_user_error
-from diffusion.images import attention_shares, heat_overlay, save_png
+from diffusion.images import attention_shares, heat_overlay, save_png, write_attention_maps
 from diffusion.pipeline import Pipeline, PipelineOutput, Weighting, merge_word_maps
 from diffusion.prompts import parse_prompt, set_word_weight, split_words
-from sample import write_attention
 
 DEFAULT_MODEL = "runs/shapes/model"
 DEFAULT_PROMPT = "a red circle on the left"
@@ -349,7 +355,7 @@ def write_downloads(results: dict[str, Result], folder: Path, model: str) -> lis
         for i, (image, prompt, seed) in enumerate(zip(output.images, output.prompts, output.seeds)):
             metadata = {"prompt": prompt, "seed": seed, **settings}
             written.append(save_png(image, folder / f"{name}-{i:03d}.png", metadata))
-        write_attention(folder, f"{name}-maps", output, settings)
+        write_attention_maps(folder, f"{name}-maps", output, settings)
         written += sorted(folder.glob(f"{name}-maps-*"))
     return written
 
@@ -625,7 +631,7 @@ def build_page(editor: Editor, first: Result):
                     edit_steps = gr.Slider(
                         0,
                         1,
-                        value=0.6,
+                        value=DEFAULT_EDIT_STEPS,
                         step=0.05,
                         label="Edit steps",
                         info="fraction of the steps that keep the source's maps",

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import (
+    DEFAULT_EDIT_STEPS,
     DEFAULT_PARTS,
     DEFAULT_SAMPLER,
     EVALUATION_PARTS,
@@ -85,8 +86,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--edit-steps",
         type=fraction,
-        default=0.6,
-        help="the word swap's injection fraction that the swap targets check (default 0.6, as sample.py)",
+        default=DEFAULT_EDIT_STEPS,
+        help=f"the swap's injection fraction the swap targets check (default {DEFAULT_EDIT_STEPS:g}, as sample.py)",
     )
     parser.add_argument(
         "--swap-sweep",

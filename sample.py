@@ -13,7 +13,14 @@ the first 64 at --out; the prompt, seed and settings are stored in every PNG's t
 from pathlib import Path
 
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
-from diffusion.config import DEFAULT_SAMPLER, MIXED_PRECISION, SAMPLER_NAMES, WEIGHT_CONTEXTS, WEIGHT_MODES
+from diffusion.config import (
+    DEFAULT_EDIT_STEPS,
+    DEFAULT_SAMPLER,
+    MIXED_PRECISION,
+    SAMPLER_NAMES,
+    WEIGHT_CONTEXTS,
+    WEIGHT_MODES,
+)
 from diffusion.errors import UserError, exit_on_user_error
 
 
@@ -33,31 +40,6 @@ def resolution_set(text: str) -> set[int]:
 
 
 GRID_LIMIT = 64  # images shown in the grid; every image is written beside it
-
-
-def write_attention(out_dir: Path, stem: str, result, common: dict, first: int = 0) -> None:
-    """One labelled panel (image + a heat-map overlay per word) and the raw maps per image; the
-    images of `result` are numbered from `first`."""
-    from safetensors.torch import save_file
-
-    from diffusion.checkpoint import default_file_modes
-    from diffusion.images import attention_panel, save_png
-
-    for i, (image, prompt, seed, maps) in enumerate(
-        zip(result.images, result.prompts, result.seeds, result.attention_maps), start=first
-    ):
-        name = f"{stem}-{i:03d}"
-        save_png(
-            attention_panel(image, maps, f"seed {seed}"),
-            out_dir / f"{name}.png",
-            {"prompt": prompt, "seed": seed, **common},
-        )
-        save_file(
-            {word: m.contiguous() for word, m in maps.items()},
-            str(out_dir / f"{name}.safetensors"),
-            metadata={"prompt": prompt, "seed": str(seed)},
-        )
-        default_file_modes(out_dir / f"{name}.safetensors")
 
 
 def read_prompts(args) -> list[str]:
@@ -134,8 +116,8 @@ def build_parser() -> ArgumentParser:
     parser.add_argument(
         "--edit-steps",
         type=float,
-        default=0.6,
-        help="fraction of steps during which the source's maps are injected (default 0.6)",
+        default=DEFAULT_EDIT_STEPS,
+        help=f"fraction of steps during which the source's maps are injected (default {DEFAULT_EDIT_STEPS:g})",
     )
     parser.add_argument(
         "--local-blend",
@@ -199,7 +181,7 @@ def write_outputs(batches, out: Path, attention_dir: Path | None, prompts: list[
     """Write each image as soon as it is made (and its maps, with --attention), then a grid of the
     first GRID_LIMIT; only the grid's images are kept. batches: tuples (output,), or (source
     output, edit output) with --edit."""
-    from diffusion.images import labelled_grid, save_png
+    from diffusion.images import labelled_grid, save_png, write_attention_maps
 
     names = ("source", "edit") if args.edit else ("",)
     grid, count, settings = [], 0, {}
@@ -210,7 +192,7 @@ def write_outputs(batches, out: Path, attention_dir: Path | None, prompts: list[
             for i, (image, prompt, seed) in enumerate(zip(result.images, result.prompts, result.seeds), start=count):
                 save_png(image, out.with_name(f"{stem}-{i:03d}.png"), {"prompt": prompt, "seed": seed, **settings})
             if attention_dir:
-                write_attention(attention_dir, stem, result, settings, first=count)
+                write_attention_maps(attention_dir, stem, result, settings, first=count)
         count += len(results[0].images)
         # in order; with --edit each source beside its edit, one pair per row
         for row in zip(*(zip(r.images, r.prompts, r.seeds) for r in results)):

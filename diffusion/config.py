@@ -154,6 +154,10 @@ SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
 # The default sampler: at 20 steps Euler was more faithful than DPM-Solver++ 2M on the default
 # config at every training seed tried (docs/what-we-tried.md).
 DEFAULT_SAMPLER = "euler"
+# A word swap (Prompt-to-Prompt) gives the edit the source's attention maps for this fraction of
+# the steps: enough to keep the layout, late enough for the swapped word to change its thing
+# (evaluate.py --parts swap --swap-sweep measures 0-1).
+DEFAULT_EDIT_STEPS = 0.6
 # How (word:w) weights act (diffusion/pipeline.py's Weighting; sample.py's --weight-mode and
 # --weight-context): the first of each is the default.
 WEIGHT_MODES = ("attention", "embedding")

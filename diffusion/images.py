@@ -156,3 +156,27 @@ def attention_panel(
     tiles = [image] + [heat_overlay(image, word_map, alpha) for word_map in word_maps.values()]
     labels = [title or "image"] + [f"{label} ({shares[label]:.0%})" for label in word_maps]
     return labelled_grid(tiles, labels, columns=len(tiles), label_width_chars=16)
+
+
+def write_attention_maps(out_dir: Path, stem: str, result, common: dict, first: int = 0) -> None:
+    """One labelled panel (image + a heat-map overlay per word) and the raw maps per image; the
+    images of `result` are numbered from `first`."""
+    from safetensors.torch import save_file
+
+    from .checkpoint import default_file_modes
+
+    for i, (image, prompt, seed, maps) in enumerate(
+        zip(result.images, result.prompts, result.seeds, result.attention_maps), start=first
+    ):
+        name = f"{stem}-{i:03d}"
+        save_png(
+            attention_panel(image, maps, f"seed {seed}"),
+            out_dir / f"{name}.png",
+            {"prompt": prompt, "seed": seed, **common},
+        )
+        save_file(
+            {word: m.contiguous() for word, m in maps.items()},
+            str(out_dir / f"{name}.safetensors"),
+            metadata={"prompt": prompt, "seed": str(seed)},
+        )
+        default_file_modes(out_dir / f"{name}.safetensors")

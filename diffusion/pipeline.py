@@ -50,7 +50,7 @@ from .attention_control import (
     step_in_window,
 )
 from .checkpoint import default_file_modes
-from .config import DEFAULT_SAMPLER
+from .config import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
@@ -598,7 +598,7 @@ class Pipeline(DiffusionPipeline):
         edit: str,
         num_images: int = 1,
         seed: int = 0,
-        edit_steps: float = 0.6,
+        edit_steps: float = DEFAULT_EDIT_STEPS,
         steps: int = 20,
         guidance: float = 3.0,
         sampler: str = DEFAULT_SAMPLER,

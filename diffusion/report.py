@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from . import edit_evaluation as edits
-from .config import DEFAULT_PARTS, DEFAULT_SAMPLER
+from .config import DEFAULT_EDIT_STEPS, DEFAULT_PARTS, DEFAULT_SAMPLER
 from .detector import detector_accuracy
 from .errors import UserError
 from .evaluation import (
@@ -49,7 +49,7 @@ def evaluate(
     parts: tuple[str, ...] = DEFAULT_PARTS,
     sampler: str = DEFAULT_SAMPLER,
     weighting: Weighting | None = None,
-    edit_steps: float = 0.6,
+    edit_steps: float = DEFAULT_EDIT_STEPS,
     swap_sweep: bool = False,
     local_blend: bool = False,
     categories: tuple[str, ...] | None = None,
