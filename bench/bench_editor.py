@@ -1,6 +1,6 @@
 """Latency of one update of the attention editor (app.py), measured the way the page runs it.
 
-    python bench/bench_editor.py --model runs/base/model [--n 30] [--threads 2]
+    python bench/bench_editor.py [--model runs/shapes/model] [--n 30] [--threads 2] [--json F]
 
 1. Start-up: `Editor.load` (which times the UNet in float32 and bf16 to choose the precision of
    small batches) and its warm-up, as app.py runs them before it opens the page; then, when
@@ -20,6 +20,7 @@ Other jobs on the CPU slow every number here; compare runs on an idle machine.
 """
 
 import argparse
+import json
 import os
 import socket
 import statistics
@@ -33,6 +34,17 @@ from pathlib import Path
 from diffusion.cli import tune_malloc
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_app():
+    """app.py, the top-level script, imported by its path (bench/ is not where it lives)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("app", REPO / "app.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["app"] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -68,17 +80,18 @@ def server_start_seconds(model: str, threads: int | None) -> float | None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="runs/base/model")
+    parser.add_argument("--model", default="runs/shapes/model")
     parser.add_argument("--n", type=int, default=30, help="updates to time (default 30)")
     parser.add_argument(
         "--threads", type=int, default=None, help="torch threads, as app.py --threads (default: torch's)"
     )
+    parser.add_argument("--json", help="also write the start-up and update times to this JSON file")
     args = parser.parse_args()
 
     import numpy as np
     import torch
 
-    import app
+    app = load_app()
     from diffusion.pipeline import Pipeline, Weighting
 
     if args.threads:
@@ -125,6 +138,18 @@ def main():
             app.write_downloads({"image": view.result}, Path(folder), editor.model)
             download_times.append(time.perf_counter() - begin)
             last = view.result
+    if args.json:
+        record = {
+            "threads": torch.get_num_threads(),
+            "start-up s": round(warm, 2),
+            "page answers s": None if served is None else round(served, 2),
+            "update median ms": round(statistics.median(times) * 1000, 1),
+            "update p90 ms": round(percentile(times, 0.9) * 1000, 1),
+            "sampling and maps median ms": round(statistics.median(render_times) * 1000, 1),
+            "precision": editor.precision(settings.unet_batch(1)),
+        }
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
     print(
         f"update ({args.n}x: 1 image, {settings.steps} steps, guidance {settings.guidance:g}, maps at every step, "
         f"{editor.precision(settings.unet_batch(1))}): median {statistics.median(times) * 1000:.0f} ms, "

@@ -118,6 +118,17 @@ def bench_section(benches: dict) -> list[str]:
             for n, values in runs.items()
         ]
         lines += table(["command", "n", "peak MiB", "seconds"], rows) + [""]
+    if "editor" in benches:
+        e = benches["editor"]
+        lines += [
+            "### The editor (bench/bench_editor.py)",
+            "",
+            f"- one update (1 image, 20 steps, guidance, every word's map at every step, {e['precision']}): "
+            f"median {e['update median ms']:.0f} ms, p90 {e['update p90 ms']:.0f} ms on {e['threads']} threads",
+            f"- start-up: model loaded, precision timed and warm in {e['start-up s']:.1f} s"
+            + ("" if e["page answers s"] is None else f"; `python app.py` answers after {e['page answers s']:.1f} s"),
+            "",
+        ]
     if "image_folder" in benches:
         folder = benches["image_folder"]
         lines += [f"### Image folders (bench/bench_image_folder.py, {folder['steps']} steps of batch 32 at 64 px)", ""]
