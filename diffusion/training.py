@@ -110,7 +110,7 @@ def prepare_text_encoder(
             cfg.text,
             temporary,
             device=accelerator.device,
-            mixed_precision=accelerator.mixed_precision,
+            mixed_precision="no",  # float32: a CLIP trained in bf16 cost the UNet composition (docs/what-we-tried.md)
         )
         ckpt.default_file_modes(temporary)
         os.replace(temporary, clip_dir)
@@ -462,8 +462,15 @@ def prepare_data(
     else:
         images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
         object_masks = None
+    # The tokenizer learns the UNet's captions too only when they may hold words the CLIP's full
+    # captions never write ("a red shape"); otherwise its vocabulary stays that of the CLIP's captions.
+    leaves_words_out = any(p > 0 for p in (cfg.data.omit_colour, cfg.data.omit_shape, cfg.data.omit_position))
     encoder = prepare_text_encoder(
-        cfg, output_dir, lambda: clip_training_data(cfg, images, captions, main), accelerator, captions
+        cfg,
+        output_dir,
+        lambda: clip_training_data(cfg, images, captions, main),
+        accelerator,
+        captions if leaves_words_out else (),
     )
     encoder.to(accelerator.device)
     token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"]) if grounded else None
