@@ -160,7 +160,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """app.py on the small model, on a free loopback port; yields its URL."""
+    """app.py on the small model (or on EDITOR_TEST_MODEL, e.g. for the README's picture), on a
+    free loopback port; yields its URL."""
     pytest.importorskip("gradio")
     pytest.importorskip("playwright.sync_api")
     log = tmp_path_factory.mktemp("app") / "app.log"
@@ -168,7 +169,16 @@ def server(tmp_path_factory):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log, "w") as out:
         process = subprocess.Popen(
-            [sys.executable, "app.py", "--model", str(SMALL_MODEL), "--port", str(port), "--host", "127.0.0.1"],
+            [
+                sys.executable,
+                "app.py",
+                "--model",
+                os.environ.get("EDITOR_TEST_MODEL", str(SMALL_MODEL)),
+                "--port",
+                str(port),
+                "--host",
+                "127.0.0.1",
+            ],
             cwd=REPO,
             env=env,
             stdout=out,

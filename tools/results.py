@@ -191,9 +191,7 @@ def readme_table(report: dict, benches: dict) -> str:
     """The short table for README.md: the targets, grouped."""
     targets = report["targets"]
     met = [t["met"] for t in targets.values() if t["met"] is not None]
-    rows = [
-        [category, value and value["score"], target, ok] for category, value, _, target, ok in faithfulness_rows(report)
-    ]
+    rows = [[category, score, target, ok] for category, score, _, target, ok in faithfulness_rows(report)]
     lines = table(["faithfulness", "score", "target", "met"], rows)
     edit = [t for key, t in targets.items() if key.startswith("edit/")]
     swap = [t for key, t in targets.items() if key.startswith("swap/")]
