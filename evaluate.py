@@ -60,8 +60,8 @@ def build_parser() -> ArgumentParser:
         help="evaluation scene seed (default 1000003; must differ from the training data seed)",
     )
     parser.add_argument("--out", default=None, help="JSON report path (default: <model>/../report.json)")
-    parser.add_argument("--n-edit", type=int, default=16, help="prompts of the weight-response sweep (default 16)")
-    parser.add_argument("--n-swap", type=int, default=16, help="source prompts per word-swap kind (default 16)")
+    parser.add_argument("--n-edit", type=int, default=12, help="prompts of the weight-response sweep (default 12)")
+    parser.add_argument("--n-swap", type=int, default=12, help="source prompts per word-swap kind (default 12)")
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
     parser.add_argument(
         "--guidance",
