@@ -135,10 +135,14 @@ class Omission:
     size: float = 0.5
     max_objects: int = 4
 
+    def leaves_words_out(self) -> bool:
+        """Whether some caption may leave a colour, shape or position out."""
+        return any(p > 0 for p in (self.colour, self.shape, self.position))
+
     def draws_extra(self, count: int) -> bool:
         """Whether a caption of `count` objects may leave colour, shape or position out (each
         object then draws three numbers)."""
-        return count <= self.max_objects and any(p > 0 for p in (self.colour, self.shape, self.position))
+        return count <= self.max_objects and self.leaves_words_out()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -464,13 +464,12 @@ def prepare_data(
         object_masks = None
     # The tokenizer learns the UNet's captions too only when they may hold words the CLIP's full
     # captions never write ("a red shape"); otherwise its vocabulary stays that of the CLIP's captions.
-    leaves_words_out = any(p > 0 for p in (cfg.data.omit_colour, cfg.data.omit_shape, cfg.data.omit_position))
     encoder = prepare_text_encoder(
         cfg,
         output_dir,
         lambda: clip_training_data(cfg, images, captions, main),
         accelerator,
-        captions if leaves_words_out else (),
+        captions if dataset.omission.leaves_words_out() else (),
     )
     encoder.to(accelerator.device)
     token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"]) if grounded else None
