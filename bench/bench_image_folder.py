@@ -104,26 +104,14 @@ def make_text_encoder() -> Path:
     folder = BENCH_DIR / "text-encoder"
     if not (folder / "text_encoder").is_dir():
         import torch
-        from transformers import CLIPTextConfig, CLIPTextModel
+        from transformers import CLIPTextModel
 
-        from diffusion.clip_training import fit_tokenizer
+        from diffusion.clip_training import clip_text_config, fit_tokenizer
         from diffusion.text_encoder import TextEncoder
 
         tokenizer = fit_tokenizer(shapes(2000).captions(), vocab_size=1024, model_max_length=TOKENS)
         torch.manual_seed(0)
-        model = CLIPTextModel(
-            CLIPTextConfig(
-                vocab_size=len(tokenizer),
-                hidden_size=64,
-                intermediate_size=256,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                max_position_embeddings=TOKENS,
-                bos_token_id=tokenizer.bos_token_id,
-                eos_token_id=tokenizer.eos_token_id,
-                pad_token_id=tokenizer.pad_token_id,
-            )
-        )
+        model = CLIPTextModel(clip_text_config(tokenizer, 64, 2, 4))
         TextEncoder(tokenizer, model).save_pretrained(folder)
     return folder
 

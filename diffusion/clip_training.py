@@ -86,6 +86,23 @@ def fit_tokenizer(captions: list[str], vocab_size: int = 1024, model_max_length:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def clip_text_config(tokenizer: CLIPTokenizer, width: int, layers: int, heads: int, **options) -> CLIPTextConfig:
+    """A CLIP text tower of `width` (feed-forward 4x unless `intermediate_size` says otherwise),
+    `layers` and `heads`, whose vocabulary, positions and special tokens are `tokenizer`'s."""
+    return CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=width,
+        intermediate_size=options.pop("intermediate_size", 4 * width),
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        **options,
+    )
+
+
 def train_clip(
     images: torch.Tensor,
     captions: list[str],
@@ -125,18 +142,7 @@ def train_clip(
         raise UserError(f"clip images of {size} px do not split into {patch}-px patches; use a multiple of {patch}")
     max_length = tokenizer.model_max_length
 
-    text_config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.width,
-        intermediate_size=4 * config.width,
-        num_hidden_layers=config.layers,
-        num_attention_heads=TEXT_HEADS,
-        hidden_act=ACTIVATION,
-        max_position_embeddings=max_length,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text_config = clip_text_config(tokenizer, config.width, config.layers, TEXT_HEADS, hidden_act=ACTIVATION)
     vision_config = CLIPVisionConfig(
         image_size=size,
         patch_size=patch,

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
 from diffusion import embedding_store
-from diffusion.clip_training import fit_tokenizer
+from diffusion.clip_training import clip_text_config, fit_tokenizer
 from diffusion.embedding_store import EmbeddingStore, cache_folder, cache_key
 from diffusion.errors import UserError
 from diffusion.text_encoder import EmbeddingCache, TextEncoder
@@ -34,17 +34,7 @@ def tokenizer():
 def tiny_encoder(tokenizer, **options) -> TextEncoder:
     """A tiny untrained CLIP text encoder (the same weights every call)."""
     torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    config = clip_text_config(tokenizer, 16, 2, 2, intermediate_size=32)
     return TextEncoder(tokenizer, CLIPTextModel(config), **{"concat_token_embeddings": True, **options})
 
 

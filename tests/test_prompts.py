@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextModel
 
-from diffusion.clip_training import fit_tokenizer
+from diffusion.clip_training import clip_text_config, fit_tokenizer
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.prompts import (
     PromptSyntaxError,
@@ -480,14 +480,7 @@ def test_align_unequal_replacement_and_truncation(tokenizer):
 
 
 def test_with_text_encoder_tokenize(tokenizer):
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        max_position_embeddings=T,
-    )
+    config = clip_text_config(tokenizer, 16, 1, 2, intermediate_size=32)
     encoder = TextEncoder(tokenizer, CLIPTextModel(config))
     prompts = [parse_prompt("a (red:2) zebra"), parse_prompt("a (blue:2) zebra")]
     offsets = encoder.tokenize([prompt.text for prompt in prompts])["offsets"]  # (B, T, 2)

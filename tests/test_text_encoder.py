@@ -5,9 +5,9 @@ import types
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig
 
-from diffusion.clip_training import fit_tokenizer, train_clip
+from diffusion.clip_training import clip_text_config, fit_tokenizer, train_clip
 from diffusion.errors import UserError
 from diffusion.text_encoder import EmbeddingCache, TextEncoder
 
@@ -29,17 +29,7 @@ def tokenizer():
 @pytest.fixture(scope="module")
 def clip(tokenizer):
     """A tiny untrained CLIPModel whose text half matches `tokenizer`."""
-    text = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        max_position_embeddings=MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = clip_text_config(tokenizer, 32, 2, 2, intermediate_size=64)
     vision = CLIPVisionConfig(
         image_size=8, patch_size=4, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2
     )

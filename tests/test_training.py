@@ -341,9 +341,9 @@ def folder_config(tiny_dict, folder, cache, **data):
 
 def streaming_data(folder, cache, seed=0, workers=0, **options):
     """StreamingData over `folder`, with a tiny untrained CLIP text encoder."""
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
-    from diffusion.clip_training import fit_tokenizer
+    from diffusion.clip_training import clip_text_config, fit_tokenizer
     from diffusion.embedding_store import EmbeddingStore, cache_folder
     from diffusion.image_folder import ImageFolderDataset
     from diffusion.text_encoder import TextEncoder
@@ -353,16 +353,7 @@ def streaming_data(folder, cache, seed=0, workers=0, **options):
     captions = dataset.captions()
     tokenizer = fit_tokenizer(captions, vocab_size=600, model_max_length=24)
     torch.manual_seed(0)
-    model = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=16,
-            intermediate_size=32,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            max_position_embeddings=24,
-        )
-    )
+    model = CLIPTextModel(clip_text_config(tokenizer, 16, 1, 2, intermediate_size=32))
     distinct = sorted(set(captions) | {""})
     store = EmbeddingStore.open(cache_folder(str(cache)), TextEncoder(tokenizer, model), distinct, progress=False)
     rows = np.array([distinct.index(c) for c in captions])
