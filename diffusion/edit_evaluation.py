@@ -61,6 +61,15 @@ GRAIN_RATIO = 1.5  # weight 2's grain at most this times weight 1's
 RISE_SLACK = 0.05  # "rises": no value below the one before by more than this share of weight 1's
 
 SWAP_KINDS = ("colour", "shape", "size", "add")
+# What each scored swap pair is checked for; its rate over the pairs is reported per kind and edit steps
+SWAP_MEASURES = (
+    "new present",
+    "old gone",
+    "colour kept",
+    "edited iou >= 0.8",
+    "centre within 2 px",
+    "others iou >= 0.9",
+)
 EDIT_STEPS = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 # kind -> {measure: least rate}; size swaps and added words are reported, not targeted
 SWAP_TARGETS = {
@@ -425,17 +434,7 @@ def swap_response(
                     progress.update(2 * len(chunk))
             scores = [score_swap(c, s, e) for c, (s, e) in zip(cases, pairs)]
             scored = [s for s in scores if s is not None]
-            rates = {
-                key: float(np.mean([s[key] for s in scored])) if scored else None
-                for key in (
-                    "new present",
-                    "old gone",
-                    "colour kept",
-                    "edited iou >= 0.8",
-                    "centre within 2 px",
-                    "others iou >= 0.9",
-                )
-            }
+            rates = {key: float(np.mean([s[key] for s in scored])) if scored else None for key in SWAP_MEASURES}
             by_steps[f"{fraction:g}"] = {"scored": len(scored), **rates}
             if fraction == example_steps:
                 examples[kind] = [(cases[k].source, cases[k].edit, *pairs[k]) for k in range(min(4, n))]

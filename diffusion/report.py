@@ -238,14 +238,7 @@ def format_report(report: dict) -> str:
             )
     if "swap" in report:
         swap = report["swap"]
-        measures = (
-            "new present",
-            "old gone",
-            "colour kept",
-            "edited iou >= 0.8",
-            "centre within 2 px",
-            "others iou >= 0.9",
-        )
+        measures = edits.SWAP_MEASURES
         lines += [
             "",
             f"word swap (n={swap['n']} per kind; rates over the pairs whose source draws its objects"

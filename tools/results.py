@@ -12,6 +12,8 @@ import json
 import re
 from pathlib import Path
 
+from diffusion.edit_evaluation import SWAP_MEASURES
+
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 README = DOCS.parent / "README.md"
 MARKERS = ("<!-- RESULTS: written by tools/results.py -->", "<!-- /RESULTS -->")
@@ -67,14 +69,7 @@ def edit_section(report: dict) -> list[str]:
 
 def swap_section(report: dict) -> list[str]:
     swap = report["swap"]
-    measures = [
-        "new present",
-        "old gone",
-        "colour kept",
-        "edited iou >= 0.8",
-        "centre within 2 px",
-        "others iou >= 0.9",
-    ]
+    measures = SWAP_MEASURES
     lines = [
         f"### Word swaps ({swap['n']} source prompts per kind; rates over the pairs whose source draws "
         f"its objects{'; local blend' if swap.get('local_blend') else ''})",
