@@ -2,13 +2,15 @@
 every word attends to at each sampling step, and swap words with Prompt-to-Prompt.
 
     pip install -e ".[app]"
-    python app.py --model runs/shapes/model [--port 7860] [--host 127.0.0.1] [--threads 1]
+    python app.py --model runs/shapes/model [--port 7860] [--host 127.0.0.1] [--threads 1] [--no-compile]
 
 The model side (`Editor`, `Settings`, `Result`, `word_weights`) and the HTML views
 (`result_html`, `swap_html`) need no Gradio: bench/bench_editor.py and tests/test_app.py call
 them directly, and `build_page` wires them to a Gradio page. The model and its text encoder are
-loaded once at start-up and kept warm; requests from several browser tabs queue and run one at a
-time (the CPU has no room for two samplers at once).
+loaded once at start-up and kept warm, and the UNet is compiled there for one-image renders
+(`Editor.compile`, diffusion/compiled.py: a slider's render 1.2x faster on a 2-core CPU, images
+within a level or two of the uncompiled ones); requests from several browser tabs queue and run
+one at a time (the CPU has no room for two samplers at once).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from diffusion.prompts import parse_prompt, set_word_weight, split_words
 DEFAULT_MODEL = "runs/shapes/model"
 DEFAULT_PROMPT = "a red circle on the left"
 DEFAULT_EDIT = "a blue circle on the left"
+WEIGHTED_PROMPT = "a (red:0.5) circle on the left"  # builds the compiled graph that takes weights
 MAX_IMAGES = 4
 MAX_STEPS = 200
 SLIDERS = 16  # weight sliders on the page: the prompt's first 16 words get one
@@ -205,6 +208,28 @@ class Editor:
         small_batch_precision = None if mixed_precision == "auto" else pipeline.mixed_precision
         return cls(pipeline, str(Path(model).resolve()), small_batch_precision)
 
+    def compile(self) -> float:
+        """Compile the UNet for one-image renders (`Pipeline.compile` for UNet calls of up to
+        FLOAT32_MAX_BATCH rows; larger batches and word swaps stay eager) and build its graphs
+        now, with and without weights, so that no slider waits for them. Returns the seconds it
+        took. Where compiling fails (no C++ compiler, say), the editor stays uncompiled and says
+        so in one line."""
+        pipeline = self.pipelines[self.small_batch_precision]
+        start = time.perf_counter()
+        pipeline.compile(max_batch=FLOAT32_MAX_BATCH)
+        try:
+            for prompt in (DEFAULT_PROMPT, WEIGHTED_PROMPT):
+                self.render(prompt, Settings())
+        except Exception as error:  # inductor's failures share no type; the eager UNet still works
+            pipeline.compiled_unet = None
+            print(f"warning: torch.compile failed ({str(error).strip().splitlines()[0]}); renders stay uncompiled")
+        return time.perf_counter() - start
+
+    @property
+    def compiled(self) -> bool:
+        """Whether one-image renders run on the compiled UNet."""
+        return self.pipelines[self.small_batch_precision].compiled_unet is not None
+
     def warm_up(self) -> Result:
         """Render the default prompt twice and return the second render. The first call builds
         the oneDNN kernels, so it is many times slower than the ones after it; a user's first
@@ -225,11 +250,12 @@ class Editor:
         name = precision_name
         timing = ", ".join(f"{name(p)} {ms:.1f} ms" for p, ms in self.unet_ms.items())
         timing = f" (a call of {FLOAT32_MAX_BATCH} rows: {timing})" if timing else ""
+        compiled = f", compiled for calls of up to {FLOAT32_MAX_BATCH} rows" if self.compiled else ""
         if self.small_batch_precision == self.default_precision:
-            return f"{name(self.default_precision)} for every UNet call{timing}"
+            return f"{name(self.default_precision)} for every UNet call{timing}{compiled}"
         return (
             f"{name(self.small_batch_precision)} for UNet calls of up to {FLOAT32_MAX_BATCH} rows{timing}, "
-            f"{name(self.default_precision)} above"
+            f"{name(self.default_precision)} above{compiled}"
         )
 
     def render(self, prompt: str, settings: Settings) -> Result:
@@ -683,6 +709,12 @@ def main(argv=None):
         help="autocast of the UNet (default auto: for one image with guidance, float32 where a "
         "start-up timing finds it clearly faster; else bf16 where the device does it natively)",
     )
+    parser.add_argument(
+        "--no-compile",
+        action="store_true",
+        help="skip torch.compile of the UNet for one-image renders: the page is ready in seconds "
+        "instead of about a minute, and a render takes longer (about 1.3x on a 2-core CPU)",
+    )
     args = parser.parse_args(argv)
     one_line_warnings()
     if not 1 <= args.port <= 65535:
@@ -700,6 +732,9 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     start = time.perf_counter()
     editor = Editor.load(args.model or DEFAULT_MODEL, device=args.device, mixed_precision=args.mixed_precision)
+    if not args.no_compile:
+        print("compiling the UNet for one-image renders (about a minute on 2 CPU cores; --no-compile skips it)")
+        print(f"compiled in {editor.compile():.0f} s", flush=True)
     print(f"precision: {editor.precision_note()}", flush=True)
     first = editor.warm_up()
     page = build_page(editor, first)

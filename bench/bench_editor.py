@@ -1,18 +1,19 @@
 """Latency of one update of the attention editor (app.py), measured the way the page runs it.
 
-    python bench/bench_editor.py [--model runs/shapes/model] [--n 30] [--threads 2] [--json F]
+    python bench/bench_editor.py [--model runs/shapes/model] [--n 30] [--threads 2] [--no-compile] [--json F]
 
 1. Start-up: `Editor.load` (which times the UNet in float32 and bf16 to choose the precision of
-   small batches) and its warm-up, as app.py runs them before it opens the page; then, when
-   Gradio is installed, `python app.py` itself, timed from launch until its page answers.
+   small batches) and its warm-up; then, when Gradio is installed, `python app.py` itself (which
+   also compiles), timed from launch until its page answers.
 2. Updates: what a released weight slider runs before the page shows the result
    (`app.update_weight`: rewrite the prompt, sample it with each word's map at every step; then
    `app.result_html`), N times, each with a new weight so that the prompt's encoding is never
-   remembered: 1 image, 20 steps, guidance 3, Euler. Prints the median and p90 latency, and
+   remembered: 1 image, 20 steps, guidance 3, Euler. First uncompiled, then after
+   `Editor.compile` (timed), as app.py runs by default. Prints the median and p90 latency, and
    apart from it the downloads the page writes afterwards. Gradio's own transport is not in it.
-3. Bit-identity: the editor's images and aggregated maps against `Pipeline.__call__` with the
-   same settings and the precision the editor chose (float32 at UNet batches up to
-   `app.FLOAT32_MAX_BATCH`, i.e. `sample.py --mixed-precision no`).
+3. Against `Pipeline.__call__` (eager) with the same settings and the precision the editor chose:
+   the compiled one-image render differs by rounding (levels printed), four images (8 rows)
+   run eagerly and are bit-identical.
 4. Precision: one UNet call per batch size in float32 and in bf16 autocast (what
    `app.FLOAT32_MAX_BATCH` rests on), taking turns, median of 10.
 
@@ -20,8 +21,10 @@ Other jobs on the CPU slow every number here; compare runs on an idle machine.
 """
 
 import argparse
+import atexit
 import json
 import os
+import shutil
 import socket
 import statistics
 import subprocess
@@ -52,7 +55,7 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def server_start_seconds(model: str, threads: int | None) -> float | None:
+def server_start_seconds(model: str, threads: int | None, no_compile: bool) -> float | None:
     """Seconds from starting `python app.py` until its page answers (None without Gradio)."""
     try:
         import gradio  # noqa: F401
@@ -63,6 +66,7 @@ def server_start_seconds(model: str, threads: int | None) -> float | None:
         port = listener.getsockname()[1]
     command = [sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port)]
     command += ["--threads", str(threads)] if threads else []
+    command += ["--no-compile"] if no_compile else []
     start = time.perf_counter()
     process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -86,7 +90,14 @@ def main():
         "--threads", type=int, default=None, help="torch threads, as app.py --threads (default: torch's)"
     )
     parser.add_argument("--json", help="also write the start-up and update times to this JSON file")
+    parser.add_argument("--no-compile", action="store_true", help="time the uncompiled editor only")
     args = parser.parse_args()
+
+    # An empty inductor cache, so that the compile time is what a first start pays; app.py,
+    # started after it, finds the code this run compiled, as a second start does.
+    cache = tempfile.mkdtemp(prefix="bench-editor-inductor-")
+    atexit.register(shutil.rmtree, cache, True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
 
     import numpy as np
     import torch
@@ -110,10 +121,6 @@ def main():
         f"start-up: model loaded and precision timed in {loaded:.2f} s, warm (two renders) after {warm:.2f} s; "
         f"precision: {editor.precision_note()}"
     )
-    served = server_start_seconds(args.model, args.threads)
-    if served is not None:
-        print(f"start-up: python app.py answered after {served:.2f} s")
-
     encoder = editor.pipeline.encoder.encoder  # the encoder behind the editor's cache
     encodings = []
     for i in range(10):
@@ -122,41 +129,69 @@ def main():
         encodings.append(time.perf_counter() - begin)
     print(f"text encoding: {statistics.median(encodings) * 1000:.1f} ms a prompt (what each remembered one saves)")
 
+    compile_seconds = None
+    if not args.no_compile:
+        compile_seconds = editor.compile()
+        print(
+            f"start-up: compiled for one-image renders in {compile_seconds:.1f} s (an empty inductor cache); "
+            f"precision: {editor.precision_note()}"
+        )
+    served = server_start_seconds(args.model, args.threads, args.no_compile)
+    if served is not None:
+        print(f"start-up: python app.py answered after {served:.2f} s (the inductor cache this run filled)")
+
+    # Uncompiled and compiled updates take turns, so that a change in the machine's speed while
+    # the bench runs (other jobs, clocks) touches both alike.
     settings = app.Settings()  # 1 image, 20 steps, guidance 3, Euler, attention mode
+    pipeline = editor.pipelines[editor.small_batch_precision]
+    compiled_unet = pipeline.compiled_unet
+    kinds = ["uncompiled"] + (["compiled"] if compiled_unet is not None else [])
+    times = {kind: [] for kind in kinds}
+    render_times = {kind: [] for kind in kinds}
+    download_times = []
     prompt = app.DEFAULT_PROMPT
-    times, render_times, download_times = [], [], []
     with tempfile.TemporaryDirectory() as folder:
         for i in range(args.n):
             weight = round(0.5 + 0.05 * i, 2)  # a new prompt each time, as when a slider moves
-            begin = time.perf_counter()
-            prompt, view = app.update_weight(editor, prompt, 1, weight, settings, last)
-            app.result_html(view.result)
-            times.append(time.perf_counter() - begin)
-            assert not view.error, view.error
-            render_times.append(view.result.seconds)
+            for kind in kinds:
+                pipeline.compiled_unet = compiled_unet if kind == "compiled" else None
+                begin = time.perf_counter()
+                new_prompt, view = app.update_weight(editor, prompt, 1, weight, settings, last)
+                app.result_html(view.result)
+                times[kind].append(time.perf_counter() - begin)
+                assert not view.error, view.error
+                render_times[kind].append(view.result.seconds)
             begin = time.perf_counter()
             app.write_downloads({"image": view.result}, Path(folder), editor.model)
             download_times.append(time.perf_counter() - begin)
-            last = view.result
+            prompt, last = new_prompt, view.result
+    pipeline.compiled_unet = compiled_unet
+    precision = editor.precision(settings.unet_batch(1))
+    what = f"1 image, {settings.steps} steps, guidance {settings.guidance:g}, maps at every step, {precision}"
+    for kind in kinds:
+        print(
+            f"update, {kind} ({args.n}x: {what}): median {statistics.median(times[kind]) * 1000:.0f} ms, "
+            f"p90 {percentile(times[kind], 0.9) * 1000:.0f} ms (sampling and maps alone: median "
+            f"{statistics.median(render_times[kind]) * 1000:.0f} ms)"
+        )
+    print(f"the downloads written after an update: {statistics.median(download_times) * 1000:.0f} ms")
     if args.json:
+        shown = kinds[-1]  # what app.py runs
         record = {
             "threads": torch.get_num_threads(),
+            "compiled": editor.compiled,
             "start-up s": round(warm, 2),
+            "compile s": None if compile_seconds is None else round(compile_seconds, 1),
             "page answers s": None if served is None else round(served, 2),
-            "update median ms": round(statistics.median(times) * 1000, 1),
-            "update p90 ms": round(percentile(times, 0.9) * 1000, 1),
-            "sampling and maps median ms": round(statistics.median(render_times) * 1000, 1),
-            "precision": editor.precision(settings.unet_batch(1)),
+            "update median ms": round(statistics.median(times[shown]) * 1000, 1),
+            "update p90 ms": round(percentile(times[shown], 0.9) * 1000, 1),
+            "sampling and maps median ms": round(statistics.median(render_times[shown]) * 1000, 1),
+            "uncompiled update median ms": round(statistics.median(times["uncompiled"]) * 1000, 1),
+            "uncompiled update p90 ms": round(percentile(times["uncompiled"], 0.9) * 1000, 1),
+            "precision": precision,
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(
-        f"update ({args.n}x: 1 image, {settings.steps} steps, guidance {settings.guidance:g}, maps at every step, "
-        f"{editor.precision(settings.unet_batch(1))}): median {statistics.median(times) * 1000:.0f} ms, "
-        f"p90 {percentile(times, 0.9) * 1000:.0f} ms (sampling and maps alone: median "
-        f"{statistics.median(render_times) * 1000:.0f} ms; the downloads after it: "
-        f"{statistics.median(download_times) * 1000:.0f} ms)"
-    )
 
     cases = [
         ("a (red:0) circle on the left", app.Settings()),
@@ -188,10 +223,12 @@ def main():
             for a, b in zip(result.output.attention_maps, expected.attention_maps)
             for word in a
         )
+        compiled = editor.compiled and settings.unet_batch(settings.num_images) <= app.FLOAT32_MAX_BATCH
         print(
-            f"bit-identical to Pipeline.__call__ ({settings.num_images} image(s), {precision}): images "
-            f"{'yes' if max(pixels) == 0 else f'no, up to {max(pixels)} levels apart'}, "
-            f"maps {'yes' if maps_equal else 'no'}"
+            f"{'compiled' if compiled else 'eager'} editor against Pipeline.__call__ ({settings.num_images} "
+            f"image(s), {precision}): images "
+            f"{'bit-identical' if max(pixels) == 0 else f'up to {max(pixels)} levels apart'}, "
+            f"maps {'bit-identical' if maps_equal else 'not bit-identical'}"
         )
 
     print("UNet call (ms), median of 10, float32 and bf16 taking turns:")

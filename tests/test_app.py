@@ -134,6 +134,36 @@ def test_small_batches_take_the_precision_chosen_for_them(tiny_model):
     assert timed.small_batch_precision == ("no" if timed.unet_ms["no"] <= 0.9 * timed.unet_ms["bf16"] else "bf16")
 
 
+def test_a_compiled_editor_renders_what_an_uncompiled_one_does(capsys):
+    uncompiled = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    compiled = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    assert compiled.compile() > 0 and compiled.compiled and not uncompiled.compiled
+    assert compiled.precision_note() == "float32 for every UNet call, compiled for calls of up to 2 rows"
+    settings = app.Settings(steps=4, seed=2)
+    for prompt in ("a (red:0) circle on the left", "a red circle"):
+        a, b = (editor.render(prompt, settings) for editor in (uncompiled, compiled))
+        assert np.abs(np.asarray(a.output.images[0], int) - np.asarray(b.output.images[0], int)).max() <= 2
+        assert a.step_maps[0].keys() == b.step_maps[0].keys()
+        assert all(torch.allclose(a.step_maps[0][w], b.step_maps[0][w], atol=1e-4) for w in a.step_maps[0])
+    assert "torch.compile failed" not in capsys.readouterr().out
+
+
+def test_an_editor_whose_compile_fails_stays_uncompiled_and_says_so(capsys, monkeypatch):
+    from diffusion.compiled import CompiledUNet
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Compiler: cc is not found\nmore detail")
+
+    editor = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    monkeypatch.setattr(CompiledUNet, "__call__", no_compiler)
+    editor.compile()
+    assert not editor.compiled
+    assert capsys.readouterr().out.strip() == (
+        "warning: torch.compile failed (Compiler: cc is not found); renders stay uncompiled"
+    )
+    assert editor.render("a red circle", app.Settings(steps=2)).output.images
+
+
 def test_the_text_encoder_cache_gives_what_the_encoder_gives(editor):
     encoder = editor.pipeline.encoder
     first = encoder.encode(["a red circle", ""])
@@ -178,6 +208,7 @@ def server(tmp_path_factory):
                 str(port),
                 "--host",
                 "127.0.0.1",
+                "--no-compile",  # tests/test_compiled.py and the tests above cover the compiled UNet
             ],
             cwd=REPO,
             env=env,

@@ -118,10 +118,24 @@ def bench_section(benches: dict) -> list[str]:
         lines += [
             "### The editor (bench/bench_editor.py)",
             "",
-            f"- one update (1 image, 20 steps, guidance, every word's map at every step, {e['precision']}): "
-            f"median {e['update median ms']:.0f} ms, p90 {e['update p90 ms']:.0f} ms on {e['threads']} threads",
+            f"- one update (1 image, 20 steps, guidance, every word's map at every step, {e['precision']}, "
+            f"{'compiled' if e['compiled'] else 'uncompiled'}): median {e['update median ms']:.0f} ms, "
+            f"p90 {e['update p90 ms']:.0f} ms on {e['threads']} threads"
+            + (
+                f"; uncompiled (`--no-compile`, timed in turn with it): "
+                f"median {e['uncompiled update median ms']:.0f} ms, "
+                f"p90 {e['uncompiled update p90 ms']:.0f} ms"
+                if e.get("compiled")
+                else ""
+            ),
             f"- start-up: model loaded, precision timed and warm in {e['start-up s']:.1f} s"
-            + ("" if e["page answers s"] is None else f"; `python app.py` answers after {e['page answers s']:.1f} s"),
+            + ("" if e.get("compile s") is None else f"; compiling took {e['compile s']:.0f} s with an empty cache")
+            + (
+                ""
+                if e["page answers s"] is None
+                else f"; `python app.py` answers after {e['page answers s']:.1f} s"
+                + (" with the compiled code cached" if e.get("compiled") else "")
+            ),
             "",
         ]
     if "image_folder" in benches:

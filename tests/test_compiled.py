@@ -1,0 +1,69 @@
+"""The compiled UNet (diffusion/compiled.py): the eager UNet's images and maps up to rounding, one
+graph per batch size and weighting (never one per step), and eager wherever it cannot stand in."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch._dynamo.utils import counters
+
+from diffusion.attention_control import AttentionRecorder
+from diffusion.pipeline import Pipeline
+
+SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "small-shapes"
+
+
+@pytest.fixture(scope="module")
+def pipelines():
+    """(eager, compiled) float32 pipelines sharing one UNet; the compiled one compiles calls of
+    up to 2 rows (one image with guidance)."""
+    eager = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="no")
+    compiled = Pipeline.from_parts(eager.unet, eager.encoder, eager.scheduler_config, "cpu", "no")
+    compiled.compile(max_batch=2)
+    return eager, compiled
+
+
+def levels_apart(a, b) -> int:
+    return int(np.abs(np.asarray(a, int) - np.asarray(b, int)).max())
+
+
+def render(pipeline, prompt, **kwargs):
+    recorder = AttentionRecorder(pipeline.unet.config.sample_size, keep_history=True)
+    settings = {"seed": 3, "steps": 4, "progress": False, **kwargs}
+    output = pipeline(prompt, attention_controller=recorder, attention_maps=True, **settings)
+    return output, recorder
+
+
+@pytest.mark.parametrize("prompt", ["a red circle on the left", "a (red:0) circle on the left", "a (circle:2)"])
+def test_compiled_renders_match_the_eager_unet_up_to_rounding(pipelines, prompt):
+    eager, compiled = pipelines
+    expected, expected_recorder = render(eager, prompt)
+    output, recorder = render(compiled, prompt)
+    assert levels_apart(output.images[0], expected.images[0]) <= 2
+    for word, word_map in expected.attention_maps[0].items():
+        assert torch.allclose(output.attention_maps[0][word], word_map, atol=1e-4)
+    # the recorder saw every step and every site, as it does on the eager UNet
+    assert sorted(recorder.history) == sorted(expected_recorder.history) == list(range(4))
+    assert recorder.calls == expected_recorder.calls
+    assert torch.allclose(recorder.history[2], expected_recorder.history[2], atol=1e-4)
+
+
+def test_steps_and_new_weights_reuse_the_compiled_graphs(pipelines):
+    _, compiled = pipelines
+    render(compiled, "a (red:0.5) circle")  # builds (or finds) the graphs with and without weights
+    render(compiled, "a red circle")
+    graphs = counters["stats"]["unique_graphs"]
+    render(compiled, "a (blue:1.7) square on the right")
+    render(compiled, "a green triangle", steps=6)
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_word_swaps_and_large_batches_stay_on_the_eager_unet(pipelines):
+    eager, compiled = pipelines
+    expected = eager.swap("a red circle", "a blue circle", seed=1, steps=4, guidance=1.0)  # 2 rows
+    swapped = compiled.swap("a red circle", "a blue circle", seed=1, steps=4, guidance=1.0)
+    assert all(levels_apart(a.images[0], b.images[0]) == 0 for a, b in zip(swapped, expected))
+    expected = eager("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)  # 4 rows > max_batch
+    output = compiled("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)
+    assert all(levels_apart(a, b) == 0 for a, b in zip(output.images, expected.images))
