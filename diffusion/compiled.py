@@ -20,6 +20,7 @@ bit-identical; `tests/test_compiled.py` bounds the difference.
 from __future__ import annotations
 
 import torch
+import torch._inductor.config
 
 from .attention import AttentionController, AttentionSite
 from .attention_control import AttentionRecorder, AttentionReweighter, ControllerChain, in_window
@@ -62,7 +63,7 @@ class CompiledUNet:
         self.unet = unet
         self.config = unet.config
         self.max_batch = max_batch
-        self._graph = torch.compile(self._forward, dynamic=False, options={"freezing": True})
+        self._graph = torch.compile(self._forward, dynamic=False)
 
     def parameters(self):
         return self.unet.parameters()
@@ -114,16 +115,19 @@ class CompiledUNet:
                     weights = part.weights.to(sample.device)
                     resolutions = None if part.filter.resolutions is None else frozenset(part.filter.resolutions)
         recorders = [part for part in parts if isinstance(part, AttentionRecorder)]
-        prediction, maps = self._graph(
-            sample,
-            timestep,
-            encoder_hidden_states,
-            encoder_attention_mask,
-            conditional,
-            weights,
-            resolutions,
-            bool(recorders),
-        )
+        # Freezing (weights as constants, prepacked for oneDNN) is read when a graph is compiled;
+        # `torch.compile(options=...)` does not reach it, a config patch around the call does.
+        with torch._inductor.config.patch(freezing=True):
+            prediction, maps = self._graph(
+                sample,
+                timestep,
+                encoder_hidden_states,
+                encoder_attention_mask,
+                conditional,
+                weights,
+                resolutions,
+                bool(recorders),
+            )
         for name, resolution, site_maps in maps:
             site = AttentionSite(name, resolution, step, num_steps)  # the maps hold the conditional rows only
             for recorder in recorders:

@@ -148,6 +148,20 @@ def test_a_compiled_editor_renders_what_an_uncompiled_one_does(capsys):
     assert "torch.compile failed" not in capsys.readouterr().out
 
 
+def test_compiling_a_timed_editor_takes_the_default_precision_for_one_image(monkeypatch):
+    from diffusion.compiled import CompiledUNet
+
+    monkeypatch.setattr(CompiledUNet, "__call__", lambda self, *args, **kwargs: self.unet(*args, **kwargs))
+    pipeline = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="bf16")
+    timed = app.Editor(pipeline, "model")
+    timed.compile()
+    assert timed.small_batch_precision == "bf16" and timed.compiled
+    assert timed.precision_note() == "bf16 for every UNet call, compiled for calls of up to 2 rows"
+    chosen = app.Editor(pipeline, "model", small_batch_precision="no")  # chosen, not timed: kept
+    chosen.compile()
+    assert chosen.small_batch_precision == "no" and chosen.pipelines["no"].compiled_unet is not None
+
+
 def test_an_editor_whose_compile_fails_stays_uncompiled_and_says_so(capsys, monkeypatch):
     from diffusion.compiled import CompiledUNet
 
