@@ -209,8 +209,8 @@ class Editor:
         return cls(pipeline, str(Path(model).resolve()), small_batch_precision)
 
     def compile(self) -> float:
-        """Compile the UNet for one-image renders (`Pipeline.compile` for UNet calls of up to
-        FLOAT32_MAX_BATCH rows; larger batches and word swaps stay eager) and build its graphs
+        """Compile the UNet for one-image renders (`Pipeline.compile` for UNet calls of 2 rows, one
+        image with guidance; other batches, guidance 1 and word swaps stay eager) and build its graphs
         now, with and without weights, so that no slider waits for them. Returns the seconds it
         took. Where compiling fails (no C++ compiler, say), the editor stays uncompiled and says
         so in one line.
@@ -224,7 +224,7 @@ class Editor:
             self.unet_ms = {}
         pipeline = self.pipelines[self.small_batch_precision]
         start = time.perf_counter()
-        pipeline.compile(max_batch=FLOAT32_MAX_BATCH)
+        pipeline.compile(batch_sizes={Settings().unet_batch(1)})  # one image with guidance
         try:
             for prompt in (DEFAULT_PROMPT, WEIGHTED_PROMPT):
                 self.render(prompt, Settings())
@@ -258,7 +258,7 @@ class Editor:
         name = precision_name
         timing = ", ".join(f"{name(p)} {ms:.1f} ms" for p, ms in self.unet_ms.items())
         timing = f" (a call of {FLOAT32_MAX_BATCH} rows: {timing})" if timing else ""
-        compiled = f", compiled for calls of up to {FLOAT32_MAX_BATCH} rows" if self.compiled else ""
+        compiled = ", compiled for one image with guidance" if self.compiled else ""
         if self.small_batch_precision == self.default_precision:
             return f"{name(self.default_precision)} for every UNet call{timing}{compiled}"
         return (

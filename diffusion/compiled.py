@@ -55,14 +55,15 @@ class CompiledUNet:
     """Call it as the UNet is called when sampling (`UNet.forward`'s arguments).
 
     unet: the model; its weights are frozen into the compiled graph, so they must not change
-    afterwards. max_batch: calls of more rows run on the eager UNet (None: every call compiled).
+    afterwards. batch_sizes: the numbers of rows whose calls are compiled; calls of other sizes run
+    on the eager UNet, so that a new size never stalls a render to compile (None: every size).
     The first call at each batch size, with and without weights, compiles (seconds to a minute on
     a CPU); later calls reuse it."""
 
-    def __init__(self, unet: UNet, max_batch: int | None = None):
+    def __init__(self, unet: UNet, batch_sizes: set[int] | None = None):
         self.unet = unet
         self.config = unet.config
-        self.max_batch = max_batch
+        self.batch_sizes = batch_sizes
         self._graph = torch.compile(self._forward, dynamic=False)
 
     def parameters(self):
@@ -93,8 +94,8 @@ class CompiledUNet:
         num_steps: int | None = None,
         conditional: slice = slice(None),
     ) -> torch.Tensor:
-        too_large = self.max_batch is not None and sample.shape[0] > self.max_batch
-        if too_large or not self.supports(attention_controller):
+        other_size = self.batch_sizes is not None and sample.shape[0] not in self.batch_sizes
+        if other_size or not self.supports(attention_controller):
             return self.unet(
                 sample,
                 timestep,

@@ -295,12 +295,13 @@ class Pipeline(DiffusionPipeline):
         """The autocast context every UNet call of this pipeline runs in (see `mixed_precision`)."""
         return autocast(self.device, self.mixed_precision)
 
-    def compile(self, max_batch: int | None = None) -> None:
+    def compile(self, batch_sizes: set[int] | None = None) -> None:
         """Sample with the UNet compiled (`diffusion.compiled.CompiledUNet`, torch.compile with the
         weights frozen into the graph): faster where per-op overhead dominates (one image on a CPU),
         images equal to the eager UNet's up to rounding. The first call of each batch size compiles;
-        the weights must not change afterwards. max_batch: UNet calls of more rows stay eager."""
-        self.compiled_unet = CompiledUNet(self.unet, max_batch)
+        the weights must not change afterwards. batch_sizes: the UNet calls' numbers of rows to
+        compile, others stay eager (None: all)."""
+        self.compiled_unet = CompiledUNet(self.unet, batch_sizes)
 
     @torch.no_grad()
     def denoise(

@@ -138,7 +138,7 @@ def test_a_compiled_editor_renders_what_an_uncompiled_one_does(capsys):
     uncompiled = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
     compiled = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
     assert compiled.compile() > 0 and compiled.compiled and not uncompiled.compiled
-    assert compiled.precision_note() == "float32 for every UNet call, compiled for calls of up to 2 rows"
+    assert compiled.precision_note() == "float32 for every UNet call, compiled for one image with guidance"
     settings = app.Settings(steps=4, seed=2)
     for prompt in ("a (red:0) circle on the left", "a red circle"):
         a, b = (editor.render(prompt, settings) for editor in (uncompiled, compiled))
@@ -156,7 +156,7 @@ def test_compiling_a_timed_editor_takes_the_default_precision_for_one_image(monk
     timed = app.Editor(pipeline, "model")
     timed.compile()
     assert timed.small_batch_precision == "bf16" and timed.compiled
-    assert timed.precision_note() == "bf16 for every UNet call, compiled for calls of up to 2 rows"
+    assert timed.precision_note() == "bf16 for every UNet call, compiled for one image with guidance"
     chosen = app.Editor(pipeline, "model", small_batch_precision="no")  # chosen, not timed: kept
     chosen.compile()
     assert chosen.small_batch_precision == "no" and chosen.pipelines["no"].compiled_unet is not None

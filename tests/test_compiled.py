@@ -17,10 +17,10 @@ SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "small-
 @pytest.fixture(scope="module")
 def pipelines():
     """(eager, compiled) float32 pipelines sharing one UNet; the compiled one compiles calls of
-    up to 2 rows (one image with guidance)."""
+    2 rows (one image with guidance)."""
     eager = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="no")
     compiled = Pipeline.from_parts(eager.unet, eager.encoder, eager.scheduler_config, "cpu", "no")
-    compiled.compile(max_batch=2)
+    compiled.compile(batch_sizes={2})
     return eager, compiled
 
 
@@ -59,11 +59,13 @@ def test_steps_and_new_weights_reuse_the_compiled_graphs(pipelines):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
-def test_word_swaps_and_large_batches_stay_on_the_eager_unet(pipelines):
+def test_word_swaps_and_other_batch_sizes_stay_on_the_eager_unet(pipelines):
     eager, compiled = pipelines
     expected = eager.swap("a red circle", "a blue circle", seed=1, steps=4, guidance=1.0)  # 2 rows
     swapped = compiled.swap("a red circle", "a blue circle", seed=1, steps=4, guidance=1.0)
     assert all(levels_apart(a.images[0], b.images[0]) == 0 for a, b in zip(swapped, expected))
-    expected = eager("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)  # 4 rows > max_batch
+    expected = eager("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)  # 4 rows: not compiled
     output = compiled("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)
     assert all(levels_apart(a, b) == 0 for a, b in zip(output.images, expected.images))
+    expected = eager("a (red:2) circle", guidance=1.0, seed=5, steps=4)  # 1 row: not compiled either
+    assert levels_apart(compiled("a (red:2) circle", guidance=1.0, seed=5, steps=4).images[0], expected.images[0]) == 0
