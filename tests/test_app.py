@@ -205,7 +205,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """app.py on the small model (or on EDITOR_TEST_MODEL, e.g. for the README's picture), on a
-    free loopback port; yields its URL."""
+    free loopback port, uncompiled unless EDITOR_TEST_COMPILE=1; yields its URL."""
     pytest.importorskip("gradio")
     pytest.importorskip("playwright.sync_api")
     log = tmp_path_factory.mktemp("app") / "app.log"
@@ -222,8 +222,10 @@ def server(tmp_path_factory):
                 str(port),
                 "--host",
                 "127.0.0.1",
-                "--no-compile",  # tests/test_compiled.py and the tests above cover the compiled UNet
-            ],
+            ]
+            # compiling takes a minute on 2 cores: the tests above and tests/test_compiled.py cover
+            # the compiled UNet, and EDITOR_TEST_COMPILE=1 drives the compiled page here too
+            + ([] if os.environ.get("EDITOR_TEST_COMPILE") == "1" else ["--no-compile"]),
             cwd=REPO,
             env=env,
             stdout=out,
