@@ -27,6 +27,13 @@ from .attention_control import AttentionRecorder, AttentionReweighter, Controlle
 from .unet import UNet
 
 
+def _parts(controller: AttentionController | None) -> list[AttentionController]:
+    """The controllers a UNet call runs: a chain's members, one alone, or none."""
+    if isinstance(controller, ControllerChain):
+        return list(controller.controllers)
+    return [] if controller is None else [controller]
+
+
 class _GraphController(AttentionController):
     """Traced inside the compiled graph: reweight, then keep each site's conditional rows' mean over
     heads (none when `record` is False). The recorders upsample them outside the graph, where
@@ -62,12 +69,8 @@ class CompiledUNet:
 
     def __init__(self, unet: UNet, batch_sizes: set[int] | None = None):
         self.unet = unet
-        self.config = unet.config
         self.batch_sizes = batch_sizes
         self._graph = torch.compile(self._forward, dynamic=False)
-
-    def parameters(self):
-        return self.unet.parameters()
 
     def _forward(self, sample, timestep, context, mask, conditional, weights, resolutions, record):
         controller = _GraphController(weights, resolutions, record)
@@ -75,11 +78,9 @@ class CompiledUNet:
         return prediction, controller.maps
 
     @staticmethod
-    def supports(controller: AttentionController | None) -> bool:
-        """Whether the compiled graph can stand in for the eager UNet with this controller: none,
-        or at most one reweighter and any recorders, alone or in a `ControllerChain`."""
-        parts = controller.controllers if isinstance(controller, ControllerChain) else [controller]
-        parts = [c for c in parts if c is not None]
+    def supports(parts: list[AttentionController]) -> bool:
+        """Whether the compiled graph can stand in for the eager UNet with these controllers (`_parts`
+        of the one passed in): none, or at most one reweighter and any recorders."""
         kinds_ok = all(type(c) in (AttentionReweighter, AttentionRecorder) for c in parts)
         return kinds_ok and sum(isinstance(c, AttentionReweighter) for c in parts) <= 1
 
@@ -94,8 +95,9 @@ class CompiledUNet:
         num_steps: int | None = None,
         conditional: slice = slice(None),
     ) -> torch.Tensor:
+        parts = _parts(attention_controller)
         other_size = self.batch_sizes is not None and sample.shape[0] not in self.batch_sizes
-        if other_size or not self.supports(attention_controller):
+        if other_size or not self.supports(parts):
             return self.unet(
                 sample,
                 timestep,
@@ -106,8 +108,6 @@ class CompiledUNet:
                 num_steps,
                 conditional,
             )
-        chain = attention_controller
-        parts = chain.controllers if isinstance(chain, ControllerChain) else [chain] if chain else []
         weights, resolutions = None, None
         for part in parts:
             if isinstance(part, AttentionReweighter):
