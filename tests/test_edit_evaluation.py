@@ -14,6 +14,7 @@ from diffusion.edit_evaluation import (
     EDIT_WEIGHTS,
     MONOTONE_WEIGHTS,
     SWAP_KINDS,
+    SWAP_MEASURES,
     SWAP_TARGETS,
     EditPrompt,
     SwapCase,
@@ -385,17 +386,7 @@ def test_swap_cases_of_the_generator_score_as_kept_when_nothing_changes():
 
 def swap_response() -> dict:
     """Every swap rate 1 at edit steps 0.2 and 0.6."""
-    rates = {
-        m: 1.0
-        for m in (
-            "new present",
-            "old gone",
-            "colour kept",
-            "edited iou >= 0.8",
-            "centre within 2 px",
-            "others iou >= 0.9",
-        )
-    }
+    rates = dict.fromkeys(SWAP_MEASURES, 1.0)
     return {
         "kinds": {
             kind: {"n": 10, "by_steps": {"0.6": {"scored": 10, **rates}, "0.2": {"scored": 10, **rates}}}

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from diffusion.detector import Detection, detect
-from diffusion.edit_evaluation import SWAP_KINDS
+from diffusion.edit_evaluation import SWAP_KINDS, SWAP_MEASURES
 from diffusion.evaluation import CATEGORIES, Case, category_cases, map_iou, passes, pointing, span_map, stated_positions
 from diffusion.shapes import render_scene
 
@@ -190,16 +190,7 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
         given.update(kwargs)
         unscored = {
             "scored": 0,
-            **dict.fromkeys(
-                (
-                    "new present",
-                    "old gone",
-                    "colour kept",
-                    "edited iou >= 0.8",
-                    "centre within 2 px",
-                    "others iou >= 0.9",
-                )
-            ),
+            **dict.fromkeys(SWAP_MEASURES),
         }
         swap = {
             "n": 3,
