@@ -5,8 +5,8 @@ conditional rows of the batch only (`site.conditional`); the unconditional half 
 classifier-free guidance is left alone, as in Prompt-to-Prompt.
 
 - `AttentionRecorder` keeps running sums (DAAM-style aggregation): mean over heads, sum over the
-  layers at the chosen resolutions (each upsampled bilinearly to a common size) and over a window
-  of steps. Memory is O(batch x tokens x size^2), whatever the number of steps, layers or heads.
+  layers at the chosen resolutions (upsampled bilinearly to a common size when read) and over a
+  window of steps. Memory is O(batch x tokens x size^2), whatever the number of steps, layers or heads.
   Per-step history only when asked for.
 - `AttentionReweighter` multiplies the probabilities of weighted tokens by their weights and
   renormalises them (Prompt-to-Prompt's reweighting, which leaves P * w unnormalised, then
@@ -61,6 +61,10 @@ class AttentionRecorder(AttentionController):
     size: side of the common grid the maps are upsampled to (e.g. the image side).
     steps, resolutions: which calls to record (see SiteFilter).
     keep_history: also keep one aggregate per step (memory grows with the steps).
+
+    The sums are kept per resolution at the layers' own sides and upsampled when read (`total`,
+    `history`): bilinear upsampling is linear, so the sum of the upsampled maps is the upsampled
+    sum, and a call costs an addition instead of an interpolation.
     """
 
     def __init__(
@@ -73,9 +77,11 @@ class AttentionRecorder(AttentionController):
         self.size = size
         self.filter = SiteFilter(steps, resolutions)
         self.keep_history = keep_history
-        self.total: torch.Tensor | None = None  # (B, T, size, size) running sum
         self.calls = 0
-        self.history: dict[int, torch.Tensor] = {}
+        self._sums: dict[tuple[int, int], torch.Tensor] = {}  # resolution -> (B, T, h, w) running sum
+        self._step_sums: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # step -> the same, that step only
+        self._total: torch.Tensor | None = None  # upsampled `_sums`, until the next call
+        self._history: dict[int, torch.Tensor] | None = None
 
     def wants(self, site: AttentionSite) -> bool:
         return self.filter(site)
@@ -85,20 +91,53 @@ class AttentionRecorder(AttentionController):
         B, _, _, T = conditional.shape
         h, w = site.resolution
         maps = conditional.mean(1).transpose(1, 2).reshape(B, T, h, w)  # (B, T, h, w)
-        if (h, w) != (self.size, self.size):
-            # bilinear weights sum to one, so maps still sum to 1 over tokens at every position
-            maps = F.interpolate(maps, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        self.total = maps if self.total is None else self.total + maps
+        _accumulate(self._sums, (h, w), maps)
         self.calls += 1
         if self.keep_history and site.step is not None:
-            self.history[site.step] = self.history.get(site.step, 0) + maps
+            _accumulate(self._step_sums.setdefault(site.step, {}), (h, w), maps)
+        self._total = self._history = None
         return None
+
+    def _upsampled(self, maps: torch.Tensor) -> torch.Tensor:
+        """(N, T, h, w) -> (N, T, size, size); bilinear weights sum to one, so maps that sum to 1
+        over tokens still do at every position."""
+        if maps.shape[-2:] == (self.size, self.size):
+            return maps
+        return F.interpolate(maps, size=(self.size, self.size), mode="bilinear", align_corners=False)
+
+    @property
+    def total(self) -> torch.Tensor | None:
+        """(B, T, size, size): the sum of every recorded call's maps (None before the first)."""
+        if self._total is None and self._sums:
+            for maps in self._sums.values():
+                up = self._upsampled(maps)
+                self._total = up if self._total is None else self._total + up
+        return self._total
+
+    @property
+    def history(self) -> dict[int, torch.Tensor]:
+        """step -> (B, T, size, size): the sum of that step's maps (empty without keep_history).
+        Each resolution's steps are upsampled in one call."""
+        if self._history is None:
+            steps = sorted(self._step_sums)
+            stacked = None
+            for resolution in {r for sums in self._step_sums.values() for r in sums}:
+                like = next(sums[resolution] for sums in self._step_sums.values() if resolution in sums)
+                per_step = torch.stack([self._step_sums[s].get(resolution, torch.zeros_like(like)) for s in steps])
+                up = self._upsampled(per_step.flatten(0, 1)).unflatten(0, per_step.shape[:2])  # (S, B, T, R, R)
+                stacked = up if stacked is None else stacked + up
+            self._history = {} if stacked is None else dict(zip(steps, stacked.unbind(0)))
+        return self._history
 
     def token_maps(self) -> torch.Tensor:
         """(B, T, size, size): the mean map of every token over the recorded calls."""
         if self.total is None:
             raise RuntimeError("no cross-attention was recorded (check the step window and resolutions)")
         return self.total / self.calls
+
+
+def _accumulate(sums: dict, key, maps: torch.Tensor) -> None:
+    sums[key] = maps if key not in sums else sums[key] + maps
 
 
 class AttentionReweighter(AttentionController):

@@ -106,6 +106,24 @@ def test_recorder_maps_sum_to_one_over_tokens_at_every_position():
     torch.testing.assert_close(maps.sum(1), torch.ones(2, 8, 8))
 
 
+def test_recorder_equals_upsampling_every_call_and_summing():
+    recorder = AttentionRecorder(size=8, keep_history=True)
+    expected_total, expected_history = torch.zeros(2, 6, 8, 8), {0: torch.zeros(2, 6, 8, 8), 1: torch.zeros(2, 6, 8, 8)}
+    for k, (step, side) in enumerate([(0, 4), (0, 2), (0, 8), (1, 4), (1, 2), (1, 4)]):
+        p = probabilities(h=side, w=side, seed=k)
+        recorder.process(site((side, side), step=step), p)
+        maps = p.mean(1).transpose(1, 2).reshape(2, 6, side, side)
+        up = torch.nn.functional.interpolate(maps, size=(8, 8), mode="bilinear", align_corners=False)
+        expected_total += up
+        expected_history[step] += up
+        # read between calls too: a read must not stop later calls from counting
+        torch.testing.assert_close(recorder.total, expected_total)
+    assert recorder.calls == 6 and sorted(recorder.history) == [0, 1]
+    for step, maps in expected_history.items():
+        torch.testing.assert_close(recorder.history[step], maps)
+    torch.testing.assert_close(recorder.token_maps(), expected_total / 6)
+
+
 def test_recorder_memory_does_not_grow_with_steps():
     recorder = AttentionRecorder(size=4)
     for step in range(50):
@@ -219,7 +237,9 @@ def test_changed_tokens_of_several_pairs_and_of_an_unchanged_pair(tokenizer):
 def blend_with_maps(changed, maps, threshold=0.3):
     """A LocalBlend whose recorder holds `maps` (2P, T, S, S) as its running sum."""
     blend = LocalBlend(changed, size=maps.shape[-1], threshold=threshold)
-    blend.recorder.total, blend.recorder.calls = maps, 1
+    B, T, S, _ = maps.shape
+    one_head = maps.flatten(2).transpose(1, 2)[:, None]  # (B, 1, S*S, T): its mean over heads is `maps`
+    blend.process(site((S, S)), one_head)
     return blend
 
 
