@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 from diffusion.attention_control import AttentionRecorder
 from diffusion.pipeline import Pipeline
+from diffusion.weighting import Weighting
 
 SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "small-shapes"
 
@@ -69,3 +70,38 @@ def test_word_swaps_and_other_batch_sizes_stay_on_the_eager_unet(pipelines):
     assert all(levels_apart(a, b) == 0 for a, b in zip(output.images, expected.images))
     expected = eager("a (red:2) circle", guidance=1.0, seed=5, steps=4)  # 1 row: not compiled either
     assert levels_apart(compiled("a (red:2) circle", guidance=1.0, seed=5, steps=4).images[0], expected.images[0]) == 0
+
+
+def test_a_call_unlike_the_compiled_ones_gets_its_own_graph(pipelines):
+    """Calls seen before skip dynamo's guards (diffusion/compiled.py); anything that changes what
+    the graph computes must still reach a graph of its own: weights at some resolutions only, no
+    maps recorded, a weight window that leaves some steps unweighted."""
+    eager, compiled = pipelines
+    render(compiled, "a (red:0.5) circle")  # graphs with and without weights, at every resolution
+    render(compiled, "a red circle")
+    resolutions = set(eager.unet.config.attention_resolutions[:1])
+    for weighting in (Weighting(resolutions=resolutions), Weighting(steps=(0.0, 0.5))):
+        expected, _ = render(eager, "a (red:0) circle on the left", weighting=weighting)
+        output, _ = render(compiled, "a (red:0) circle on the left", weighting=weighting)
+        assert levels_apart(output.images[0], expected.images[0]) <= 2
+    expected = eager("a (green:3) square", seed=2, steps=4, progress=False)
+    output = compiled("a (green:3) square", seed=2, steps=4, progress=False)  # no maps asked for
+    assert levels_apart(output.images[0], expected.images[0]) <= 2
+
+
+def test_compiled_unets_in_float32_and_bf16_take_turns(pipelines):
+    """The editor compiles both precisions to time them (app.py): two instances on one UNet, whose
+    graphs differ only in autocast, each keep running their own."""
+    eager, _ = pipelines
+    parts = (eager.unet, eager.encoder, eager.scheduler_config, "cpu")
+    eager_bf16 = Pipeline.from_parts(*parts, "bf16")
+    compiled = {precision: Pipeline.from_parts(*parts, precision) for precision in ("no", "bf16")}
+    for pipeline in compiled.values():
+        pipeline.compile(batch_sizes={2})
+    # bf16 keeps 8 bits of mantissa, and fused kernels round at other places than eager ones
+    tolerance = {"no": 2, "bf16": 8}
+    for _ in range(2):
+        for precision, reference in (("bf16", eager_bf16), ("no", eager)):
+            expected, _ = render(reference, "a (red:2) circle", steps=2)
+            output, _ = render(compiled[precision], "a (red:2) circle", steps=2)
+            assert levels_apart(output.images[0], expected.images[0]) <= tolerance[precision]
