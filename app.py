@@ -8,7 +8,7 @@ The model side (`Editor`, `Settings`, `Result`, `word_weights`) and the HTML vie
 (`result_html`, `swap_html`) need no Gradio: bench/bench_editor.py and tests/test_app.py call
 them directly, and `build_page` wires them to a Gradio page. The model and its text encoder are
 loaded once at start-up and kept warm, and the UNet is compiled there for one-image renders
-(`Editor.compile`, diffusion/compiled.py: a slider's render 1.4x faster on a 2-core CPU, images
+(`Editor.compile`, diffusion/compiled.py: a slider's render 1.7x faster on a 2-core CPU, images
 within a level or two of the uncompiled ones); requests from several browser tabs queue and run
 one at a time (the CPU has no room for two samplers at once).
 """
@@ -193,6 +193,7 @@ class Editor:
         self.default_precision = pipeline.mixed_precision
         self.model = model
         self.unet_ms: dict[str, float] = {}  # the start-up timing, per precision
+        self.render_ms: dict[str, float] = {}  # the compiled renders' timing, when `compile` chose
         if small_batch_precision is None:
             self.unet_ms = unet_milliseconds(self.pipelines, FLOAT32_MAX_BATCH)
             fast = self.unet_ms["no"] <= FLOAT32_MAX_TIME * self.unet_ms[self.default_precision]
@@ -215,23 +216,44 @@ class Editor:
         took. Where compiling fails (no C++ compiler, say), the editor stays uncompiled and says
         so in one line.
 
-        Where the precision of small batches was timed (uncompiled), one-image renders take the
-        default precision instead: frozen into the graph, bf16 weights are cast once, not per
-        call, and the compiled bf16 render is the faster one (164 against 219 ms on a 2-core
-        EPYC, which times the two alike uncompiled)."""
-        if self.unet_ms:
-            self.small_batch_precision = self.default_precision
-            self.unet_ms = {}
-        pipeline = self.pipelines[self.small_batch_precision]
+        Where the precision of small batches is the editor's to choose (it was timed uncompiled),
+        both precisions are compiled and renders of each are timed in turn; the faster one keeps its
+        graphs. The uncompiled timing does not predict the compiled one: frozen into the graph,
+        bf16 weights are cast once, not per call (a 2-core EPYC times the two alike uncompiled and
+        renders 1.3x faster in compiled bf16)."""
+        candidates = sorted(self.unet_ms) if self.unet_ms else [self.small_batch_precision]
         start = time.perf_counter()
-        pipeline.compile(batch_sizes={Settings().unet_batch(1)})  # one image with guidance
         try:
+            for precision in candidates:
+                self.pipelines[precision].compile(batch_sizes={Settings().unet_batch(1)})  # one image with guidance
+            if len(candidates) > 1:
+                self.render_ms = self.render_milliseconds(candidates)
+                self.small_batch_precision = min(self.render_ms, key=self.render_ms.get)
+                self.unet_ms = {}
+                for precision in candidates:
+                    if precision != self.small_batch_precision:
+                        self.pipelines[precision].compiled_unet = None
             for prompt in (DEFAULT_PROMPT, WEIGHTED_PROMPT):
                 self.render(prompt, Settings())
         except Exception as error:  # inductor's failures share no type; the eager UNet still works
-            pipeline.compiled_unet = None
+            for precision in candidates:
+                self.pipelines[precision].compiled_unet = None
             print(f"warning: torch.compile failed ({str(error).strip().splitlines()[0]}); renders stay uncompiled")
         return time.perf_counter() - start
+
+    def render_milliseconds(self, precisions: list[str], repeats: int = 3) -> dict[str, float]:
+        """Median milliseconds of a one-image render of the default prompt in each of `precisions`,
+        taking turns (see `unet_milliseconds`); a first render each, which compiles, is not counted."""
+        chosen = self.small_batch_precision
+        times = {precision: [] for precision in precisions}
+        try:
+            for _ in range(repeats + 1):
+                for precision in precisions:
+                    self.small_batch_precision = precision
+                    times[precision].append(self.render(DEFAULT_PROMPT, Settings()).seconds)
+        finally:
+            self.small_batch_precision = chosen
+        return {precision: statistics.median(seconds[1:]) * 1000 for precision, seconds in times.items()}
 
     @property
     def compiled(self) -> bool:
@@ -259,6 +281,8 @@ class Editor:
         timing = ", ".join(f"{name(p)} {ms:.1f} ms" for p, ms in self.unet_ms.items())
         timing = f" (a call of {FLOAT32_MAX_BATCH} rows: {timing})" if timing else ""
         compiled = ", compiled for one image with guidance" if self.compiled else ""
+        if self.compiled and self.render_ms:
+            compiled += " (a render: " + ", ".join(f"{name(p)} {ms:.0f} ms" for p, ms in self.render_ms.items()) + ")"
         if self.small_batch_precision == self.default_precision:
             return f"{name(self.default_precision)} for every UNet call{timing}{compiled}"
         return (
@@ -721,7 +745,7 @@ def main(argv=None):
         "--no-compile",
         action="store_true",
         help="skip torch.compile of the UNet for one-image renders: the page is ready in seconds "
-        "instead of about a minute, and a render takes longer (about 1.4x on a 2-core CPU)",
+        "instead of a minute or more, and a render takes longer (about 1.7x on a 2-core CPU)",
     )
     args = parser.parse_args(argv)
     one_line_warnings()
@@ -741,7 +765,10 @@ def main(argv=None):
     start = time.perf_counter()
     editor = Editor.load(args.model or DEFAULT_MODEL, device=args.device, mixed_precision=args.mixed_precision)
     if not args.no_compile:
-        print("compiling the UNet for one-image renders (about a minute on 2 CPU cores; --no-compile skips it)")
+        print(
+            "compiling the UNet for one-image renders, and timing it in each precision "
+            "(a minute or more on 2 CPU cores; --no-compile skips it)"
+        )
         print(f"compiled in {editor.compile():.0f} s", flush=True)
     print(f"precision: {editor.precision_note()}", flush=True)
     first = editor.warm_up()

@@ -189,6 +189,7 @@ def main():
             "uncompiled update median ms": round(statistics.median(times["uncompiled"]) * 1000, 1),
             "uncompiled update p90 ms": round(percentile(times["uncompiled"], 0.9) * 1000, 1),
             "precision": precision,
+            "compiled render ms by precision": {app.precision_name(p): round(ms) for p, ms in editor.render_ms.items()},
         }
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(record, indent=1) + "\n")

@@ -148,18 +148,40 @@ def test_a_compiled_editor_renders_what_an_uncompiled_one_does(capsys):
     assert "torch.compile failed" not in capsys.readouterr().out
 
 
-def test_compiling_a_timed_editor_takes_the_default_precision_for_one_image(monkeypatch):
+@pytest.mark.parametrize("render_ms", [{"bf16": 150.0, "no": 200.0}, {"bf16": 210.0, "no": 160.0}])
+def test_compiling_a_timed_editor_keeps_the_precision_that_renders_faster_compiled(monkeypatch, render_ms):
     from diffusion.compiled import CompiledUNet
 
     monkeypatch.setattr(CompiledUNet, "__call__", lambda self, *args, **kwargs: self.unet(*args, **kwargs))
+    monkeypatch.setattr(app.Editor, "render_milliseconds", lambda self, precisions: render_ms)
     pipeline = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="bf16")
     timed = app.Editor(pipeline, "model")
     timed.compile()
-    assert timed.small_batch_precision == "bf16" and timed.compiled
-    assert timed.precision_note() == "bf16 for every UNet call, compiled for one image with guidance"
+    faster = min(render_ms, key=render_ms.get)
+    assert timed.small_batch_precision == faster and timed.compiled
+    assert [p for p, pipe in timed.pipelines.items() if pipe.compiled_unet is not None] == [faster]
+    timing = "(a render: bf16 " + f"{render_ms['bf16']:.0f} ms, float32 {render_ms['no']:.0f} ms)"
+    expected = {
+        "bf16": "bf16 for every UNet call",
+        "no": "float32 for UNet calls of up to 2 rows, bf16 above",
+    }[faster]
+    assert timed.precision_note() == f"{expected}, compiled for one image with guidance {timing}"
     chosen = app.Editor(pipeline, "model", small_batch_precision="no")  # chosen, not timed: kept
+    monkeypatch.setattr(app.Editor, "render_milliseconds", lambda self, precisions: pytest.fail("timed"))
     chosen.compile()
     assert chosen.small_batch_precision == "no" and chosen.pipelines["no"].compiled_unet is not None
+
+
+def test_render_milliseconds_times_each_precision_and_leaves_the_choice_alone():
+    pipeline = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="bf16")
+    editor = app.Editor(pipeline, "model", small_batch_precision="bf16")
+    rendered = []
+    render = editor.render
+    editor.render = lambda prompt, settings: rendered.append(editor.small_batch_precision) or render(prompt, settings)
+    ms = editor.render_milliseconds(["bf16", "no"], repeats=2)
+    assert set(ms) == {"bf16", "no"} and all(value > 0 for value in ms.values())
+    assert rendered == ["bf16", "no"] * 3  # in turn, a first render each not counted
+    assert editor.small_batch_precision == "bf16"
 
 
 def test_an_editor_whose_compile_fails_stays_uncompiled_and_says_so(capsys, monkeypatch):

@@ -128,6 +128,14 @@ def bench_section(benches: dict) -> list[str]:
                 if e.get("compiled")
                 else ""
             ),
+            *(
+                [
+                    "- compiled renders timed at start-up to choose the precision: "
+                    + ", ".join(f"{p} {ms} ms" for p, ms in e["compiled render ms by precision"].items())
+                ]
+                if e.get("compiled render ms by precision")
+                else []
+            ),
             f"- start-up: model loaded, precision timed and warm in {e['start-up s']:.1f} s"
             + ("" if e.get("compile s") is None else f"; compiling took {e['compile s']:.0f} s with an empty cache")
             + (
