@@ -98,9 +98,10 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--weight-steps",
-        default="0,1",
+        default=None,
         type=fraction_window,
-        help="window of steps (fractions start,end) where attention weights act (default 0,1)",
+        help="window of steps (fractions start,end) where weights act (default 0,1 in attention mode, "
+        "0,0.3 in embedding mode, where a word at 0 stays deleted after it)",
     )
     parser.add_argument(
         "--attention-resolutions",

@@ -351,9 +351,13 @@ class Pipeline(DiffusionPipeline):
         weighting = weighting or Weighting()
         plain = self.encoder.encode(prompts)  # (B, T, D), (B, T)
         embeddings, key_mask = condition(self.encoder, prompts, token_weights, weighting, encoded=plain)
-        # Attention-mode weights act within their window of steps, and so does their fading of
-        # the other words' states: outside it the UNet reads the plain encoding.
-        outside = plain[0] if token_weights is not None and weighting.fades_within_window() else None
+        # Weights act within their window of steps (`Weighting.window`), and so do the states
+        # they make; outside it the UNet reads the plain encoding (in embedding mode, with the
+        # words at 0 still deleted).
+        outside = None
+        if token_weights is not None and weighting.acts_within_window():
+            late = weighting.outside_weights(token_weights)
+            outside = condition(self.encoder, prompts, late, weighting, encoded=plain)[0]
         use_guidance = guidance != 1.0
         conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
         if use_guidance:  # unconditional half first, conditional second
@@ -377,7 +381,7 @@ class Pipeline(DiffusionPipeline):
                 model_input = torch.cat([x, x]) if use_guidance else x
                 model_input = scheduler.scale_model_input(model_input, t).to(dtype)
                 context = (
-                    outside if outside is not None and not step_in_window(i, steps, weighting.steps) else embeddings
+                    outside if outside is not None and not step_in_window(i, steps, weighting.window) else embeddings
                 )
                 prediction = (self.compiled_unet or self.unet)(
                     model_input,
@@ -421,7 +425,7 @@ class Pipeline(DiffusionPipeline):
         if swap_mapping is not None:
             controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions))
         if weighted and weighting.mode == "attention":
-            controllers.append(AttentionReweighter(weights, weighting.steps, weighting.resolutions))
+            controllers.append(AttentionReweighter(weights, weighting.window, weighting.resolutions))
         recorder = None
         if maps is not None:
             recorder = AttentionRecorder(self.unet.config.sample_size, maps.steps, maps.resolutions)
@@ -573,6 +577,7 @@ class Pipeline(DiffusionPipeline):
             "negative_prompt": negative_prompt or "",
             "weight_mode": weighting.mode,
             "weight_context": weighting.context,
+            "weight_steps": list(weighting.window),
             "mixed_precision": self.mixed_precision,
         }
         starts = range(0, total, batch_size)

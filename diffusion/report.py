@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from . import edit_evaluation as edits
-from .config import DEFAULT_EDIT_STEPS, DEFAULT_PARTS, DEFAULT_SAMPLER
+from .config import DEFAULT_EDIT_STEPS, DEFAULT_PARTS, DEFAULT_SAMPLER, DEFAULT_WEIGHT_STEPS
 from .detector import detector_accuracy
 from .errors import UserError
 from .evaluation import (
@@ -118,7 +118,7 @@ def evaluate(
     if {"edit", "swap"} & set(parts):
         report["weighting"] = {
             "context": weighting.context,
-            "steps": list(weighting.steps),
+            "steps": None if weighting.steps is None else list(weighting.steps),  # None: each mode's default
             "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None,
         }
     if "edit" in parts:
@@ -216,7 +216,13 @@ def format_report(report: dict) -> str:
         w = report["weighting"]
         lines += [
             "",
-            f"weighting: context {w['context']}, steps {w['steps'][0]:g}-{w['steps'][1]:g}, "
+            f"weighting: context {w['context']}, steps "
+            + (
+                f"{w['steps'][0]:g}-{w['steps'][1]:g}"
+                if w["steps"]
+                else ", ".join(f"{mode} {a:g}-{b:g}" for mode, (a, b) in DEFAULT_WEIGHT_STEPS.items())
+            )
+            + ", "
             f"resolutions {w['resolutions'] or 'all'}",
         ]
     if "edit" in report:

@@ -3,7 +3,8 @@
 Two modes. "attention" (the default) reweights the word's cross-attention probabilities and
 renormalises them (`attention_control.AttentionReweighter`): at weight 0 no pixel reads the word,
 above 1 pixels read it more and the other words less. "embedding" scales the word's text state
-from the empty prompt's, e0 + w (e - e0) (compel / AUTOMATIC1111 style).
+from the empty prompt's, e0 + w (e - e0) (compel / AUTOMATIC1111 style), by default for the first
+0.3 of the steps only (`Weighting.window`, config.DEFAULT_WEIGHT_STEPS).
 
 In both, a word weighted below 1 can also fade out of the other words' text states (context
 "fade", the default): the causal CLIP writes "red" into the state of "circle" in "a red circle",
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import WEIGHT_CONTEXTS, WEIGHT_MODES
+from .config import DEFAULT_WEIGHT_STEPS, WEIGHT_CONTEXTS, WEIGHT_MODES
 from .errors import UserError
 from .prompts import WeightedPrompt, align_tokens, delete_tokens, word_token_weights
 from .text_encoder import TextEncoder
@@ -25,29 +26,48 @@ from .text_encoder import TextEncoder
 @dataclass
 class Weighting:
     """How prompt weights act. mode "attention" or "embedding" (module docstring), within
-    `steps`, a [start, end) fraction of the sampling steps (attention mode), and at `resolutions`,
-    the feature-map sides (None: all), which also limit a word swap's injection. context "fade":
-    a word weighted below 1 also fades out of the other tokens' text states (`condition`);
-    "keep": those states stay as encoded (plain Prompt-to-Prompt reweighting or embedding scaling)."""
+    `steps`, a [start, end) fraction of the sampling steps (None: the mode's default,
+    config.DEFAULT_WEIGHT_STEPS; `window`), and at `resolutions`, the feature-map sides (None:
+    all), which also limit a word swap's injection. context "fade": a word weighted below 1 also
+    fades out of the other tokens' text states (`condition`); "keep": those states stay as
+    encoded (plain Prompt-to-Prompt reweighting or embedding scaling).
+
+    Outside the window the UNet reads the plain states, except that in embedding mode a word at
+    weight 0 stays deleted at every step: that weight means the prompt without the word, which
+    the model would otherwise draw back in the steps after the window."""
 
     mode: str = WEIGHT_MODES[0]  # "attention"
-    steps: tuple[float, float] = (0.0, 1.0)
+    steps: tuple[float, float] | None = None
     resolutions: set[int] | None = None
     context: str = WEIGHT_CONTEXTS[0]  # "fade"
+
+    @property
+    def window(self) -> tuple[float, float]:
+        """The [start, end) fraction of the steps in which the weights act."""
+        return tuple(self.steps) if self.steps is not None else DEFAULT_WEIGHT_STEPS.get(self.mode, (0.0, 1.0))
 
     def check(self) -> None:
         if self.mode not in WEIGHT_MODES:
             raise UserError(f"unknown weight mode '{self.mode}'; choose {' or '.join(WEIGHT_MODES)}")
         if self.context not in WEIGHT_CONTEXTS:
             raise UserError(f"unknown weight context '{self.context}'; choose {' or '.join(WEIGHT_CONTEXTS)}")
-        start, end = self.steps
+        start, end = self.window
         if not (0 <= start < end <= 1):
             raise UserError(f"weight steps must be a window 0 <= start < end <= 1, got {start},{end}")
 
-    def fades_within_window(self) -> bool:
-        """Whether the faded states apply only within `steps` (attention mode with a window):
-        outside it the UNet reads the plain encoding, as the weights do not act there either."""
-        return self.mode == "attention" and self.context == "fade" and tuple(self.steps) != (0.0, 1.0)
+    def acts_within_window(self) -> bool:
+        """Whether the weighted states apply only within `window`: outside it the UNet reads the
+        states of `outside_weights`. Attention mode with "fade" (the faded states follow the
+        reweighting's window) and embedding mode, whenever the window is not every step."""
+        everywhere = self.window == (0.0, 1.0)
+        return not everywhere and (self.mode == "embedding" or self.context == "fade")
+
+    def outside_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, T) the token weights that act outside the window: none (all 1), but in embedding
+        mode a word at 0 stays at 0."""
+        if self.mode == "embedding":
+            return torch.where(weights == 0, 0.0, 1.0).to(weights.dtype)
+        return torch.ones_like(weights)
 
 
 def token_weights(prompts: list[WeightedPrompt], offsets: torch.Tensor) -> torch.Tensor:

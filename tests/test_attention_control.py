@@ -18,6 +18,8 @@ from diffusion.attention_control import (
     changed_tokens,
 )
 from diffusion.clip_training import fit_tokenizer
+from diffusion.config import DEFAULT_WEIGHT_STEPS
+from diffusion.errors import UserError
 from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
 from diffusion.prompts import align_tokens, split_words
 from diffusion.weighting import Weighting, condition
@@ -402,6 +404,30 @@ def test_attention_weights_and_their_fading_act_only_within_the_window(live_pipe
             "a (red:0) circle on the left", steps=3, progress=False, weighting=Weighting("attention", steps=window)
         ).images[0]
         assert np.array_equal(np.asarray(plain), np.asarray(weighted)) != changed, window
+
+
+def test_each_mode_has_its_default_window_and_steps_override_it():
+    assert Weighting("attention").window == DEFAULT_WEIGHT_STEPS["attention"] == (0.0, 1.0)
+    assert Weighting("embedding").window == DEFAULT_WEIGHT_STEPS["embedding"] != (0.0, 1.0)
+    assert Weighting("embedding", steps=(0.0, 1.0)).window == (0.0, 1.0)
+    with pytest.raises(UserError, match="weight steps must be a window"):
+        Weighting("embedding", steps=(0.5, 0.5)).check()
+
+
+def test_embedding_weights_act_within_the_window_but_a_word_at_zero_stays_deleted(live_pipe):
+    # 3 steps sit at fractions 0, 1/3, 2/3: a window of [0.9, 1) holds none of them
+    def image(prompt, **weighting):
+        return np.asarray(
+            live_pipe(prompt, steps=3, progress=False, weighting=Weighting("embedding", **weighting)).images[0]
+        )
+
+    plain = image("a red circle on the left")
+    assert np.array_equal(image("a (red:2) circle on the left", steps=(0.9, 1.0)), plain)
+    assert not np.array_equal(image("a (red:2) circle on the left"), plain)  # the default window holds step 0
+    deleted = image("a circle on the left")
+    for window in ((0.9, 1.0), None):
+        zero = image("a (red:0) circle on the left", steps=window)
+        assert np.abs(zero.astype(int) - deleted.astype(int)).max() <= 1, window
 
 
 def test_swap_with_the_same_prompt_keeps_the_source_image(pipe):

@@ -298,9 +298,9 @@ def test_evaluate_measures_every_swap_kind(edit_run):
 
 def test_evaluate_records_and_uses_the_weighting_it_is_given(edit_run):
     report, _, _, batches = edit_run
-    assert report["weighting"] == {"context": "keep", "steps": [0.0, 1.0], "resolutions": None}
-    weighted = {(w.mode, w.context) for _, is_weighted, w, _ in batches if is_weighted}
-    assert weighted == {("attention", "keep"), ("embedding", "keep")}
+    assert report["weighting"] == {"context": "keep", "steps": None, "resolutions": None}
+    weighted = {(w.mode, w.context, w.window) for _, is_weighted, w, _ in batches if is_weighted}
+    assert weighted == {("attention", "keep", (0.0, 1.0)), ("embedding", "keep", (0.0, 0.3))}  # each mode's window
     swaps = [(prompts, w) for prompts, _, w, swap in batches if swap]
     assert len(swaps) == len(SWAP_KINDS) and all(len(prompts) == 2 for prompts, _ in swaps)  # a source, an edit
     assert all(w.context == "keep" for _, w in swaps)
