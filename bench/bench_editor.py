@@ -9,7 +9,8 @@
    (`app.update_weight`: rewrite the prompt, sample it with each word's map at every step; then
    `app.result_html`), N times, each with a new weight so that the prompt's encoding is never
    remembered: 1 image, 20 steps, guidance 3, Euler. First uncompiled, then after
-   `Editor.compile` (timed), as app.py runs by default. Prints the median and p90 latency, and
+   `Editor.compile` (timed; it compiles float32 and bf16, times renders of each and keeps the
+   faster), as app.py runs by default. Prints the median and p90 latency, and
    apart from it the downloads the page writes afterwards. Gradio's own transport is not in it.
 3. Against `Pipeline.__call__` (eager) with the same settings and the precision the editor chose:
    the compiled one-image render differs by rounding (levels printed), four images (8 rows)
