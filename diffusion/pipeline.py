@@ -291,9 +291,11 @@ class Pipeline(DiffusionPipeline):
         pipeline's device; "auto" is bf16 where the device computes it natively, as in training."""
         return resolve_mixed_precision(self.precision, self.device)
 
-    def autocast(self):
-        """The autocast context every UNet call of this pipeline runs in (see `mixed_precision`)."""
-        return autocast(self.device, self.mixed_precision)
+    def autocast(self, device: torch.device | None = None):
+        """The autocast context every UNet call of this pipeline runs in (see `mixed_precision`).
+        device: the pipeline's, when the caller has already read it (reading it walks every module)."""
+        device = device or self.device
+        return autocast(device, resolve_mixed_precision(self.precision, device))
 
     def compile(self, batch_sizes: set[int] | None = None) -> None:
         """Sample with the UNet compiled (`diffusion.compiled.CompiledUNet`, torch.compile with the
@@ -376,7 +378,7 @@ class Pipeline(DiffusionPipeline):
         # One autocast region for all the steps: it casts each weight to the lower precision once
         # and keeps it, where a region per UNet call would cast every weight again at every step.
         # The guidance, the sampler's step and the callback run outside it, in float32.
-        with autocast(device, resolve_mixed_precision(self.precision, device)):
+        with self.autocast(device):
             for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
                 model_input = torch.cat([x, x]) if use_guidance else x
                 model_input = scheduler.scale_model_input(model_input, t).to(dtype)
