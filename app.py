@@ -219,8 +219,8 @@ class Editor:
         Where the precision of small batches is the editor's to choose (it was timed uncompiled),
         both precisions are compiled and renders of each are timed in turn; the faster one keeps its
         graphs. The uncompiled timing does not predict the compiled one: frozen into the graph,
-        bf16 weights are cast once, not per call (a 2-core EPYC times the two alike uncompiled and
-        renders 1.3x faster in compiled bf16)."""
+        bf16 weights are cast once, not per call, so a CPU that times the two alike uncompiled can
+        render faster in compiled bf16."""
         candidates = sorted(self.unet_ms) if self.unet_ms else [self.small_batch_precision]
         start = time.perf_counter()
         try:

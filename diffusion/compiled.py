@@ -136,8 +136,8 @@ class CompiledUNet:
         )
         signature = _signature(arguments)
         if signature in self._compiled and len({seen[-3:] for seen in self._compiled}) == 1:
-            # Dynamo checks a guard for every parameter at every call (0.3-0.5 ms, 5 % of a
-            # one-image render); a call whose signature has been compiled before skips all but
+            # Dynamo checks a guard for every parameter at every call, a visible share of a
+            # one-image render; a call whose signature has been compiled before skips all but
             # the guards that tell this instance's graphs apart. Those leave out the global state
             # (autocast, grad mode), so this holds only while every graph shares it.
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
@@ -145,7 +145,7 @@ class CompiledUNet:
         else:
             # Read when a graph is compiled (`torch.compile(options=...)` does not reach them):
             # freezing makes the weights constants, prepacked for oneDNN; the C++ wrapper calls the
-            # kernels from C++ instead of Python (a one-image render 1.1x faster, 1.5x the compile time).
+            # kernels from C++ instead of Python (faster calls for a longer compile; docs/what-we-tried.md).
             with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
                 prediction, maps = self._graph(*arguments)
             self._compiled.add(signature)

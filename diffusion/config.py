@@ -165,8 +165,8 @@ WEIGHT_CONTEXTS = ("fade", "keep")
 # The window of sampling steps (fractions start, end) in which weights act, per mode, unless
 # --weight-steps sets one. Embedding-mode states beyond weight 1 (or between 0 and 1) are states
 # the model never read in training: acting early they set the object's colour and shape, and the
-# plain states after them let it draw cleanly (at weight 2 a clean object in 0.97 of prompts
-# instead of 0.64, background grain 1.1x that of weight 1 instead of 4.4x; 0.5 of the steps: 0.91).
+# plain states after them let it draw cleanly, without the grain they leave when they act at every
+# step (the windows measured: docs/what-we-tried.md).
 DEFAULT_WEIGHT_STEPS = {"attention": (0.0, 1.0), "embedding": (0.0, 0.3)}
 # evaluate.py's parts (report.py), here so the command line need not import torch. The sampler
 # sweep (each sampler at 5-50 steps against DPM++ at 250) checks the samplers rather than the

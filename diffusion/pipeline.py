@@ -334,7 +334,7 @@ class Pipeline(DiffusionPipeline):
         callback_on_step_end: called after each step as diffusers does,
         `callback_on_step_end(pipeline, step, timestep, {"latents": x})`; a "latents" entry in
         the dict it returns replaces the images being denoised (B, 3, R, R)."""
-        # DiffusionPipeline.device walks every module (about 0.3 ms a call on a CPU): read it once
+        # DiffusionPipeline.device walks every module, at a cost per read: read it once
         device = self.device
         scheduler = make_sampler(sampler, self.scheduler_config)
         set_sampler_timesteps(scheduler, steps, device)
