@@ -35,6 +35,7 @@ from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
     DEFAULT_SAMPLER,
+    KEEP_LAYOUT,
     MIXED_PRECISION,
     SAMPLER_NAMES,
     WEIGHT_CONTEXTS,
@@ -320,9 +321,12 @@ class Editor:
         step_maps = [merge_word_maps(token_maps, text, offsets) for token_maps in history]
         return Result(replace(output, attention_maps=maps), step_maps, time.perf_counter() - start)
 
-    def swap(self, source: str, edit: str, edit_steps: float, settings: Settings) -> tuple[Result, Result]:
+    def swap(
+        self, source: str, edit: str, edit_steps: float, settings: Settings, keep_layout: bool | None = None
+    ) -> tuple[Result, Result]:
         """Prompt-to-Prompt word swap (`Pipeline.swap`): `edit` drawn from `source`'s noise with
-        its maps injected for the first `edit_steps` fraction of the steps. Returns (source, edit)."""
+        its maps injected for the first `edit_steps` fraction of the steps (the other words' at
+        every step with keep_layout; None: for recolourings). Returns (source, edit)."""
         settings.check()
         pipeline = self.pipelines[self.precision(settings.unet_batch(2))]  # one (source, edit) pair per batch
         start = time.perf_counter()
@@ -337,6 +341,7 @@ class Editor:
             sampler=settings.sampler,
             attention_maps=True,
             weighting=Weighting(settings.weight_mode, context=settings.weight_context),
+            keep_layout=keep_layout,
             progress=False,
         )
         seconds = time.perf_counter() - start
@@ -599,9 +604,9 @@ def build_page(editor: Editor, first: Result):
     def on_step(step, last):
         return result_html(last, min(int(step), last.steps))
 
-    def on_swap(source, edit, edit_steps, *controls):
+    def on_swap(source, edit, edit_steps, keep_layout, *controls):
         try:
-            results = editor.swap(source, edit, float(edit_steps), settings_of(*controls))
+            results = editor.swap(source, edit, float(edit_steps), settings_of(*controls), KEEP_LAYOUT[keep_layout])
         except UserError as error:
             return gr.update(value=error_html(error), visible=True), gr.skip(), gr.skip()
         files = write_downloads(dict(zip(("source", "edit"), results)), folders.next(), editor.model)
@@ -694,6 +699,13 @@ def build_page(editor: Editor, first: Result):
                         label="Edit steps",
                         info="fraction of the steps that keep the source's maps",
                     )
+                    keep_layout = gr.Radio(
+                        list(KEEP_LAYOUT),
+                        value="auto",
+                        label="Keep layout",
+                        info="the other words keep the source's maps at every step (auto: for colour swaps)",
+                        elem_id="keep-layout",
+                    )
                     swap = gr.Button("Swap", variant="primary", elem_id="swap-button")
                 swap_error = gr.HTML("", visible=False, elem_id="swap-error")
                 swap_view = gr.HTML("", elem_id="swap-view")
@@ -714,7 +726,7 @@ def build_page(editor: Editor, first: Result):
             ).then(on_downloads, last_result, downloads, queue=False, show_progress="hidden")
         prompt.input(on_typed, [prompt, last_result], [*sliders, more_words], queue=False, show_progress="hidden")
         step.release(on_step, [step, last_result], maps, queue=False, show_progress="hidden")
-        swap.click(on_swap, [source, edit, edit_steps, *controls], [swap_error, swap_view, swap_downloads])
+        swap.click(on_swap, [source, edit, edit_steps, keep_layout, *controls], [swap_error, swap_view, swap_downloads])
     return page.queue(default_concurrency_limit=1)
 
 

@@ -20,6 +20,7 @@ from diffusion.config import (
     DEFAULT_PARTS,
     DEFAULT_SAMPLER,
     EVALUATION_PARTS,
+    KEEP_LAYOUT,
     MIXED_PRECISION,
     SAMPLER_NAMES,
     WEIGHT_CONTEXTS,
@@ -99,6 +100,12 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="word swaps keep the source's pixels outside the changed words' maps (Prompt-to-Prompt's local blend)",
     )
+    parser.add_argument(
+        "--keep-layout",
+        default="auto",
+        choices=KEEP_LAYOUT,
+        help="word swaps: the other words keep the source's maps at every step (auto: for recolourings, as sample.py)",
+    )
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument(
         "--parts",
@@ -167,6 +174,7 @@ def main(argv=None):
         edit_steps=args.edit_steps,
         swap_sweep=args.swap_sweep,
         local_blend=args.local_blend,
+        keep_layout=KEEP_LAYOUT[args.keep_layout],
         categories=args.categories,
     )
     report["model"] = str(model.resolve())

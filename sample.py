@@ -16,6 +16,7 @@ from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
     DEFAULT_SAMPLER,
+    KEEP_LAYOUT,
     MIXED_PRECISION,
     SAMPLER_NAMES,
     WEIGHT_CONTEXTS,
@@ -125,6 +126,13 @@ def build_parser() -> ArgumentParser:
         action="store_true",
         help="with --edit: keep the source's pixels outside the changed words' maps (Prompt-to-Prompt's local blend)",
     )
+    parser.add_argument(
+        "--keep-layout",
+        default="auto",
+        choices=KEEP_LAYOUT,
+        help="with --edit: the other words keep the source's maps at every step, so outlines stay "
+        "(auto: on when the swap only changes colour words, off for shapes and sizes that need new outlines)",
+    )
     return parser
 
 
@@ -232,6 +240,7 @@ def swap_batches(pipeline, source: str, args, maps, weighting):
             attention_maps=maps,
             weighting=weighting,
             local_blend=args.local_blend,
+            keep_layout=KEEP_LAYOUT[args.keep_layout],
             batch_size=count,
             progress=False,
         )

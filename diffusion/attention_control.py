@@ -13,7 +13,8 @@ classifier-free guidance is left alone, as in Prompt-to-Prompt.
   divided by its sum): a weight moves attention between the words. At 0 a pixel no longer reads
   the word at all, as if its key were masked; above 1 it reads it more and the others less.
 - `AttentionInjector` replaces the edited prompt's maps by the source prompt's for the first
-  steps (Prompt-to-Prompt's word swap and refinement), through a token alignment.
+  steps (Prompt-to-Prompt's word swap and refinement), through a token alignment; the words a
+  swap keeps may keep the source's maps at every step, which keeps the outlines.
 - `LocalBlend` (Prompt-to-Prompt's local blend) records the changed words' maps of a word swap
   and, after every sampling step, puts the source's pixels back into the edit wherever those
   maps are weak, so the edit changes only where the changed words act.
@@ -173,21 +174,31 @@ class AttentionInjector(AttentionController):
     first `fraction` of the steps, each edit token j takes the source's map of token
     mapping[j] (mapping[j] = -1 keeps the edit's own map, e.g. for an added word).
 
-    mapping: (P, T) long, one row per pair."""
+    mapping: (P, T) long, one row per pair. keep: (P, T) bool or None, edit tokens that take the
+    source's map at every step, not only in the first `fraction` (a swap that keeps the layout:
+    the other words hold the outlines while the swapped word changes what is inside them)."""
 
-    def __init__(self, mapping: torch.Tensor, fraction: float, resolutions: set[int] | None = None):
+    def __init__(
+        self,
+        mapping: torch.Tensor,
+        fraction: float,
+        resolutions: set[int] | None = None,
+        keep: torch.Tensor | None = None,
+    ):
         self.mapping = mapping
-        self.filter = SiteFilter((0.0, fraction), resolutions)
         self.fraction = fraction
+        self.kept_mapping = mapping.masked_fill(~keep, -1) if keep is not None and bool(keep.any()) else None
+        self.filter = SiteFilter((0.0, fraction if self.kept_mapping is None else 1.0), resolutions)
 
     def wants(self, site: AttentionSite) -> bool:
-        return self.fraction > 0 and self.filter(site)
+        return (self.fraction > 0 or self.kept_mapping is not None) and self.filter(site)
 
     def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor:
+        early = self.fraction > 0 and in_window(site, (0.0, self.fraction))
+        mapping = (self.mapping if early else self.kept_mapping).to(probabilities.device)  # (P, T)
         edited = probabilities.clone()
         conditional = probabilities[site.conditional]  # (2P, heads, N, T)
         source, target = conditional[0::2], conditional[1::2]  # (P, heads, N, T) each
-        mapping = self.mapping.to(probabilities.device)  # (P, T)
         gathered = torch.gather(source, 3, mapping.clamp(min=0)[:, None, None, :].expand_as(target))
         injected = torch.where((mapping >= 0)[:, None, None, :], gathered, target)
         rows = torch.arange(probabilities.shape[0], device=probabilities.device)[site.conditional][1::2]

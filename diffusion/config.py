@@ -158,6 +158,11 @@ DEFAULT_SAMPLER = "euler"
 # the steps: enough to keep the layout, late enough for the swapped word to change its thing
 # (evaluate.py --parts swap --swap-sweep measures 0-1).
 DEFAULT_EDIT_STEPS = 0.6
+# Whether the words a swap keeps hold the source's maps at every step (sample.py's and
+# evaluate.py's --keep-layout, Pipeline.swap's keep_layout): auto keeps them for recolourings,
+# where the user means the same outlines, and frees them for other swaps, whose new shape or size
+# needs its outline free. The first is the default.
+KEEP_LAYOUT = {"auto": None, "on": True, "off": False}
 # How (word:w) weights act (diffusion/pipeline.py's Weighting; sample.py's --weight-mode and
 # --weight-context): the first of each is the default.
 WEIGHT_MODES = ("attention", "embedding")

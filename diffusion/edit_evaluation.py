@@ -403,15 +403,18 @@ def swap_response(
     kinds: tuple[str, ...] = SWAP_KINDS,
     local_blend: bool = False,
     example_steps: float | None = None,
+    keep_layout: bool | None = None,
 ) -> tuple[dict, dict]:
     """The rates {"kinds": {kind: {"n": cases, "by_steps": {edit steps: {"scored": pairs with a
     faithful source, measure: rate}}}}} for `n` cases of each kind, pair k of a kind from noise
     seed `seed + k` for both images; and examples {kind: [(source prompt, edit prompt, source
-    image, edit image)]} of the first cases at `example_steps` (None: the first of `edit_steps`)."""
+    image, edit image)]} of the first cases at `example_steps` (None: the first of `edit_steps`).
+    keep_layout: as `Pipeline.swap`'s (None: auto)."""
     example_steps = edit_steps[0] if example_steps is None else example_steps
     settings = {"steps": 20, "guidance": guidance, "sampler": sampler, "negative_prompt": None}
     resolution = pipe.unet.config.sample_size
-    out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "kinds": {}}
+    layout = {None: "auto", True: "on", False: "off"}[keep_layout]
+    out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "keep_layout": layout, "kinds": {}}
     examples = {}
     for kind in kinds:
         cases = swap_cases(kind, n, seed, resolution, holdout)
@@ -427,6 +430,7 @@ def swap_response(
                     settings,
                     weighting,
                     local_blend=local_blend,
+                    keep_layout=keep_layout,
                 )
                 images = uint8_images(x)  # (2P, R, R, 3): source and edit of each pair in turn
                 pairs += [(images[2 * k], images[2 * k + 1]) for k in range(len(chunk))]

@@ -55,7 +55,7 @@ from .config import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
-from .prompts import WeightedPrompt, align_tokens, parse_prompt, split_words, token_word_index
+from .prompts import WeightedPrompt, align_tokens, parse_prompt, recolours, split_words, token_word_index
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .weighting import Weighting, condition, token_weights
@@ -414,6 +414,7 @@ class Pipeline(DiffusionPipeline):
         attention_controller: AttentionController | None,
         swap_mapping: torch.Tensor | None = None,
         swap_fraction: float = 0.0,
+        swap_keep: torch.Tensor | None = None,
         callback_on_step_end=None,
         progress: bool = False,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
@@ -425,7 +426,7 @@ class Pipeline(DiffusionPipeline):
         weighted = bool((weights != 1).any())
         controllers = []
         if swap_mapping is not None:
-            controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions))
+            controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions, swap_keep))
         if weighted and weighting.mode == "attention":
             controllers.append(AttentionReweighter(weights, weighting.window, weighting.resolutions))
         recorder = None
@@ -625,6 +626,7 @@ class Pipeline(DiffusionPipeline):
         attention_maps: MapOptions | bool = False,
         weighting: Weighting | None = None,
         local_blend: bool = False,
+        keep_layout: bool | None = None,
         batch_size: int = 8,
         progress: bool = True,
     ) -> tuple[PipelineOutput, PipelineOutput]:
@@ -633,7 +635,11 @@ class Pipeline(DiffusionPipeline):
         fraction of the steps, so the layout stays and the swapped words change. Tokens of the
         two prompts are aligned word by word (prompts.align_tokens); added words keep their own
         maps. local_blend: outside the changed words' maps the edit keeps the source's pixels
-        (`LocalBlend`). batch_size: pairs denoised together. Returns (source output, edit output)."""
+        (`LocalBlend`). keep_layout: the other words keep the source's maps at every step, not
+        only in the first `edit_steps`, so the outlines stay and only the swapped word's thing
+        changes within them; None (auto): on for a recolouring (`prompts.recolours`), off for
+        others, since a new shape or size needs its outline free. batch_size: pairs denoised
+        together. Returns (source output, edit output)."""
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
         parsed, settings = self._prepare(
@@ -652,6 +658,7 @@ class Pipeline(DiffusionPipeline):
                 maps,
                 local_blend,
                 progress,
+                keep_layout,
             )
             for k, image in enumerate(to_pil(x)):
                 outputs[k % 2][0].append(image)
@@ -661,6 +668,7 @@ class Pipeline(DiffusionPipeline):
             "negative_prompt": negative_prompt or "",
             "edit_steps": edit_steps,
             "local_blend": local_blend,
+            "keep_layout": bool(self.swap_plan([(parsed[0], parsed[1])], keep_layout)[3].any()),
         }
         return tuple(
             PipelineOutput(
@@ -683,26 +691,15 @@ class Pipeline(DiffusionPipeline):
         maps: MapOptions | None = None,
         local_blend: bool = False,
         progress: bool = False,
+        keep_layout: bool | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
         """Several (source, edit) pairs in one batch, pair k from noise seed seeds[k] for both
         images (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in
         turn, and their word maps when `maps` is given."""
         if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
             raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
-        parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
-        texts = [p.text for p in parsed]
-        offsets = self.encoder.offsets(texts)  # (2P, T, 2)
-        T = offsets.shape[1]
-        mapping = torch.stack(
-            [
-                align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
-                for k in range(len(pairs))
-            ]
-        )  # (P, T)
-        blend = None
-        if local_blend:
-            ids = self.encoder.token_ids(texts)
-            blend = LocalBlend(changed_tokens(ids, offsets, mapping), self.unet.config.sample_size)
+        parsed, mapping, changed, keep = self.swap_plan(pairs, keep_layout)
+        blend = LocalBlend(changed, self.unet.config.sample_size) if local_blend else None
         seeds = [seed for seed in seeds for _ in range(2)]
         return self.sample_batch(
             parsed,
@@ -713,9 +710,40 @@ class Pipeline(DiffusionPipeline):
             blend,
             swap_mapping=mapping,
             swap_fraction=edit_steps,
+            swap_keep=keep,
             callback_on_step_end=blend,
             progress=progress,
         )
+
+    def swap_plan(
+        self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], keep_layout: bool | None = None
+    ) -> tuple[list[WeightedPrompt], torch.Tensor, torch.Tensor, torch.Tensor]:
+        """How a word swap acts on each (source, edit) pair: the parsed prompts (2P, source and edit
+        in turn), the token mapping (P, T) (`prompts.align_tokens`), the changed tokens (2P, T)
+        (`changed_tokens`), and the edit tokens that keep the source's maps at every step (P, T)
+        (see `swap`'s keep_layout)."""
+        parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
+        texts = [p.text for p in parsed]
+        offsets = self.encoder.offsets(texts)  # (2P, T, 2)
+        T = offsets.shape[1]
+        mapping = torch.stack(
+            [
+                align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
+                for k in range(len(pairs))
+            ]
+        )  # (P, T)
+        changed = changed_tokens(self.encoder.token_ids(texts), offsets, mapping)
+        keep = torch.zeros_like(mapping, dtype=torch.bool)
+        for k in range(len(pairs)):
+            source, edit = 2 * k, 2 * k + 1
+            on = keep_layout
+            if on is None:
+                on = recolours(
+                    texts[source], offsets[source], changed[source], texts[edit], offsets[edit], changed[edit]
+                )
+            if on:
+                keep[k] = ~changed[edit]
+        return parsed, mapping, changed, keep
 
 
 def convert(x: torch.Tensor, output_type: str):

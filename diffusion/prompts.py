@@ -87,6 +87,7 @@ import torch
 from .errors import UserError
 
 __all__ = [
+    "COLOUR_WORDS",
     "PromptSyntaxError",
     "WeightedPrompt",
     "Word",
@@ -94,6 +95,7 @@ __all__ = [
     "find_word",
     "format_prompt",
     "parse_prompt",
+    "recolours",
     "set_word_weight",
     "split_words",
     "token_word_index",
@@ -530,6 +532,36 @@ def delete_tokens(text: str, offsets: torch.Tensor | list, drop) -> str:
         if gone:
             keep[start:end] = [False] * (end - start)
     return " ".join("".join(c for c, k in zip(text, keep) if k).split())
+
+
+# English's basic colour terms and the shapes set's colours. A word swap between two of them is a
+# recolouring: the user means the same outlines in another colour (`recolours`).
+COLOUR_WORDS = frozenset(
+    "red green blue yellow purple orange pink brown black white grey gray cyan magenta violet".split()
+)
+
+
+def recolours(
+    source_prompt: str,
+    source_offsets: torch.Tensor | list,
+    source_changed: torch.Tensor | list,
+    target_prompt: str,
+    target_offsets: torch.Tensor | list,
+    target_changed: torch.Tensor | list,
+) -> bool:
+    """Whether a word swap only changes colour words: the words holding a changed token (per
+    token, as `attention_control.changed_tokens` gives) are colour words (COLOUR_WORDS) on both
+    sides, and some changed; the article may change with them ("an orange" -> "a red"). Adding
+    or deleting a colour word is not a recolouring."""
+    changed = []
+    for prompt, offsets, flags in (
+        (source_prompt, source_offsets, source_changed),
+        (target_prompt, target_offsets, target_changed),
+    ):
+        words = split_words(prompt)
+        index = token_word_index(offsets, words)
+        changed.append({words[w].text.lower() for w, flag in zip(index, flags) if flag and w is not None} - {"a", "an"})
+    return all(changed) and all(words <= COLOUR_WORDS for words in changed)
 
 
 def align_tokens(

@@ -52,6 +52,7 @@ def evaluate(
     edit_steps: float = DEFAULT_EDIT_STEPS,
     swap_sweep: bool = False,
     local_blend: bool = False,
+    keep_layout: bool | None = None,
     categories: tuple[str, ...] | None = None,
 ) -> tuple[dict, list, dict]:
     """The whole report as a JSON-ready dict, example (image, label) pairs for a grid, and the
@@ -59,7 +60,8 @@ def evaluate(
 
     weighting: how the edit part's weights act (its mode is each mode in turn) and the swap's
     resolutions. edit_steps: the swap's injection fraction, whose rates the targets check;
-    swap_sweep: also measure every fraction of edit_evaluation.EDIT_STEPS. categories: the
+    swap_sweep: also measure every fraction of edit_evaluation.EDIT_STEPS. keep_layout: as
+    `Pipeline.swap`'s (None: auto). categories: the
     faithfulness categories scored (None: all); the others are left out of the report (their
     targets read "not measured")."""
     categories = CATEGORIES if categories is None else tuple(categories)
@@ -139,6 +141,7 @@ def evaluate(
             swap_fractions,
             local_blend=local_blend,
             example_steps=edit_steps,
+            keep_layout=keep_layout,
         )
         report["swap"]["default_edit_steps"] = edit_steps
     if "samplers" in parts:
@@ -248,7 +251,7 @@ def format_report(report: dict) -> str:
         lines += [
             "",
             f"word swap (n={swap['n']} per kind; rates over the pairs whose source draws its objects"
-            f"{'; local blend' if swap.get('local_blend') else ''})",
+            f"{'; local blend' if swap.get('local_blend') else ''}; keep layout {swap.get('keep_layout', 'off')})",
             f"{'kind':<7} {'steps':>5} {'scored':>6} " + " ".join(f"{m[:12]:>12}" for m in measures),
         ]
         for kind, values in swap["kinds"].items():

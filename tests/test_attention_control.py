@@ -21,7 +21,7 @@ from diffusion.clip_training import fit_tokenizer
 from diffusion.config import DEFAULT_WEIGHT_STEPS
 from diffusion.errors import UserError
 from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
-from diffusion.prompts import align_tokens, split_words
+from diffusion.prompts import align_tokens, recolours, split_words
 from diffusion.weighting import Weighting, condition
 
 
@@ -154,6 +154,24 @@ def test_injector_copies_mapped_tokens_and_keeps_new_ones():
         assert torch.equal(edited[1, :, :, j], p[0, :, :, m] if m >= 0 else p[1, :, :, j])
 
 
+def test_injector_keeps_the_kept_tokens_after_its_fraction_and_frees_the_others():
+    p = probabilities(B=2)
+    mapping = torch.tensor([[0, 1, 2, -1, 3, 4]])
+    keep = torch.tensor([[True, True, False, True, True, False]])
+    injector = AttentionInjector(mapping, fraction=0.5, keep=keep)
+    early = injector.process(site(step=4, num_steps=10), p)
+    assert torch.equal(early, AttentionInjector(mapping, fraction=1.0).process(site(), p))  # every mapped token
+    assert injector.wants(site(step=9, num_steps=10))
+    late = injector.process(site(step=5, num_steps=10), p)
+    for j, m in enumerate(mapping[0].tolist()):
+        kept = m >= 0 and bool(keep[0, j])
+        assert torch.equal(late[1, :, :, j], p[0, :, :, m] if kept else p[1, :, :, j]), j
+    assert torch.equal(late[0], p[0])
+    # without kept tokens, nothing is injected after the fraction; with fraction 0 only kept ones
+    assert not AttentionInjector(mapping, 0.5, keep=torch.zeros_like(keep)).wants(site(step=5, num_steps=10))
+    assert torch.equal(AttentionInjector(mapping, 0.0, keep=keep).process(site(step=0, num_steps=10), p), late)
+
+
 def test_chain_applies_edits_before_recording():
     recorder = AttentionRecorder(size=4)
     chain = ControllerChain([AttentionReweighter(torch.zeros(2, 6)), recorder])
@@ -234,6 +252,28 @@ def test_changed_tokens_of_several_pairs_and_of_an_unchanged_pair(tokenizer):
     assert not changed[:2].any()  # the same prompt twice changes nothing
     assert marked(changed, pieces, 2) == ["red"] and "".join(marked(changed, pieces, 3)) == "zebra"
     assert marked(changed, pieces, 4) == ["square", "left"] and marked(changed, pieces, 5) == ["triangle", "right"]
+
+
+@pytest.mark.parametrize(
+    "source, edit, expected",
+    [
+        ("a red circle on the left", "a blue circle on the left", True),
+        ("an orange circle", "a red circle", True),  # the article changes with the colour
+        ("a Red circle on the left", "a GREEN circle on the left", True),
+        ("a red circle and a red square", "a red circle and a blue square", True),
+        ("a red circle", "a red square", False),
+        ("a red circle", "a blue square", False),
+        ("a red circle on the left", "a blue circle on the right", False),
+        ("a circle", "a red circle", False),  # adding a colour is a refinement
+        ("a red circle", "a circle", False),
+        ("a red circle", "a red circle", False),  # nothing changes
+    ],
+)
+def test_recolours_when_only_colour_words_change(tokenizer, source, edit, expected):
+    changed, _ = swap_tokens(tokenizer, [(source, edit)])
+    offsets = tokenizer([source, edit], return_offsets_mapping=True, padding="max_length", max_length=T)
+    spans = offsets["offset_mapping"]
+    assert recolours(source, spans[0], changed[0], edit, spans[1], changed[1]) is expected
 
 
 def blend_with_maps(changed, maps, threshold=0.3):
@@ -450,6 +490,22 @@ def test_swap_injection_changes_the_edit(live_pipe):
         "a red circle on the left", "a blue square on the right", steps=3, edit_steps=0.0, progress=False
     )
     assert not np.array_equal(np.asarray(injected.images[0]), np.asarray(free.images[0]))
+
+
+def test_keeping_the_layout_changes_a_shape_swap_and_auto_keeps_it_for_colours_only(live_pipe):
+    def edit(source, target, keep_layout):
+        _, out = live_pipe.swap(source, target, steps=4, edit_steps=0.25, keep_layout=keep_layout, progress=False)
+        return np.asarray(out.images[0]), out.settings["keep_layout"]
+
+    shape = ("a red circle on the left", "a red square on the left")
+    free, free_setting = edit(*shape, None)
+    kept, kept_setting = edit(*shape, True)
+    assert not free_setting and kept_setting and not np.array_equal(free, kept)
+    assert np.array_equal(free, edit(*shape, False)[0])
+    colour = ("a red circle on the left", "a blue circle on the left")
+    auto, auto_setting = edit(*colour, None)
+    assert auto_setting and np.array_equal(auto, edit(*colour, True)[0])
+    assert not np.array_equal(auto, edit(*colour, False)[0])
 
 
 def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):

@@ -167,7 +167,8 @@ def test_evaluate_cli_swap_options_and_pictures(tiny_model, tmp_path, run_cli):
     assert report["swap"]["edit_steps"] == [0.5] and report["swap"]["default_edit_steps"] == 0.5
     assert set(report["swap"]["kinds"]) == set(SWAP_KINDS)
     assert all(list(values["by_steps"]) == ["0.5"] for values in report["swap"]["kinds"].values())
-    assert report["swap"]["local_blend"] is True and "; local blend)" in result.stdout
+    assert report["swap"]["local_blend"] is True and "; local blend; keep layout auto)" in result.stdout
+    assert report["swap"]["keep_layout"] == "auto"
     assert any(key.startswith("swap/colour swap at edit steps 0.5:") for key in report["targets"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["swap-swap-strip.png", "swap-swap.png", "swap.json"]
     for name in ("swap-swap-strip.png", "swap-swap.png"):
@@ -223,6 +224,8 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
             "3",
             "--swap-sweep",
             "--local-blend",
+            "--keep-layout",
+            "off",
             "--edit-steps",
             "0.3",
             "--weight-context",
@@ -233,10 +236,12 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
     )
     assert given["parts"] == ("edit", "swap") and given["n_edit"] == 2 and given["n_swap"] == 3
     assert given["swap_sweep"] is True and given["local_blend"] is True and given["edit_steps"] == 0.3
+    assert given["keep_layout"] is False
     assert given["weighting"] == Weighting(context="keep")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-swap-strip.png", "report-swap.png", "report.json"]
     cli.main(["--model", str(tiny_model), "--out", str(out)])
     assert given["swap_sweep"] is False and given["local_blend"] is False and given["edit_steps"] == 0.6
+    assert given["keep_layout"] is None  # auto
     assert given["weighting"] == Weighting()
     # the default run: every part but the sampler sweep, 16 prompts for the edits and each swap
     assert given["parts"] == ("faithfulness", "localisation", "edit", "swap")
@@ -255,6 +260,7 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
         (["--mixed-precision", "fp8"], "invalid choice: 'fp8'"),
         (["--sampler", "plms"], "invalid choice: 'plms'"),
         (["--weight-context", "forget"], "invalid choice: 'forget'"),
+        (["--keep-layout", "yes"], "invalid choice: 'yes'"),
         (["--n-swap", "0"], "--n-swap must be at least 1"),
         (["--parts", "edit,swaps"], "unknown part(s) 'swaps'"),
         (["--edit-steps", "2"], "--edit-steps must be a fraction in [0, 1], got '2'"),

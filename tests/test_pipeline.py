@@ -287,6 +287,15 @@ def test_local_blend_with_an_unchanged_prompt_keeps_the_source(exact_pipe):
     assert source.settings["local_blend"] is True and edit.settings["local_blend"] is True
 
 
+def test_swap_plan_keeps_the_unchanged_words_of_recolourings_or_as_asked(exact_pipe):
+    _, mapping, changed, keep = exact_pipe.swap_plan(SWAPS)
+    assert mapping.shape == keep.shape == (2, changed.shape[1]) and changed.shape[0] == 4
+    assert torch.equal(keep[0], ~changed[1]) and changed[1].any()  # the colour swap keeps the others
+    assert not keep[1].any()  # the shape swap keeps none
+    assert torch.equal(exact_pipe.swap_plan(SWAPS, keep_layout=True)[3], ~changed[1::2])
+    assert not exact_pipe.swap_plan(SWAPS, keep_layout=False)[3].any()
+
+
 @pytest.mark.parametrize("edit_steps", [-0.1, 1.5, float("nan")])
 def test_swap_edit_steps_outside_zero_to_one_are_user_errors(exact_pipe, edit_steps):
     with pytest.raises(UserError, match="edit steps must be a fraction"):

@@ -142,7 +142,9 @@ def test_format_report_prints_every_part_and_how_many_targets_are_met():
     assert 0 < sum(measured) < len(measured)  # the count can tell met from missed
     assert "local blend" not in text
     report["swap"]["local_blend"] = True
-    assert "; local blend)" in format_report(report)
+    assert "; local blend; keep layout off)" in format_report(report)  # a report from before the option
+    report["swap"]["keep_layout"] = "auto"
+    assert "; local blend; keep layout auto)" in format_report(report)
 
 
 # ---- pictures ----------------------------------------------------------------------------------
@@ -334,6 +336,7 @@ def test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given(pipe):
         edit_steps=0.5,
         swap_sweep=True,
         local_blend=True,
+        keep_layout=True,
     )
     swap = report["swap"]
     swept = sorted(set(EDIT_STEPS) | {0.5})
@@ -343,7 +346,7 @@ def test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given(pipe):
     swaps = {key for key in report["targets"] if key.startswith("swap/")}
     assert swaps == set(swap_targets(swap, 0.5)) and all("at edit steps 0.5:" in key for key in swaps)
     assert set(swap_examples) == set(SWAP_KINDS)
-    assert "; local blend)" in format_report(report)
+    assert swap["keep_layout"] == "on" and "; local blend; keep layout on)" in format_report(report)
 
 
 def test_evaluate_scores_only_the_categories_it_is_given(pipe):

@@ -72,7 +72,8 @@ def swap_section(report: dict) -> list[str]:
     measures = SWAP_MEASURES
     lines = [
         f"### Word swaps ({swap['n']} source prompts per kind; rates over the pairs whose source draws "
-        f"its objects{'; local blend' if swap.get('local_blend') else ''})",
+        f"its objects{'; local blend' if swap.get('local_blend') else ''}; keep layout "
+        f"{swap.get('keep_layout', 'off')})",
         "",
     ]
     rows = [
