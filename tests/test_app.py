@@ -349,5 +349,19 @@ def test_the_page_edits_weights_shows_maps_errors_and_swaps(server, tmp_path):
             page.locator("#swap-button").click()
             expect(page.locator("#swap-view figure.result-image img")).to_have_count(2)
             page.screenshot(path=str(tmp_path / "swap.png"), full_page=True)
+
+            # the edit's PNG records whether the layout was kept: auto keeps it for a colour swap
+            edit_link = page.locator('a[href$="/edit-000.png"]').first
+
+            def edit_metadata() -> dict:
+                with Image.open(io.BytesIO(page.request.get(edit_link.get_attribute("href")).body())) as png:
+                    return dict(png.info)
+
+            assert edit_metadata()["prompt"] == app.DEFAULT_EDIT and edit_metadata()["keep_layout"] == "True"
+            first = edit_link.get_attribute("href")
+            page.locator("#keep-layout").get_by_label("off").check()
+            page.locator("#swap-button").click()
+            expect(edit_link).not_to_have_attribute("href", first)
+            assert edit_metadata()["keep_layout"] == "False"
         finally:
             browser.close()
