@@ -15,8 +15,9 @@ the background (`detector.grain`). Beside them, the same prompts with the word d
 model's prior for that attribute, which a weight of 0 should fall back to. `weight_contract`
 checks what a weight should mean:
 
-- weight 0: an object drawn in at least 0.95 of the images, and the named attribute present no
-  more often than with the word deleted, plus 0.05;
+- weight 0: an object drawn in at least 0.95 of the images, and, of the objects drawn, no more
+  with the named attribute than with the word deleted, plus 0.05 (measured only when both draw
+  an object in at least a quarter of the images: an empty image removes nothing);
 - weights 0.5, 1, 1.5, 2: an object drawn and the attribute present, each in at least 0.95;
 - the background at weight 2 at most 1.5 times as grainy as at weight 1;
 - the attribute's area and the word's attention share rising with the weight from 0 to 2 (none
@@ -57,6 +58,7 @@ MONOTONE_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0)  # area and attention share rise ov
 DRAWN_TARGET = 0.95
 PRESENT_TARGET = 0.95
 PRIOR_MARGIN = 0.05  # weight 0: the attribute at most this much more often than with the word deleted
+PRIOR_MIN_DRAWN = 0.25  # ... compared only where both draw an object in at least this share of the images
 GRAIN_RATIO = 1.5  # weight 2's grain at most this times weight 1's
 RISE_SLACK = 0.05  # "rises": no value below the one before by more than this share of weight 1's
 
@@ -134,7 +136,9 @@ def named_area(image: np.ndarray, detections: list[Detection], word: str, target
 
 
 def _scores(prompts: list[EditPrompt], word: str, images, texts=None, token_maps=None, offsets=None) -> dict:
-    """Drawn, present, area, grain (and, with maps, the word's attention share) over a setting's images."""
+    """Drawn, present, area, grain (and, with maps, the word's attention share) over a setting's
+    images; "named when drawn": of the images that draw a clean object, the share whose object has
+    the named attribute (None if none does)."""
     drawn, present, area, grains, mass = [], [], [], [], []
     for k, (prompt, image) in enumerate(zip(prompts, images)):
         target = getattr(prompt, word)
@@ -147,9 +151,11 @@ def _scores(prompts: list[EditPrompt], word: str, images, texts=None, token_maps
             plain = parse_prompt(texts[k]).text
             start = plain.index(f" {target} ") + 1
             mass.append(float(span_map(token_maps[k], offsets[k], (start, start + len(target))).mean()))
+    named = [p for p, d in zip(present, drawn) if d]
     scores = {
         "drawn": float(np.mean(drawn)),
         "present": float(np.mean(present)),
+        "named when drawn": float(np.mean(named)) if named else None,
         "area": float(np.mean(area)),
         "grain": float(np.mean(grains)),
     }
@@ -224,11 +230,16 @@ def weight_contract(response: dict) -> dict:
                     "target": DRAWN_TARGET,
                     "met": at[0.0]["drawn"] >= DRAWN_TARGET - eps,
                 }
-                prior = response["deleted"][word]["present"]
-                out[f"{name}: weight 0 names it no more than deleting the word (+{PRIOR_MARGIN:g})"] = {
-                    "value": at[0.0]["present"],
-                    "target": round(prior + PRIOR_MARGIN, 6),
-                    "met": at[0.0]["present"] <= prior + PRIOR_MARGIN + eps,
+                # of the objects drawn: an empty image names nothing, and must not pass for a removal
+                zero, deleted = at[0.0], response["deleted"][word]
+                named, prior = zero.get("named when drawn"), deleted.get("named when drawn")
+                measurable = named is not None and prior is not None
+                measurable = measurable and min(zero["drawn"], deleted["drawn"]) >= PRIOR_MIN_DRAWN - eps
+                clause = f"{name}: weight 0 names it, of the objects drawn, no more than deleting the word"
+                out[f"{clause} (+{PRIOR_MARGIN:g})"] = {
+                    "value": named,
+                    "target": round(prior + PRIOR_MARGIN, 6) if prior is not None else None,
+                    "met": named <= prior + PRIOR_MARGIN + eps if measurable else None,
                 }
             held = [w for w in CONTRACT_WEIGHTS if w in at]
             if held:

@@ -233,17 +233,18 @@ def format_report(report: dict) -> str:
         lines += [
             "",
             f"weight response (n={edit['n']}; drawn = one clean object)",
-            f"{'word':<7} {'mode':<10} {'weight':>6} {'drawn':>6} {'present':>8} {'area':>6} {'mass':>6} {'grain':>6}",
+            f"{'word':<7} {'mode':<10} {'weight':>6} {'drawn':>6} {'present':>8} {'named|drawn':>11} {'area':>6} "
+            f"{'mass':>6} {'grain':>6}",
         ]
         for word, base in edit["deleted"].items():
             lines.append(
                 f"{word:<7} {'deleted':<10} {'-':>6} {base['drawn']:>6.3f} {base['present']:>8.3f} "
-                f"{base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}"
+                f"{_fmt(base.get('named when drawn')):>11} {base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}"
             )
         for r in edit["rows"]:
             lines.append(
                 f"{r['word']:<7} {r['mode']:<10} {r['weight']:>6g} {r['drawn']:>6.3f} {r['present']:>8.3f} "
-                f"{r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
+                f"{_fmt(r.get('named when drawn')):>11} {r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
             )
     if "swap" in report:
         swap = report["swap"]

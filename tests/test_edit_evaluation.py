@@ -107,6 +107,18 @@ def test_named_area_counts_the_colour_or_the_shape():
     assert named_area(image, [], "shape", "square") == 0.0  # shapes come from the detections
 
 
+def test_named_when_drawn_counts_only_images_with_a_clean_object():
+    from diffusion.edit_evaluation import _scores
+
+    prompt = EditPrompt("red", "circle", "on the left")
+    empty = np.full((32, 32, 3), BACKGROUND, np.uint8)
+    images = [draw(RED), draw(placed("blue", "circle", "large", "left")), empty]  # named, not named, empty
+    scores = _scores([prompt] * 3, "colour", images)
+    assert scores["drawn"] == pytest.approx(2 / 3) and scores["present"] == pytest.approx(1 / 3)
+    assert scores["named when drawn"] == 0.5
+    assert _scores([prompt], "colour", [empty])["named when drawn"] is None  # nothing drawn: no share
+
+
 # ---- the weight contract ---------------------------------------------------------------------
 
 
@@ -120,6 +132,7 @@ def good_response() -> dict:
             "weight": w,
             "drawn": 1.0,
             "present": 0.2 if w == 0 else 1.0,
+            "named when drawn": 0.2 if w == 0 else 1.0,
             "area": 0.01 * (1 + w),
             "mass": 0.1 * (1 + w),
             "grain": 2.0,
@@ -128,7 +141,10 @@ def good_response() -> dict:
         for mode in ("attention", "embedding")
         for w in EDIT_WEIGHTS
     ]
-    deleted = {word: {"drawn": 1.0, "present": 0.2, "area": 0.01, "grain": 2.0} for word in ("colour", "shape")}
+    deleted = {
+        word: {"drawn": 1.0, "present": 0.2, "named when drawn": 0.2, "area": 0.01, "grain": 2.0}
+        for word in ("colour", "shape")
+    }
     return {"n": 20, "rows": rows, "deleted": deleted}
 
 
@@ -153,8 +169,14 @@ def test_a_response_that_keeps_every_clause_meets_the_contract():
 # sets rows[(weight, key)] or, for the prior, the word-deleted "present".
 CLAUSES = [
     ("weight 0 draws an object", "colour", "attention", {(0.0, "drawn"): 0.95}, {(0.0, "drawn"): 0.94}),
-    ("no more than deleting the word", "shape", "embedding", {(0.0, "present"): 0.25}, {(0.0, "present"): 0.26}),
-    ("no more than deleting the word", "colour", "embedding", {"deleted": 0.15}, {"deleted": 0.14}),
+    (
+        "no more than deleting",
+        "shape",
+        "embedding",
+        {(0.0, "named when drawn"): 0.25},
+        {(0.0, "named when drawn"): 0.26},
+    ),
+    ("no more than deleting", "colour", "embedding", {"deleted": 0.15}, {"deleted": 0.14}),
     ("draw an object (least)", "shape", "attention", {(1.5, "drawn"): 0.95}, {(1.5, "drawn"): 0.94}),
     ("draw an object (least)", "colour", "embedding", {(0.5, "drawn"): 0.95}, {(0.5, "drawn"): 0.9}),
     ("keep the colour (least)", "colour", "attention", {(2.0, "present"): 0.95}, {(2.0, "present"): 0.94}),
@@ -174,7 +196,7 @@ def test_each_clause_flips_when_one_value_crosses_its_threshold(fragment, word, 
         response = good_response()
         for where, value in changes.items():
             if where == "deleted":
-                response["deleted"][word]["present"] = value
+                response["deleted"][word]["named when drawn"] = value
             else:
                 row(response, word, mode, where[0])[where[1]] = value
         return response
@@ -185,6 +207,31 @@ def test_each_clause_flips_when_one_value_crosses_its_threshold(fragment, word, 
     assert len(failed) == len(modes)
     for name, failed_mode in zip(sorted(failed), modes):
         assert name.startswith(f"edit/{word} word, {failed_mode} mode: ") and fragment in name
+
+
+@pytest.mark.parametrize("where", ["weight 0", "deleted"])
+def test_weight_zero_naming_nothing_because_nothing_is_drawn_is_not_measured(where):
+    """An empty image names no colour: the prior clause must not pass on images without objects."""
+    response = good_response()
+    emptied = row(response, "colour", "attention", 0.0) if where == "weight 0" else response["deleted"]["colour"]
+    emptied.update({"drawn": 0.0, "present": 0.0, "named when drawn": None})
+    contract = weight_contract(response)
+    (prior,) = [c for n, c in contract.items() if n.startswith("edit/colour word, attention") and "deleting" in n]
+    assert prior["met"] is None
+    emptied.update({"drawn": 0.2, "named when drawn": 0.2})  # a few objects, as often named: still too few
+    (prior,) = [
+        c
+        for n, c in weight_contract(response).items()
+        if n.startswith("edit/colour word, attention") and "deleting" in n
+    ]
+    assert prior["met"] is None
+    emptied["drawn"] = 0.25
+    (prior,) = [
+        c
+        for n, c in weight_contract(response).items()
+        if n.startswith("edit/colour word, attention") and "deleting" in n
+    ]
+    assert prior["met"] is True
 
 
 def test_weight_four_is_reported_not_checked():

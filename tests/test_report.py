@@ -35,6 +35,7 @@ def edit_part(colour_deleted: float = 0.5, shape_deleted: float = 0.25) -> dict:
             "weight": w,
             "drawn": 1.0 - 0.015 * k,
             "present": 0.1 if w == 0 else 1.0 - 0.015 * k,
+            "named when drawn": 0.1 if w == 0 else 1.0,
             "area": 0.02 * (1 + w) + 0.01 * k,
             "mass": 0.05 * (1 + w) + 0.02 * k,
             "grain": 1.0 + 0.1 * w + 0.1 * k,
@@ -43,8 +44,20 @@ def edit_part(colour_deleted: float = 0.5, shape_deleted: float = 0.25) -> dict:
         for w in EDIT_WEIGHTS
     ]
     deleted = {
-        "colour": {"drawn": 1.0, "present": colour_deleted, "area": 0.02, "grain": 1.0},
-        "shape": {"drawn": 0.9, "present": shape_deleted, "area": 0.02, "grain": 1.0},
+        "colour": {
+            "drawn": 1.0,
+            "present": colour_deleted,
+            "named when drawn": colour_deleted,
+            "area": 0.02,
+            "grain": 1.0,
+        },
+        "shape": {
+            "drawn": 0.9,
+            "present": shape_deleted,
+            "named when drawn": shape_deleted / 0.9,
+            "area": 0.02,
+            "grain": 1.0,
+        },
     }
     return {"n": 8, "rows": rows, "deleted": deleted}
 
@@ -269,7 +282,7 @@ def test_evaluate_measures_the_weight_response(edit_run):
     settings = [(r["word"], r["mode"], r["weight"]) for r in edit["rows"]]
     assert sorted(settings) == sorted(product(("colour", "shape"), ("attention", "embedding"), EDIT_WEIGHTS))
     for row in edit["rows"]:
-        assert {"drawn", "present", "area", "mass", "grain"} <= set(row)
+        assert {"drawn", "present", "named when drawn", "area", "mass", "grain"} <= set(row)
         assert all(0 <= row[k] <= 1 for k in ("drawn", "present", "area", "mass")) and row["grain"] >= 0
     for word in ("colour", "shape"):  # weight 1 is the plain prompt, sampled once for both modes
         ones = [
@@ -278,7 +291,7 @@ def test_evaluate_measures_the_weight_response(edit_run):
         assert ones[0] == ones[1]
     assert set(edit["deleted"]) == {"colour", "shape"}
     for base in edit["deleted"].values():
-        assert set(base) == {"drawn", "present", "area", "grain"}
+        assert set(base) == {"drawn", "present", "named when drawn", "area", "grain"}
 
 
 def test_evaluate_measures_every_swap_kind(edit_run):

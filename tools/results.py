@@ -55,14 +55,17 @@ def edit_section(report: dict) -> list[str]:
     edit = report["edit"]
     lines = [f"### Weights ({edit['n']} one-object prompts; drawn = one clean object)", ""]
     rows = [
-        [word, "word deleted", "-", base["drawn"], base["present"], base["area"], "-", base["grain"]]
+        [word, "word deleted", "-", base["drawn"], base["present"], base.get("named when drawn"), base["area"], "-"]
+        + [base["grain"]]
         for word, base in edit["deleted"].items()
     ]
     rows += [
-        [r["word"], r["mode"], r["weight"], r["drawn"], r["present"], r["area"], r["mass"], r["grain"]]
+        [r["word"], r["mode"], r["weight"], r["drawn"], r["present"], r.get("named when drawn"), r["area"], r["mass"]]
+        + [r["grain"]]
         for r in edit["rows"]
     ]
-    lines += table(["word", "mode", "weight", "drawn", "present", "area", "attention share", "grain"], rows)
+    header = ["word", "mode", "weight", "drawn", "present", "named, of drawn", "area", "attention share", "grain"]
+    lines += table(header, rows)
     lines += ["", "![weight response](report-edit.png)", ""]
     return lines
 
@@ -213,9 +216,12 @@ def readme_table(report: dict, benches: dict) -> str:
     lines = table(["faithfulness", "score", "target", "met"], rows)
     edit = [t for key, t in targets.items() if key.startswith("edit/")]
     swap = [t for key, t in targets.items() if key.startswith("swap/")]
+    measured = [t for t in edit if t["met"] is not None]
+    unmeasured = f" ({len(edit) - len(measured)} not measurable)" if len(measured) < len(edit) else ""
     lines += [
         "",
-        f"Weight contract: {sum(bool(t['met']) for t in edit)} of {len(edit)} clauses met; word swaps: "
+        f"Weight contract: {sum(bool(t['met']) for t in measured)} of {len(measured)} measured clauses met"
+        f"{unmeasured}; word swaps: "
         f"{sum(bool(t['met']) for t in swap)} of {len(swap)}; in all {sum(met)} of {len(met)} measured targets "
         f"([docs/results.md](docs/results.md)). Measured on {machine(benches)}.",
     ]
