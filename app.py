@@ -703,7 +703,7 @@ def build_page(editor: Editor, first: Result):
                         list(KEEP_LAYOUT),
                         value="auto",
                         label="Keep layout",
-                        info="the other words keep the source's maps at every step (auto: for colour swaps)",
+                        info="the other words keep the source's maps at every step (auto: for colour and size swaps)",
                         elem_id="keep-layout",
                     )
                     swap = gr.Button("Swap", variant="primary", elem_id="swap-button")

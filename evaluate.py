@@ -104,7 +104,8 @@ def build_parser() -> ArgumentParser:
         "--keep-layout",
         default="auto",
         choices=KEEP_LAYOUT,
-        help="word swaps: the other words keep the source's maps at every step (auto: for recolourings, as sample.py)",
+        help="word swaps: the other words keep the source's maps at every step (auto: for recolourings and "
+        "resizings, as sample.py)",
     )
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument(

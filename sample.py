@@ -130,8 +130,9 @@ def build_parser() -> ArgumentParser:
         "--keep-layout",
         default="auto",
         choices=KEEP_LAYOUT,
-        help="with --edit: the other words keep the source's maps at every step, so outlines stay "
-        "(auto: on when the swap only changes colour words, off for shapes and sizes that need new outlines)",
+        help="with --edit: the other words keep the source's maps at every step, so outlines stay (auto: on "
+        "when only colour words change; when only size words change, the resized object is drawn anew and the "
+        "rest kept; off for other swaps, whose new shape needs its outline free)",
     )
     return parser
 

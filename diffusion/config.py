@@ -159,9 +159,10 @@ DEFAULT_SAMPLER = "euler"
 # (evaluate.py --parts swap --swap-sweep measures 0-1).
 DEFAULT_EDIT_STEPS = 0.6
 # Whether the words a swap keeps hold the source's maps at every step (sample.py's and
-# evaluate.py's --keep-layout, Pipeline.swap's keep_layout): auto keeps them for recolourings,
-# where the user means the same outlines, and frees them for other swaps, whose new shape or size
-# needs its outline free. The first is the default.
+# evaluate.py's --keep-layout, Pipeline.swap's keep_layout). auto keeps them for recolourings,
+# where the user means the same outlines; for resizings it keeps the other objects' words and
+# draws the resized object anew (its old maps hold its old outline); other swaps, whose new shape
+# needs its outline free, keep them for --edit-steps only. The first is the default.
 KEEP_LAYOUT = {"auto": None, "on": True, "off": False}
 # How (word:w) weights act (diffusion/pipeline.py's Weighting; sample.py's --weight-mode and
 # --weight-context): the first of each is the default.

@@ -55,7 +55,15 @@ from .config import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
-from .prompts import WeightedPrompt, align_tokens, parse_prompt, recolours, split_words, token_word_index
+from .prompts import (
+    WeightedPrompt,
+    align_tokens,
+    object_phrase,
+    parse_prompt,
+    split_words,
+    swap_kind,
+    token_word_index,
+)
 from .text_encoder import TextEncoder
 from .unet import UNet
 from .weighting import Weighting, condition, token_weights
@@ -637,9 +645,12 @@ class Pipeline(DiffusionPipeline):
         maps. local_blend: outside the changed words' maps the edit keeps the source's pixels
         (`LocalBlend`). keep_layout: the other words keep the source's maps at every step, not
         only in the first `edit_steps`, so the outlines stay and only the swapped word's thing
-        changes within them; None (auto): on for a recolouring (`prompts.recolours`), off for
-        others, since a new shape or size needs its outline free. batch_size: pairs denoised
-        together. Returns (source output, edit output)."""
+        changes within them. None (auto, `prompts.swap_kind`): on for a recolouring; for a
+        resizing, the other objects' words keep the source's maps at every step and the resized
+        object's words (`prompts.object_phrase`) take none, so it is drawn anew at its new size;
+        off for other swaps, since a new shape needs its outline free. The settings record it as
+        "on", "off" or "redraw object". batch_size: pairs denoised together. Returns (source
+        output, edit output)."""
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
         parsed, settings = self._prepare(
@@ -668,7 +679,7 @@ class Pipeline(DiffusionPipeline):
             "negative_prompt": negative_prompt or "",
             "edit_steps": edit_steps,
             "local_blend": local_blend,
-            "keep_layout": bool(self.swap_plan([(parsed[0], parsed[1])], keep_layout)[3].any()),
+            "keep_layout": self.swap_plan([(parsed[0], parsed[1])], keep_layout)[4][0],
         }
         return tuple(
             PipelineOutput(
@@ -698,7 +709,7 @@ class Pipeline(DiffusionPipeline):
         turn, and their word maps when `maps` is given."""
         if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
             raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
-        parsed, mapping, changed, keep = self.swap_plan(pairs, keep_layout)
+        parsed, mapping, changed, keep, _ = self.swap_plan(pairs, keep_layout)
         blend = LocalBlend(changed, self.unet.config.sample_size) if local_blend else None
         seeds = [seed for seed in seeds for _ in range(2)]
         return self.sample_batch(
@@ -717,11 +728,12 @@ class Pipeline(DiffusionPipeline):
 
     def swap_plan(
         self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], keep_layout: bool | None = None
-    ) -> tuple[list[WeightedPrompt], torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[list[WeightedPrompt], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
         """How a word swap acts on each (source, edit) pair: the parsed prompts (2P, source and edit
-        in turn), the token mapping (P, T) (`prompts.align_tokens`), the changed tokens (2P, T)
-        (`changed_tokens`), and the edit tokens that keep the source's maps at every step (P, T)
-        (see `swap`'s keep_layout)."""
+        in turn), the token mapping (P, T) (`prompts.align_tokens`, with -1 for the tokens of a
+        resized object), the changed tokens (2P, T) (`changed_tokens`), the edit tokens that keep
+        the source's maps at every step (P, T), and each pair's layout: "on", "off" or "redraw
+        object" (see `swap`'s keep_layout)."""
         parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
         texts = [p.text for p in parsed]
         offsets = self.encoder.offsets(texts)  # (2P, T, 2)
@@ -734,16 +746,27 @@ class Pipeline(DiffusionPipeline):
         )  # (P, T)
         changed = changed_tokens(self.encoder.token_ids(texts), offsets, mapping)
         keep = torch.zeros_like(mapping, dtype=torch.bool)
+        layouts = []
         for k in range(len(pairs)):
             source, edit = 2 * k, 2 * k + 1
-            on = keep_layout
-            if on is None:
-                on = recolours(
+            kind = None
+            if keep_layout is None:
+                kind = swap_kind(
                     texts[source], offsets[source], changed[source], texts[edit], offsets[edit], changed[edit]
                 )
-            if on:
+            if keep_layout or kind == "recolour":
                 keep[k] = ~changed[edit]
-        return parsed, mapping, changed, keep
+                layouts.append("on")
+            elif kind == "resize":
+                # the source's maps hold the object's old outline: its words draw it anew from the
+                # first step, and every other word keeps the source's maps at every step
+                redrawn = torch.tensor(object_phrase(texts[edit], offsets[edit], changed[edit])) | changed[edit]
+                mapping[k, redrawn] = -1
+                keep[k] = ~redrawn
+                layouts.append("redraw object")
+            else:
+                layouts.append("off")
+        return parsed, mapping, changed, keep, layouts
 
 
 def convert(x: torch.Tensor, output_type: str):

@@ -88,15 +88,17 @@ from .errors import UserError
 
 __all__ = [
     "COLOUR_WORDS",
+    "SIZE_WORDS",
     "PromptSyntaxError",
     "WeightedPrompt",
     "Word",
     "align_tokens",
     "find_word",
     "format_prompt",
+    "object_phrase",
     "parse_prompt",
-    "recolours",
     "set_word_weight",
+    "swap_kind",
     "split_words",
     "token_word_index",
     "word_token_weights",
@@ -534,34 +536,64 @@ def delete_tokens(text: str, offsets: torch.Tensor | list, drop) -> str:
     return " ".join("".join(c for c, k in zip(text, keep) if k).split())
 
 
-# English's basic colour terms and the shapes set's colours. A word swap between two of them is a
-# recolouring: the user means the same outlines in another colour (`recolours`).
+# English's basic colour terms and the shapes set's colours, and size words. A word swap between
+# two colour words is a recolouring (the user means the same outlines in another colour); between
+# two size words a resizing (the same object, drawn anew at the new size): `swap_kind`.
 COLOUR_WORDS = frozenset(
     "red green blue yellow purple orange pink brown black white grey gray cyan magenta violet".split()
 )
+SIZE_WORDS = frozenset("small large big little tiny huge".split())
+# Words that end a noun phrase ("a small red circle | on the left"): articles, prepositions,
+# conjunctions. Punctuation ends one too.
+PHRASE_ENDS = frozenset(
+    "a an the and or but in on at to of with by for from into onto above below under over near beside behind "
+    "between next".split()
+)
 
 
-def recolours(
+def _changed_words(prompt: str, offsets, flags) -> set[str]:
+    """The lower-cased words of `prompt` holding a token whose flag is set, articles left out."""
+    words = split_words(prompt)
+    index = token_word_index(offsets, words)
+    return {words[w].text.lower() for w, flag in zip(index, flags) if flag and w is not None} - {"a", "an"}
+
+
+def swap_kind(
     source_prompt: str,
     source_offsets: torch.Tensor | list,
     source_changed: torch.Tensor | list,
     target_prompt: str,
     target_offsets: torch.Tensor | list,
     target_changed: torch.Tensor | list,
-) -> bool:
-    """Whether a word swap only changes colour words: the words holding a changed token (per
-    token, as `attention_control.changed_tokens` gives) are colour words (COLOUR_WORDS) on both
-    sides, and some changed; the article may change with them ("an orange" -> "a red"). Adding
-    or deleting a colour word is not a recolouring."""
-    changed = []
-    for prompt, offsets, flags in (
-        (source_prompt, source_offsets, source_changed),
-        (target_prompt, target_offsets, target_changed),
-    ):
-        words = split_words(prompt)
-        index = token_word_index(offsets, words)
-        changed.append({words[w].text.lower() for w, flag in zip(index, flags) if flag and w is not None} - {"a", "an"})
-    return all(changed) and all(words <= COLOUR_WORDS for words in changed)
+) -> str | None:
+    """What a word swap changes: "recolour" when the words holding a changed token (per token,
+    as `attention_control.changed_tokens` gives) are colour words (COLOUR_WORDS) on both sides,
+    "resize" when they are size words (SIZE_WORDS), else None. The article may change with them
+    ("an orange" -> "a red"); adding or deleting a word is neither."""
+    source = _changed_words(source_prompt, source_offsets, source_changed)
+    target = _changed_words(target_prompt, target_offsets, target_changed)
+    for kind, vocabulary in (("recolour", COLOUR_WORDS), ("resize", SIZE_WORDS)):
+        if source and target and source <= vocabulary and target <= vocabulary:
+            return kind
+    return None
+
+
+def object_phrase(prompt: str, offsets: torch.Tensor | list, changed: torch.Tensor | list) -> list[bool]:
+    """Per token of `prompt`: whether it belongs to the phrase of the first changed word, that word
+    and the words after it up to the end of the noun phrase (PHRASE_ENDS, punctuation or the end
+    of the prompt): in "a small red circle on the left" with "small" changed, "small red circle"."""
+    words = split_words(prompt)
+    index = token_word_index(offsets, words)
+    flags = [bool(f) for f in changed]
+    first = next((t for t, (w, f) in enumerate(zip(index, flags)) if f and w is not None), None)
+    if first is None:
+        return [False] * len(index)
+    start = end = index[first]
+    while end + 1 < len(words) and words[end + 1].text.lower() not in PHRASE_ENDS:
+        if prompt[words[end].end : words[end + 1].start].strip():  # punctuation between them
+            break
+        end += 1
+    return [w is not None and start <= w <= end for w in index]
 
 
 def align_tokens(

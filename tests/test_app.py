@@ -357,11 +357,11 @@ def test_the_page_edits_weights_shows_maps_errors_and_swaps(server, tmp_path):
                 with Image.open(io.BytesIO(page.request.get(edit_link.get_attribute("href")).body())) as png:
                     return dict(png.info)
 
-            assert edit_metadata()["prompt"] == app.DEFAULT_EDIT and edit_metadata()["keep_layout"] == "True"
+            assert edit_metadata()["prompt"] == app.DEFAULT_EDIT and edit_metadata()["keep_layout"] == "on"
             first = edit_link.get_attribute("href")
             page.locator("#keep-layout").get_by_label("off").check()
             page.locator("#swap-button").click()
             expect(edit_link).not_to_have_attribute("href", first)
-            assert edit_metadata()["keep_layout"] == "False"
+            assert edit_metadata()["keep_layout"] == "off"
         finally:
             browser.close()

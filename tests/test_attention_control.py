@@ -21,7 +21,7 @@ from diffusion.clip_training import fit_tokenizer
 from diffusion.config import DEFAULT_WEIGHT_STEPS
 from diffusion.errors import UserError
 from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
-from diffusion.prompts import align_tokens, recolours, split_words
+from diffusion.prompts import align_tokens, object_phrase, split_words, swap_kind
 from diffusion.weighting import Weighting, condition
 
 
@@ -254,26 +254,51 @@ def test_changed_tokens_of_several_pairs_and_of_an_unchanged_pair(tokenizer):
     assert marked(changed, pieces, 4) == ["square", "left"] and marked(changed, pieces, 5) == ["triangle", "right"]
 
 
+def offsets_of(tokenizer, *texts):
+    tokens = tokenizer(list(texts), return_offsets_mapping=True, padding="max_length", truncation=True, max_length=T)
+    return tokens["offset_mapping"]
+
+
 @pytest.mark.parametrize(
     "source, edit, expected",
     [
-        ("a red circle on the left", "a blue circle on the left", True),
-        ("an orange circle", "a red circle", True),  # the article changes with the colour
-        ("a Red circle on the left", "a GREEN circle on the left", True),
-        ("a red circle and a red square", "a red circle and a blue square", True),
-        ("a red circle", "a red square", False),
-        ("a red circle", "a blue square", False),
-        ("a red circle on the left", "a blue circle on the right", False),
-        ("a circle", "a red circle", False),  # adding a colour is a refinement
-        ("a red circle", "a circle", False),
-        ("a red circle", "a red circle", False),  # nothing changes
+        ("a red circle on the left", "a blue circle on the left", "recolour"),
+        ("an orange circle", "a red circle", "recolour"),  # the article changes with the colour
+        ("a Red circle on the left", "a GREEN circle on the left", "recolour"),
+        ("a red circle and a red square", "a red circle and a blue square", "recolour"),
+        ("a small red circle", "a large red circle", "resize"),
+        ("a red circle and a big square", "a red circle and a tiny square", "resize"),
+        ("a small red circle", "a large blue circle", None),  # size and colour
+        ("a red circle", "a red square", None),
+        ("a red circle", "a blue square", None),
+        ("a red circle on the left", "a blue circle on the right", None),
+        ("a circle", "a red circle", None),  # adding a colour is a refinement
+        ("a red circle", "a circle", None),
+        ("a circle", "a small circle", None),
+        ("a red circle", "a red circle", None),  # nothing changes
     ],
 )
-def test_recolours_when_only_colour_words_change(tokenizer, source, edit, expected):
+def test_swap_kind_names_recolourings_and_resizings(tokenizer, source, edit, expected):
     changed, _ = swap_tokens(tokenizer, [(source, edit)])
-    offsets = tokenizer([source, edit], return_offsets_mapping=True, padding="max_length", max_length=T)
-    spans = offsets["offset_mapping"]
-    assert recolours(source, spans[0], changed[0], edit, spans[1], changed[1]) is expected
+    spans = offsets_of(tokenizer, source, edit)
+    assert swap_kind(source, spans[0], changed[0], edit, spans[1], changed[1]) == expected
+
+
+@pytest.mark.parametrize(
+    "source, edit, phrase",
+    [
+        ("a small red circle on the left", "a large red circle on the left", "large red circle"),
+        ("left, a big circle", "left, a tiny circle", "tiny circle"),
+        ("a small circle, a red square", "a large circle, a red square", "large circle"),  # the comma ends it
+        ("a red square and a small circle", "a red square and a large circle", "large circle"),
+        ("a red circle", "a red circle", ""),  # nothing changed
+    ],
+)
+def test_object_phrase_runs_from_the_changed_word_to_the_end_of_its_noun_phrase(tokenizer, source, edit, phrase):
+    changed, pieces = swap_tokens(tokenizer, [(source, edit)])
+    inside = object_phrase(edit, offsets_of(tokenizer, edit)[0], changed[1])
+    assert len(inside) == T
+    assert "".join(p for p, flag in zip(pieces[1], inside) if flag) == phrase.replace(" ", "")
 
 
 def blend_with_maps(changed, maps, threshold=0.3):
@@ -500,12 +525,16 @@ def test_keeping_the_layout_changes_a_shape_swap_and_auto_keeps_it_for_colours_o
     shape = ("a red circle on the left", "a red square on the left")
     free, free_setting = edit(*shape, None)
     kept, kept_setting = edit(*shape, True)
-    assert not free_setting and kept_setting and not np.array_equal(free, kept)
+    assert free_setting == "off" and kept_setting == "on" and not np.array_equal(free, kept)
     assert np.array_equal(free, edit(*shape, False)[0])
     colour = ("a red circle on the left", "a blue circle on the left")
     auto, auto_setting = edit(*colour, None)
-    assert auto_setting and np.array_equal(auto, edit(*colour, True)[0])
+    assert auto_setting == "on" and np.array_equal(auto, edit(*colour, True)[0])
     assert not np.array_equal(auto, edit(*colour, False)[0])
+    size = ("a small red circle on the left", "a large red circle on the left")
+    redrawn, redrawn_setting = edit(*size, None)
+    assert redrawn_setting == "redraw object"
+    assert not np.array_equal(redrawn, edit(*size, True)[0]) and not np.array_equal(redrawn, edit(*size, False)[0])
 
 
 def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):

@@ -288,12 +288,30 @@ def test_local_blend_with_an_unchanged_prompt_keeps_the_source(exact_pipe):
 
 
 def test_swap_plan_keeps_the_unchanged_words_of_recolourings_or_as_asked(exact_pipe):
-    _, mapping, changed, keep = exact_pipe.swap_plan(SWAPS)
+    _, mapping, changed, keep, layouts = exact_pipe.swap_plan(SWAPS)
     assert mapping.shape == keep.shape == (2, changed.shape[1]) and changed.shape[0] == 4
     assert torch.equal(keep[0], ~changed[1]) and changed[1].any()  # the colour swap keeps the others
     assert not keep[1].any()  # the shape swap keeps none
-    assert torch.equal(exact_pipe.swap_plan(SWAPS, keep_layout=True)[3], ~changed[1::2])
-    assert not exact_pipe.swap_plan(SWAPS, keep_layout=False)[3].any()
+    assert layouts == ["on", "off"]
+    on = exact_pipe.swap_plan(SWAPS, keep_layout=True)
+    assert torch.equal(on[3], ~changed[1::2]) and on[4] == ["on", "on"] and torch.equal(on[1], mapping)
+    off = exact_pipe.swap_plan(SWAPS, keep_layout=False)
+    assert not off[3].any() and off[4] == ["off", "off"] and torch.equal(off[1], mapping)
+
+
+def test_swap_plan_redraws_a_resized_object_and_keeps_the_rest(exact_pipe):
+    pair = [("a small red circle on the left", "a large red circle on the left")]
+    parsed, mapping, changed, keep, layouts = exact_pipe.swap_plan(pair)
+    _, plain, _, _, _ = exact_pipe.swap_plan(pair, keep_layout=False)
+    offsets = exact_pipe.encoder.offsets([parsed[1].text])[0]
+    text = parsed[1].text
+    redrawn = [text[a:b] for a, b in offsets.tolist() if b > a and text.index("large") <= a < text.index(" on")]
+    assert layouts == ["redraw object"] and "".join(redrawn) == "largeredcircle"
+    spans = [(a, b) for a, b in offsets.tolist()]
+    for j, (a, b) in enumerate(spans):
+        in_object = b > a and text.index("large") <= a < text.index(" on")
+        assert (mapping[0, j] == -1) == (in_object or plain[0, j] == -1), j  # the object takes no source map
+        assert bool(keep[0, j]) == (not in_object), j  # every other token keeps the source's map
 
 
 @pytest.mark.parametrize("edit_steps", [-0.1, 1.5, float("nan")])
