@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DEFAULT_SAMPLER
+from .config import DEFAULT_SAMPLER, KEEP_LAYOUT
 from .detector import MAX_RESIDUAL, MIN_COVERAGE, Detection, detect, grain, is_clean_object, pixel_colours
 from .evaluation import match_objects, sample_images, span_map
 from .images import uint8_images
@@ -424,7 +424,7 @@ def swap_response(
     example_steps = edit_steps[0] if example_steps is None else example_steps
     settings = {"steps": 20, "guidance": guidance, "sampler": sampler, "negative_prompt": None}
     resolution = pipe.unet.config.sample_size
-    layout = {None: "auto", True: "on", False: "off"}[keep_layout]
+    layout = next(name for name, value in KEEP_LAYOUT.items() if value is keep_layout)
     out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "keep_layout": layout, "kinds": {}}
     examples = {}
     for kind in kinds:
