@@ -54,17 +54,12 @@ def faithfulness_rows(report: dict) -> list[list]:
 def edit_section(report: dict) -> list[str]:
     edit = report["edit"]
     lines = [f"### Weights ({edit['n']} one-object prompts; drawn = one clean object)", ""]
-    rows = [
-        [word, "word deleted", "-", base["drawn"], base["present"], base.get("named when drawn"), base["area"], "-"]
-        + [base["grain"]]
-        for word, base in edit["deleted"].items()
-    ]
-    rows += [
-        [r["word"], r["mode"], r["weight"], r["drawn"], r["present"], r.get("named when drawn"), r["area"], r["mass"]]
-        + [r["grain"]]
-        for r in edit["rows"]
-    ]
     header = ["word", "mode", "weight", "drawn", "present", "named, of drawn", "area", "attention share", "grain"]
+    keys = ["drawn", "present", "named when drawn", "area", "mass", "grain"]
+    rows = [
+        [word, "word deleted", "-", *(base.get(key, "-") for key in keys)] for word, base in edit["deleted"].items()
+    ]
+    rows += [[r["word"], r["mode"], r["weight"], *(r.get(key) for key in keys)] for r in edit["rows"]]
     lines += table(header, rows)
     lines += ["", "![weight response](report-edit.png)", ""]
     return lines
