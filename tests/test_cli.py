@@ -108,6 +108,7 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
         (["-n", "two", "a red circle"], ["invalid int value: 'two'"]),
         (["--mixed-precision", "fp8", "a red circle"], ["invalid choice: 'fp8'"]),
         (["--weight-context", "forget", "a (red:0) circle"], ["invalid choice: 'forget'"]),
+        (["--edit", "a blue circle", "--keep-layout", "yes", "a red circle"], ["invalid choice: 'yes'"]),
     ],
     ids=[
         "guidance-inf",
@@ -121,6 +122,7 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
         "n-not-a-number",
         "unknown-mixed-precision",
         "unknown-weight-context",
+        "unknown-keep-layout",
     ],
 )
 def test_sample_rejects_bad_arguments_and_keeps_the_old_grid(run_cli, tiny_model, tmp_path, args, fragments):
