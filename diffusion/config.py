@@ -76,11 +76,12 @@ class DataConfig:
     object_weights: list[float] | None = field(  # shapes: relative frequency of 1-4 objects, UNet only (null: uniform)
         default_factory=lambda: [2.0, 5.0, 2.0, 1.0]
     )
-    omit_colour: float = 0.0  # shapes: chance a caption omits an object's colour ("a circle"), to learn unnamed colours
+    omit_colour: float = 0.35  # shapes: chance a caption omits an object's colour ("a circle"): unnamed colours
     omit_shape: float = 0.0  # shapes: the same for its shape ("a red shape")
     omit_position: float = 0.0  # shapes: the same for its position phrase (relations between two objects are kept)
     omit_size: float = 0.5  # shapes: the same for its size word ("small", "large")
     omit_max_objects: int = 4  # shapes: leave colour, shape, position out only in captions of at most this many objects
+    omit_from: float = 0.7  # shapes: captions leave colour, shape, position out only after this fraction of the steps
     seed: int = 0  # shapes: the dataset is a pure function of this seed
     holdout: list[str] = field(  # shapes: colour-shape pairs never shown in training
         default_factory=lambda: ["red square", "green triangle", "blue cross", "yellow circle"]
@@ -221,7 +222,7 @@ NON_NEGATIVE = {
     "train.validation_guidance",
 }
 PROBABILITIES = {"data.omit_colour", "data.omit_shape", "data.omit_position", "data.omit_size"}
-FRACTIONS = {"train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
+FRACTIONS = {"data.omit_from", "train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
 
 
 def _type_name(annotation) -> str:

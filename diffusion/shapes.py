@@ -139,6 +139,11 @@ class Omission:
         """Whether some caption may leave a colour, shape or position out."""
         return any(p > 0 for p in (self.colour, self.shape, self.position))
 
+    def writes_new_words(self) -> bool:
+        """Whether some caption may write a word that whole captions never do: "shape", the
+        noun of an unnamed shape. A caption without a colour or a position only has fewer words."""
+        return self.shape > 0
+
     def draws_extra(self, count: int) -> bool:
         """Whether a caption of `count` objects may leave colour, shape or position out (each
         object then draws three numbers)."""
@@ -516,7 +521,11 @@ class ShapesDataset(Dataset):
 
     def captions(self) -> list[str]:
         """Every sample's caption, in index order (samples scenes only, no rendering)."""
-        return [self.scene(i).caption for i in range(self.num_samples)]
+        return [scene.caption for scene in self.scenes()]
+
+    def scenes(self) -> list[Scene]:
+        """Every sample's scene, in index order, without rendering."""
+        return [self.scene(i) for i in range(self.num_samples)]
 
     def render_all(self, progress: bool = True) -> tuple[torch.Tensor, list[str]]:
         """Render every sample once for training from memory (`render_with_masks`, without the masks).

@@ -7,9 +7,10 @@
         model/           the final export (diffusers pipeline layout, EMA weights)
         config.yaml      the resolved config of this run
 
-A shapes set is rendered into memory (`InMemoryData`); an image folder is decoded from disk batch
-by batch, its captions' text states read from an on-disk cache (`StreamingData`). The loop is
-the usual diffusers one: DDPMScheduler noise, epsilon or v targets, optional
+A shapes set is rendered into memory (`InMemoryData`), with whole captions until data.omit_from
+of the steps and captions that may leave words out after that; an image folder is decoded from
+disk batch by batch, its captions' text states read from an on-disk cache (`StreamingData`).
+The loop is the usual diffusers one: DDPMScheduler noise, epsilon or v targets, optional
 min-SNR-gamma weighting, captions dropped to "" for classifier-free guidance, AdamW with warm-up
 and cosine decay, gradient clipping, EMA with warm-up. accelerate handles the device, mixed
 precision, gradient accumulation and several processes (`accelerate launch` / `torchrun`).
@@ -27,6 +28,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -161,11 +163,20 @@ class Batch:
     object_masks: torch.Tensor | None = None  # (B, K, R, R) float object masks (grounding)
 
 
+class LaterCaptions(NamedTuple):
+    """Other captions of the same images, read from draw `first_draw` on (data.omit_from)."""
+
+    captions: list[str]  # N strings
+    token_object: torch.Tensor | None  # (N, T) int8 for the grounding loss (None without it)
+    first_draw: int
+
+
 class InMemoryData:
     """The training set held on the device: images as uint8, the text states of each distinct
     caption once (the encoder is frozen), and for grounding each token's object and the masks.
+    With `later`, the draws from later.first_draw on read the same images with later.captions.
 
-    `batch(index)` gathers the samples at `index` (B,) into a `Batch`."""
+    `batch(index, later)` gathers the samples at `index` (B,) into a `Batch`."""
 
     def __init__(
         self,
@@ -175,10 +186,11 @@ class InMemoryData:
         device,
         token_object: torch.Tensor | None = None,
         object_masks: torch.Tensor | None = None,
+        later: LaterCaptions | None = None,
     ):
         """images: (N, 3, R, R) uint8; captions: N strings; token_object: (N, T) int8 and
         object_masks: (N, K, R, R) bool for the grounding loss (None without it)."""
-        self.distinct = sorted(set(captions))
+        self.distinct = sorted(set(captions) | set(later.captions if later else ()))
         row_of = {caption: i for i, caption in enumerate(self.distinct)}
         cache = EmbeddingCache(encoder)
         embeddings, key_mask = cache.get(self.distinct)  # (U, T, D), (U, T)
@@ -190,6 +202,10 @@ class InMemoryData:
         self.token_object = None if token_object is None else token_object.to(device)
         self.object_masks = None if object_masks is None else object_masks.to(device)
         self.device = device
+        self.later_from = None if later is None else later.first_draw
+        if later is not None:
+            self.later_rows = torch.tensor([row_of[c] for c in later.captions])  # (N,)
+            self.later_token_object = None if later.token_object is None else later.token_object.to(device)
 
     def __len__(self) -> int:
         return len(self.caption_rows)
@@ -201,21 +217,24 @@ class InMemoryData:
     def batches(
         self, generator: torch.Generator, first_draw: int, batch_size: int, world: int, rank: int
     ) -> Iterator[Batch]:
-        """Endless batches: every process draws the same global batch of `batch_size` x `world`
-        indices from `generator` (the run's data-order generator, restored on resume, so
-        `first_draw` is not needed) and takes slice `rank` of it."""
-        while True:
+        """Endless batches from draw `first_draw` on: every process draws the same global batch
+        of `batch_size` x `world` indices from `generator` (the run's data-order generator,
+        restored on resume) and takes slice `rank` of it. The draw's number only says which
+        captions it reads."""
+        for draw in itertools.count(first_draw):
             index = torch.randint(len(self), (batch_size * world,), generator=generator)
-            yield self.batch(index[rank * batch_size : (rank + 1) * batch_size])
+            later = self.later_from is not None and draw >= self.later_from
+            yield self.batch(index[rank * batch_size : (rank + 1) * batch_size], later)
 
-    def batch(self, index: torch.Tensor) -> Batch:
+    def batch(self, index: torch.Tensor, later: bool = False) -> Batch:
         on_device = index.to(self.device)
-        rows = self.caption_rows[index].to(self.device)
+        rows = (self.later_rows if later else self.caption_rows)[index].to(self.device)
+        token_object = self.later_token_object if later else self.token_object
         return Batch(
             self.images[on_device].float() / 127.5 - 1,
             self.embeddings[rows],
             self.key_mask[rows],
-            None if self.token_object is None else self.token_object[on_device].long(),
+            None if token_object is None else token_object[on_device].long(),
             None if self.object_masks is None else self.object_masks[on_device].float(),
         )
 
@@ -457,11 +476,18 @@ def prepare_data(
         return prepare_folder_data(cfg, dataset, output_dir, accelerator)
     main = accelerator.is_main_process
     grounded = cfg.train.grounding_weight > 0  # shapes only (config check): the masks come with the images
+    # With data.omit_from the run first learns whole captions, then the same images with captions
+    # that may leave words out: composition first, the prior of an unnamed attribute after.
+    curriculum = cfg.data.omit_from > 0 and dataset.omission.leaves_words_out()
+    first = dataset
+    if curriculum:
+        first = build_dataset(dataclasses.replace(cfg.data, omit_colour=0.0, omit_shape=0.0, omit_position=0.0))
     if grounded:
-        images, captions, object_masks, scenes = dataset.render_with_masks(progress=main)
+        images, captions, object_masks, scenes = first.render_with_masks(progress=main)
     else:
-        images, captions = dataset.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
+        images, captions = first.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
         object_masks = None
+    later_scenes = dataset.scenes() if curriculum else []
     # The tokenizer learns the UNet's captions too only when they may hold words the CLIP's full
     # captions never write ("a red shape"); otherwise its vocabulary stays that of the CLIP's captions.
     encoder = prepare_text_encoder(
@@ -469,11 +495,24 @@ def prepare_data(
         output_dir,
         lambda: clip_training_data(cfg, images, captions, main),
         accelerator,
-        captions if dataset.omission.leaves_words_out() else (),
+        captions + [scene.caption for scene in later_scenes] if dataset.omission.writes_new_words() else (),
     )
     encoder.to(accelerator.device)
-    token_object = grounding_targets(scenes, lambda c: encoder.tokenize(c)["offsets"]) if grounded else None
-    return InMemoryData(images, captions, encoder, accelerator.device, token_object, object_masks), encoder
+
+    def offsets(caption: str) -> torch.Tensor:
+        return encoder.tokenize(caption)["offsets"]
+
+    token_object = grounding_targets(scenes, offsets) if grounded else None
+    later = None
+    if curriculum:
+        step = math.ceil(cfg.data.omit_from * cfg.train.max_steps)
+        later = LaterCaptions(
+            [scene.caption for scene in later_scenes],
+            grounding_targets(later_scenes, offsets) if grounded else None,
+            step * cfg.train.gradient_accumulation_steps,  # one draw per micro-batch
+        )
+        accelerator.print(f"captions may leave words out from step {step} on (data.omit_from {cfg.data.omit_from:g})")
+    return InMemoryData(images, captions, encoder, accelerator.device, token_object, object_masks, later), encoder
 
 
 def folder_clip_data(cfg: Config, folder: ImageFolderDataset, progress: bool) -> tuple[torch.Tensor, list[str]]:

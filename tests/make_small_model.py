@@ -24,7 +24,14 @@ SMALL = {
         "attention_heads": 4,
         "position_embedding": False,
     },
-    "data": {"resolution": 16, "num_samples": 5000, "max_objects": 1, "omit_colour": 0.35, "omit_shape": 0.15},
+    "data": {
+        "resolution": 16,
+        "num_samples": 5000,
+        "max_objects": 1,
+        "omit_colour": 0.35,
+        "omit_shape": 0.15,
+        "omit_from": 0.0,
+    },
     "text": {
         "width": 64,
         "layers": 2,

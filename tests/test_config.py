@@ -304,6 +304,10 @@ def test_class_defaults_agree_with_the_config():
         "seed",
         "holdout",
         "holdout_mode",
-        "omission",
     ):
         assert getattr(ours, name) == getattr(configured, name), name
+    # the config's colour, shape and position omission acts only from data.omit_from on: before
+    # that its captions are the class default's
+    assert cfg.data.omit_from > 0 and configured.omission.leaves_words_out()
+    whole = dataclasses.replace(configured.omission, colour=0.0, shape=0.0, position=0.0)
+    assert ours.omission == whole

@@ -512,3 +512,17 @@ def test_four_objects_fit_at_32_px_and_never_touch():
                 (ax, ay), (bx, by) = objects[a].center, objects[b].center
                 reach = objects[a].half_extent + objects[b].half_extent + 1
                 assert abs(ax - bx) >= reach or abs(ay - by) >= reach
+
+
+def test_only_an_unnamed_shape_writes_a_word_whole_captions_never_write():
+    """The small CLIP's tokenizer learns the UNet's captions only when they may hold new words
+    (`Omission.writes_new_words`): captions without colours or positions hold none."""
+    whole = ShapesDataset(num_samples=600, seed=3)
+    words = {word for caption in whole.captions() for word in re.findall(r"[a-z]+", caption)}
+    partial = ShapesDataset(num_samples=600, seed=3, omission=Omission(colour=0.6, position=0.6))
+    assert not partial.omission.writes_new_words()
+    partial_words = {word for caption in partial.captions() for word in re.findall(r"[a-z]+", caption)}
+    assert partial_words <= words and partial.captions() != whole.captions()
+    unnamed = ShapesDataset(num_samples=600, seed=3, omission=Omission(shape=0.3))
+    assert unnamed.omission.writes_new_words()
+    assert UNNAMED_SHAPE not in words and any(UNNAMED_SHAPE in caption for caption in unnamed.captions())

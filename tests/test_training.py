@@ -253,10 +253,11 @@ def test_the_small_clip_learns_from_every_object_count_equally():
     images, captions = dataset.render_all(progress=False)
     assert all(len(dataset.scene(i).objects) == 1 for i in range(len(dataset)))
     clip_images, clip_captions = clip_training_data(cfg, images, captions, main=False)
-    uniform = build_dataset(load_config(None, ["data.num_samples=400", "data.object_weights=null"]).data)
+    whole = ["data.num_samples=400", "data.object_weights=null", "data.omit_colour=0"]  # every colour named
+    uniform = build_dataset(load_config(None, whole).data)
     assert clip_captions == [uniform.scene(i).caption for i in range(len(uniform))]
     assert clip_images.shape == images.shape and not torch.equal(clip_images, images)
-    plain = load_config(None, ["data.num_samples=400", "data.object_weights=null"])
+    plain = load_config(None, whole)
     same_images, same_captions = clip_training_data(plain, images, captions, main=False)
     assert same_images is images and same_captions is captions
 
@@ -505,3 +506,40 @@ def test_the_small_clip_learns_every_caption_whole_and_its_tokenizer_covers_the_
     model = train(cfg, tmp_path / "run")
     tokenizer = TextEncoder.from_pretrained(model).tokenizer
     assert "shape</w>" in tokenizer.get_vocab()
+
+
+def test_captions_leave_words_out_only_from_data_omit_from_on(tiny_dict, tmp_path):
+    """data.omit_from: the first draws read whole captions, the later ones the same images with
+    captions that leave the colour out, each with its own grounding targets; a run resumed after
+    the switch reads the later captions from its first draw."""
+    from diffusion.grounding import grounding_targets
+    from diffusion.shapes import COLOURS
+    from diffusion.text_encoder import EmbeddingCache
+    from diffusion.training import make_accelerator, prepare_data
+
+    tiny_dict["data"].update(omit_colour=1.0, omit_shape=0.0, omit_position=0.0, omit_from=0.5)
+    cfg = config_from_dict(tiny_dict)  # 4 steps: whole captions for steps 0-1, partial from step 2
+    dataset = build_dataset(cfg.data)
+    whole = build_dataset(config_from_dict({**tiny_dict, "data": {**tiny_dict["data"], "omit_colour": 0.0}}).data)
+    data, encoder = prepare_data(cfg, dataset, tmp_path, make_accelerator(cfg, tmp_path))
+    assert torch.equal(data.images, whole.render_all(progress=False)[0])
+    offsets = lambda caption: encoder.tokenize(caption)["offsets"]  # noqa: E731
+    phases = {False: whole.scenes(), True: dataset.scenes()}
+    assert all(any(c in s.caption for c in COLOURS) for s in phases[False])
+    assert not any(any(c in s.caption for c in COLOURS) for s in phases[True])
+    cache = EmbeddingCache(encoder)
+
+    def check(batch, index, later):
+        scenes = [phases[later][i] for i in index.tolist()]
+        expected, _ = cache.get([scene.caption for scene in scenes])
+        assert torch.allclose(batch.embeddings, expected, atol=1e-5)
+        assert torch.equal(batch.token_object, grounding_targets(scenes, offsets).long())
+        assert torch.equal(batch.x0, data.images[index].float() / 127.5 - 1)
+
+    batches, draws = data.batches(torch.Generator().manual_seed(5), 0, 4, 1, 0), torch.Generator().manual_seed(5)
+    for draw in range(4):
+        check(next(batches), torch.randint(len(data), (4,), generator=draws), later=draw >= 2)
+    resumed, draws = data.batches(torch.Generator().manual_seed(6), 3, 4, 1, 0), torch.Generator().manual_seed(6)
+    check(next(resumed), torch.randint(len(data), (4,), generator=draws), later=True)
+    with pytest.raises(UserError, match="data.omit_from must be"):
+        config_from_dict({"data": {"omit_from": 1.0}})
