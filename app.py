@@ -326,7 +326,8 @@ class Editor:
     ) -> tuple[Result, Result]:
         """Prompt-to-Prompt word swap (`Pipeline.swap`): `edit` drawn from `source`'s noise with
         its maps injected for the first `edit_steps` fraction of the steps (the other words' at
-        every step with keep_layout; None: for recolourings). Returns (source, edit)."""
+        every step with keep_layout; None: auto, by the kind of swap, as `Pipeline.swap`). Returns
+        (source, edit)."""
         settings.check()
         pipeline = self.pipelines[self.precision(settings.unet_batch(2))]  # one (source, edit) pair per batch
         start = time.perf_counter()

@@ -9,11 +9,19 @@ into memory for training (`render_all()`); an image folder is decoded batch by b
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch.utils.data import Dataset
 
 from .errors import UserError
 from .image_folder import ImageFolderDataset
 from .shapes import Omission, ShapesDataset
+
+
+def whole_captions(data_config):
+    """`data_config` (the config's `data` section) with every object's colour, shape and position
+    named in every caption: what the small CLIP learns from, and a curriculum's first captions."""
+    return dataclasses.replace(data_config, omit_colour=0.0, omit_shape=0.0, omit_position=0.0)
 
 
 def build_dataset(data_config) -> Dataset:

@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from . import checkpoint as ckpt
 from .clip_training import fit_tokenizer, train_clip
 from .config import Config, biased_timestep_count
-from .data import build_dataset
+from .data import build_dataset, whole_captions
 from .embedding_store import EmbeddingStore, cache_folder
 from .errors import UserError
 from .grounding import GroundingLoss, grounding_targets
@@ -77,7 +77,7 @@ def clip_training_data(cfg: Config, images: torch.Tensor, captions: list[str], m
     the UNet's own mix encoded long captions and partial ones worse (three objects, colour binding)."""
     if cfg.data.kind != "shapes":
         return images, captions
-    full = dataclasses.replace(cfg.data, object_weights=None, omit_colour=0.0, omit_shape=0.0, omit_position=0.0)
+    full = dataclasses.replace(whole_captions(cfg.data), object_weights=None)
     if full == cfg.data:
         return images, captions
     return build_dataset(full).render_all(progress=main)
@@ -481,7 +481,7 @@ def prepare_data(
     curriculum = cfg.data.omit_from > 0 and dataset.omission.leaves_words_out()
     first = dataset
     if curriculum:
-        first = build_dataset(dataclasses.replace(cfg.data, omit_colour=0.0, omit_shape=0.0, omit_position=0.0))
+        first = build_dataset(whole_captions(cfg.data))
     if grounded:
         images, captions, object_masks, scenes = first.render_with_masks(progress=main)
     else:

@@ -278,7 +278,7 @@ def test_class_defaults_agree_with_the_config():
     config builds: one set of defaults, not three that drift apart."""
     import inspect
 
-    from diffusion.data import build_dataset
+    from diffusion.data import build_dataset, whole_captions
     from diffusion.shapes import ShapesDataset
     from diffusion.text_encoder import TextEncoder
     from diffusion.unet import UNet, unet_settings
@@ -309,5 +309,4 @@ def test_class_defaults_agree_with_the_config():
     # the config's colour, shape and position omission acts only from data.omit_from on: before
     # that its captions are the class default's
     assert cfg.data.omit_from > 0 and configured.omission.leaves_words_out()
-    whole = dataclasses.replace(configured.omission, colour=0.0, shape=0.0, position=0.0)
-    assert ours.omission == whole
+    assert ours.omission == build_dataset(whole_captions(cfg.data)).omission
