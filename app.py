@@ -212,8 +212,9 @@ class Editor:
 
     def compile(self) -> float:
         """Compile the UNet for one-image renders (`Pipeline.compile` for UNet calls of 2 rows, one
-        image with guidance; other batches, guidance 1 and word swaps stay eager) and build its graphs
-        now, with and without weights, so that no slider waits for them. Returns the seconds it
+        image with guidance; its steps past the guidance cutoff run on those graphs too, see
+        `CompiledUNet`; other batches and word swaps stay eager) and build its graphs now, with and
+        without weights, so that no slider waits for them. Returns the seconds it
         took. Where compiling fails (no C++ compiler, say), the editor stays uncompiled and says
         so in one line.
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
+    DEFAULT_GUIDANCE_CUTOFF,
     DEFAULT_PARTS,
     DEFAULT_SAMPLER,
     EVALUATION_PARTS,
@@ -40,14 +41,19 @@ def parts_list(text: str) -> tuple[str, ...]:
     return parts
 
 
-def fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0 <= value <= 1:
-        raise UserError(f"--edit-steps must be a fraction in [0, 1], got '{text}'")
-    return value
+def fraction(option: str):
+    """An argparse type: a fraction in [0, 1], else a one-line error naming `option`."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not 0 <= value <= 1:
+            raise UserError(f"{option} must be a fraction in [0, 1], got '{text}'")
+        return value
+
+    return parse
 
 
 def build_parser() -> ArgumentParser:
@@ -71,6 +77,12 @@ def build_parser() -> ArgumentParser:
         help="classifier-free guidance scale of every sample (default 3.0, as sample.py)",
     )
     parser.add_argument(
+        "--guidance-cutoff",
+        type=fraction("--guidance-cutoff"),
+        default=DEFAULT_GUIDANCE_CUTOFF,
+        help=f"guidance acts in this first fraction of the steps (default {DEFAULT_GUIDANCE_CUTOFF:g}, as sample.py)",
+    )
+    parser.add_argument(
         "--sampler",
         default=DEFAULT_SAMPLER,
         choices=SAMPLER_NAMES,
@@ -86,7 +98,7 @@ def build_parser() -> ArgumentParser:
     )
     parser.add_argument(
         "--edit-steps",
-        type=fraction,
+        type=fraction("--edit-steps"),
         default=DEFAULT_EDIT_STEPS,
         help=f"the swap's injection fraction the swap targets check (default {DEFAULT_EDIT_STEPS:g}, as sample.py)",
     )
@@ -169,6 +181,7 @@ def main(argv=None):
         n_samplers=args.n_samplers,
         batch_size=args.batch_size,
         guidance=args.guidance,
+        guidance_cutoff=args.guidance_cutoff,
         parts=args.parts,
         sampler=args.sampler,
         weighting=weighting,

@@ -15,6 +15,7 @@ from pathlib import Path
 from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
+    DEFAULT_GUIDANCE_CUTOFF,
     DEFAULT_SAMPLER,
     KEEP_LAYOUT,
     MIXED_PRECISION,
@@ -67,6 +68,13 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="image i of each prompt uses noise seed seed+i")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps (default 20)")
     parser.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance scale (1 = off)")
+    parser.add_argument(
+        "--guidance-cutoff",
+        type=float,
+        default=DEFAULT_GUIDANCE_CUTOFF,
+        help="guidance acts in this first fraction of the steps; the rest denoise without the unconditional "
+        f"half, at half the work (default {DEFAULT_GUIDANCE_CUTOFF:g}; 1: every step)",
+    )
     parser.add_argument(
         "--sampler",
         default=DEFAULT_SAMPLER,
@@ -147,7 +155,7 @@ def main(argv=None):
     from diffusion.pipeline import Pipeline, Weighting, check_sampling_args
     from diffusion.prompts import parse_prompt
 
-    check_sampling_args(args.steps, args.guidance, args.num_images, args.batch_size)
+    check_sampling_args(args.steps, args.guidance, args.num_images, args.batch_size, args.guidance_cutoff)
     weighting = Weighting(args.weight_mode, args.weight_steps, args.attention_resolutions, args.weight_context)
     weighting.check()
     for prompt in prompts + ([args.edit] if args.edit else []):
@@ -177,6 +185,7 @@ def main(argv=None):
                 seed=args.seed,
                 steps=args.steps,
                 guidance=args.guidance,
+                guidance_cutoff=args.guidance_cutoff,
                 sampler=args.sampler,
                 negative_prompt=args.negative_prompt,
                 batch_size=args.batch_size,
@@ -236,6 +245,7 @@ def swap_batches(pipeline, source: str, args, maps, weighting):
             edit_steps=args.edit_steps,
             steps=args.steps,
             guidance=args.guidance,
+            guidance_cutoff=args.guidance_cutoff,
             sampler=args.sampler,
             negative_prompt=args.negative_prompt,
             attention_maps=maps,

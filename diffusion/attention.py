@@ -31,8 +31,9 @@ class AttentionSite:
     resolution: (height, width) of the feature map whose pixels are the queries.
     step: the sampler's step index (0 = first denoising step) or None outside sampling.
     num_steps: the sampler's number of steps, or None outside sampling.
-    conditional: the rows of the batch that are conditioned on the prompt (with classifier-free
-        guidance the unconditional half comes first and this is the second half).
+    conditional: the rows of the batch that are conditioned on the prompt (at a step with
+        classifier-free guidance the unconditional half comes first and this is the second half;
+        past the guidance cutoff, or at guidance 1, every row).
     """
 
     name: str

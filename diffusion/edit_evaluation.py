@@ -43,7 +43,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DEFAULT_SAMPLER, KEEP_LAYOUT
+from .config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER, KEEP_LAYOUT
 from .detector import MAX_RESIDUAL, MIN_COVERAGE, Detection, detect, grain, is_clean_object, pixel_colours
 from .evaluation import match_objects, sample_images, span_map
 from .images import uint8_images
@@ -176,18 +176,18 @@ def weight_response(
     sampler: str = DEFAULT_SAMPLER,
     modes: tuple[str, ...] = WEIGHT_MODES_MEASURED,
     weights: tuple[float, ...] = EDIT_WEIGHTS,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
 ) -> dict:
     """Rows {word, mode, weight, drawn, present, area, grain, mass} over `n` prompts, image k of every
     setting from noise seed `seed + k`, and the word-deleted baseline {word: {drawn, present, area,
     grain}}. `weighting` gives the context, steps window and resolutions; its mode is each of `modes`
     in turn. Weight 1 is the plain prompt, sampled once for both modes."""
     prompts = edit_prompts(n, seed, holdout)
+    sampling = {"sampler": sampler, "guidance": guidance, "guidance_cutoff": guidance_cutoff}
     rows, deleted = [], {}
     for word in ("colour", "shape"):
         texts = [p.deleted(word) for p in prompts]
-        images, _, _ = sample_images(
-            pipe, texts, seed, batch_size, sampler=sampler, guidance=guidance, progress=progress, weighting=weighting
-        )
+        images, _, _ = sample_images(pipe, texts, seed, batch_size, progress=progress, weighting=weighting, **sampling)
         deleted[word] = _scores(prompts, word, images)
         plain = None
         for mode in modes:
@@ -203,10 +203,9 @@ def weight_response(
                         seed,
                         batch_size,
                         maps=True,
-                        sampler=sampler,
-                        guidance=guidance,
                         progress=progress,
                         weighting=mode_weighting,
+                        **sampling,
                     )
                     scores = _scores(prompts, word, sampled[0], texts, sampled[1], sampled[2])
                     if weight == 1.0:
@@ -415,6 +414,7 @@ def swap_response(
     local_blend: bool = False,
     example_steps: float | None = None,
     keep_layout: bool | None = None,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
 ) -> tuple[dict, dict]:
     """The rates {"kinds": {kind: {"n": cases, "by_steps": {edit steps: {"scored": pairs with a
     faithful source, measure: rate}}}}} for `n` cases of each kind, pair k of a kind from noise
@@ -422,7 +422,8 @@ def swap_response(
     image, edit image)]} of the first cases at `example_steps` (None: the first of `edit_steps`).
     keep_layout: as `Pipeline.swap`'s (None: auto)."""
     example_steps = edit_steps[0] if example_steps is None else example_steps
-    settings = {"steps": 20, "guidance": guidance, "sampler": sampler, "negative_prompt": None}
+    settings = {"steps": 20, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "sampler": sampler}
+    settings["negative_prompt"] = None
     resolution = pipe.unet.config.sample_size
     layout = next(name for name, value in KEEP_LAYOUT.items() if value is keep_layout)
     out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "keep_layout": layout, "kinds": {}}

@@ -38,7 +38,7 @@ from diffusers import DDPMScheduler
 from PIL import Image
 
 from .attention_control import AttentionRecorder
-from .config import DEFAULT_SAMPLER
+from .config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
 from .detector import Detection, detect
 from .images import uint8_images
 from .pipeline import SAMPLERS, Weighting
@@ -246,6 +246,7 @@ def sample_batches(
     progress=None,
     weighting=None,
     negative_prompts=None,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
 ):
     """Yields, batch by batch, the images (uint8 arrays) of `prompts` (weighting syntax allowed),
     prompt k with noise seed `seed + k` (and negative prompt k, if given); with `maps`, also the
@@ -253,7 +254,8 @@ def sample_batches(
     for start in range(0, len(prompts), batch_size):
         parsed = [parse_prompt(p) for p in prompts[start : start + batch_size]]
         negatives = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
-        settings = {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negatives}
+        settings = {"steps": steps, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "sampler": sampler}
+        settings["negative_prompt"] = negatives
         seeds = [seed + start + k for k in range(len(parsed))]
         recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
         x, _ = pipe.sample_batch(parsed, seeds, settings, None, weighting or Weighting(), recorder)
@@ -287,6 +289,7 @@ def faithfulness(
     progress,
     guidance: float = 3.0,
     sampler: str = DEFAULT_SAMPLER,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
 ) -> tuple[dict, dict, list]:
     """Scores per category, localisation on the generated images, and a few examples per category."""
     scores, localisation, examples = {}, _Localisation(), []
@@ -302,6 +305,7 @@ def faithfulness(
             batch_size,
             maps=True,
             guidance=guidance,
+            guidance_cutoff=guidance_cutoff,
             sampler=sampler,
             progress=progress,
         )
@@ -366,7 +370,15 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
     return localisation.summary()
 
 
-def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress, guidance: float = 3.0) -> dict:
+def sampler_sweep(
+    pipe,
+    cases: list[Case],
+    seed: int,
+    batch_size: int,
+    progress,
+    guidance: float = 3.0,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+) -> dict:
     """Faithfulness of each sampler and step count on `cases`, and of the reference."""
 
     def score(sampler, steps):
@@ -378,6 +390,7 @@ def sampler_sweep(pipe, cases: list[Case], seed: int, batch_size: int, progress,
             sampler=sampler,
             steps=steps,
             guidance=guidance,
+            guidance_cutoff=guidance_cutoff,
             progress=progress,
         )
         return float(np.mean([passes(c, detect(im)) for c, im in zip(cases, images)]))

@@ -51,7 +51,7 @@ from .attention_control import (
 )
 from .checkpoint import default_file_modes
 from .compiled import CompiledUNet
-from .config import DEFAULT_EDIT_STEPS, DEFAULT_SAMPLER
+from .config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
 from .errors import UserError
 from .images import to_pil
 from .precision import autocast, resolve_mixed_precision
@@ -126,11 +126,19 @@ def set_sampler_timesteps(scheduler, steps: int, device=None) -> None:
         scheduler.set_timesteps(steps, device=device)
 
 
-def check_sampling_args(steps: int, guidance: float, num_images_per_prompt: int, batch_size: int) -> None:
+def check_sampling_args(
+    steps: int,
+    guidance: float,
+    num_images_per_prompt: int,
+    batch_size: int,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+) -> None:
     if not isinstance(steps, int) or steps < 1:
         raise UserError(f"steps must be a positive whole number, got {steps}")
     if not math.isfinite(guidance) or guidance < 0:
         raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
+    if not (isinstance(guidance_cutoff, (int, float)) and 0 <= guidance_cutoff <= 1):
+        raise UserError(f"guidance cutoff must be a fraction of the steps in [0, 1], got {guidance_cutoff}")
     if num_images_per_prompt < 1:
         raise UserError(f"the number of images per prompt must be at least 1, got {num_images_per_prompt}")
     if batch_size < 1:
@@ -324,6 +332,7 @@ class Pipeline(DiffusionPipeline):
         negative_prompt: str | list[str] | None = None,
         attention_controller: AttentionController | None = None,
         token_weights: torch.Tensor | None = None,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
         weighting: Weighting | None = None,
         callback_on_step_end=None,
         progress: bool = False,
@@ -334,7 +343,9 @@ class Pipeline(DiffusionPipeline):
         to make one from) per prompt, its image's noise, so an image does not depend on the batch
         it is in; or one generator for all;
         negative_prompt: replaces the empty prompt of the unconditional half, one for all or a
-        list with one per prompt;
+        list with one per prompt; guidance_cutoff: guidance acts at the steps before this fraction
+        of them (step i guided while i / steps < guidance_cutoff); the later steps run the
+        conditional rows alone, at half the UNet's work;
         attention_controller: sees every cross-attention call (`site.conditional` marks the
         conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
         `weighting` says (`weighting.condition`; None: no weighting). Attention-mode weights act
@@ -388,23 +399,26 @@ class Pipeline(DiffusionPipeline):
         # The guidance, the sampler's step and the callback run outside it, in float32.
         with self.autocast(device):
             for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-                model_input = torch.cat([x, x]) if use_guidance else x
+                guided = use_guidance and step_in_window(i, steps, (0.0, guidance_cutoff))
+                model_input = torch.cat([x, x]) if guided else x
                 model_input = scheduler.scale_model_input(model_input, t).to(dtype)
                 context = (
                     outside if outside is not None and not step_in_window(i, steps, weighting.window) else embeddings
                 )
+                # unguided (past the cutoff, or guidance 1): the conditional rows alone
+                rows = slice(None) if guided else conditional
                 prediction = (self.compiled_unet or self.unet)(
                     model_input,
                     t,
-                    context,
-                    key_mask,
+                    context[rows],
+                    key_mask[rows],
                     attention_controller=attention_controller,
                     step=i,
                     num_steps=steps,
-                    conditional=conditional,
+                    conditional=conditional if guided else slice(0, B),
                 ).float()
                 with torch.autocast(device.type, enabled=False):
-                    if use_guidance:
+                    if guided:
                         unconditional, conditional_prediction = prediction.chunk(2)
                         prediction = unconditional + guidance * (conditional_prediction - unconditional)
                     x = scheduler.step(prediction, t, x, generator=generators).prev_sample
@@ -471,17 +485,19 @@ class Pipeline(DiffusionPipeline):
         batch_size,
         weighting: Weighting,
         output_type: str = "pil",
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
     ) -> tuple[list[WeightedPrompt], dict]:
         if not prompts or any(not isinstance(p, str) for p in prompts):
             raise UserError("no prompt given; pass at least one prompt string")
-        check_sampling_args(steps, guidance, num_images_per_prompt, batch_size)
+        check_sampling_args(steps, guidance, num_images_per_prompt, batch_size, guidance_cutoff)
         make_sampler(sampler, self.scheduler_config)  # fail on an unknown name before any work
         sampler_timesteps(steps, self.scheduler_config["num_train_timesteps"])  # and on too many steps
         weighting.check()
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output_type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}")
         parsed = [parse_prompt(p) for p in prompts]
-        return parsed, {"steps": steps, "guidance": guidance, "sampler": sampler, "negative_prompt": negative_prompt}
+        settings = {"steps": steps, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "sampler": sampler}
+        return parsed, {**settings, "negative_prompt": negative_prompt}
 
     def __call__(
         self,
@@ -490,6 +506,7 @@ class Pipeline(DiffusionPipeline):
         seed: int = 0,
         steps: int = 20,
         guidance: float = 3.0,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
         sampler: str = DEFAULT_SAMPLER,
         negative_prompt: str | None = None,
         batch_size: int = 16,
@@ -506,6 +523,8 @@ class Pipeline(DiffusionPipeline):
 
         Prompts may use the weighting syntax `a (red:1.5) circle` (see diffusion/prompts.py);
         `weighting` chooses how weights act (default: reweight the cross-attention probabilities).
+        guidance_cutoff: classifier-free guidance acts in the first this fraction of the steps,
+        the conditional rows alone denoise the rest (`denoise`; 1: every step).
         attention_maps: True (or a MapOptions) also returns one dict per image, word label ->
         (R, R) map (DAAM-style aggregate over heads, layers and steps).
         generator: as in diffusers, instead of `seed`: one torch.Generator for all the images
@@ -519,6 +538,7 @@ class Pipeline(DiffusionPipeline):
                 seed,
                 steps,
                 guidance,
+                guidance_cutoff,
                 sampler,
                 negative_prompt,
                 batch_size,
@@ -552,6 +572,7 @@ class Pipeline(DiffusionPipeline):
         seed: int = 0,
         steps: int = 20,
         guidance: float = 3.0,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
         sampler: str = DEFAULT_SAMPLER,
         negative_prompt: str | None = None,
         batch_size: int = 16,
@@ -579,6 +600,7 @@ class Pipeline(DiffusionPipeline):
             batch_size,
             weighting,
             output_type,
+            guidance_cutoff,
         )
         total = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
@@ -629,6 +651,7 @@ class Pipeline(DiffusionPipeline):
         edit_steps: float = DEFAULT_EDIT_STEPS,
         steps: int = 20,
         guidance: float = 3.0,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
         sampler: str = DEFAULT_SAMPLER,
         negative_prompt: str | None = None,
         attention_maps: MapOptions | bool = False,
@@ -654,7 +677,15 @@ class Pipeline(DiffusionPipeline):
         weighting = weighting or Weighting()
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
         parsed, settings = self._prepare(
-            [source, edit], steps, guidance, sampler, negative_prompt, num_images, batch_size, weighting
+            [source, edit],
+            steps,
+            guidance,
+            sampler,
+            negative_prompt,
+            num_images,
+            batch_size,
+            weighting,
+            guidance_cutoff=guidance_cutoff,
         )
         outputs = ([], []), ([], [])
         starts = range(0, num_images, batch_size)

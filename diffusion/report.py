@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
 from . import edit_evaluation as edits
-from .config import DEFAULT_EDIT_STEPS, DEFAULT_PARTS, DEFAULT_SAMPLER, DEFAULT_WEIGHT_STEPS
+from .config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_PARTS, DEFAULT_SAMPLER, DEFAULT_WEIGHT_STEPS
 from .detector import detector_accuracy
 from .errors import UserError
 from .evaluation import (
@@ -46,6 +46,7 @@ def evaluate(
     batch_size: int = 50,
     detector_n: int = 300,
     guidance: float = 3.0,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
     parts: tuple[str, ...] = DEFAULT_PARTS,
     sampler: str = DEFAULT_SAMPLER,
     weighting: Weighting | None = None,
@@ -85,6 +86,7 @@ def evaluate(
         "resolution": resolution,
         "holdout": holdout,
         "guidance": guidance,
+        "guidance_cutoff": guidance_cutoff,
         "sampler": sampler,
         "mixed_precision": pipe.mixed_precision,
     }
@@ -112,7 +114,7 @@ def evaluate(
     examples, swap_examples = [], {}
     if "faithfulness" in parts:
         report["faithfulness"], generated, examples = faithfulness(
-            pipe, cases, seed, batch_size, progress, guidance, sampler
+            pipe, cases, seed, batch_size, progress, guidance, sampler, guidance_cutoff
         )
         report["localisation"] = {"generated": generated}
     if "localisation" in parts:
@@ -123,29 +125,32 @@ def evaluate(
             "steps": None if weighting.steps is None else list(weighting.steps),  # None: each mode's default
             "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None,
         }
+    # what the edit and the swap parts sample with, as the faithfulness part does
+    sampling = {
+        "holdout": holdout,
+        "batch_size": batch_size,
+        "weighting": weighting,
+        "progress": progress,
+        "guidance": guidance,
+        "sampler": sampler,
+        "guidance_cutoff": guidance_cutoff,
+    }
     if "edit" in parts:
-        report["edit"] = edits.weight_response(
-            pipe, n_edit, seed, holdout, batch_size, weighting, progress, guidance, sampler
-        )
+        report["edit"] = edits.weight_response(pipe, n_edit, seed, **sampling)
     if "swap" in parts:
         report["swap"], swap_examples = edits.swap_response(
             pipe,
             n_swap,
             seed,
-            holdout,
-            batch_size,
-            weighting,
-            progress,
-            guidance,
-            sampler,
-            swap_fractions,
+            edit_steps=swap_fractions,
             local_blend=local_blend,
             example_steps=edit_steps,
             keep_layout=keep_layout,
+            **sampling,
         )
         report["swap"]["default_edit_steps"] = edit_steps
     if "samplers" in parts:
-        report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance)
+        report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance, guidance_cutoff)
     progress.close()
     report["targets"] = targets(report)
     report["seconds"] = round(time.time() - started, 1)
@@ -199,7 +204,8 @@ def _fmt(value) -> str:
 def format_report(report: dict) -> str:
     lines = [
         f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
-        f"guidance {report.get('guidance', 3.0):g}, {SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
+        f"guidance {report.get('guidance', 3.0):g} for {report.get('guidance_cutoff', 1.0):g} of the steps, "
+        f"{SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
         f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s",
         "",
     ]

@@ -68,8 +68,35 @@ def test_word_swaps_and_other_batch_sizes_stay_on_the_eager_unet(pipelines):
     expected = eager("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)  # 4 rows: not compiled
     output = compiled("a (red:2) circle", num_images_per_prompt=2, seed=5, steps=4)
     assert all(levels_apart(a, b) == 0 for a, b in zip(output.images, expected.images))
-    expected = eager("a (red:2) circle", guidance=1.0, seed=5, steps=4)  # 1 row: not compiled either
-    assert levels_apart(compiled("a (red:2) circle", guidance=1.0, seed=5, steps=4).images[0], expected.images[0]) == 0
+    expected = eager("a (red:2) circle", num_images_per_prompt=3, seed=5, steps=4)  # 6 and 3 rows: neither
+    output = compiled("a (red:2) circle", num_images_per_prompt=3, seed=5, steps=4)
+    assert all(levels_apart(a, b) == 0 for a, b in zip(output.images, expected.images))
+
+
+def test_an_unguided_call_runs_on_the_graph_of_twice_its_rows(pipelines, monkeypatch):
+    """Past the guidance cutoff (and at guidance 1) one image calls the UNet with 1 row: it runs on
+    the 2-row graph, its row given twice, with no graph of its own; image and maps are the eager
+    UNet's up to rounding."""
+    eager, compiled = pipelines
+    render(compiled, "a (red:0.5) circle")  # the 2-row graphs, with and without weights
+    render(compiled, "a red circle")
+    graphs = counters["stats"]["unique_graphs"]
+    graph, rows = compiled.compiled_unet._graph, []
+
+    def counted(*arguments):
+        rows.append(arguments[0].shape[0])
+        return graph(*arguments)
+
+    monkeypatch.setattr(compiled.compiled_unet, "_graph", counted)
+    for prompt, kwargs in [("a (red:2) circle", {"guidance": 1.0}), ("a blue square", {"guidance_cutoff": 0.25})]:
+        expected, expected_recorder = render(eager, prompt, **kwargs)
+        output, recorder = render(compiled, prompt, **kwargs)
+        assert levels_apart(output.images[0], expected.images[0]) <= 2
+        assert recorder.calls == expected_recorder.calls
+        for word, word_map in expected.attention_maps[0].items():
+            assert torch.allclose(output.attention_maps[0][word], word_map, atol=1e-4)
+    assert rows == [2] * 8  # every step of both renders on the 2-row graph
+    assert counters["stats"]["unique_graphs"] == graphs
 
 
 def test_a_call_unlike_the_compiled_ones_gets_its_own_graph(pipelines):

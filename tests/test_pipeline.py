@@ -15,8 +15,10 @@ from diffusion.attention import AttentionController
 from diffusion.errors import UserError
 from diffusion.images import to_pil, uint8_images
 from diffusion.pipeline import (
+    DEFAULT_GUIDANCE_CUTOFF,
     DEFAULT_SAMPLER,
     SAMPLERS,
+    MapOptions,
     Pipeline,
     Weighting,
     make_sampler,
@@ -175,6 +177,75 @@ def test_guidance_one_skips_the_unconditional_half(pipe):
     assert len(out.images) == 1
 
 
+class RowsPerStep(AttentionController):
+    """The numbers of rows the cross-attention calls of each step see, and their conditional slice."""
+
+    def __init__(self):
+        self.rows = {}
+
+    def wants(self, site):
+        return True
+
+    def process(self, site, probabilities):
+        rows = range(probabilities.shape[0])[site.conditional]
+        self.rows.setdefault(site.step, set()).add((probabilities.shape[0], rows.start, rows.stop))
+
+
+def test_guidance_acts_in_the_steps_before_the_cutoff_only(pipe):
+    """Steps i with i / steps < cutoff run both halves (unconditional first); later ones the
+    conditional rows alone, which the controllers are told are all the rows."""
+    seen = {}
+    for cutoff in (0.0, 0.5, 0.7, 1.0):
+        controller = RowsPerStep()
+        pipe.denoise(PROMPTS, [0, 1], steps=4, guidance=3.0, guidance_cutoff=cutoff, attention_controller=controller)
+        seen[cutoff] = controller.rows
+    guided, alone = {(4, 2, 4)}, {(2, 0, 2)}
+    assert seen[0.0] == {0: alone, 1: alone, 2: alone, 3: alone}
+    assert seen[0.5] == {0: guided, 1: guided, 2: alone, 3: alone}
+    assert seen[0.7] == {0: guided, 1: guided, 2: guided, 3: alone}  # 3 / 4 = 0.75 is past 0.7
+    assert seen[1.0] == {0: guided, 1: guided, 2: guided, 3: guided}
+
+
+def test_a_guidance_cutoff_changes_only_the_steps_after_it(exact_pipe):
+    """Up to the cutoff the images are those of guidance at every step; with cutoff 0 they are
+    guidance 1's images, bit for bit; the cutoff is recorded in the settings."""
+    latents = {}
+
+    def keep(cutoff):
+        def callback(pipeline, step, timestep, tensors):
+            latents[cutoff, step] = tensors["latents"].clone()
+            return tensors
+
+        return callback
+
+    finals = {}
+    for cutoff in (0.5, 1.0):
+        finals[cutoff] = exact_pipe.denoise(
+            PROMPTS, [0, 1], steps=4, guidance=3.0, guidance_cutoff=cutoff, callback_on_step_end=keep(cutoff)
+        )
+    assert torch.equal(latents[0.5, 1], latents[1.0, 1])  # steps 0 and 1 guided in both
+    assert (latents[0.5, 2] - latents[1.0, 2]).abs().max() > 1e-4
+    assert (finals[0.5] - finals[1.0]).abs().max() > 1e-4
+    never = exact_pipe.denoise(PROMPTS, [0, 1], steps=4, guidance=3.0, guidance_cutoff=0.0)
+    assert torch.equal(never, exact_pipe.denoise(PROMPTS, [0, 1], steps=4, guidance=1.0))
+    assert exact_pipe(PROMPTS[0], steps=2, guidance_cutoff=0.5, progress=False).settings["guidance_cutoff"] == 0.5
+    assert exact_pipe(PROMPTS[0], steps=2, progress=False).settings["guidance_cutoff"] == DEFAULT_GUIDANCE_CUTOFF
+
+
+def test_a_swap_past_the_guidance_cutoff_pairs_its_rows(exact_pipe):
+    """Past the cutoff the swap's rows are (source, edit) pairs without the unconditional half: the
+    source is still the image its prompt gives alone, and an edit given the source's maps at every
+    step (edit steps 1) has the source's maps after the cutoff too."""
+    settings = {**SWAP_SETTINGS, "steps": 4, "guidance_cutoff": 0.5}
+    x, maps = exact_pipe.swap_batch(SWAPS[:1], [3], 1.0, settings, Weighting(), maps=MapOptions(), keep_layout=True)
+    alone = exact_pipe.denoise([SWAPS[0][0]], [3], steps=4, guidance=3.0, guidance_cutoff=0.5)
+    torch.testing.assert_close(x[0], alone[0], rtol=0, atol=1e-3)  # rows of another batch: rounding only
+    _, free = exact_pipe.swap_batch(SWAPS[:1], [3], 0.5, settings, Weighting(), maps=MapOptions(), keep_layout=False)
+    for word in ("circle", "left"):
+        torch.testing.assert_close(maps[1][word], maps[0][word], rtol=0, atol=1e-5)
+        assert (free[1][word] - free[0][word]).abs().max() > 1e-4  # maps left free after the cutoff differ
+
+
 def test_negative_prompt_changes_the_output(pipe):
     plain = pipe.denoise([PROMPTS[0]], [0], steps=3)
     negative = pipe.denoise([PROMPTS[0]], [0], steps=3, negative_prompt="a blue square")
@@ -327,6 +398,9 @@ def test_swap_edit_steps_outside_zero_to_one_are_user_errors(exact_pipe, edit_st
         (dict(guidance=float("nan")), "guidance"),
         (dict(guidance=float("inf")), "guidance"),
         (dict(guidance=-1.0), "guidance"),
+        (dict(guidance_cutoff=1.5), "guidance cutoff must be a fraction of the steps in [0, 1], got 1.5"),
+        (dict(guidance_cutoff=-0.1), "guidance cutoff"),
+        (dict(guidance_cutoff=float("nan")), "guidance cutoff"),
         (dict(num_images_per_prompt=0), "images per prompt"),
         (dict(batch_size=0), "batch size"),
         (dict(sampler="plms"), "unknown sampler 'plms'"),

@@ -117,7 +117,8 @@ def bench_section(benches: dict) -> list[str]:
         lines += [
             "### The editor (bench/bench_editor.py)",
             "",
-            f"- one update (1 image, 20 steps, guidance, every word's map at every step, {e['precision']}, "
+            "- one update (1 image, 20 steps, guidance as sample.py's, every word's map at every step, "
+            f"{e['precision']}, "
             f"{'compiled' if e['compiled'] else 'uncompiled'}): median {e['update median ms']:.0f} ms, "
             f"p90 {e['update p90 ms']:.0f} ms on {e['threads']} threads"
             + (
@@ -164,7 +165,8 @@ def results(report: dict, benches: dict, tried: str) -> str:
         "Written by `python tools/results.py` from docs/report.json and docs/bench/; do not edit by hand.",
         "",
         f"Measured on {machine(benches)}. Evaluation: n = {report['n']} prompts per category, seed "
-        f"{report['seed']}, {report['sampler']} 20 steps, guidance {report['guidance']:g}, mixed precision "
+        f"{report['seed']}, {report['sampler']} 20 steps, guidance {report['guidance']:g} in the first "
+        f"{report.get('guidance_cutoff', 1.0):g} of them, mixed precision "
         f"{report['mixed_precision']}, {report['seconds']:.0f} s.",
         "",
     ]
