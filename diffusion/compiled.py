@@ -111,7 +111,7 @@ class CompiledUNet:
             # An unguided call (past the guidance cutoff, or guidance 1) of half a compiled size: on a
             # CPU such small calls cost their kernels' overhead, not their rows, so the graph of
             # twice the rows, given them twice with the conditional slice second, is faster than
-            # the eager UNet and needs no graph of its own (a compile of a minute).
+            # the eager UNet and needs no graph (and no compile) of its own.
             twice = self(
                 torch.cat([sample, sample]),
                 timestep,

@@ -158,8 +158,7 @@ DEFAULT_SAMPLER = "euler"
 # Classifier-free guidance acts in the first this fraction of the sampling steps only; the rest
 # denoise the conditional rows alone (diffusers' SDCFGCutoffCallback, cutoff_step_ratio). The
 # layout and the attributes are set in the noisy early steps, so later guidance buys nothing here
-# and costs a second UNet row per image: 0.7 samples 1.18x as fast with every measured target held
-# (docs/what-we-tried.md).
+# and costs a second UNet row per image; 0.7 held every measured target (docs/what-we-tried.md).
 DEFAULT_GUIDANCE_CUTOFF = 0.7
 # A word swap (Prompt-to-Prompt) gives the edit the source's attention maps for this fraction of
 # the steps: enough to keep the layout, late enough for the swapped word to change its thing

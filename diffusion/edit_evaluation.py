@@ -422,8 +422,13 @@ def swap_response(
     image, edit image)]} of the first cases at `example_steps` (None: the first of `edit_steps`).
     keep_layout: as `Pipeline.swap`'s (None: auto)."""
     example_steps = edit_steps[0] if example_steps is None else example_steps
-    settings = {"steps": 20, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "sampler": sampler}
-    settings["negative_prompt"] = None
+    settings = {
+        "steps": 20,
+        "guidance": guidance,
+        "guidance_cutoff": guidance_cutoff,
+        "sampler": sampler,
+        "negative_prompt": None,
+    }
     resolution = pipe.unet.config.sample_size
     layout = next(name for name, value in KEEP_LAYOUT.items() if value is keep_layout)
     out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "keep_layout": layout, "kinds": {}}

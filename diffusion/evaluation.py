@@ -254,8 +254,13 @@ def sample_batches(
     for start in range(0, len(prompts), batch_size):
         parsed = [parse_prompt(p) for p in prompts[start : start + batch_size]]
         negatives = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
-        settings = {"steps": steps, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "sampler": sampler}
-        settings["negative_prompt"] = negatives
+        settings = {
+            "steps": steps,
+            "guidance": guidance,
+            "guidance_cutoff": guidance_cutoff,
+            "sampler": sampler,
+            "negative_prompt": negatives,
+        }
         seeds = [seed + start + k for k in range(len(parsed))]
         recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
         x, _ = pipe.sample_batch(parsed, seeds, settings, None, weighting or Weighting(), recorder)

@@ -496,8 +496,13 @@ class Pipeline(DiffusionPipeline):
         if output_type not in OUTPUT_TYPES:
             raise UserError(f"unknown output_type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}")
         parsed = [parse_prompt(p) for p in prompts]
-        settings = {"steps": steps, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "sampler": sampler}
-        return parsed, {**settings, "negative_prompt": negative_prompt}
+        return parsed, {
+            "steps": steps,
+            "guidance": guidance,
+            "guidance_cutoff": guidance_cutoff,
+            "sampler": sampler,
+            "negative_prompt": negative_prompt,
+        }
 
     def __call__(
         self,

@@ -156,27 +156,6 @@ def test_an_image_does_not_depend_on_the_batch_size(pipe, sampler):
     torch.testing.assert_close(alone[0], batched[2], rtol=0, atol=1e-5)
 
 
-def test_guidance_one_skips_the_unconditional_half(pipe):
-    class BatchSize(AttentionController):
-        def __init__(self):
-            self.sizes = set()
-
-        def wants(self, site):
-            return True
-
-        def process(self, site, probabilities):
-            self.sizes.add(probabilities.shape[0])
-
-    off, on = BatchSize(), BatchSize()
-    x1 = pipe.denoise(PROMPTS, [0, 1], steps=2, guidance=1.0, attention_controller=off)
-    x3 = pipe.denoise(PROMPTS, [0, 1], steps=2, guidance=3.0, attention_controller=on)
-    assert off.sizes == {2} and on.sizes == {4}
-    assert torch.isfinite(x1).all()
-    assert (x1 - x3).abs().max() > 1e-5
-    out = pipe(PROMPTS[0], guidance=1.0, steps=2, progress=False)
-    assert len(out.images) == 1
-
-
 class RowsPerStep(AttentionController):
     """The numbers of rows the cross-attention calls of each step see, and their conditional slice."""
 
@@ -189,6 +168,17 @@ class RowsPerStep(AttentionController):
     def process(self, site, probabilities):
         rows = range(probabilities.shape[0])[site.conditional]
         self.rows.setdefault(site.step, set()).add((probabilities.shape[0], rows.start, rows.stop))
+
+
+def test_guidance_one_skips_the_unconditional_half(pipe):
+    off, on = RowsPerStep(), RowsPerStep()
+    x1 = pipe.denoise(PROMPTS, [0, 1], steps=2, guidance=1.0, attention_controller=off)
+    x3 = pipe.denoise(PROMPTS, [0, 1], steps=2, guidance=3.0, attention_controller=on)
+    assert off.rows == {0: {(2, 0, 2)}, 1: {(2, 0, 2)}} and on.rows == {0: {(4, 2, 4)}, 1: {(4, 2, 4)}}
+    assert torch.isfinite(x1).all()
+    assert (x1 - x3).abs().max() > 1e-5
+    out = pipe(PROMPTS[0], guidance=1.0, steps=2, progress=False)
+    assert len(out.images) == 1
 
 
 def test_guidance_acts_in_the_steps_before_the_cutoff_only(pipe):
