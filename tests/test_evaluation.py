@@ -266,6 +266,8 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
         (["--edit-steps", "2"], "--edit-steps must be a fraction in [0, 1], got '2'"),
         (["--edit-steps", "x"], "--edit-steps must be a fraction in [0, 1], got 'x'"),
         (["--edit-steps", "nan"], "--edit-steps must be a fraction in [0, 1], got 'nan'"),
+        (["--guidance-cutoff", "1.5"], "--guidance-cutoff must be a fraction in [0, 1], got '1.5'"),
+        (["--guidance-cutoff", "x"], "--guidance-cutoff must be a fraction in [0, 1], got 'x'"),
     ],
 )
 def test_evaluate_cli_bad_input_is_one_line(tiny_model, run_cli, args, message):
