@@ -488,6 +488,7 @@ def prepare_data(
         images, captions = first.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
         object_masks = None
     later_scenes = dataset.scenes() if curriculum else []
+    later_captions = [scene.caption for scene in later_scenes]
     # The tokenizer learns the UNet's captions too only when they may hold words the CLIP's full
     # captions never write ("a red shape"); otherwise its vocabulary stays that of the CLIP's captions.
     encoder = prepare_text_encoder(
@@ -495,7 +496,7 @@ def prepare_data(
         output_dir,
         lambda: clip_training_data(cfg, images, captions, main),
         accelerator,
-        captions + [scene.caption for scene in later_scenes] if dataset.omission.writes_new_words() else (),
+        captions + later_captions if dataset.omission.writes_new_words() else (),
     )
     encoder.to(accelerator.device)
 
@@ -507,7 +508,7 @@ def prepare_data(
     if curriculum:
         step = math.ceil(cfg.data.omit_from * cfg.train.max_steps)
         later = LaterCaptions(
-            [scene.caption for scene in later_scenes],
+            later_captions,
             grounding_targets(later_scenes, offsets) if grounded else None,
             step * cfg.train.gradient_accumulation_steps,  # one draw per micro-batch
         )
