@@ -41,6 +41,7 @@ class ModelConfig:
     position_embedding: bool = True  # fixed 2D sine-cosine embeddings in transformer blocks tell queries where they are
     values_from_token_embeddings: bool = False  # values read each word's own token embedding; keys read its context too
     token_value_resolutions: list[int] | None = None  # values_from_token_embeddings at these sides only (null: all)
+    self_conditioning: bool = False  # the UNet also reads its previous estimate of the clean image (Chen et al. 2022)
 
 
 @dataclass
@@ -183,8 +184,8 @@ DEFAULT_WEIGHT_STEPS = {"attention": (0.0, 1.0), "embedding": (0.0, 0.3)}
 # evaluate.py's parts (report.py), here so the command line need not import torch. The sampler
 # sweep (each sampler at 5-50 steps against DPM++ at 250) checks the samplers rather than the
 # model and costs as much as the rest, so the default run leaves it out.
-EVALUATION_PARTS = ("faithfulness", "localisation", "edit", "swap", "samplers")
-DEFAULT_PARTS = ("faithfulness", "localisation", "edit", "swap")
+EVALUATION_PARTS = ("faithfulness", "localisation", "edit", "prior", "swap", "samplers")
+DEFAULT_PARTS = ("faithfulness", "localisation", "edit", "prior", "swap")
 CHOICES = {
     "data.kind": ("shapes", "imagefolder"),
     "train.mixed_precision": MIXED_PRECISION,

@@ -25,6 +25,11 @@ checks what a weight should mean:
   whole its area stays, up to sampling noise).
 Weight 4 is reported, not checked.
 
+The prior (`prior_response`): what the model draws where the text names no colour. The
+colour-deleted prompts ("a circle on the left") should draw one clean object, in colours spread
+over the palette (each prompt over PRIOR_SEEDS noise seeds: the share of its most frequent
+colour), and unconditional samples ("", guidance 1) should draw every object in one clean colour.
+
 Word swap (`swap_response`): source prompts of one or two objects; one word of one object is
 swapped (colour: red -> green; shape: circle -> triangle; size: small <-> large) or added
 (refinement: "a circle" -> "a red circle"), and source and edit are drawn from the same noise
@@ -44,7 +49,18 @@ from dataclasses import dataclass
 import numpy as np
 
 from .config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER, KEEP_LAYOUT
-from .detector import MAX_RESIDUAL, MIN_COVERAGE, Detection, detect, grain, is_clean_object, pixel_colours
+from .detector import (
+    MAX_FIT_ERROR,
+    MAX_RESIDUAL,
+    MAX_STRAY_FRACTION,
+    MIN_COVERAGE,
+    Detection,
+    detect,
+    grain,
+    is_clean_object,
+    pixel_colours,
+    stray_pixels,
+)
 from .evaluation import match_objects, sample_images, span_map
 from .images import uint8_images
 from .pipeline import Weighting
@@ -479,3 +495,86 @@ def swap_targets(response: dict, edit_steps: float) -> dict:
                 "met": None if value is None else value >= target - eps,
             }
     return out
+
+
+PRIOR_SEEDS = 16  # noise seeds per colour-deleted prompt for the palette spread
+PRIOR_PROMPTS = 8  # colour-deleted prompts of the palette spread
+
+
+def is_clean_scene(image: np.ndarray, detections: list[Detection]) -> bool:
+    """Whether every object in `image` is drawn in one clean colour: at least one detection, each
+    explained by a shape template, and little paint outside them. A blend of colours reads as
+    several detections that no template explains."""
+    if not detections:
+        return False
+    area = sum(d.area for d in detections)
+    fits = all(d.fit_error <= MAX_FIT_ERROR for d in detections)
+    return fits and stray_pixels(image, detections) <= MAX_STRAY_FRACTION * area
+
+
+def palette_prompts(count: int = PRIOR_PROMPTS) -> list[str]:
+    """`count` colour-deleted one-object prompts: every shape at positions taken in turn."""
+    positions = list(POSITION_PHRASES)
+    return [f"a {SHAPES[k % len(SHAPES)]} {POSITION_PHRASES[positions[k % len(positions)]]}" for k in range(count)]
+
+
+def prior_response(
+    pipe,
+    n: int,
+    seed: int,
+    holdout: list[str],
+    batch_size: int,
+    progress=None,
+    guidance: float = 3.0,
+    sampler: str = DEFAULT_SAMPLER,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+    weighting=None,
+) -> dict:
+    """What the model draws where the text names no colour: `n` colour-deleted prompts (those of
+    the weight response) and their clean-object rate; the palette spread of PRIOR_PROMPTS such
+    prompts over PRIOR_SEEDS seeds each (the colours of their clean objects, and the largest share
+    one colour takes of a prompt's images); `n` unconditional samples at guidance 1 and the share
+    whose every object is one clean colour."""
+    sampling = {"sampler": sampler, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "progress": progress}
+    deleted = [p.deleted("colour") for p in edit_prompts(n, seed, holdout)]
+    images, _, _ = sample_images(pipe, deleted, seed, batch_size, **sampling)
+    drawn = [is_clean_object(image, detect(image)) for image in images]
+    palette = []
+    for k, prompt in enumerate(palette_prompts()):
+        prompt_seed = seed + 5000 + 100 * k
+        images, _, _ = sample_images(pipe, [prompt] * PRIOR_SEEDS, prompt_seed, batch_size, **sampling)
+        counts = dict.fromkeys(COLOURS, 0)
+        for image in images:
+            detections = detect(image)
+            if is_clean_object(image, detections):
+                counts[detections[0].colour] += 1
+        palette.append({"prompt": prompt, "colours": counts, "top share": max(counts.values()) / PRIOR_SEEDS})
+    unconditional_images, _, _ = sample_images(pipe, [""] * n, seed + 9000, batch_size, **{**sampling, "guidance": 1.0})
+    clean = [is_clean_scene(image, detect(image)) for image in unconditional_images]
+    return {
+        "n": n,
+        "colour deleted drawn": float(np.mean(drawn)),
+        "palette": palette,
+        "palette top share": max(p["top share"] for p in palette),
+        "palette seeds": PRIOR_SEEDS,
+        "unconditional clean": float(np.mean(clean)),
+    }
+
+
+def prior_targets(prior: dict) -> dict:
+    """The prior's targets: {name: {"value", "target", "met"}} (a share "at most" for the palette)."""
+    eps = 1e-9
+    drawn, top, clean = prior["colour deleted drawn"], prior["palette top share"], prior["unconditional clean"]
+    return {
+        "prior/colour deleted: one clean object": {"value": drawn, "target": 0.9, "met": drawn >= 0.9 - eps},
+        "prior/colour deleted: one colour's share of a prompt's 16 seeds (at most)": {
+            "value": top,
+            "target": 0.4,
+            "met": top <= 0.4 + eps,
+        },
+        "prior/unconditional: every object one clean colour": {
+            "value": clean,
+            "target": 0.9,
+            "met": clean >= 0.9 - eps,
+        },
+    }

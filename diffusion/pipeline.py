@@ -65,7 +65,7 @@ from .prompts import (
     token_word_index,
 )
 from .text_encoder import TextEncoder
-from .unet import UNet
+from .unet import UNet, estimate_clean
 from .weighting import Weighting, condition, token_weights
 
 FORMAT_VERSION = 1
@@ -397,11 +397,16 @@ class Pipeline(DiffusionPipeline):
         # One autocast region for all the steps: it casts each weight to the lower precision once
         # and keeps it, where a region per UNet call would cast every weight again at every step.
         # The guidance, the sampler's step and the callback run outside it, in float32.
+        # Self-conditioning: each call also reads the clean image the previous step's (guided)
+        # prediction implied, zeros at the first step.
+        self_conditioning = self.unet.config.get("self_conditioning", False)
+        estimate = torch.zeros_like(x)
         with self.autocast(device):
             for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
                 guided = use_guidance and step_in_window(i, steps, (0.0, guidance_cutoff))
-                model_input = torch.cat([x, x]) if guided else x
-                model_input = scheduler.scale_model_input(model_input, t).to(dtype)
+                scaled = scheduler.scale_model_input(x, t)
+                model_input = torch.cat([scaled, estimate], dim=1) if self_conditioning else scaled
+                model_input = (torch.cat([model_input, model_input]) if guided else model_input).to(dtype)
                 context = (
                     outside if outside is not None and not step_in_window(i, steps, weighting.window) else embeddings
                 )
@@ -421,6 +426,9 @@ class Pipeline(DiffusionPipeline):
                     if guided:
                         unconditional, conditional_prediction = prediction.chunk(2)
                         prediction = unconditional + guidance * (conditional_prediction - unconditional)
+                    if self_conditioning:
+                        alphas = self.scheduler.alphas_cumprod[int(t)].expand(B)
+                        estimate = estimate_clean(prediction, scaled, alphas, self.scheduler.config.prediction_type)
                     x = scheduler.step(prediction, t, x, generator=generators).prev_sample
                     if callback_on_step_end is not None:
                         x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)

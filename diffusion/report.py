@@ -107,6 +107,7 @@ def evaluate(
     total = {
         "faithfulness": sum(len(c) for c in cases.values()),
         "edit": n_edit * 2 * (1 + len(edits.WEIGHT_MODES_MEASURED) * (len(edits.EDIT_WEIGHTS) - 1) + 1),
+        "prior": 2 * n_edit + edits.PRIOR_PROMPTS * edits.PRIOR_SEEDS,
         "swap": n_swap * 2 * len(edits.SWAP_KINDS) * len(swap_fractions),
         "samplers": len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS)),
     }
@@ -137,6 +138,8 @@ def evaluate(
     }
     if "edit" in parts:
         report["edit"] = edits.weight_response(pipe, n_edit, seed, **sampling)
+    if "prior" in parts:
+        report["prior"] = edits.prior_response(pipe, n_edit, seed, **sampling)
     if "swap" in parts:
         report["swap"], swap_examples = edits.swap_response(
             pipe,
@@ -177,6 +180,8 @@ def targets(report: dict) -> dict:
         out[key] = {"value": value, "target": target, "met": None if value is None else value >= target - eps}
     if "edit" in report:
         out.update(edits.weight_contract(report["edit"]))
+    if "prior" in report:
+        out.update(edits.prior_targets(report["prior"]))
     if "swap" in report:
         out.update(edits.swap_targets(report["swap"], report["swap"]["default_edit_steps"]))
     sweep = report.get("samplers")
@@ -252,6 +257,18 @@ def format_report(report: dict) -> str:
                 f"{r['word']:<7} {r['mode']:<10} {r['weight']:>6g} {r['drawn']:>6.3f} {r['present']:>8.3f} "
                 f"{_fmt(r.get('named when drawn')):>11} {r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
             )
+    if "prior" in report:
+        prior = report["prior"]
+        lines += [
+            "",
+            f"prior (n={prior['n']}): colour-deleted prompts draw one clean object "
+            f"{prior['colour deleted drawn']:.3f}; unconditional samples all clean {prior['unconditional clean']:.3f}",
+            f"palette over {prior['palette seeds']} seeds (clean objects per colour): "
+            + "; ".join(
+                f"{p['prompt']}: " + " ".join(f"{c} {k}" for c, k in p["colours"].items() if k)
+                for p in prior["palette"]
+            ),
+        ]
     if "swap" in report:
         swap = report["swap"]
         measures = edits.SWAP_MEASURES

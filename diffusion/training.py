@@ -53,7 +53,7 @@ from .images import labelled_grid, save_png
 from .pipeline import Pipeline
 from .precision import resolve_mixed_precision
 from .text_encoder import EmbeddingCache, TextEncoder
-from .unet import UNet, unet_settings
+from .unet import UNet, estimate_clean, unet_settings
 
 
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
@@ -365,6 +365,21 @@ class TrainStep:
         self.unet, self.noise_scheduler, self.optimizer = unet, noise_scheduler, optimizer
         self.accelerator, self.grounding = accelerator, grounding
         self.timestep_weights = timestep_weights(cfg.train)
+        self.self_conditioning = cfg.model.self_conditioning
+
+    def clean_estimates(self, noisy: torch.Tensor, timesteps: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Self-conditioning's second input (B, 3, R, R): for the first half of the rows the model's
+        own estimate of the clean image from `noisy` alone (no gradient, as Chen et al.), zeros for
+        the rest, so that it learns both to start from nothing and to refine an estimate. The rows
+        are random draws, so a fixed half is a random half, and the extra call keeps one shape."""
+        estimates = torch.zeros_like(noisy)
+        half = len(noisy) // 2
+        if half:
+            with torch.no_grad(), self.accelerator.autocast():
+                prediction = self.unet(noisy[:half], timesteps[:half], batch.embeddings[:half], batch.key_mask[:half])
+            alphas = self.noise_scheduler.alphas_cumprod[timesteps[:half].cpu()]
+            estimates[:half] = estimate_clean(prediction, noisy[:half], alphas, self.train_cfg.prediction_type)
+        return estimates
 
     def __call__(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor | None]:
         train_cfg, accelerator, grounding = self.train_cfg, self.accelerator, self.grounding
@@ -379,6 +394,8 @@ class TrainStep:
                 if train_cfg.prediction_type == "epsilon"
                 else self.noise_scheduler.get_velocity(batch.x0, noise, timesteps)
             )
+            if self.self_conditioning:
+                noisy = torch.cat([noisy, self.clean_estimates(noisy, timesteps, batch)], dim=1)
             if grounding is not None:
                 grounding.set_batch(batch.token_object, batch.object_masks)
             with accelerator.autocast():

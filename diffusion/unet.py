@@ -96,6 +96,7 @@ class UNet(ModelMixin, ConfigMixin):
         position_embedding: bool = True,
         value_context_start: int = 0,
         value_context_resolutions: tuple[int, ...] | None = None,
+        self_conditioning: bool = False,
     ):
         """sample_size: image side in pixels; channels: width of each level (level i works at
         sample_size / 2**i); attention_resolutions: the sides (px) whose levels carry
@@ -106,11 +107,12 @@ class UNet(ModelMixin, ConfigMixin):
         on (keys read them all): with the token embeddings appended to the contextual states, their
         start, so that a word's value carries that word alone and no context (0: values read all);
         value_context_resolutions: the feature-map sides whose cross-attention that applies to
-        (None: all)."""
+        (None: all); self_conditioning: the input also carries the model's previous estimate of the
+        clean image, `in_channels` more channels (self-conditioning, Chen, Zhang and Hinton 2022)."""
         super().__init__()
         time_dim = 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
-        self.conv_in = nn.Conv2d(in_channels, channels[0], 3, padding=1)
+        self.conv_in = nn.Conv2d(in_channels * (2 if self_conditioning else 1), channels[0], 3, padding=1)
         self.resolutions = [sample_size // 2**i for i in range(len(channels))]
 
         def value_start(resolution: int) -> int:
@@ -195,7 +197,9 @@ class UNet(ModelMixin, ConfigMixin):
         num_steps: int | None = None,
         conditional: slice = slice(None),
     ) -> torch.Tensor:
-        """sample: (B, 3, R, R) noisy images; timestep: (B,) or a scalar;
+        """sample: (B, 3, R, R) noisy images, or with self_conditioning (B, 6, R, R): the noisy
+        images, then the model's previous estimate of the clean images (a 3-channel sample reads
+        as an estimate of zeros, "none yet"); timestep: (B,) or a scalar;
         encoder_hidden_states: (B, T, D) text-token embeddings; encoder_attention_mask: (B, T)
         bool, True for tokens the cross-attention may read; attention_controller: an optional
         `AttentionController` that sees (and may edit) every cross-attention's probabilities;
@@ -221,6 +225,8 @@ class UNet(ModelMixin, ConfigMixin):
                 outputs.append(h)
             return h, outputs
 
+        if self.config.self_conditioning and sample.shape[1] == self.config.in_channels:
+            sample = torch.cat([sample, torch.zeros_like(sample)], dim=1)
         h = self.conv_in(sample)
         skips = []
         for level, downsample in zip(self.down, self.downsamples):
@@ -258,4 +264,20 @@ def unet_settings(cfg, context_dim: int, value_context_start: int = 0) -> dict:
         value_context_resolutions=None
         if model.token_value_resolutions is None
         else tuple(model.token_value_resolutions),
+        self_conditioning=model.self_conditioning,
     )
+
+
+def estimate_clean(
+    prediction: torch.Tensor, noisy: torch.Tensor, alphas_cumprod: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The clean image a prediction implies, clamped to [-1, 1]: prediction and noisy (B, C, R, R),
+    the noisy images in DDPM scale (x_t = sqrt(a) x0 + sqrt(1 - a) eps); alphas_cumprod (B,) the
+    a of each row's timestep."""
+    a = alphas_cumprod.to(noisy.device, torch.float32).reshape(-1, 1, 1, 1)
+    prediction, noisy = prediction.float(), noisy.float()
+    if prediction_type == "v_prediction":
+        clean = a.sqrt() * noisy - (1 - a).sqrt() * prediction
+    else:
+        clean = (noisy - (1 - a).sqrt() * prediction) / a.sqrt()
+    return clean.clamp(-1, 1)
