@@ -6,11 +6,15 @@ Reads docs/report.json (`evaluate.py --model runs/shapes/model --n 200 --n-edit 
 --swap-sweep --out docs/report.json`), the bench outputs in docs/bench/ (each bench's --json) and
 docs/what-we-tried.md (the one hand-written part: what was tried, what it did, kept or not), so
 that no number is copied by hand. README.md's table sits between the two RESULTS markers.
+Where they exist, also the reports of tools/seeds.py (docs/seeds/<tag>/seed-K.json: "Training
+seeds") and docs/seeds/curve.json ([{"images", "seed", "report": path from docs/}]: "Training images").
 """
 
 import json
 import re
 from pathlib import Path
+
+from seeds import load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
 
 from diffusion.edit_evaluation import SWAP_MEASURES
 
@@ -158,7 +162,75 @@ def bench_section(benches: dict) -> list[str]:
     return lines
 
 
-def results(report: dict, benches: dict, tried: str) -> str:
+def prior_lines(reports: dict[int, dict]) -> list[str]:
+    """Where the text names no colour, per seed: the colour-deleted prompts' clean objects, the
+    colours of each palette prompt's clean objects over its seeds, and the clean unconditional samples."""
+    rows = []
+    for seed, report in reports.items():
+        prior = report.get("prior")
+        if prior:
+            palette = "; ".join(
+                f"{p['prompt']}: " + (", ".join(f"{c} {k}" for c, k in p["colours"].items() if k) or "none")
+                for p in prior["palette"]
+            )
+            rows.append([seed, prior["n"], prior["colour deleted drawn"], prior["unconditional clean"], palette])
+    if not rows:
+        return []
+    header = ["seed", "n", "colour deleted: one clean object", "unconditional: all clean", "clean objects per colour"]
+    seeds = reports[rows[0][0]]["prior"]["palette seeds"]
+    return (
+        [f"Where the text names no colour (palette: each prompt over {seeds} noise seeds):", ""]
+        + table(header, rows)
+        + [""]
+    )
+
+
+def seed_sections(docs: Path) -> list[str]:
+    """ "Training seeds" and "Training images", from what tools/seeds.py wrote under docs/seeds
+    (nothing where it wrote nothing): the targets over training seeds, so that one lucky or unlucky
+    run is not read as the config's result."""
+    folder = docs / "seeds"
+    tags = sorted({path.parent.name for path in folder.glob("*/seed-*.json")}, key=lambda tag: (tag != "default", tag))
+    lines = []
+    if tags:
+        lines += [
+            "## Training seeds",
+            "",
+            "Each tag's settings trained at several `train.seed`s and each model evaluated (`python tools/seeds.py`; "
+            "docs/seeds/<tag>/seed-K.json). Worst: the least value over the seeds (the greatest for a target "
+            "that is at most or no more than a goal); a goal that differs between seeds is given as a range.",
+            "",
+        ]
+        for tag in tags:
+            reports = load_reports(folder / tag)
+            lines += [f"### {tag}", ""] + summary_table(summarise(reports)) + [""] + prior_lines(reports)
+    curve = folder / "curve.json"
+    if curve.is_file():
+        by_images = {}
+        for point in json.loads(curve.read_text()):
+            by_images.setdefault(point["images"], {})[point["seed"]] = json.loads((docs / point["report"]).read_text())
+        summaries = {images: summarise(by_images[images]) for images in sorted(by_images)}
+        names = list(dict.fromkeys(name for summary in summaries.values() for name in summary))
+        rows = []
+        for name in names:
+            cells = []
+            for summary in summaries.values():
+                t = summary.get(name)
+                n = t and sum(v is not None for v in t["values"].values())
+                cells.append(f"{fmt(t['worst'])} ({n} seed{'s' * (n != 1)})" if n else "-")
+            rows.append([name, *cells])
+        lines += [
+            "## Training images",
+            "",
+            "Each target's worst value over the training seeds (and how many seeds measured it) against the "
+            "number of training images the model saw (docs/seeds/curve.json).",
+            "",
+        ]
+        lines += table(["target", *[f"{images:,} images" for images in summaries]], rows) + [""]
+    return lines
+
+
+def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> str:
     lines = [
         "# Results",
         "",
@@ -176,7 +248,7 @@ def results(report: dict, benches: dict, tried: str) -> str:
         ["target", "value", "goal", "met"],
         [[key, t["value"], t["target"], t["met"]] for key, t in report["targets"].items()],
     )
-    lines += ["", "## Faithfulness", ""]
+    lines += ["", *seeds, "## Faithfulness", ""]
     lines += table(["category", "score", "n", "target", "met"], faithfulness_rows(report))
     lines += ["", "![examples](report-examples.png)", "", "## Attention localisation", ""]
     for where, values in report.get("localisation", {}).items():
@@ -229,7 +301,7 @@ def main() -> None:
     report = json.loads((DOCS / "report.json").read_text())
     benches = {path.stem: json.loads(path.read_text()) for path in sorted((DOCS / "bench").glob("*.json"))}
     tried = (DOCS / "what-we-tried.md").read_text()
-    (DOCS / "results.md").write_text(results(report, benches, tried))
+    (DOCS / "results.md").write_text(results(report, benches, tried, seed_sections(DOCS)))
     readme = README.read_text()
     start, end = MARKERS
     pattern = re.compile(re.escape(start) + ".*?" + re.escape(end), re.S)
