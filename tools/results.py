@@ -208,7 +208,9 @@ def seed_sections(docs: Path) -> list[str]:
     if curve.is_file():
         by_images = {}
         for point in json.loads(curve.read_text()):
-            by_images.setdefault(point["images"], {})[point["seed"]] = json.loads((docs / point["report"]).read_text())
+            path = docs / point["report"]
+            merged = load_reports(path.parent).get(point["seed"]) if path.name == f"seed-{point['seed']}.json" else None
+            by_images.setdefault(point["images"], {})[point["seed"]] = merged or json.loads(path.read_text())
         summaries = {images: summarise(by_images[images]) for images in sorted(by_images)}
         names = list(dict.fromkeys(name for summary in summaries.values() for name in summary))
         rows = []
