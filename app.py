@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import itertools
+import os
 import shutil
 import statistics
 import tempfile
@@ -31,7 +32,7 @@ import torch
 from PIL import Image
 
 from diffusion.attention_control import AttentionRecorder
-from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
+from diffusion.cli import ArgumentParser, check_device, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
     DEFAULT_SAMPLER,
@@ -765,8 +766,10 @@ def main(argv=None):
     one_line_warnings()
     if not 1 <= args.port <= 65535:
         raise UserError(f"--port must be between 1 and 65535, got {args.port}")
-    if args.threads is not None and args.threads < 1:
-        raise UserError(f"--threads must be at least 1, got {args.threads}")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:  # more threads than cores only slow torch
+        raise UserError(f"--threads must be between 1 and this machine's {cores} CPU cores, got {args.threads}")
+    check_device(args.device)
     if args.model is None and not Path(DEFAULT_MODEL).is_dir():
         raise UserError(f"no model at {DEFAULT_MODEL}; train one with `python train.py` or pass --model")
     try:

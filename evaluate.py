@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
+from diffusion.cli import ArgumentParser, check_device, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
     DEFAULT_GUIDANCE_CUTOFF,
@@ -25,6 +25,7 @@ from diffusion.config import (
     MIXED_PRECISION,
     SAMPLER_NAMES,
     WEIGHT_CONTEXTS,
+    YAML_ERRORS,
 )
 from diffusion.errors import UserError, exit_on_user_error
 
@@ -143,6 +144,26 @@ def build_parser() -> ArgumentParser:
     return parser
 
 
+def model_data_config(config_file: Path) -> dict:
+    """The data section of a model folder's config.yaml ({} without the file); a one-line
+    UserError if it is not a config (not UTF-8, not YAML, not a mapping of sections)."""
+    import yaml
+
+    if not config_file.is_file():
+        return {}
+    problem = f"'{config_file}' is not a config"
+    try:
+        config = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{problem} (not UTF-8 text); export the model again") from None
+    except YAML_ERRORS:
+        raise UserError(f"{problem} (not valid YAML); export the model again") from None
+    data = config.get("data", {}) if isinstance(config, dict) else None
+    if not isinstance(data, dict):
+        raise UserError(f"{problem} (expected a mapping of sections, data among them); export the model again")
+    return data
+
+
 @exit_on_user_error
 def main(argv=None):
     args = build_parser().parse_args(argv)
@@ -152,8 +173,9 @@ def main(argv=None):
             raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
-
-    import yaml
+    if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
+        raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    check_device(args.device)
 
     from diffusion.evaluation import EVAL_SEED
     from diffusion.images import check_writable, labelled_grid, save_png
@@ -164,9 +186,7 @@ def main(argv=None):
     out = Path(args.out) if args.out else model.parent / "report.json"
     check_writable(out)
     pipe = Pipeline.from_pretrained(model, device=args.device, mixed_precision=args.mixed_precision)
-    config_file = model / "config.yaml"
-    config = yaml.safe_load(config_file.read_text()) if config_file.is_file() else {}
-    data = config.get("data", {})
+    data = model_data_config(model / "config.yaml")
     if data.get("kind", "shapes") != "shapes":
         raise UserError(f"'{model}' was trained on data.kind={data.get('kind')}; evaluate.py measures shapes models")
     weighting = Weighting(context=args.weight_context)

@@ -12,7 +12,7 @@ the first 64 at --out; the prompt, seed and settings are stored in every PNG's t
 
 from pathlib import Path
 
-from diffusion.cli import ArgumentParser, one_line_warnings, tune_malloc
+from diffusion.cli import ArgumentParser, check_device, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
     DEFAULT_GUIDANCE_CUTOFF,
@@ -42,6 +42,7 @@ def resolution_set(text: str) -> set[int]:
 
 
 GRID_LIMIT = 64  # images shown in the grid; every image is written beside it
+SEEDS = (-(2**63), 2**64 - 1)  # the seeds torch.Generator.manual_seed takes
 
 
 def read_prompts(args) -> list[str]:
@@ -156,6 +157,12 @@ def main(argv=None):
     from diffusion.prompts import parse_prompt
 
     check_sampling_args(args.steps, args.guidance, args.num_images, args.batch_size, args.guidance_cutoff)
+    if not SEEDS[0] <= args.seed <= args.seed + args.num_images - 1 <= SEEDS[1]:
+        raise UserError(
+            f"--seed {args.seed} gives image i the seed {args.seed} + i, which must lie in [-2**63, 2**64 - 1] "
+            f"for all {args.num_images} images"
+        )
+    check_device(args.device)
     weighting = Weighting(args.weight_mode, args.weight_steps, args.attention_resolutions, args.weight_context)
     weighting.check()
     for prompt in prompts + ([args.edit] if args.edit else []):

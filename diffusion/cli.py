@@ -21,6 +21,23 @@ class ArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def check_device(device: str | None) -> None:
+    """A one-line UserError unless `device` (a --device value; None: the best available, always
+    fine) names a device this PyTorch can hold tensors on: before a model is loaded onto it."""
+    if device is None:
+        return
+    import torch  # here: the command lines parse their arguments without loading torch
+
+    try:
+        kind = torch.device(device).type
+        torch.empty(0, device=device)
+    except Exception as error:  # torch raises RuntimeError, AssertionError (no CUDA), ModuleNotFoundError, ...
+        detail = " ".join(str(error).split())[:200] or type(error).__name__
+        raise UserError(f"--device {device!r} cannot be used here ({detail}); choose cpu, or cuda or mps") from None
+    if kind == "meta":
+        raise UserError("--device 'meta' holds no data, so nothing can be computed on it; choose cpu, or cuda or mps")
+
+
 # mallopt parameters (glibc's malloc.h)
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
 

@@ -15,6 +15,7 @@ import difflib
 import inspect
 import math
 import re
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -226,9 +227,30 @@ NON_NEGATIVE = {
     "train.snr_gamma",
     "model.dropout",
     "train.validation_guidance",
+    # seeds: numpy's generators (the folder's batches, the CLIP's caption subset) take none below 0
+    "text.seed",
+    "data.seed",
+    "train.seed",
+    "train.validation_seed",
 }
 PROBABILITIES = {"data.omit_colour", "data.omit_shape", "data.omit_position", "data.omit_size"}
 FRACTIONS = {"data.omit_from", "train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
+
+
+# Integers in a config must fit in 64 bits: torch's generators, tensors and counters hold nothing
+# larger (train.seed=10**30 would fail deep in training, not here).
+INT_RANGE = (-(2**63), 2**63 - 1)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict, _SHORT.maxstring, _SHORT.maxother = 3, 8, 8, 80, 80
+
+
+def shown(value) -> str:
+    """A value as an error message quotes it: its repr, on one line, cut short (a YAML alias can
+    make a list of millions of items). Keys and paths are quoted whole, with repr()."""
+    if isinstance(value, int) and value.bit_length() > 64:  # repr() refuses ints of over 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    text = _SHORT.repr(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def _type_name(annotation) -> str:
@@ -249,29 +271,36 @@ def _coerce(key: str, value, annotation):
                 return _coerce(key, value, option)
             except UserError:
                 pass
-        raise UserError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {value!r}")
+        raise UserError(f"{key} must be {' or '.join(_type_name(o) for o in options)}, got {shown(value)}")
     if origin is list:
         (item_type,) = typing.get_args(annotation)
         if not isinstance(value, list):
-            raise UserError(f"{key} must be a list of {item_type.__name__}, got {value!r}")
+            raise UserError(f"{key} must be a list of {item_type.__name__}, got {shown(value)}")
         return [_coerce(f"{key}[{i}]", item, item_type) for i, item in enumerate(value)]
     if annotation is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an int beyond the largest float, e.g. 10**400
+            raise UserError(f"{key} must be a finite number, got {shown(value)}") from None
     if annotation is str and isinstance(value, str):
         return value
     if annotation is str and value is False and "no" in CHOICES.get(key, ()):
         return "no"  # YAML 1.1 reads a bare `no` (train.mixed_precision=no) as false
-    if isinstance(value, annotation) and not (annotation is int and isinstance(value, bool)):
+    if annotation is int and isinstance(value, int) and not isinstance(value, bool):
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise UserError(f"{key} must be an integer that fits in 64 bits, got {shown(value)}")
         return value
-    raise UserError(f"{key} must be {annotation.__name__}, got {value!r}")
+    if isinstance(value, annotation) and annotation is not int:
+        return value
+    raise UserError(f"{key} must be {annotation.__name__}, got {shown(value)}")
 
 
 def _unknown_key(key: str, valid: list[str]) -> UserError:
     close = difflib.get_close_matches(key.split(".")[-1], [v.split(".")[-1] for v in valid], n=1)
     if close:
         prefix = key.rsplit(".", 1)[0] + "." if "." in key else ""
-        return UserError(f"unknown config key '{key}'; did you mean '{prefix}{close[0]}'?")
-    return UserError(f"unknown config key '{key}' (valid: {', '.join(valid)})")
+        return UserError(f"unknown config key {key!r}; did you mean {prefix + close[0]!r}?")
+    return UserError(f"unknown config key {key!r} (valid: {', '.join(valid)})")
 
 
 def _merge(section, values: dict, prefix: str) -> None:
@@ -285,7 +314,7 @@ def _merge(section, values: dict, prefix: str) -> None:
         current = getattr(section, name)
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
-                raise UserError(f"{key} must be a mapping of keys, got {value!r}")
+                raise UserError(f"{key} must be a mapping of keys, got {shown(value)}")
             _merge(current, value, f"{key}.")
         else:
             setattr(section, name, _coerce(key, value, hints[name]))
@@ -299,6 +328,8 @@ def _validate(cfg: Config) -> None:
     for key, value in flat.items():
         if isinstance(value, float) and not math.isfinite(value):
             raise UserError(f"{key} must be a finite number, got {value}")
+        if isinstance(value, list) and any(isinstance(v, float) and not math.isfinite(v) for v in value):
+            raise UserError(f"{key} must hold finite numbers, got {shown(value)}")
         if key in CHOICES and value not in CHOICES[key]:
             raise UserError(f"{key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
         if key in POSITIVE and value <= 0:
@@ -431,12 +462,12 @@ def biased_timestep_count(train) -> int:
 def parse_override(text: str) -> tuple[str, object]:
     """'train.lr=1e-4' -> ('train.lr', 0.0001); the value is parsed as YAML."""
     if "=" not in text:
-        raise UserError(f"override '{text}' must look like key=value, for example train.max_steps=3000")
+        raise UserError(f"override {text!r} must look like key=value, for example train.max_steps=3000")
     key, raw = text.split("=", 1)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        raise UserError(f"override '{text}': cannot parse the value {raw!r}") from None
+    except YAML_ERRORS:
+        raise UserError(f"override {shown(text)}: cannot parse the value {shown(raw)}") from None
     # YAML reads "1e-4" as a string; accept it as the number people mean.
     if isinstance(value, str):
         try:
@@ -444,6 +475,12 @@ def parse_override(text: str) -> tuple[str, object]:
         except ValueError:
             pass
     return key.strip(), value
+
+
+# What yaml.safe_load raises for a malformed document: YAMLError, and for some explicit tags plain
+# Python errors from its constructors ('!!int x', '!!bool x', '!!timestamp x', a 13th month in
+# 2001-13-01, '!!float ""'); RecursionError for brackets nested thousands deep.
+YAML_ERRORS = (yaml.YAMLError, ValueError, TypeError, LookupError, AttributeError, RecursionError)
 
 
 def _nest(key: str, value) -> dict:
@@ -469,13 +506,20 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
     if path is not None:
         path = Path(path)
         if not path.is_file():
-            raise UserError(f"config file '{path}' not found; pass an existing YAML file to --config (see configs/)")
+            raise UserError(
+                f"config file {str(path)!r} not found; pass an existing YAML file to --config (see configs/)"
+            )
         try:
-            values = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            reason = getattr(error, "strerror", None) or "not UTF-8 text"
+            raise UserError(f"config file {str(path)!r} cannot be read ({reason})") from None
+        try:
+            values = yaml.safe_load(text)
+        except YAML_ERRORS as error:
             mark = getattr(error, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark else ""
-            raise UserError(f"config file '{path}' is not valid YAML{where}") from None
+            raise UserError(f"config file {str(path)!r} is not valid YAML{where}") from None
         if values is not None and not isinstance(values, dict):
-            raise UserError(f"config file '{path}' must hold a mapping of sections (model, text, data, train)")
+            raise UserError(f"config file {str(path)!r} must hold a mapping of sections (model, text, data, train)")
     return config_from_dict(values, overrides)

@@ -7,10 +7,23 @@ Command lines catch `UserError`, print its message as a single line and exit wit
 import functools
 import sys
 
+# The characters str.splitlines() breaks at, each written as its escape (\n, \x85, \u2028, ...).
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: str) -> str:
+    """`text` with its line breaks written as escapes, so that a message quoting a user's path or
+    key, which may hold one, stays on one line."""
+    return text.translate(_LINE_BREAKS)
+
 
 class UserError(Exception):
     """A bad input: a missing file, an unknown config key, an invalid value. The message says
     what is wrong and how to fix it, in one line."""
+
+    def cli_message(self) -> str:
+        """The message as a command line prints it: on one line, whatever it quotes."""
+        return one_line(str(self))
 
 
 def exit_on_user_error(main):
@@ -21,7 +34,7 @@ def exit_on_user_error(main):
         try:
             return main(*args, **kwargs)
         except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
+            print(f"error: {error.cli_message()}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt:
             print("interrupted", file=sys.stderr)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import warnings
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,7 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .errors import UserError, check_int
+from .errors import UserError, check_int, one_line
 from .images import to_pixel_values
 
 logger = logging.getLogger(__name__)
@@ -104,38 +105,48 @@ class ImageFolderDataset(Dataset):
                 self._captions.append(caption)
         if not found and not self.skipped:
             raise UserError(
-                f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-                "add images, or point data.path at the right folder"
+                one_line(
+                    f"no images found in {self.root} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
+                    "add images, or point data.path at the right folder"
+                )
             )
         if self.skipped:
             logger.warning(
                 "skipped %d bad files in %s (listed in dataset.skipped); first: %s: %s",
                 len(self.skipped),
-                self.root,
-                *self.skipped[0],
+                one_line(str(self.root)),
+                *(one_line(text) for text in self.skipped[0]),
             )
         if not self.paths:
             raise UserError(
-                f"no usable images in {self.root}: all {len(self.skipped)} were bad (first: "
-                f"{self.skipped[0][0]}: {self.skipped[0][1]}); fix the files or data.path"
+                one_line(
+                    f"no usable images in {self.root}: all {len(self.skipped)} were bad (first: "
+                    f"{self.skipped[0][0]}: {self.skipped[0][1]}); fix the files or data.path"
+                )
             )
 
     def _reject(self, path, reason: str, fix: str) -> None:
-        """Record a bad file when skipping, else raise a one-line UserError about it."""
+        """Record a bad file when skipping, else raise a one-line UserError about it (a line
+        break in its name or reason written as an escape)."""
         if self.skip_bad:
-            self.skipped.append((str(path), reason))
+            self.skipped.append((str(path), one_line(reason)))
         else:
-            raise UserError(f"{path}: {reason}; {fix}, or set data.skip_bad to skip bad files")
+            raise UserError(one_line(f"{path}: {reason}; {fix}, or set data.skip_bad to skip bad files"))
 
     def _from_metadata(self, metadata: Path) -> Iterator[tuple[str, str]]:
         """(image path, caption) for each usable line of metadata.jsonl, read line by line."""
         root = self.root.resolve()
         fix = 'make each line {"file_name": "<path relative to the folder>", "text": "<caption>"}'
-        with metadata.open(encoding="utf-8") as lines:
-            for number, line in enumerate(lines, start=1):
+        with metadata.open("rb") as lines:
+            for number, raw in enumerate(lines, start=1):
+                where = f"{metadata} line {number}"
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self._reject(where, "not valid UTF-8", f"save {metadata.name} as UTF-8 text")
+                    continue
                 if not line.strip():
                     continue
-                where = f"{metadata} line {number}"
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:
@@ -160,6 +171,8 @@ class ImageFolderDataset(Dataset):
                     )
                 elif not path.is_file():
                     self._reject(path, "image file not found", f"fix file_name on {where}")
+                elif not record["text"].strip():
+                    self._reject(path, "empty caption", f"write its caption in the text field on {where}")
                 else:
                     yield str(path), " ".join(record["text"].split())
 
@@ -176,15 +189,28 @@ class ImageFolderDataset(Dataset):
             except (OSError, UnicodeDecodeError) as error:
                 self._reject(caption_file, f"caption cannot be read ({error})", "save it as UTF-8 text")
                 continue
+            if not caption.strip():
+                self._reject(path, "empty caption", f"write the caption to {caption_file}")
+                continue
             yield path, " ".join(caption.split())
 
     def _readable(self, path: str) -> bool:
-        """Whether PIL can decode the image fully; rejects it otherwise."""
+        """Whether PIL can decode the image fully; rejects it otherwise. An image of more pixels
+        than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 million) is rejected
+        before it is decoded, where PIL would only warn below twice the limit."""
         try:
-            with Image.open(path) as image:
-                image.load()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as image:
+                    image.load()
             return True
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        except (
+            OSError,
+            ValueError,
+            SyntaxError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as error:
             # Some decoder messages span lines; the UserError must stay on one.
             detail = " ".join(str(error).split())
             self._reject(path, f"cannot be read as an image ({detail})", "replace or remove it")
@@ -198,7 +224,7 @@ class ImageFolderDataset(Dataset):
         (H, W, 3) uint8. rng: where the random crop's place (center_crop off) and the flip
         (random_flip on) are drawn from; needed only for those."""
         with Image.open(self.paths[i]) as file:
-            image = file.convert("RGB")
+            image = _rgb(file)
         width, height = image.size
         scale = self.resolution / min(width, height)
         # max() guards against rounding the short side below the crop size.
@@ -234,6 +260,16 @@ class ImageFolderDataset(Dataset):
         for row, i in enumerate(tqdm(indices, desc="loading images", disable=not progress)):
             images[row] = torch.from_numpy(self.image(int(i), rng)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
         return images, [self._captions[int(i)] for i in indices]
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """`image` in RGB. 16-bit greyscale ("I;16", and "I" as older PILs read it) keeps its top 8
+    bits: PIL's own conversion clips every value above 255 to white. Alpha is dropped, as in
+    diffusers' training scripts."""
+    if image.mode == "I" or image.mode.startswith("I;16"):
+        values = np.asarray(image).astype(np.int64)
+        image = Image.fromarray((values.clip(0, 65535) >> 8).astype(np.uint8))
+    return image.convert("RGB")
 
 
 def _images_under(folder: str) -> Iterator[str]:

@@ -15,6 +15,7 @@ weighted character spans of that text. The syntax is the AUTOMATIC1111 web UI's
 - Groups nest, and their factors multiply: `((red))` is 1.1 * 1.1, `((red:1.5) circle)` gives
   `red` 1.5 * 1.1 and `circle` 1.1, `[(red:2)]` gives `red` 2 / 1.1. The factors are multiplied
   in the order the groups close, innermost first, as A1111 does, so the floats are A1111's.
+  Groups nest at most 32 deep (`MAX_NESTING`), which keeps parsing linear in the prompt's length.
 - A group keeps its whitespace in the text, but whitespace at the edges of a run of equally
   weighted characters is not weighted: `a ( red :2) b` gives the text `a  red  b` with the
   weight on `red`. A group must hold something besides whitespace.
@@ -55,6 +56,10 @@ Columns are 1-based positions in the prompt as written. The errors, and where th
         prompt editing '[a:b:n]' is not supported; ...)
     missing weight after ':' (expected a number ...)     the ')' of '(red:)'
     bad weight '<w>' (expected a number like 1.5)        the weight's first character
+    weight '<w>' is too large (it reads as infinity)     the weight's first character
+    the weights of the nested groups multiply to         the opener of the group whose factor
+        infinity                                         takes the product past the largest float
+    groups nested more than 32 deep                      the opener of the 33rd
     negative weight '<w>' (weights are 0 or more)        the '-'
     unknown escape '\<c>' (only \( \) \[ \] \: \\ ...)   the backslash
     dangling '\' at the end                              the backslash
@@ -135,6 +140,10 @@ class PromptSyntaxError(UserError):
         pad = sum(_display_width(char) for char in shown[:index])
         super().__init__(f"malformed prompt: {reason} at column {self.column}\n  {shown}\n  {' ' * pad}^")
 
+    def cli_message(self) -> str:
+        """The message as a command line prints it: its three lines (each holds no line break)."""
+        return str(self)
+
 
 def _display_width(char: str) -> int:
     """Terminal columns a character takes: 0 for combining marks, 2 for wide ones, else 1."""
@@ -176,13 +185,21 @@ class WeightedPrompt:
         return best
 
 
-@dataclass(frozen=True)
-class _Open:
-    """A group being parsed: its bracket, the bracket's index in the prompt, and where its text starts."""
+# Groups nest at most this deep. A character's weight is the product of its groups' factors,
+# multiplied innermost first as A1111 does (so the floats are A1111's): one multiplication per
+# group around it, which the limit keeps linear in the prompt's length. `((((red))))` is 4 deep.
+MAX_NESTING = 32
+
+
+@dataclass
+class _Group:
+    """A group of the prompt: its bracket, where it is, the group around it and, once it closes, its factor."""
 
     bracket: str  # "(" or "["
-    at: int  # index in the prompt as written
-    start: int  # index in the plain text
+    at: int  # index of the bracket in the prompt as written
+    start: int  # index in the plain text where the group's text starts
+    parent: int  # index of the enclosing group in the parse's list of groups, -1 at the top level
+    factor: float = 1.0  # 1.1, 1 / 1.1 or the written weight, set when the group closes
 
 
 def parse_prompt(text: str) -> WeightedPrompt:
@@ -192,36 +209,49 @@ def parse_prompt(text: str) -> WeightedPrompt:
 
     Returns a `WeightedPrompt`; a prompt without brackets or backslashes comes back unchanged with
     no spans. Raises PromptSyntaxError if the syntax is malformed, its message pointing at the column.
+    Takes time linear in the prompt's length, whatever it holds.
     """
     if not isinstance(text, str):
         raise UserError(f"a prompt must be text, got {type(text).__name__} {text!r}; quote it in the config")
     out: list[str] = []  # characters of the plain text
-    opened: list[_Open] = []  # the groups we are inside, outermost first
-    groups: list[tuple[int, int, float]] = []  # (start, end, factor) of each group, in the order they close
+    owner: list[int] = []  # for each character of `out`, the innermost group it was written in (-1: none)
+    groups: list[_Group] = []  # every group, in the order they open
+    opened: list[int] = []  # the groups we are inside (indices into `groups`), outermost first
+    visible = -1  # index in `out` of the last character that is not whitespace
     i = 0
     while i < len(text):
         char = text[i]
-        if char == "\\":
-            out.append(_escaped(text, i))
-            i += 2
-        elif char in "([":
-            opened.append(_Open(char, i, len(out)))
+        if char in "([":
+            if len(opened) == MAX_NESTING:
+                raise PromptSyntaxError(text, i, f"groups nested more than {MAX_NESTING} deep")
+            groups.append(_Group(char, i, len(out), opened[-1] if opened else -1))
+            opened.append(len(groups) - 1)
             i += 1
-        elif char in ")]":
-            group = _close(text, i, opened, out)
-            groups.append((group.start, len(out), _FACTOR[group.bracket]))
+            continue
+        if char in ")]":
+            group = _close(text, i, groups, opened, visible)
+            group.factor = _FACTOR[group.bracket]
             i += 1
-        elif char == ":" and opened:
-            group, close = _close_weighted(text, i, opened, out)
-            groups.append((group.start, len(out), _parse_weight(text, i + 1, close)))
+            continue
+        if char == ":" and opened:
+            group, close = _close_weighted(text, i, groups, opened, visible)
+            group.factor = _parse_weight(text, i + 1, close)
             i = close + 1
+            continue
+        if char == "\\":
+            char = _escaped(text, i)
+            i += 2
         else:
-            out.append(char)
             i += 1
+        out.append(char)
+        owner.append(opened[-1] if opened else -1)
+        if not char.isspace():
+            visible = len(out) - 1
     if opened:
-        raise PromptSyntaxError(text, opened[-1].at, f"'{opened[-1].bracket}' is never closed")
+        group = groups[opened[-1]]
+        raise PromptSyntaxError(text, group.at, f"'{group.bracket}' is never closed")
     plain = "".join(out)
-    return WeightedPrompt(plain, _weighted_runs(plain, groups))
+    return WeightedPrompt(plain, _weighted_runs(text, plain, owner, groups))
 
 
 def _escaped(text: str, i: int) -> str:
@@ -236,28 +266,32 @@ def _escaped(text: str, i: int) -> str:
     return escaped
 
 
-def _close(text: str, i: int, opened: list[_Open], out: list[str]) -> _Open:
-    """Close the innermost group with the `)` or `]` at `text[i]`; it must match and hold some text."""
+def _close(text: str, i: int, groups: list[_Group], opened: list[int], visible: int) -> _Group:
+    """Close the innermost group with the `)` or `]` at `text[i]`; it must match and hold some text.
+
+    visible: the index in the plain text of its last character that is not whitespace."""
     closer = text[i]
     if not opened:
         raise PromptSyntaxError(text, i, f"unbalanced '{closer}'")
-    group = opened[-1]
+    group = groups[opened[-1]]
     needed = _CLOSER[group.bracket]
     if closer != needed:
         raise PromptSyntaxError(
             text, i, f"mismatched '{closer}' (the '{group.bracket}' at column {group.at + 1} needs '{needed}')"
         )
-    if not "".join(out[group.start :]).strip():
+    if visible < group.start:
         raise PromptSyntaxError(text, group.at, f"nothing to weight in '{group.bracket}{closer}'")
-    return opened.pop()
+    opened.pop()
+    return group
 
 
-def _close_weighted(text: str, i: int, opened: list[_Open], out: list[str]) -> tuple[_Open, int]:
+def _close_weighted(text: str, i: int, groups: list[_Group], opened: list[int], visible: int) -> tuple[_Group, int]:
     """Close the innermost group at the `:` at `text[i]`: the group and the index of the `)` ending its weight.
 
     The weight runs from the `:` to the next `)`, whatever lies between (`_parse_weight` judges it).
+    visible: as `_close`'s.
     """
-    group = opened[-1]
+    group = groups[opened[-1]]
     if group.bracket == "[":
         raise PromptSyntaxError(
             text,
@@ -268,26 +302,40 @@ def _close_weighted(text: str, i: int, opened: list[_Open], out: list[str]) -> t
     close = text.find(")", i + 1)
     if close == -1:
         raise PromptSyntaxError(text, group.at, "'(' is never closed")
-    if not "".join(out[group.start :]).strip():
+    if visible < group.start:
         raise PromptSyntaxError(text, group.at, "nothing to weight before ':'")
-    return opened.pop(), close
+    opened.pop()
+    return group, close
 
 
-def _weighted_runs(plain: str, groups: list[tuple[int, int, float]]) -> tuple[tuple[int, int, float], ...]:
-    """The spans of `WeightedPrompt.weights` from the groups' (start, end, factor), in closing order.
+def _weighted_runs(text: str, plain: str, owner: list[int], groups: list[_Group]) -> tuple[tuple[int, int, float], ...]:
+    """The spans of `WeightedPrompt.weights` from the parse of `text`: the plain text, the innermost
+    group of each of its characters and the groups.
 
     Each character's weight is the product of its groups' factors, multiplied in closing order
-    from 1.0 as A1111's `multiply_range` does. The spans are the maximal runs of characters inside
-    some group with one weight, trimmed of whitespace, whitespace-only runs left out.
+    (innermost first) from 1.0 as A1111's `multiply_range` does; computed once per group. The
+    spans are the maximal runs of characters inside some group with one weight, trimmed of
+    whitespace, whitespace-only runs left out. PromptSyntaxError if a product overflows.
     """
-    weight = [1.0] * len(plain)
-    inside = [False] * len(plain)
-    for start, end, factor in groups:
-        for k in range(start, end):
-            weight[k] *= factor
-            inside[k] = True
+    weights = {-1: 1.0}  # group index -> the weight of the characters written directly inside it
+
+    def weight(group: int) -> float:
+        if group not in weights:
+            product, outer = 1.0, group
+            while outer != -1:
+                product *= groups[outer].factor
+                if math.isinf(product):
+                    raise PromptSyntaxError(
+                        text, groups[outer].at, "the weights of the nested groups multiply to infinity"
+                    )
+                outer = groups[outer].parent
+            weights[group] = product
+        return weights[group]
+
     runs = []
-    for (in_group, run_weight), run in itertools.groupby(range(len(plain)), lambda k: (inside[k], weight[k])):
+    for (in_group, run_weight), run in itertools.groupby(
+        range(len(plain)), lambda k: (owner[k] != -1, weight(owner[k]))
+    ):
         positions = list(run)
         start, end = _trim(plain, positions[0], positions[-1] + 1)
         if in_group and start < end:
@@ -312,6 +360,8 @@ def _parse_weight(text: str, start: int, close: int) -> float:
         raise PromptSyntaxError(text, close, "missing weight after ':' (expected a number like 1.5)")
     column = start + len(raw) - len(raw.lstrip())
     if re.fullmatch(_NUMBER, written):
+        if math.isinf(float(written)):
+            raise PromptSyntaxError(text, column, f"weight '{written}' is too large (it reads as infinity)")
         return float(written)
     if re.fullmatch("-" + _NUMBER, written):
         raise PromptSyntaxError(text, column, f"negative weight '{written}' (weights are 0 or more)")

@@ -78,7 +78,11 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
             if config.get("model_type") not in ("clip", "clip_text_model"):
                 kind = config.get("model_type")
                 raise ValueError(f"its config.json describes a {kind!r} model, not a CLIP text model")
-            model, info = CLIPTextModel.from_pretrained(source, subfolder=model_folder, output_loading_info=True)
+            # A local folder is read from safetensors only: a pickled .bin beside it is never unpickled.
+            safe = True if path.is_dir() else None
+            model, info = CLIPTextModel.from_pretrained(
+                source, subfolder=model_folder, output_loading_info=True, use_safetensors=safe
+            )
             tokenizer = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_folder)
     except Exception as error:  # any failure to read user files is a bad path, not a bug
         detail = str(error).strip().splitlines()[0][:200] if str(error).strip() else type(error).__name__

@@ -244,7 +244,7 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
     assert given["keep_layout"] is None  # auto
     assert given["weighting"] == Weighting()
     # the default run: every part but the sampler sweep, 16 prompts for the edits and each swap
-    assert given["parts"] == ("faithfulness", "localisation", "edit", "swap")
+    assert given["parts"] == ("faithfulness", "localisation", "edit", "prior", "swap")
     assert given["n_edit"] == 12 and given["n_swap"] == 12
 
 
