@@ -14,21 +14,13 @@ import json
 import re
 from pathlib import Path
 
-from seeds import load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
+from seeds import fmt, load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
 
 from diffusion.edit_evaluation import SWAP_MEASURES
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 README = DOCS.parent / "README.md"
 MARKERS = ("<!-- RESULTS: written by tools/results.py -->", "<!-- /RESULTS -->")
-
-
-def fmt(value, digits: int = 3) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def table(header: list[str], rows: list[list]) -> list[str]:
