@@ -8,16 +8,23 @@ A checkpoint is a folder `checkpoints/step-000500/` holding
     state.json             step, optimizer hyper-parameters, LR schedule, EMA counters,
                            Python/numpy RNG states, the resolved config
 It is written to `step-000500.tmp/` and renamed when complete, so an interrupted save never
-replaces or corrupts the last good one; `state.json` is written last and marks it complete.
+replaces or corrupts the last good one; `state.json` is written last, marks it complete and holds
+the SHA-256 of every other file, so a file changed on disk afterwards (truncated, a flipped bit) is
+found when the checkpoint is read. A save that fails (a full disk) removes its temporary folder.
+`--resume latest` takes the newest checkpoint that reads back whole, saying which it passed over.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import hashlib
 import json
 import os
 import random
 import re
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +35,7 @@ from safetensors.torch import load_file, save_file
 from .errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
+WEIGHT_FILES = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"]
 
 
 def _flatten_optimizer(state_dict: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -75,9 +83,87 @@ def save_checkpoint(
     data_generator: torch.Generator,
     config: dict,
 ) -> Path:
-    """Write checkpoint `directory/step-XXXXXX` atomically; returns its path."""
+    """Write checkpoint `directory/step-XXXXXX` atomically; returns its path. A failed write (a
+    full disk) leaves no temporary folder behind and is a UserError; the older checkpoints stay."""
     final = directory / f"step-{step:06d}"
+    for stale in directory.glob("step-*.tmp") if directory.is_dir() else []:  # left by a killed save
+        shutil.rmtree(stale, ignore_errors=True)
     temporary = directory / f"step-{step:06d}.tmp"
+    try:
+        _write_checkpoint(temporary, step, model, ema, optimizer, lr_scheduler, data_generator, config)
+    except WRITE_ERRORS as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint '{final}': {write_problem(error)}") from None
+    if final.exists():
+        shutil.rmtree(final)
+    temporary.rename(final)
+    return final
+
+
+WRITE_ERRORS = (OSError, SafetensorError)  # safetensors reports a failed write as its own error
+
+
+def disk_full(error: Exception) -> bool:
+    """Whether a failed write failed for want of space (safetensors says so only in its message)."""
+    if isinstance(error, OSError):
+        return error.errno in (errno.ENOSPC, errno.EDQUOT)
+    return f"os error {errno.ENOSPC})" in str(error) or f"os error {errno.EDQUOT})" in str(error)
+
+
+def write_problem(error: Exception) -> str:
+    """What a failed write (one of WRITE_ERRORS) says to the user: the disk is full, or the reason."""
+    if disk_full(error):
+        return "the disk is full; free some space and rerun with --resume latest"
+    reason = error.strerror if isinstance(error, OSError) and error.strerror else " ".join(str(error).split())
+    return f"{reason}; rerun with --resume latest once it can be written"
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the folders `a` and `b` in one step (Linux renameat2 RENAME_EXCHANGE); False where
+    the system or its file system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def replace_folder(temporary: Path, path: Path) -> None:
+    """Put the complete folder `temporary` at `path`, replacing what is there, so that a reader
+    (or a process killed at any instant) finds either the old folder or the new one at `path`,
+    never none: the two are exchanged in one step, then the old one is removed. Where the system
+    cannot exchange them, the old folder is first moved aside to `.<name>.old`."""
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists() and _exchange(temporary, path):
+        shutil.rmtree(temporary, ignore_errors=True)  # now the old folder
+        return
+    if path.exists():
+        os.replace(path, old)
+    os.replace(temporary, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _write_checkpoint(
+    temporary: Path, step: int, model, ema, optimizer, lr_scheduler, data_generator, config: dict
+) -> None:
     shutil.rmtree(temporary, ignore_errors=True)
     temporary.mkdir(parents=True)
     names = [name for name, _ in model.named_parameters()]
@@ -103,13 +189,10 @@ def save_checkpoint(
         "python_rng": [python_state[0], list(python_state[1]), python_state[2]],
         "numpy_rng": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
         "config": config,
+        "files": {name: file_digest(temporary / name) for name in WEIGHT_FILES},
     }
     (temporary / "state.json").write_text(json.dumps(state))
     default_file_modes(temporary)
-    if final.exists():
-        shutil.rmtree(final)
-    temporary.rename(final)
-    return final
 
 
 def list_checkpoints(directory: Path) -> list[Path]:
@@ -139,19 +222,51 @@ def resolve_resume(resume: str, directory: Path) -> Path | None:
 
 def load_checkpoint(path: Path) -> dict:
     """Read and check every file of a checkpoint; a missing or corrupt file is a UserError."""
-    files = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"]
-    for name in files:
+    for name in [*WEIGHT_FILES, "state.json"]:
         if not (path / name).is_file():
             raise UserError(f"checkpoint '{path}' is incomplete: {name} is missing; resume from another checkpoint")
     try:
         state = json.loads((path / "state.json").read_text())
-        loaded = {name.split(".")[0]: load_file(path / name) for name in files[:-1]}
         step = int(state["step"])
-    except (json.JSONDecodeError, UnicodeDecodeError, SafetensorError, KeyError, ValueError, OSError) as error:
-        raise UserError(
-            f"checkpoint '{path}' is corrupt ({type(error).__name__}); resume from another checkpoint"
-        ) from None
+        for name, expected in state.get("files", {}).items():  # absent from older checkpoints
+            if name not in WEIGHT_FILES or file_digest(path / name) != expected:
+                raise ValueError(f"{name} changed since it was saved")
+        loaded = {name.split(".")[0]: load_file(path / name) for name in WEIGHT_FILES}
+    except (
+        json.JSONDecodeError,
+        UnicodeDecodeError,
+        SafetensorError,
+        KeyError,
+        TypeError,
+        ValueError,
+        OSError,
+    ) as error:
+        reason = str(error) if "changed since" in str(error) else type(error).__name__
+        raise UserError(f"checkpoint '{path}' is corrupt ({reason}); resume from another checkpoint") from None
     return {**loaded, "state": state, "step": step}
+
+
+def load_latest(directory: Path) -> dict | None:
+    """The newest checkpoint in `directory` that reads back whole (`load_checkpoint`), with its
+    "path"; each newer one that does not is named on stderr and passed over. None if there is
+    none; a UserError if there are checkpoints but none is whole."""
+    found = list_checkpoints(directory)
+    problems = []
+    for path in reversed(found):
+        try:
+            checkpoint = load_checkpoint(path)
+        except UserError as error:
+            problems.append(str(error))
+            continue
+        for problem in problems:
+            print(f"warning: {problem.split('; ')[0]}; resuming from '{path}' instead", file=sys.stderr)
+        return {**checkpoint, "path": path}
+    if problems:
+        raise UserError(
+            f"no checkpoint in '{directory}' reads back whole (newest: {problems[0].split('; ')[0]}); "
+            "start afresh in another --output-dir"
+        )
+    return None
 
 
 def restore_rng(checkpoint: dict, data_generator: torch.Generator) -> None:

@@ -8,15 +8,16 @@ the states of each distinct caption are written once to a safetensors file,
     <folder>/text-embeddings-<key>.safetensors
         embeddings   (U, T, D) float32   `TextEncoder.encode` of the U captions, in their order
         key_mask     (U, T) bool
-        __metadata__ {"format": FORMAT, "key": <key>}
+        __metadata__ {"format": FORMAT, "key": <key>, "embeddings_sha256": ..., "key_mask_sha256": ...}
 
 and a batch reads only its rows (`safe_open`, memory-mapped). The key is a SHA-256 of everything
 the rows depend on: the encoder's weights, model config and tokenizer, its options (max_length,
 hidden_layer, mask_eos, concat_token_embeddings) and the captions in row order. It names the file
 and is stored in it, so another encoder or caption list gets another file, and a file is used
-only if its key, shapes and dtypes are the expected ones; anything else (a truncated or garbled
-file) is rebuilt with a one-line warning. Files are written under a temporary name and renamed
-when complete. Files of other keys are left alone: another run may use them.
+only if its key, shapes, dtypes and the SHA-256 of each tensor's bytes are the expected ones;
+anything else (a truncated or garbled file, a changed byte) is rebuilt with a one-line warning.
+Checking the bytes reads the whole file once when a run opens it. Files are written under a
+temporary name and renamed when complete. Files of other keys are left alone: another run may use them.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ from tqdm.auto import tqdm
 from .errors import UserError
 from .text_encoder import TextEncoder
 
-FORMAT = "tiny-t2i-diffusion text embeddings 1"
+FORMAT = "tiny-t2i-diffusion text embeddings 2"
 ENCODE_BATCH = 256  # captions encoded at once while building
 
 
@@ -147,9 +148,31 @@ def _problem(path: Path, key: str, shape: tuple[int, int, int]) -> str | None:
             found = (embeddings.get_shape(), embeddings.get_dtype(), key_mask.get_shape(), key_mask.get_dtype())
             if found != ([rows, length, dim], "F32", [rows, length], "BOOL"):
                 return f"its tensors are {found}, expected {([rows, length, dim], 'F32', [rows, length], 'BOOL')}"
+        if _digests(path, rows * length * dim * 4, rows * length) != (
+            metadata.get("embeddings_sha256"),
+            metadata.get("key_mask_sha256"),
+        ):
+            return "its bytes changed since it was written (SHA-256)"
     except Exception as error:  # any failure to read the file (truncated, garbage, no access) means rebuild it
         return " ".join(str(error).split())[:200] or type(error).__name__
     return None
+
+
+def _digests(path: Path, embedding_bytes: int, mask_bytes: int) -> tuple[str, str]:
+    """SHA-256 (hex) of the embeddings' bytes and of the key mask's, as they lie in the file."""
+    digests = []
+    with open(path, "rb") as file:
+        file.seek(8 + int.from_bytes(file.read(8), "little"))
+        for size in (embedding_bytes, mask_bytes):
+            digest = hashlib.sha256()
+            while size > 0:
+                chunk = file.read(min(size, 1 << 24))
+                if not chunk:
+                    raise ValueError("the file ends early")
+                digest.update(chunk)
+                size -= len(chunk)
+            digests.append(digest.hexdigest())
+    return digests[0], digests[1]
 
 
 def _build(path: Path, key: str, encoder: TextEncoder, captions: list[str], progress: bool) -> None:
@@ -159,8 +182,9 @@ def _build(path: Path, key: str, encoder: TextEncoder, captions: list[str], prog
     memory at once."""
     rows, length, dim = len(captions), encoder.max_length, encoder.embedding_dim
     embedding_bytes, mask_bytes = rows * length * dim * 4, rows * length
+    unknown = "0" * 64  # the digests' places, filled in once the data is written
     header = {
-        "__metadata__": {"format": FORMAT, "key": key},
+        "__metadata__": {"format": FORMAT, "key": key, "embeddings_sha256": unknown, "key_mask_sha256": unknown},
         "embeddings": {"dtype": "F32", "shape": [rows, length, dim], "data_offsets": [0, embedding_bytes]},
         "key_mask": {
             "dtype": "BOOL",
@@ -168,20 +192,33 @@ def _build(path: Path, key: str, encoder: TextEncoder, captions: list[str], prog
             "data_offsets": [embedding_bytes, embedding_bytes + mask_bytes],
         },
     }
-    text = json.dumps(header, separators=(",", ":")).encode()
-    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
-    start = 8 + len(text)
+
+    def header_bytes() -> bytes:
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+        return len(text).to_bytes(8, "little") + text
+
+    start = len(header_bytes())
+    digests = hashlib.sha256(), hashlib.sha256()  # the rows are written in order in each tensor
     temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
         with open(temporary, "wb") as file:
-            file.write(len(text).to_bytes(8, "little") + text)
+            file.write(header_bytes())
             file.truncate(start + embedding_bytes + mask_bytes)
             for first in tqdm(range(0, rows, ENCODE_BATCH), desc="text embeddings", disable=not progress):
                 embeddings, key_mask = encoder.encode(captions[first : first + ENCODE_BATCH])  # (b, T, D), (b, T)
-                file.seek(start + first * length * dim * 4)
-                file.write(np.ascontiguousarray(embeddings.cpu().numpy(), dtype="<f4"))
-                file.seek(start + embedding_bytes + first * length)
-                file.write(np.ascontiguousarray(key_mask.cpu().numpy()))
+                for digest, offset, data in (
+                    (digests[0], start + first * length * dim * 4, embeddings.cpu().numpy().astype("<f4")),
+                    (digests[1], start + embedding_bytes + first * length, key_mask.cpu().numpy()),
+                ):
+                    data = np.ascontiguousarray(data).reshape(-1).view(np.uint8)
+                    digest.update(data)
+                    file.seek(offset)
+                    file.write(data)
+            metadata = header["__metadata__"]
+            metadata["embeddings_sha256"], metadata["key_mask_sha256"] = (d.hexdigest() for d in digests)
+            file.seek(0)
+            file.write(header_bytes())  # the same length: the digests replace as many zeros
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)

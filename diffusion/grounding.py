@@ -89,7 +89,10 @@ class GroundingLoss(AttentionController):
         share = (attention * token_masks).sum(-1) / attention.sum(-1).clamp_min(1e-8)  # (M,)
         self.terms.append(((1 - share) ** 2).sum() / count)
         if self.pixel:
-            bce = F.binary_cross_entropy(attention.clamp(1e-6, 1 - 1e-6), token_masks, reduction="none").mean(-1)
+            # A NaN map (diverged weights) would make binary_cross_entropy raise; the NaN is in the
+            # denoising loss anyway, where the training loop stops on it with the step named.
+            probability = attention.nan_to_num(0.5).clamp(1e-6, 1 - 1e-6)
+            bce = F.binary_cross_entropy(probability, token_masks, reduction="none").mean(-1)
             self.pixel_terms.append(bce.sum() / count)
         return None
 

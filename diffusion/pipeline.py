@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -49,7 +48,7 @@ from .attention_control import (
     changed_tokens,
     step_in_window,
 )
-from .checkpoint import default_file_modes
+from .checkpoint import WRITE_ERRORS, default_file_modes, replace_folder, write_problem
 from .compiled import CompiledUNet
 from .config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
 from .errors import UserError
@@ -264,10 +263,19 @@ class Pipeline(DiffusionPipeline):
         return cls.from_parts(unet, encoder, DDPMScheduler.load_config(path / "scheduler"), device, mixed_precision)
 
     def save_pretrained(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
-        """Write the pipeline folder atomically: a temporary folder is filled, then swapped in,
-        so an interrupted export never leaves a half-written model where a good one was."""
+        """Write the pipeline folder atomically: a temporary folder is filled, then swapped in
+        (`checkpoint.replace_folder`), so an interrupted export (killed, or a full disk: a
+        UserError) never leaves a half-written model, or none, where a good one was."""
         path = Path(path)
         temporary = path.with_name(f".{path.name}.tmp")
+        try:
+            self._write_folder(temporary, extra_files)
+            replace_folder(temporary, path)
+        except WRITE_ERRORS as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise UserError(f"cannot write the model folder '{path}': {write_problem(error)}") from None
+
+    def _write_folder(self, temporary: Path, extra_files: dict[str, str] | None) -> None:
         shutil.rmtree(temporary, ignore_errors=True)
         temporary.mkdir(parents=True)
         self.unet.save_pretrained(temporary / "unet")
@@ -288,12 +296,6 @@ class Pipeline(DiffusionPipeline):
         for name, text in (extra_files or {}).items():
             (temporary / name).write_text(text)
         default_file_modes(temporary)
-        old = path.with_name(f".{path.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        if path.exists():
-            os.replace(path, old)
-        os.replace(temporary, path)
-        shutil.rmtree(old, ignore_errors=True)
 
     # ---- sampling -----------------------------------------------------------------------
     @property

@@ -105,17 +105,22 @@ def prepare_text_encoder(
         )
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        train_clip(
-            images,
-            clip_captions,
-            tokenizer,
-            cfg.text,
-            temporary,
-            device=accelerator.device,
-            mixed_precision="no",  # float32: a CLIP trained in bf16 cost the UNet composition (docs/what-we-tried.md)
-        )
-        ckpt.default_file_modes(temporary)
-        os.replace(temporary, clip_dir)
+        try:
+            train_clip(
+                images,
+                clip_captions,
+                tokenizer,
+                cfg.text,
+                temporary,
+                device=accelerator.device,
+                # float32: a CLIP trained in bf16 cost the UNet composition (docs/what-we-tried.md)
+                mixed_precision="no",
+            )
+            ckpt.default_file_modes(temporary)
+            os.replace(temporary, clip_dir)
+        except ckpt.WRITE_ERRORS as error:
+            shutil.rmtree(temporary, ignore_errors=True)
+            raise UserError(f"cannot write the text encoder '{clip_dir}': {ckpt.write_problem(error)}") from None
         accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
     accelerator.wait_for_everyone()
     return TextEncoder.from_pretrained(str(clip_dir), max_length=cfg.text.max_length, **options)
@@ -456,14 +461,18 @@ def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | No
     """The checkpoint to resume from (None: a fresh run), after checking that a fresh run does not
     overwrite checkpoints and that a resumed one keeps the model, text and data settings."""
     checkpoint_dir = output_dir / "checkpoints"
-    resume_path = ckpt.resolve_resume(resume, checkpoint_dir) if resume else None
     if resume is None and ckpt.list_checkpoints(checkpoint_dir):
         raise UserError(
             f"'{output_dir}' already holds checkpoints; pass --resume latest to continue, "
             "or choose another --output-dir"
         )
-    checkpoint = ckpt.load_checkpoint(resume_path) if resume_path else None
+    if resume == "latest":
+        checkpoint = ckpt.load_latest(checkpoint_dir)  # passes over a corrupt newest one
+    else:
+        resume_path = ckpt.resolve_resume(resume, checkpoint_dir) if resume else None
+        checkpoint = {**ckpt.load_checkpoint(resume_path), "path": resume_path} if resume_path else None
     if checkpoint:
+        resume_path = checkpoint["path"]
         saved = checkpoint["state"].get("config", {})
         for section in ("model", "text", "data"):
             if _results_settings(saved.get(section)) != _results_settings(cfg.to_dict()[section]):
@@ -471,7 +480,6 @@ def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | No
                     f"checkpoint '{resume_path}' was saved with other {section}.* settings; resume with "
                     "the config it was saved with (its state.json holds it)"
                 )
-        checkpoint["path"] = resume_path
     return checkpoint
 
 
@@ -652,22 +660,34 @@ class Trainer:
         self.unet.train()
         images_seen, start = 0, time.time()
         batches = self.batches()
-        while self.step < cfg.train.max_steps:
-            loss, grounding_loss = self.train_step(self.next_batch(batches))
-            images_seen += cfg.train.batch_size * accelerator.num_processes
-            if not accelerator.sync_gradients:
-                continue
-            self.lr_scheduler.step()
-            self.ema.step(self.model.parameters())
-            self.step += 1
-            progress.update(1)
-            if self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps:
-                self.log(progress, loss, grounding_loss, images_seen / (time.time() - start))
-            if self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps:
-                self.save()
-            if self.step % cfg.train.validate_every == 0 or self.step == cfg.train.max_steps:
-                self.validate()
-        batches.close()  # ends the DataLoader's worker processes, if any
+        # The first step whose loss was not finite (-1: none), kept on the device and read only
+        # when the loop reads the loss anyway, and before anything is written from the weights.
+        first_bad = torch.full((), -1, dtype=torch.long, device=accelerator.device)
+        try:
+            while self.step < cfg.train.max_steps:
+                loss, grounding_loss = self.train_step(self.next_batch(batches))
+                images_seen += cfg.train.batch_size * accelerator.num_processes
+                bad = ~torch.isfinite(loss) & (first_bad < 0)
+                first_bad = torch.where(bad, self.step + 1, first_bad)
+                if not accelerator.sync_gradients:
+                    continue
+                self.lr_scheduler.step()
+                self.ema.step(self.model.parameters())
+                self.step += 1
+                progress.update(1)
+                log = self.step % cfg.train.log_every == 0 or self.step == cfg.train.max_steps
+                save = self.step % cfg.train.checkpoint_every == 0 or self.step == cfg.train.max_steps
+                validate = self.step % cfg.train.validate_every == 0 or self.step == cfg.train.max_steps
+                if log or save or validate:
+                    self.check_finite(first_bad)
+                if log:
+                    self.log(progress, loss, grounding_loss, images_seen / (time.time() - start))
+                if save:
+                    self.save()
+                if validate:
+                    self.validate()
+        finally:
+            batches.close()  # ends the DataLoader's worker processes, if any
         progress.close()
         elapsed = time.time() - start
         if images_seen:
@@ -683,8 +703,19 @@ class Trainer:
             postfix["ground"] = f"{logs['grounding']:.3f}"
         progress.set_postfix(**postfix)
         accelerator.log(logs, step=self.step)
-        if not math.isfinite(loss_value):
-            raise RuntimeError(f"loss became {loss_value} at step {self.step}; lower train.lr or enable grad_clip")
+
+    def check_finite(self, first_bad: torch.Tensor) -> None:
+        """Stop the run if any process's loss was NaN or infinite at some step (`first_bad` >= 0):
+        the weights have taken that step's update, so nothing more is saved from them. Stopping,
+        not skipping the step: AdamW has already folded the bad gradient into its moments."""
+        steps = [int(s) for s in self.accelerator.gather(first_bad.reshape(1)).tolist() if s >= 0]
+        if steps:
+            newest = ckpt.list_checkpoints(self.output_dir / "checkpoints")
+            kept = f"the newest checkpoint, {newest[-1].name}, is intact" if newest else "no checkpoint was written"
+            raise UserError(
+                f"training diverged: the loss was not finite at step {min(steps)}; {kept}; "
+                "resume with --resume latest and a lower train.lr, or train.grad_clip > 0"
+            )
 
     def save(self) -> None:
         if self.accelerator.is_main_process:
@@ -746,13 +777,19 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     prepare_output_dir(output_dir)
     accelerator = make_accelerator(cfg, output_dir)
     set_seed(cfg.train.seed, device_specific=True)  # different noise on each process
-    if accelerator.is_main_process:
-        (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        if accelerator.trackers is not None and accelerator.log_with:
-            accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
-    data, encoder = prepare_data(cfg, dataset, output_dir, accelerator)
-    trainer = Trainer(cfg, output_dir, accelerator, data, encoder, checkpoint)
-    trainer.run()
-    export_dir = trainer.export()
+    try:
+        if accelerator.is_main_process:
+            (output_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            if accelerator.trackers is not None and accelerator.log_with:
+                accelerator.init_trackers("train", config={k: str(v) for k, v in cfg.to_dict().items()})
+        data, encoder = prepare_data(cfg, dataset, output_dir, accelerator)
+        trainer = Trainer(cfg, output_dir, accelerator, data, encoder, checkpoint)
+        trainer.run()
+        export_dir = trainer.export()
+    except ckpt.WRITE_ERRORS as error:  # the writes without their own message (validation grids, logs)
+        if not ckpt.disk_full(error):
+            raise
+        where = getattr(error, "filename", None) or output_dir
+        raise UserError(f"cannot write '{where}': {ckpt.write_problem(error)}") from None
     accelerator.end_training()
     return export_dir

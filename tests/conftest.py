@@ -3,6 +3,7 @@
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +60,14 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("tiny") / "run"
     train(config_from_dict(copy.deepcopy(TINY)), out)
     return out
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path):
+    """A copy of the session's tiny run (checkpoints at steps 2 and 4, an export) that a test may change."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -160,9 +160,24 @@ def flipped_header(path, encoder):
     path.write_bytes(bytes(data[:8]) + text + bytes(data[8 + header_length :]))
 
 
+def flipped_byte(where):
+    """Flip one bit of the data (`where`: a fraction of the way from the data's start to the
+    file's end), leaving the header and the size as written."""
+
+    def corrupt(path, encoder):
+        data = bytearray(path.read_bytes())
+        start = 8 + int.from_bytes(data[:8], "little")
+        data[start + int(where * (len(data) - start - 1))] ^= 0x10
+        path.write_bytes(bytes(data))
+
+    return corrupt
+
+
 @pytest.mark.parametrize(
     "corrupt",
     [
+        flipped_byte(0.3),
+        flipped_byte(1.0),
         lambda path, encoder: path.write_bytes(path.read_bytes()[:-100]),
         lambda path, encoder: path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2]),
         lambda path, encoder: path.write_bytes(b""),
@@ -172,7 +187,18 @@ def flipped_header(path, encoder):
         wrong_shape,
         flipped_header,
     ],
-    ids=["truncated", "half", "empty", "garbage", "appended", "wrong-key", "wrong-shape", "wrong-dtype"],
+    ids=[
+        "bit-in-embeddings",
+        "bit-in-key-mask",
+        "truncated",
+        "half",
+        "empty",
+        "garbage",
+        "appended",
+        "wrong-key",
+        "wrong-shape",
+        "wrong-dtype",
+    ],
 )
 def test_a_corrupt_file_is_rebuilt_with_a_one_line_warning(tmp_path, encoder, corrupt, monkeypatch):
     path = EmbeddingStore.open(tmp_path, encoder, CAPTIONS, progress=False).path

@@ -42,14 +42,6 @@ def tree_digest(folder):
     }
 
 
-@pytest.fixture
-def run_copy(tiny_run, tmp_path):
-    """A copy of the session's tiny run that a test may change."""
-    copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
-    return copy
-
-
 # ---- what a run writes --------------------------------------------------------------------------
 def test_run_keeps_the_newest_checkpoints(tiny_run):
     names = [p.name for p in ckpt.list_checkpoints(tiny_run / "checkpoints")]
@@ -162,25 +154,56 @@ def test_resume_latest_without_checkpoints_starts_fresh(tiny_run, tmp_path, tiny
         ("rng.safetensors", lambda data: b"not a safetensors file"),
         ("state.json", lambda data: b"\x00\xff garbage {"),
         ("state.json", lambda data: b"{}"),
+        ("model.safetensors", lambda data: data[:-1000] + bytes([data[-1000] ^ 1]) + data[-999:]),
+        ("ema.safetensors", lambda data: data[:-1] + bytes([data[-1] ^ 0x80])),
     ],
-    ids=["model-half", "model-empty", "optimizer-truncated", "rng-garbage", "state-garbage", "state-no-step"],
+    ids=[
+        "model-half",
+        "model-empty",
+        "optimizer-truncated",
+        "rng-garbage",
+        "state-garbage",
+        "state-no-step",
+        "model-one-bit",
+        "ema-last-bit",
+    ],
 )
-def test_a_corrupt_checkpoint_is_a_user_error_naming_it(run_copy, tiny_dict, name, corrupt):
-    latest = run_copy / "checkpoints" / "step-000004"
+def test_a_corrupt_checkpoint_is_named_and_latest_resumes_from_the_one_before(
+    run_copy, tiny_dict, name, corrupt, capsys
+):
+    checkpoints = run_copy / "checkpoints"
+    latest = checkpoints / "step-000004"
     path = latest / name
     path.write_bytes(corrupt(path.read_bytes()))
     tiny_dict["train"]["max_steps"] = 6
-    for resume in ("latest", str(latest)):
-        with pytest.raises(UserError, match=f"checkpoint '{latest}' is corrupt"):
-            train(config_from_dict(tiny_dict), run_copy, resume=resume)
-    assert not (run_copy / "checkpoints" / "step-000006").exists()
+    with pytest.raises(UserError, match=f"checkpoint '{latest}' is corrupt"):
+        train(config_from_dict(tiny_dict), run_copy, resume=str(latest))
+    assert not (checkpoints / "step-000006").exists()
+
+    train(config_from_dict(tiny_dict), run_copy, resume="latest")
+    out, err = capsys.readouterr()
+    assert (
+        f"warning: checkpoint '{latest}' is corrupt" in err and f"resuming from '{checkpoints / 'step-000002'}'" in err
+    )
+    assert len([line for line in err.splitlines() if "warning" in line]) == 1
+    assert f"resumed from {checkpoints / 'step-000002'} at step 2" in out
+    assert [p.name for p in ckpt.list_checkpoints(checkpoints)] == ["step-000004", "step-000006"]
+    ckpt.load_checkpoint(checkpoints / "step-000004")  # the corrupt one was written anew at step 4
+
+
+def test_latest_with_every_checkpoint_corrupt_is_a_user_error(run_copy, tiny_dict):
+    for step in (2, 4):
+        (run_copy / "checkpoints" / f"step-{step:06d}" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(UserError, match="no checkpoint in .* reads back whole .*step-000004.*another --output-dir"):
+        train(config_from_dict(tiny_dict), run_copy, resume="latest")
 
 
 def test_a_checkpoint_with_a_missing_file_is_a_user_error_naming_it(run_copy, tiny_dict):
     latest = run_copy / "checkpoints" / "step-000004"
     (latest / "ema.safetensors").unlink()
     with pytest.raises(UserError, match=f"checkpoint '{latest}' is incomplete: ema.safetensors is missing"):
-        train(config_from_dict(tiny_dict), run_copy, resume="latest")
+        train(config_from_dict(tiny_dict), run_copy, resume=str(latest))
+    assert ckpt.load_latest(run_copy / "checkpoints")["path"] == run_copy / "checkpoints" / "step-000002"
 
 
 def test_resume_from_a_missing_checkpoint_folder(run_copy, tiny_dict):
