@@ -19,6 +19,7 @@ import base64
 import html
 import io
 import itertools
+import math
 import os
 import shutil
 import statistics
@@ -53,6 +54,8 @@ DEFAULT_EDIT = "a blue circle on the left"
 WEIGHTED_PROMPT = "a (red:0.5) circle on the left"  # builds the compiled graph that takes weights
 MAX_IMAGES = 4
 MAX_STEPS = 200
+MAX_SEED = 2**63 - 1  # image i takes seed + i, which torch.Generator.manual_seed must take
+MAX_PROMPT = 10_000  # characters; the text encoder reads a few dozen tokens of a prompt
 SLIDERS = 16  # weight sliders on the page: the prompt's first 16 words get one
 MAX_WEIGHT = 4.0
 IMAGE_SIDE = 256  # shown size of an image; maps are shown at half of it
@@ -81,8 +84,8 @@ class Settings:
         """UserError for what the pipeline does not check itself."""
         if not 1 <= self.num_images <= MAX_IMAGES:
             raise UserError(f"the number of images must be between 1 and {MAX_IMAGES}, got {self.num_images}")
-        if self.seed < 0:
-            raise UserError(f"the seed must be 0 or more, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UserError(f"the seed must be between 0 and 2**63 - 1, got {self.seed}")
 
     def unet_batch(self, images: int) -> int:
         """Rows of each UNet call for `images` images: twice as many with classifier-free guidance."""
@@ -95,6 +98,41 @@ class WordWeight:
 
     label: str
     weight: float
+
+
+def settings_of(mode, context, seed, sampler, steps, guidance, images) -> Settings:
+    """The page's controls as Settings. Gradio checks a slider's range but lets NaN and infinity
+    through (and a request can send them): UserError for those."""
+
+    def number(value, name: str) -> float:
+        value = float(value)
+        if not math.isfinite(value):
+            raise UserError(f"{name} must be a finite number, got {value}")
+        return value
+
+    return Settings(
+        mode,
+        context,
+        int(number(seed or 0, "the seed")),
+        sampler,
+        int(number(steps, "the number of steps")),
+        number(guidance, "guidance"),
+        int(number(images, "the number of images")),
+    )
+
+
+def map_step(step) -> int:
+    """The step slider's value as a step number; UserError for NaN or infinity."""
+    step = float(step)
+    if not math.isfinite(step):
+        raise UserError(f"the step of the maps must be a finite number, got {step}")
+    return max(0, int(step))
+
+
+def check_prompt(prompt: str) -> None:
+    """UserError for a prompt longer than MAX_PROMPT characters."""
+    if len(prompt) > MAX_PROMPT:
+        raise UserError(f"a prompt may have at most {MAX_PROMPT} characters, got {len(prompt)}")
 
 
 def word_weights(prompt: str) -> list[WordWeight]:
@@ -298,6 +336,7 @@ class Editor:
 
         Raises UserError (PromptSyntaxError for a malformed prompt) before any sampling."""
         settings.check()
+        check_prompt(prompt)
         text = parse_prompt(prompt).text
         pipeline = self.pipelines[self.precision(settings.unet_batch(settings.num_images))]
         recorder = AttentionRecorder(pipeline.unet.config.sample_size, keep_history=True)
@@ -331,6 +370,8 @@ class Editor:
         every step with keep_layout; None: auto, by the kind of swap, as `Pipeline.swap`). Returns
         (source, edit)."""
         settings.check()
+        check_prompt(source)
+        check_prompt(edit)
         pipeline = self.pipelines[self.precision(settings.unet_batch(2))]  # one (source, edit) pair per batch
         start = time.perf_counter()
         outputs = pipeline.swap(
@@ -564,9 +605,6 @@ def build_page(editor: Editor, first: Result):
 
     folders = DownloadFolders()
 
-    def settings_of(mode, context, seed, sampler, steps, guidance, images) -> Settings:
-        return Settings(mode, context, int(seed or 0), sampler, int(steps), float(guidance), int(images))
-
     def slider_updates(prompt: str, result: Result | None) -> list:
         """`slider_states` as Gradio updates, then the note on words without a slider."""
         words = word_weights(prompt)
@@ -579,7 +617,7 @@ def build_page(editor: Editor, first: Result):
     def show(prompt: str, view: View, step: int) -> list:
         if view.error:  # the last good result stays on screen as it is
             return [gr.update(value=view.error, visible=True)] + [gr.skip()] * (3 + SLIDERS + 1)
-        step = min(int(step), view.result.steps)
+        step = min(step, view.result.steps)
         return [
             gr.update(value="", visible=False),
             result_html(view.result, step),
@@ -592,10 +630,18 @@ def build_page(editor: Editor, first: Result):
         return [str(f) for f in write_downloads({"image": result}, folders.next(), editor.model)]
 
     def on_render(prompt, step, last, *controls):
-        return show(prompt, update(editor, prompt, settings_of(*controls), last), step)
+        try:
+            settings, step = settings_of(*controls), map_step(step)
+        except UserError as error:
+            return show(prompt, View(last, error_html(error)), 0)
+        return show(prompt, update(editor, prompt, settings, last), step)
 
     def on_weight(index, prompt, weight, step, last, *controls):
-        prompt, view = update_weight(editor, prompt, index, weight, settings_of(*controls), last)
+        try:
+            settings, step = settings_of(*controls), map_step(step)
+        except UserError as error:
+            return [prompt] + show(prompt, View(last, error_html(error)), 0)
+        prompt, view = update_weight(editor, prompt, index, weight, settings, last)
         return [prompt] + show(prompt, view, step)
 
     def on_typed(prompt, last):
@@ -605,11 +651,15 @@ def build_page(editor: Editor, first: Result):
             return [gr.skip()] * (SLIDERS + 1)
 
     def on_step(step, last):
-        return result_html(last, min(int(step), last.steps))
+        try:
+            return result_html(last, min(map_step(step), last.steps))
+        except UserError:
+            return gr.skip()
 
     def on_swap(source, edit, edit_steps, keep_layout, *controls):
         try:
-            results = editor.swap(source, edit, float(edit_steps), settings_of(*controls), KEEP_LAYOUT[keep_layout])
+            settings = settings_of(*controls)
+            results = editor.swap(source, edit, float(edit_steps), settings, KEEP_LAYOUT[keep_layout])
         except UserError as error:
             return gr.update(value=error_html(error), visible=True), gr.skip(), gr.skip()
         files = write_downloads(dict(zip(("source", "edit"), results)), folders.next(), editor.model)
@@ -757,6 +807,13 @@ def main(argv=None):
         "start-up timing finds it clearly faster; else bf16 where the device does it natively)",
     )
     parser.add_argument(
+        "--sessions",
+        type=int,
+        default=32,
+        help="browser tabs whose last render the server keeps for the step slider (default 32); "
+        "older ones are forgotten, so memory stays bounded however many tabs come and go",
+    )
+    parser.add_argument(
         "--no-compile",
         action="store_true",
         help="skip torch.compile of the UNet for one-image renders: the page is ready in seconds "
@@ -769,6 +826,8 @@ def main(argv=None):
     cores = os.cpu_count() or 1
     if args.threads is not None and not 1 <= args.threads <= cores:  # more threads than cores only slow torch
         raise UserError(f"--threads must be between 1 and this machine's {cores} CPU cores, got {args.threads}")
+    if args.sessions < 1:
+        raise UserError(f"--sessions must be 1 or more, got {args.sessions}")
     check_device(args.device)
     if args.model is None and not Path(DEFAULT_MODEL).is_dir():
         raise UserError(f"no model at {DEFAULT_MODEL}; train one with `python train.py` or pass --model")
@@ -792,7 +851,13 @@ def main(argv=None):
     page = build_page(editor, first)
     try:
         page.launch(
-            server_name=args.host, server_port=args.port, ssr_mode=False, quiet=True, prevent_thread_lock=True, css=CSS
+            server_name=args.host,
+            server_port=args.port,
+            ssr_mode=False,
+            quiet=True,
+            prevent_thread_lock=True,
+            css=CSS,
+            state_session_capacity=args.sessions,  # Gradio's default, 10,000 tabs, grows without bound
         )
     except OSError as error:
         raise UserError(f"cannot listen on {args.host}:{args.port}: {str(error).splitlines()[0]}") from None

@@ -683,6 +683,11 @@ def align_tokens(
     target_units = list(_UNIT.finditer(target_prompt))
     source_tokens = _unit_tokens(source_spans, source_units)
     target_tokens = _unit_tokens(target_spans, target_units)
+    # Only the words up to the last one holding a token take part: the words past the text
+    # encoder's cut have no token to map, and difflib's matching grows far faster than linearly
+    # in the words of a long repetitive prompt (two 100 kB prompts took hours).
+    source_units = source_units[: _held(source_tokens)]
+    target_units = target_units[: _held(target_tokens)]
 
     mapping = torch.full((length,), -1, dtype=torch.long)
     matcher = difflib.SequenceMatcher(
@@ -722,6 +727,11 @@ def _unit_tokens(spans, units) -> list[list[int]]:
 class _Span:
     start: int
     end: int
+
+
+def _held(unit_tokens: list[list[int]]) -> int:
+    """How many units, from the first, reach the last unit that holds a token."""
+    return max((unit + 1 for unit, tokens in enumerate(unit_tokens) if tokens), default=0)
 
 
 def _last_real(spans) -> int:

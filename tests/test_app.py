@@ -2,9 +2,6 @@
 
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -15,6 +12,7 @@ import torch
 from PIL import Image
 
 import app
+from bench import bench_editor_load as load
 from diffusion.pipeline import Pipeline, Weighting
 
 REPO = Path(__file__).resolve().parents[1]
@@ -218,62 +216,17 @@ def test_the_command_line_fails_in_one_line(run_cli, tmp_path):
 
 
 # ---- in a real browser -------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        return listener.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server():
     """app.py on the small model (or on EDITOR_TEST_MODEL, e.g. for the README's picture), on a
     free loopback port, uncompiled unless EDITOR_TEST_COMPILE=1; yields its URL."""
     pytest.importorskip("gradio")
     pytest.importorskip("playwright.sync_api")
-    log = tmp_path_factory.mktemp("app") / "app.log"
-    port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    with open(log, "w") as out:
-        process = subprocess.Popen(
-            [
-                sys.executable,
-                "app.py",
-                "--model",
-                os.environ.get("EDITOR_TEST_MODEL", str(SMALL_MODEL)),
-                "--port",
-                str(port),
-                "--host",
-                "127.0.0.1",
-            ]
-            # compiling takes a minute on 2 cores: the tests above and tests/test_compiled.py cover
-            # the compiled UNet, and EDITOR_TEST_COMPILE=1 drives the compiled page here too
-            + ([] if os.environ.get("EDITOR_TEST_COMPILE") == "1" else ["--no-compile"]),
-            cwd=REPO,
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}/"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"app.py exited with {process.returncode}:\n{log.read_text()}")
-            try:
-                with urllib.request.urlopen(url, timeout=5):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"app.py did not answer within 180 s:\n{log.read_text()}")
-                time.sleep(0.5)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+    model = os.environ.get("EDITOR_TEST_MODEL", str(SMALL_MODEL))
+    # compiling takes a minute on 2 cores: the tests above and tests/test_compiled.py cover the
+    # compiled UNet, and EDITOR_TEST_COMPILE=1 drives the compiled page here too
+    with load.serve(model, compile=os.environ.get("EDITOR_TEST_COMPILE") == "1", timeout=180) as server:
+        yield server.url + "/"
 
 
 def test_the_page_edits_weights_shows_maps_errors_and_swaps(server, tmp_path):

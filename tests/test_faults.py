@@ -101,7 +101,7 @@ def disk_full_after(calls_allowed):
     return writer
 
 
-@pytest.mark.parametrize("file_number", [0, 2, 3])
+@pytest.mark.parametrize("file_number", [0, 2, 3], ids=["at-model", "at-optimizer", "at-rng"])
 def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(
     run_copy, tiny_dict, monkeypatch, file_number
 ):

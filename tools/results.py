@@ -154,6 +154,108 @@ def bench_section(benches: dict) -> list[str]:
     return lines
 
 
+def reliability_section(benches: dict) -> list[str]:
+    """Fuzz cases and tracebacks per property, the faults injected and what survived
+    (bench/bench_reliability.py), and the editor under load (bench/bench_editor_load.py)."""
+    lines = []
+    if "reliability" in benches:
+        r = benches["reliability"]
+        fuzz = r["fuzz"]
+        lines += [
+            f"### Fuzzing (bench/bench_reliability.py: hypothesis, the same cases on every run; {r['seconds']} s)",
+            "",
+            f"{fuzz['cases']} cases over {len(fuzz['properties'])} properties, **{fuzz['tracebacks']} "
+            f"tracebacks**; {fuzz['tests'] - fuzz['tests_failed']} of {fuzz['tests']} fuzz tests "
+            "(properties and the regressions they found) pass.",
+            "",
+        ]
+        lines += table(
+            ["property", "cases", "tracebacks"], [[p["property"], p["cases"], p["failed"]] for p in fuzz["properties"]]
+        )
+        survived = sum(f["outcome"] == "passed" for f in r["faults"])
+        lines += [
+            "",
+            f"### Injected faults: the last good state survived {survived} of {len(r['faults'])}",
+            "",
+            "Each a test on the tiny model (tests/test_faults.py and the corrupt-file tests of "
+            "tests/test_training.py and tests/test_embedding_store.py).",
+            "",
+        ]
+        groups: dict[tuple, list] = {}  # a test's variants (its parameters) in one row
+        for fault in r["faults"]:
+            name, _, variant = fault["fault"].partition(" (")
+            groups.setdefault((fault["file"], name), []).append((variant.rstrip(")"), fault["outcome"] == "passed"))
+        rows = [
+            [
+                file.removeprefix("tests/"),
+                name,
+                ", ".join(v for v, _ in variants if v) or "-",
+                f"{sum(ok for _, ok in variants)} of {len(variants)}",
+            ]
+            for (file, name), variants in groups.items()
+        ]
+        lines += table(["test file", "fault, and what must survive it", "variants", "passed"], rows)
+        security = r["security"]
+        lines += [
+            "",
+            f"Loading: {security['tests'] - security['failed']} of {security['tests']} security tests pass "
+            "(safetensors and JSON only, no torch.load or pickle in the package; tests/test_load_security.py).",
+            "",
+        ]
+    if "editor_load" in benches:
+        e = benches["editor_load"]
+        settings = e["parameters"]
+        lines += [
+            f"### The editor under load (bench/bench_editor_load.py, model {e['model']})",
+            "",
+            f"`app.py {settings['app.py']}`, {settings['steps']} {settings['sampler']} steps, one image a "
+            f"render; {e['machine']}. Each client asks for its renders one after another and fetches "
+            f"each one's downloads; queue order: {e['queue order checked']}.",
+            "",
+        ]
+        rows = [
+            [
+                f"{r['clients']} x {r['renders per client']}",
+                f"{r['answered']} of {r['requests']}",
+                r["errors"] + r["download errors"],
+                f"{r['p50 s']:.1f}",
+                f"{r['p95 s']:.1f}",
+                f"{r['renders/s']:.2f}",
+                "kept" if r["queue order kept"] else f"{r['order inversions']} inversions",
+                f"{r['rss after MiB']:.0f}",
+            ]
+            for r in e["rounds"]
+        ]
+        lines += table(
+            [
+                "clients x renders",
+                "answered",
+                "errors",
+                "p50 s",
+                "p95 s",
+                "renders/s",
+                "queue order",
+                "server MiB after",
+            ],
+            rows,
+        )
+        calls = e["malformed"]["calls"]
+        answered = sum(c["outcome"] in ("error", "error message", "refused") for c in calls)
+        files = e["files"]["refused"]
+        lines += [
+            "",
+            f"Server memory {e['rss start MiB']:.0f} MiB at start, {e['rss end MiB']:.0f} MiB at the end: it "
+            "keeps the last render of the 32 newest tabs (`app.py --sessions`), so it levels off. "
+            f"Malformed calls (wrong types, a 100 kB prompt, weights of 1e30, NaN): {answered} of {len(calls)} "
+            f"answered with an error, {sum(c['app.py traceback'] for c in calls)} tracebacks, a render served "
+            f"after them: {'yes' if e['malformed']['renders afterwards'] else 'no'}. Listens on "
+            f"{', '.join(e['binding']['listening'])} only: {'yes' if e['binding']['loopback only'] else 'no'}; "
+            f"{sum(files.values())} of {len(files)} requests for files it did not write refused.",
+            "",
+        ]
+    return lines
+
+
 def prior_lines(reports: dict[int, dict]) -> list[str]:
     """Where the text names no colour, per seed: the colour-deleted prompts' clean objects, the
     colours of each palette prompt's clean objects over its seeds, and the clean unconditional samples."""
@@ -267,6 +369,9 @@ def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> s
             [[name, *[scores[s] for s in steps]] for name, scores in sweep["scores"].items()],
         ) + [""]
     lines += ["## Speed and memory", ""] + bench_section(benches)
+    reliability = reliability_section(benches)
+    if reliability:
+        lines += ["## Reliability", "", *reliability]
     lines += ["## What we tried", "", tried.strip(), ""]
     return "\n".join(lines)
 
