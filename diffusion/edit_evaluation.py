@@ -528,7 +528,6 @@ def prior_response(
     guidance: float = 3.0,
     sampler: str = DEFAULT_SAMPLER,
     guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-    weighting=None,
 ) -> dict:
     """What the model draws where the text names no colour: `n` colour-deleted prompts (those of
     the weight response) and their clean-object rate; the palette spread of PRIOR_PROMPTS such

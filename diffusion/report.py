@@ -138,8 +138,9 @@ def evaluate(
     }
     if "edit" in parts:
         report["edit"] = edits.weight_response(pipe, n_edit, seed, **sampling)
-    if "prior" in parts:
-        report["prior"] = edits.prior_response(pipe, n_edit, seed, **sampling)
+    if "prior" in parts:  # no word is weighted in its prompts
+        unweighted = {key: value for key, value in sampling.items() if key != "weighting"}
+        report["prior"] = edits.prior_response(pipe, n_edit, seed, **unweighted)
     if "swap" in parts:
         report["swap"], swap_examples = edits.swap_response(
             pipe,
@@ -198,11 +199,15 @@ def targets(report: dict) -> dict:
 # ---- the printed table ----------------------------------------------------------------------
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
+    """A value as the report's tables write it: 3 decimals, yes/no, '-' for nothing, a goal range
+    (a tuple) as 'a to b'. tools/seeds.py and tools/results.py write their cells with it too."""
     if value is None:
         return "-"
     if isinstance(value, bool):
         return "yes" if value else "no"
+    if isinstance(value, tuple):
+        return " to ".join(fmt(v) for v in value)
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
@@ -221,11 +226,11 @@ def format_report(report: dict) -> str:
     if "faithfulness" in report:
         lines += ["", f"{'faithfulness':<20} {'score':>6} {'n':>5}"]
         for category, value in report["faithfulness"].items():
-            lines.append(f"{category:<20} {_fmt(value and value['score']):>6} {value['n'] if value else 0:>5}")
+            lines.append(f"{category:<20} {fmt(value and value['score']):>6} {value['n'] if value else 0:>5}")
             for count, part in ((value or {}).get("by_count") or {}).items():
                 lines.append(f"  {count} object(s){'':<8} {part['score']:>6.3f} {part['n']:>5}")
     for where, values in report.get("localisation", {}).items():
-        lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {_fmt(v)}" for k, v in values.items())]
+        lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {fmt(v)}" for k, v in values.items())]
     if "weighting" in report:
         w = report["weighting"]
         lines += [
@@ -250,12 +255,12 @@ def format_report(report: dict) -> str:
         for word, base in edit["deleted"].items():
             lines.append(
                 f"{word:<7} {'deleted':<10} {'-':>6} {base['drawn']:>6.3f} {base['present']:>8.3f} "
-                f"{_fmt(base.get('named when drawn')):>11} {base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}"
+                f"{fmt(base.get('named when drawn')):>11} {base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}"
             )
         for r in edit["rows"]:
             lines.append(
                 f"{r['word']:<7} {r['mode']:<10} {r['weight']:>6g} {r['drawn']:>6.3f} {r['present']:>8.3f} "
-                f"{_fmt(r.get('named when drawn')):>11} {r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
+                f"{fmt(r.get('named when drawn')):>11} {r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
             )
     if "prior" in report:
         prior = report["prior"]
@@ -282,7 +287,7 @@ def format_report(report: dict) -> str:
             for fraction, rates in values["by_steps"].items():
                 lines.append(
                     f"{kind:<7} {fraction:>5} {rates['scored']:>6} "
-                    + " ".join(f"{_fmt(rates[m]):>12}" for m in measures)
+                    + " ".join(f"{fmt(rates[m]):>12}" for m in measures)
                 )
     if "samplers" in report:
         sweep = report["samplers"]
@@ -297,7 +302,7 @@ def format_report(report: dict) -> str:
     width = max([len(k) for k in report["targets"]] + [40])
     lines += ["", f"{'target':<{width}} {'value':>6} {'goal':>6} met"]
     for key, t in report["targets"].items():
-        lines.append(f"{key:<{width}} {_fmt(t['value']):>6} {_fmt(t['target']):>6} {_fmt(t['met'])}")
+        lines.append(f"{key:<{width}} {fmt(t['value']):>6} {fmt(t['target']):>6} {fmt(t['met'])}")
     met = [t["met"] for t in report["targets"].values() if t["met"] is not None]
     lines.append(f"{sum(met)} of {len(met)} measured targets met")
     return "\n".join(lines)

@@ -175,22 +175,9 @@ def test_a_failed_step_stops_the_tool():
 
 
 def test_a_second_evaluation_replaces_the_targets_it_measured(tmp_path):
+    folders = ["--seeds", "0,1", "--out", str(tmp_path / "runs"), "--reports", str(tmp_path / "docs")]
     run = FakeRun()
-    seeds.main(
-        [
-            "--seeds",
-            "0,1",
-            "--out",
-            str(tmp_path / "runs"),
-            "--reports",
-            str(tmp_path / "docs"),
-            "--eval",
-            "--n 2",
-            "--eval",
-            "--n 5 --parts faithfulness",
-        ],
-        run=run,
-    )
+    seeds.main([*folders, "--eval", "--n 2", "--eval", "--n 5 --parts faithfulness"], run=run)
     assert [c[1] for c in run.calls if c[0] == "evaluate.py"] == [
         "seed-0.json",
         "seed-0.2.json",
@@ -201,21 +188,7 @@ def test_a_second_evaluation_replaces_the_targets_it_measured(tmp_path):
     assert loaded[0]["targets"]["position"]["value"] == pytest.approx(0.95)
     assert loaded[1]["targets"]["position"]["value"] == pytest.approx(0.96)
     again = FakeRun()
-    seeds.main(
-        [
-            "--seeds",
-            "0,1",
-            "--out",
-            str(tmp_path / "runs"),
-            "--reports",
-            str(tmp_path / "docs"),
-            "--eval",
-            "--n 2",
-            "--eval",
-            "--n 5",
-        ],
-        run=again,
-    )
+    seeds.main([*folders, "--eval", "--n 2", "--eval", "--n 5"], run=again)
     assert again.calls == []  # every report there: nothing reruns
 
 

@@ -14,9 +14,10 @@ import json
 import re
 from pathlib import Path
 
-from seeds import fmt, load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
+from seeds import load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
 
 from diffusion.edit_evaluation import SWAP_MEASURES
+from diffusion.report import fmt
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 README = DOCS.parent / "README.md"
@@ -303,6 +304,8 @@ def seed_sections(docs: Path) -> list[str]:
         by_images = {}
         for point in json.loads(curve.read_text()):
             path = docs / point["report"]
+            if not path.is_file():  # a point not measured yet
+                continue
             merged = load_reports(path.parent).get(point["seed"]) if path.name == f"seed-{point['seed']}.json" else None
             by_images.setdefault(point["images"], {})[point["seed"]] = merged or json.loads(path.read_text())
         summaries = {images: summarise(by_images[images]) for images in sorted(by_images)}

@@ -37,6 +37,7 @@ from pathlib import Path
 from diffusion.cli import ArgumentParser
 from diffusion.config import load_config
 from diffusion.errors import UserError, exit_on_user_error
+from diffusion.report import fmt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EVAL = "--n 200 --n-edit 64 --n-swap 64"
@@ -139,17 +140,6 @@ def summarise(reports: dict[int, dict]) -> dict:
             "met at every seed": False if False in met else None if None in met else True,
         }
     return out
-
-
-def fmt(value) -> str:
-    """As tools/results.py writes cells: 3 decimals, yes/no, '-' for nothing; a goal range as 'a to b'."""
-    if value is None:
-        return "-"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, tuple):
-        return " to ".join(fmt(v) for v in value)
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def summary_table(summary: dict) -> list[str]:
