@@ -25,6 +25,7 @@ import random
 import re
 import shutil
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -89,11 +90,8 @@ def save_checkpoint(
     for stale in directory.glob("step-*.tmp") if directory.is_dir() else []:  # left by a killed save
         shutil.rmtree(stale, ignore_errors=True)
     temporary = directory / f"step-{step:06d}.tmp"
-    try:
+    with writing(temporary, f"checkpoint '{final}'"):
         _write_checkpoint(temporary, step, model, ema, optimizer, lr_scheduler, data_generator, config)
-    except WRITE_ERRORS as error:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint '{final}': {write_problem(error)}") from None
     if final.exists():
         shutil.rmtree(final)
     temporary.rename(final)
@@ -108,6 +106,17 @@ def disk_full(error: Exception) -> bool:
     if isinstance(error, OSError):
         return error.errno in (errno.ENOSPC, errno.EDQUOT)
     return f"os error {errno.ENOSPC})" in str(error) or f"os error {errno.EDQUOT})" in str(error)
+
+
+@contextmanager
+def writing(temporary: Path, what: str):
+    """Fill the folder `temporary` in the block: a write that fails (one of WRITE_ERRORS) removes
+    it and is a UserError naming `what` and the problem (`write_problem`)."""
+    try:
+        yield
+    except WRITE_ERRORS as error:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise UserError(f"cannot write {what}: {write_problem(error)}") from None
 
 
 def write_problem(error: Exception) -> str:
@@ -164,8 +173,7 @@ def file_digest(path: Path) -> str:
 def _write_checkpoint(
     temporary: Path, step: int, model, ema, optimizer, lr_scheduler, data_generator, config: dict
 ) -> None:
-    shutil.rmtree(temporary, ignore_errors=True)
-    temporary.mkdir(parents=True)
+    temporary.mkdir(parents=True)  # save_checkpoint has removed any left by a killed save
     names = [name for name, _ in model.named_parameters()]
     save_file(
         {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, temporary / "model.safetensors"

@@ -48,7 +48,7 @@ from .attention_control import (
     changed_tokens,
     step_in_window,
 )
-from .checkpoint import WRITE_ERRORS, default_file_modes, replace_folder, write_problem
+from .checkpoint import default_file_modes, replace_folder, writing
 from .compiled import CompiledUNet
 from .config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
 from .errors import UserError
@@ -268,12 +268,9 @@ class Pipeline(DiffusionPipeline):
         UserError) never leaves a half-written model, or none, where a good one was."""
         path = Path(path)
         temporary = path.with_name(f".{path.name}.tmp")
-        try:
+        with writing(temporary, f"the model folder '{path}'"):
             self._write_folder(temporary, extra_files)
             replace_folder(temporary, path)
-        except WRITE_ERRORS as error:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise UserError(f"cannot write the model folder '{path}': {write_problem(error)}") from None
 
     def _write_folder(self, temporary: Path, extra_files: dict[str, str] | None) -> None:
         shutil.rmtree(temporary, ignore_errors=True)

@@ -105,7 +105,7 @@ def prepare_text_encoder(
         )
         temporary = output_dir / ".clip.tmp"
         shutil.rmtree(temporary, ignore_errors=True)
-        try:
+        with ckpt.writing(temporary, f"the text encoder '{clip_dir}'"):
             train_clip(
                 images,
                 clip_captions,
@@ -118,9 +118,6 @@ def prepare_text_encoder(
             )
             ckpt.default_file_modes(temporary)
             os.replace(temporary, clip_dir)
-        except ckpt.WRITE_ERRORS as error:
-            shutil.rmtree(temporary, ignore_errors=True)
-            raise UserError(f"cannot write the text encoder '{clip_dir}': {ckpt.write_problem(error)}") from None
         accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
     accelerator.wait_for_everyone()
     return TextEncoder.from_pretrained(str(clip_dir), max_length=cfg.text.max_length, **options)
