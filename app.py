@@ -100,33 +100,31 @@ class WordWeight:
     weight: float
 
 
+def finite(value, name: str) -> float:
+    """A control's value as a float. Gradio checks a slider's range but lets NaN and infinity
+    through (and a request can send them): UserError naming the control for those."""
+    value = float(value)
+    if not math.isfinite(value):
+        raise UserError(f"{name} must be a finite number, got {value}")
+    return value
+
+
 def settings_of(mode, context, seed, sampler, steps, guidance, images) -> Settings:
-    """The page's controls as Settings. Gradio checks a slider's range but lets NaN and infinity
-    through (and a request can send them): UserError for those."""
-
-    def number(value, name: str) -> float:
-        value = float(value)
-        if not math.isfinite(value):
-            raise UserError(f"{name} must be a finite number, got {value}")
-        return value
-
+    """The page's controls as Settings; UserError for a number that is not finite."""
     return Settings(
         mode,
         context,
-        int(number(seed or 0, "the seed")),
+        int(finite(seed or 0, "the seed")),
         sampler,
-        int(number(steps, "the number of steps")),
-        number(guidance, "guidance"),
-        int(number(images, "the number of images")),
+        int(finite(steps, "the number of steps")),
+        finite(guidance, "guidance"),
+        int(finite(images, "the number of images")),
     )
 
 
 def map_step(step) -> int:
     """The step slider's value as a step number; UserError for NaN or infinity."""
-    step = float(step)
-    if not math.isfinite(step):
-        raise UserError(f"the step of the maps must be a finite number, got {step}")
-    return max(0, int(step))
+    return max(0, int(finite(step, "the step of the maps")))
 
 
 def check_prompt(prompt: str) -> None:
