@@ -26,14 +26,13 @@ import atexit
 import json
 import os
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+from bench_editor_load import percentile, serve  # bench/, this script's folder
 
 from diffusion.cli import tune_malloc
 
@@ -51,36 +50,14 @@ def load_app():
     return module
 
 
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
-
-
 def server_start_seconds(model: str, threads: int | None, no_compile: bool) -> float | None:
     """Seconds from starting `python app.py` until its page answers (None without Gradio)."""
     try:
         import gradio  # noqa: F401
     except ImportError:
         return None
-    with socket.socket() as listener:
-        listener.bind(("127.0.0.1", 0))
-        port = listener.getsockname()[1]
-    command = [sys.executable, str(REPO / "app.py"), "--model", model, "--port", str(port)]
-    command += ["--threads", str(threads)] if threads else []
-    command += ["--no-compile"] if no_compile else []
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        while process.poll() is None:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5):
-                    return time.perf_counter() - start
-            except OSError:
-                time.sleep(0.1)
-        raise SystemExit(f"app.py exited with {process.returncode}; run it by hand to see why")
-    finally:
-        process.terminate()
-        process.wait()
+    with serve(model, compile=not no_compile, threads=threads) as server:
+        return server.start_seconds
 
 
 def main():
