@@ -63,11 +63,16 @@ class Collector:
                 self.outcomes[report.nodeid] = report.outcome
 
 
+def test_name(nodeid: str) -> tuple[str, str]:
+    """tests/test_faults.py::test_a_full_disk_while_x[at-rng] -> ('a full disk while x', 'at-rng')."""
+    name, _, parameters = nodeid.split("::")[-1].removeprefix("test_").partition("[")
+    return name.replace("_", " "), parameters.removesuffix("]")
+
+
 def readable(nodeid: str) -> str:
     """tests/test_faults.py::test_a_full_disk_while_x[2] -> 'a full disk while x (2)'."""
-    name = nodeid.split("::")[-1].removeprefix("test_")
-    name, _, parameters = name.partition("[")
-    return name.replace("_", " ") + (f" ({parameters.rstrip(']')})" if parameters else "")
+    name, parameters = test_name(nodeid)
+    return name + (f" ({parameters})" if parameters else "")
 
 
 def run(paths: list[str]) -> tuple[Collector, int, float]:
@@ -102,7 +107,10 @@ def main(argv=None) -> int:
             "tests": len(fuzz_tests),
             "tests_failed": sum(o != "passed" for o in fuzz_tests.values()),
         },
-        "faults": [{"fault": readable(k), "file": k.split("::")[0], "outcome": v} for k, v in fault_tests.items()],
+        "faults": [
+            {"fault": test_name(k)[0], "variant": test_name(k)[1], "file": k.split("::")[0], "outcome": v}
+            for k, v in fault_tests.items()
+        ],
         "security": {
             "tests": sum(k.startswith(SECURITY) for k in collector.outcomes),
             "failed": sum(k.startswith(SECURITY) and v != "passed" for k, v in collector.outcomes.items()),
@@ -116,7 +124,7 @@ def main(argv=None) -> int:
         print(f"{p['property']:{width}}  {p['cases']:5d}  {p['failed']:10d}")
     print(f"\n{len(figures['faults'])} faults injected:")
     for fault in figures["faults"]:
-        print(f"  {fault['outcome']:7s} {fault['fault']}")
+        print(f"  {fault['outcome']:7s} {fault['fault']} {fault['variant']}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         temporary = args.json.with_name(args.json.name + ".tmp")

@@ -184,8 +184,9 @@ def reliability_section(benches: dict) -> list[str]:
         ]
         groups: dict[tuple, list] = {}  # a test's variants (its parameters) in one row
         for fault in r["faults"]:
-            name, _, variant = fault["fault"].partition(" (")
-            groups.setdefault((fault["file"], name), []).append((variant.rstrip(")"), fault["outcome"] == "passed"))
+            groups.setdefault((fault["file"], fault["fault"]), []).append(
+                (fault["variant"], fault["outcome"] == "passed")
+            )
         rows = [
             [
                 file.removeprefix("tests/"),
