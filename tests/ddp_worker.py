@@ -2,8 +2,12 @@
 write its final (trained, not EMA) UNet weights to OUTPUT_DIR/rank<k>.safetensors.
 
     torchrun --standalone --nproc_per_node 2 tests/ddp_worker.py OUTPUT_DIR key=value ...
+
+A rank still running after HANG_SECONDS (the run takes about 10) prints every thread's stack and
+exits, so a hang shows where it is instead of running into the test's timeout.
 """
 
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -13,6 +17,7 @@ from safetensors.torch import save_file
 from diffusion import training
 from diffusion.config import load_config
 
+HANG_SECONDS = 120
 UNet = training.UNet
 created = []
 
@@ -25,6 +30,7 @@ def recording_unet(*args, **kwargs):
 
 
 def main():
+    faulthandler.dump_traceback_later(HANG_SECONDS, exit=True)
     output_dir, overrides = Path(sys.argv[1]), sys.argv[2:]
     training.UNet = recording_unet
     training.train(load_config(None, overrides), output_dir)

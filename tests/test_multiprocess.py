@@ -19,26 +19,35 @@ def test_two_processes_end_with_identical_weights(tmp_path, tiny_overrides):
     torchrun = shutil.which("torchrun", path=search)
     if torchrun is None:
         pytest.skip("torchrun is not on PATH")
-    out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(name, None)  # a fresh job, whatever launched pytest
-    result = subprocess.run(
-        [
-            torchrun,
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            str(REPO / "tests" / "ddp_worker.py"),
-            str(out),
-            *tiny_overrides,
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    # torch.distributed's teardown is known to hang now and then (pytorch/pytorch#75097; seen once
+    # in CI, after the model was exported): a run that hung after its export (a rank's faulthandler
+    # dump) is tried once more in a fresh folder; a second such hang, or any other, fails.
+    hangs = []
+    for attempt in range(2):
+        out = tmp_path / f"ddp-{attempt}"
+        result = subprocess.run(
+            [
+                torchrun,
+                "--standalone",
+                "--nproc_per_node",
+                "2",
+                str(REPO / "tests" / "ddp_worker.py"),
+                str(out),
+                *tiny_overrides,
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        if "Timeout (0:" not in result.stderr or "exported the EMA model" not in result.stdout:
+            break
+        hangs.append(result.stderr[-3000:])
+    assert len(hangs) < 2, "\n\n".join(hangs)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "Traceback" not in result.stderr
     assert "2 process(es)" in result.stdout
