@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from diffusion.config import load_config
+
 TOOLS = Path(__file__).resolve().parents[1] / "tools"
 sys.path.insert(0, str(TOOLS))  # as when the scripts run: `python tools/seeds.py` has tools/ on sys.path
 import results  # noqa: E402
@@ -151,6 +153,12 @@ def test_results_sections(tmp_path):
     text = "\n".join(lines)
     assert lines[0] == "## Training seeds" and text.index("### default") < text.index("### aaa")
     default = lines[lines.index("### default") :]
+    train = load_config(None).train
+    assert default[2] == (
+        f"The default config (configs/shapes.yaml): {train.max_steps:,} steps of {train.batch_size}, "
+        f"{train.max_steps * train.batch_size:,} UNet images."
+    )
+    default = default[2:]
     assert default[2:6] == [
         "| target | seed 0 | seed 1 | worst | mean | goal | met at every seed |",
         "|---|---|---|---|---|---|---|",
@@ -207,3 +215,19 @@ def test_the_prior_of_each_seed_is_tabled_with_its_palette():
     assert lines[0].startswith("Where the text names no colour") and "16 noise seeds" in lines[0]
     assert lines[-2] == ("| 2 | 64 | 0.500 | 0.250 | a circle on the left: red 3, green 9; a cross at the top: none |")
     assert results.prior_lines({0: {"targets": {}}}) == []  # reports without the prior part: no table
+
+
+def test_a_later_evaluation_of_the_prior_replaces_its_details(tmp_path):
+    def report(n: int, drawn: float) -> dict:
+        target = {"value": drawn, "target": 0.9, "met": drawn >= 0.9}
+        prior = {"n": n, "colour deleted drawn": drawn, "palette": []}
+        return {"targets": {"prior/colour deleted: one clean object": target}, "prior": prior}
+
+    (tmp_path / "seed-0.json").write_text(json.dumps(report(12, 0.25)))
+    (tmp_path / "seed-0.2.json").write_text(json.dumps({"targets": {}}))  # measured no prior
+    (tmp_path / "seed-0.3.json").write_text(json.dumps(report(64, 0.5)))
+    (tmp_path / "seed-1.json").write_text(json.dumps(report(12, 0.75)))
+    loaded = seeds.load_reports(tmp_path)
+    assert loaded[0]["prior"]["n"] == 64 and loaded[0]["prior"]["colour deleted drawn"] == 0.5
+    assert loaded[0]["targets"]["prior/colour deleted: one clean object"]["value"] == 0.5
+    assert loaded[1]["prior"]["n"] == 12  # no later evaluation: its own

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from seeds import load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
 
+from diffusion.config import load_config
 from diffusion.edit_evaluation import SWAP_MEASURES
 from diffusion.report import fmt
 
@@ -299,7 +300,15 @@ def seed_sections(docs: Path) -> list[str]:
         ]
         for tag in tags:
             reports = load_reports(folder / tag)
-            lines += [f"### {tag}", ""] + summary_table(summarise(reports)) + [""] + prior_lines(reports)
+            lines += [f"### {tag}", ""]
+            if tag == "default":
+                train = load_config(None, []).train
+                lines += [
+                    f"The default config (configs/shapes.yaml): {train.max_steps:,} steps of {train.batch_size}, "
+                    f"{train.max_steps * train.batch_size:,} UNet images.",
+                    "",
+                ]
+            lines += summary_table(summarise(reports)) + [""] + prior_lines(reports)
     curve = folder / "curve.json"
     if curve.is_file():
         by_images = {}

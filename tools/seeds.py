@@ -89,7 +89,8 @@ def report_path(reports: Path, seed: int, k: int) -> Path:
 
 def load_reports(folder: Path) -> dict[int, dict]:
     """The reports seed-K.json in `folder`, by seed (not the pictures evaluate.py writes beside them),
-    each with the measured targets of its later evaluations (seed-K.2.json, ...) in place of its own."""
+    each with the measured targets of its later evaluations (seed-K.2.json, ...) in place of its own,
+    and the prior part of the latest evaluation that measured one."""
     found = {}
     for path in folder.glob("seed-*.json"):
         match = re.fullmatch(r"seed-(\d+)(?:\.(\d+))?\.json", path.name)
@@ -103,6 +104,8 @@ def load_reports(folder: Path) -> dict[int, dict]:
         for order in sorted(by_order)[1:]:
             measured = {k: t for k, t in by_order[order]["targets"].items() if t.get("value") is not None}
             report["targets"].update({k: t for k, t in measured.items() if k in report["targets"]})
+            if by_order[order].get("prior"):  # its details too (results.md's palette table reads them)
+                report["prior"] = by_order[order]["prior"]
         reports[seed] = report
     return reports
 
