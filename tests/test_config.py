@@ -16,7 +16,7 @@ def test_defaults_load_and_are_valid():
     cfg = load_config(None)
     assert cfg == Config()
     assert cfg.model.channels == [32, 64, 128]
-    assert cfg.train.max_steps == 1600 and cfg.train.batch_size == 32 and cfg.train.lr == 2e-3
+    assert cfg.train.max_steps == 2400 and cfg.train.batch_size == 32 and cfg.train.lr == 2e-3
     assert cfg.text.pretrained is None
     assert isinstance(cfg.to_dict()["train"]["validation_prompts"], list)
 
