@@ -302,10 +302,12 @@ def seed_sections(docs: Path) -> list[str]:
             reports = load_reports(folder / tag)
             lines += [f"### {tag}", ""]
             if tag == "default":
-                train = load_config(None, []).train
+                cfg = load_config(None, [])
+                train, text = cfg.train, cfg.text
                 lines += [
                     f"The default config (configs/shapes.yaml): {train.max_steps:,} steps of {train.batch_size}, "
-                    f"{train.max_steps * train.batch_size:,} UNet images.",
+                    f"{train.max_steps * train.batch_size:,} UNet images; the small CLIP {text.steps} steps of "
+                    f"{text.batch_size}, {text.steps * text.batch_size:,} image-caption pairs.",
                     "",
                 ]
             lines += summary_table(summarise(reports)) + [""] + prior_lines(reports)
