@@ -153,11 +153,12 @@ def test_results_sections(tmp_path):
     text = "\n".join(lines)
     assert lines[0] == "## Training seeds" and text.index("### default") < text.index("### aaa")
     default = lines[lines.index("### default") :]
-    train, text = load_config(None).train, load_config(None).text
+    cfg = load_config(None)
+    train, clip = cfg.train, cfg.text
     assert default[2] == (
         f"The default config (configs/shapes.yaml): {train.max_steps:,} steps of {train.batch_size}, "
-        f"{train.max_steps * train.batch_size:,} UNet images; the small CLIP {text.steps} steps of "
-        f"{text.batch_size}, {text.steps * text.batch_size:,} image-caption pairs."
+        f"{train.max_steps * train.batch_size:,} UNet images; the small CLIP {clip.steps} steps of "
+        f"{clip.batch_size}, {clip.steps * clip.batch_size:,} image-caption pairs."
     )
     default = default[2:]
     assert default[2:6] == [
