@@ -8,7 +8,7 @@ The model side (`Editor`, `Settings`, `Result`, `word_weights`) and the HTML vie
 (`result_html`, `swap_html`) need no Gradio: bench/bench_editor.py and tests/test_app.py call
 them directly, and `build_page` wires them to a Gradio page. The model and its text encoder are
 loaded once at start-up and kept warm, and the UNet is compiled there for one-image renders
-(`Editor.compile`, diffusion/compiled.py: a slider's render 1.7x faster on a 2-core CPU, images
+(`Editor.compile`, diffusion/editor/compiled.py: a slider's render 1.7x faster on a 2-core CPU, images
 within a level or two of the uncompiled ones); requests from several browser tabs queue and run
 one at a time (the CPU has no room for two samplers at once).
 """
@@ -32,7 +32,6 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from diffusion.attention_control import AttentionRecorder
 from diffusion.cli import ArgumentParser, check_device, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
@@ -43,10 +42,11 @@ from diffusion.config import (
     WEIGHT_CONTEXTS,
     WEIGHT_MODES,
 )
+from diffusion.control.controllers import AttentionRecorder
+from diffusion.control.prompts import parse_prompt, set_word_weight, split_words
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.images import attention_shares, heat_overlay, save_png, write_attention_maps
-from diffusion.pipeline import Pipeline, PipelineOutput, Weighting, merge_word_maps
-from diffusion.prompts import parse_prompt, set_word_weight, split_words
+from diffusion.sampling.pipeline import Pipeline, PipelineOutput, Weighting, merge_word_maps
 
 DEFAULT_MODEL = "runs/shapes/model"
 DEFAULT_PROMPT = "a red circle on the left"

@@ -7,7 +7,7 @@
 
 Prints a table and writes the same numbers as JSON (--out, default <model>/../report.json), with
 pictures beside it: example images, the weight-response and word-swap curves, and source | edit
-pairs. What each number means: diffusion/evaluation.py and diffusion/edit_evaluation.py.
+pairs. What each number means: diffusion/evaluation/metrics.py and diffusion/evaluation/edits.py.
 """
 
 import json
@@ -177,10 +177,10 @@ def main(argv=None):
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
     check_device(args.device)
 
-    from diffusion.evaluation import EVAL_SEED
+    from diffusion.evaluation.metrics import EVAL_SEED
+    from diffusion.evaluation.report import edit_plot, evaluate, format_report, swap_plot, swap_strip
     from diffusion.images import check_writable, labelled_grid, save_png
-    from diffusion.pipeline import Pipeline, Weighting
-    from diffusion.report import edit_plot, evaluate, format_report, swap_plot, swap_strip
+    from diffusion.sampling.pipeline import Pipeline, Weighting
 
     model = Path(args.model)
     out = Path(args.out) if args.out else model.parent / "report.json"

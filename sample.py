@@ -152,9 +152,9 @@ def main(argv=None):
     one_line_warnings()
     prompts = read_prompts(args)
 
+    from diffusion.control.prompts import parse_prompt
     from diffusion.images import check_writable
-    from diffusion.pipeline import Pipeline, Weighting, check_sampling_args
-    from diffusion.prompts import parse_prompt
+    from diffusion.sampling.pipeline import Pipeline, Weighting, check_sampling_args
 
     check_sampling_args(args.steps, args.guidance, args.num_images, args.batch_size, args.guidance_cutoff)
     if not SEEDS[0] <= args.seed <= args.seed + args.num_images - 1 <= SEEDS[1]:
@@ -176,7 +176,7 @@ def main(argv=None):
         check_writable(attention_dir / "panel.png")
     maps = bool(attention_dir)
     if maps and args.attention_resolutions:
-        from diffusion.pipeline import MapOptions
+        from diffusion.sampling.pipeline import MapOptions
 
         maps = MapOptions(resolutions=args.attention_resolutions)
     pipeline = Pipeline.from_pretrained(args.model, device=args.device, mixed_precision=args.mixed_precision)

@@ -29,7 +29,7 @@ def main(argv=None):
     cfg = load_config(args.config, args.overrides)
     output_dir = Path(args.output_dir or Path("runs") / Path(args.config).stem)
 
-    from diffusion.training import train  # imported late: a bad argument fails without loading torch
+    from diffusion.training.loop import train  # imported late: a bad argument fails without loading torch
 
     train(cfg, output_dir, resume=args.resume)
 

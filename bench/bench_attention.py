@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from diffusion.attention_control import AttentionRecorder
-from diffusion.pipeline import Pipeline
+from diffusion.control.controllers import AttentionRecorder
+from diffusion.sampling.pipeline import Pipeline
 
 
 def timed(fn) -> float:

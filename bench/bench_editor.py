@@ -81,7 +81,7 @@ def main():
     import torch
 
     app = load_app()
-    from diffusion.pipeline import Pipeline, Weighting
+    from diffusion.sampling.pipeline import Pipeline, Weighting
 
     if args.threads:
         torch.set_num_threads(args.threads)

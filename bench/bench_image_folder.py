@@ -36,6 +36,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_DIR = ROOT / "runs" / "bench_image_folder"
+# where the text-state store lives in a checkout (its newer config keys come with it), by layout
+STORE_FILES = ("embedding_store.py", "data/text_states.py")
 RESOLUTION = 64
 TOKENS = 40
 CHUNK = 1000  # images per rendering task
@@ -46,7 +48,7 @@ def shapes(count: int):
     import dataclasses
 
     from diffusion.config import Config
-    from diffusion.data import build_dataset
+    from diffusion.data.datasets import build_dataset
 
     return build_dataset(dataclasses.replace(Config().data, resolution=RESOLUTION, num_samples=count))
 
@@ -55,7 +57,7 @@ def write_chunk(bounds: tuple[int, int]) -> list[str]:
     """Write images start..stop-1 that are missing (through a temporary name); their captions."""
     from PIL import Image
 
-    from diffusion.shapes import render_scene
+    from diffusion.data.shapes import render_scene
 
     start, stop = bounds
     dataset = shapes(stop)
@@ -106,8 +108,8 @@ def make_text_encoder() -> Path:
         import torch
         from transformers import CLIPTextModel
 
-        from diffusion.clip_training import clip_text_config, fit_tokenizer
-        from diffusion.text_encoder import TextEncoder
+        from diffusion.model.text_encoder import TextEncoder
+        from diffusion.training.clip import clip_text_config, fit_tokenizer
 
         tokenizer = fit_tokenizer(shapes(2000).captions(), vocab_size=1024, model_max_length=TOKENS)
         torch.manual_seed(0)
@@ -185,7 +187,9 @@ def measure(code: Path, folder: Path, steps: int, label: str) -> dict:
     with tempfile.TemporaryDirectory(dir=BENCH_DIR) as scratch:
         config_file = Path(scratch) / "config.json"
         config_file.write_text(
-            json.dumps(bench_config(folder, steps, new_keys=(code / "diffusion" / "embedding_store.py").is_file()))
+            json.dumps(
+                bench_config(folder, steps, new_keys=any((code / "diffusion" / f).is_file() for f in STORE_FILES))
+            )
         )
         env = {**os.environ, "PYTHONPATH": str(code)}
         command = [sys.executable, __file__, "--child", str(code), str(config_file), str(Path(scratch) / "run")]

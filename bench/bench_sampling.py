@@ -23,7 +23,7 @@ import numpy as np, torch
 import diffusion.cli
 if hasattr(diffusion.cli, "tune_malloc"):  # as the command lines set malloc up
     diffusion.cli.tune_malloc()
-from diffusion.pipeline import Pipeline
+from diffusion.sampling.pipeline import Pipeline
 model, repeats = sys.argv[1], int(sys.argv[2])
 pipe = Pipeline.from_pretrained(model, device="cpu")
 prompt = "a red circle on the left"

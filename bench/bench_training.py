@@ -30,13 +30,13 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.cli import tune_malloc
-from diffusion.clip_training import fit_tokenizer, train_clip
 from diffusion.config import Config
-from diffusion.data import build_dataset
-from diffusion.grounding import GroundingLoss, grounding_targets
+from diffusion.data.datasets import build_dataset
+from diffusion.model.text_encoder import TextEncoder
 from diffusion.precision import resolve_mixed_precision
-from diffusion.text_encoder import TextEncoder
-from diffusion.training import InMemoryData, TrainStep, drop_captions, new_optimizer, new_unet, noise_schedule
+from diffusion.training.clip import fit_tokenizer, train_clip
+from diffusion.training.grounding import GroundingLoss, grounding_targets
+from diffusion.training.loop import InMemoryData, TrainStep, drop_captions, new_optimizer, new_unet, noise_schedule
 
 
 def cpu_name() -> str:

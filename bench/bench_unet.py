@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DPMSolverMultistepScheduler, UNet2DConditionModel
 
-from diffusion.unet import UNet
+from diffusion.model.unet import UNet
 
 GROUPS = 8  # GroupNorm groups, ours and diffusers'
 

@@ -10,18 +10,18 @@ torch and diffusers.
 import importlib
 
 _EXPORTS = {
-    "AttentionController": "attention",
-    "AttentionSite": "attention",
+    "AttentionController": "model.attention",
+    "AttentionSite": "model.attention",
     "Config": "config",
     "load_config": "config",
-    "Pipeline": "pipeline",
-    "PipelineOutput": "pipeline",
-    "UNet": "unet",
+    "Pipeline": "sampling.pipeline",
+    "PipelineOutput": "sampling.pipeline",
+    "UNet": "model.unet",
     "UserError": "errors",
-    "Weighting": "weighting",
+    "Weighting": "control.weighting",
     # diffusers' DiffusionPipeline.from_pretrained finds how to load a component (["diffusion", "UNet"]
     # in model_index.json) by looking its base class up in the component's library: this one
-    "ModelMixin": "unet",
+    "ModelMixin": "model.unet",
 }
 __all__ = list(_EXPORTS)
 

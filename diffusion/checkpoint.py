@@ -33,7 +33,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import UserError
+from diffusion.errors import UserError
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
 WEIGHT_FILES = ["model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors"]

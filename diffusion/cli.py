@@ -6,7 +6,7 @@ import ctypes.util
 import os
 import warnings
 
-from .errors import UserError
+from diffusion.errors import UserError
 
 
 def one_line_warnings() -> None:

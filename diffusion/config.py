@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UserError
+from diffusion.errors import UserError
 
 
 @dataclass
 class ModelConfig:
-    """The UNet (unet.py)."""
+    """The UNet (model/unet.py)."""
 
     channels: list[int] = field(  # width of each level; level i works at data.resolution / 2**i (multiples of 8)
         default_factory=lambda: [32, 64, 128]
@@ -47,8 +47,8 @@ class ModelConfig:
 
 @dataclass
 class TextConfig:
-    """The frozen CLIP text encoder (text_encoder.py) and, without `pretrained`, the small CLIP
-    trained here first (clip_training.py)."""
+    """The frozen CLIP text encoder (model/text_encoder.py) and, without `pretrained`, the small CLIP
+    trained here first (training/clip.py)."""
 
     pretrained: str | None = None  # CLIP hub id or folder, e.g. openai/clip-vit-base-patch32 (null: train a small CLIP)
     hidden_layer: int = -1  # encoder layer giving the keys and values: -1 the last, -2 the penultimate ("clip skip")
@@ -66,8 +66,8 @@ class TextConfig:
 
 @dataclass
 class DataConfig:
-    """The training set: the procedural shapes (shapes.py) or a folder of captioned images
-    (image_folder.py)."""
+    """The training set: the procedural shapes (data/shapes.py) or a folder of captioned images
+    (data/image_folder.py)."""
 
     kind: str = "shapes"  # shapes (the built-in procedural set) or imagefolder
     path: str | None = None  # imagefolder: a folder with images and metadata.jsonl or a .txt caption beside each
@@ -97,7 +97,7 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    """The UNet's training (training.py)."""
+    """The UNet's training (training/loop.py)."""
 
     seed: int = 0  # noise, timesteps and data order
     max_steps: int = 2400  # optimizer steps (76,800 images: the fewest that held the faithfulness targets at 4 seeds)
@@ -152,7 +152,7 @@ class Config:
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # also sample.py's and evaluate.py's --mixed-precision
-# The samplers of diffusion.pipeline.SAMPLERS by name, here so the command lines need not import torch.
+# The samplers of diffusion.sampling.pipeline.SAMPLERS by name, here so the command lines need not import torch.
 SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
 # The default sampler: at 20 steps Euler was more faithful than DPM-Solver++ 2M on the default
 # config at every training seed tried (docs/what-we-tried.md).
@@ -172,7 +172,7 @@ DEFAULT_EDIT_STEPS = 0.6
 # draws the resized object anew (its old maps hold its old outline); other swaps, whose new shape
 # needs its outline free, keep them for --edit-steps only. The first is the default.
 KEEP_LAYOUT = {"auto": None, "on": True, "off": False}
-# How (word:w) weights act (diffusion/pipeline.py's Weighting; sample.py's --weight-mode and
+# How (word:w) weights act (diffusion/sampling/pipeline.py's Weighting; sample.py's --weight-mode and
 # --weight-context): the first of each is the default.
 WEIGHT_MODES = ("attention", "embedding")
 WEIGHT_CONTEXTS = ("fade", "keep")
@@ -182,7 +182,7 @@ WEIGHT_CONTEXTS = ("fade", "keep")
 # plain states after them let it draw cleanly, without the grain they leave when they act at every
 # step (the windows measured: docs/what-we-tried.md).
 DEFAULT_WEIGHT_STEPS = {"attention": (0.0, 1.0), "embedding": (0.0, 0.3)}
-# evaluate.py's parts (report.py), here so the command line need not import torch. The sampler
+# evaluate.py's parts (evaluation/report.py), here so the command line need not import torch. The sampler
 # sweep (each sampler at 5-50 steps against DPM++ at 250) checks the samplers rather than the
 # model and costs as much as the rest, so the default run leaves it out.
 EVALUATION_PARTS = ("faithfulness", "localisation", "edit", "prior", "swap", "samplers")

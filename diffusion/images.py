@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from PIL.PngImagePlugin import PngInfo
 
-from .errors import UserError
+from diffusion.errors import UserError
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -163,7 +163,7 @@ def write_attention_maps(out_dir: Path, stem: str, result, common: dict, first: 
     images of `result` are numbered from `first`."""
     from safetensors.torch import save_file
 
-    from .checkpoint import default_file_modes
+    from diffusion.checkpoint import default_file_modes
 
     for i, (image, prompt, seed, maps) in enumerate(
         zip(result.images, result.prompts, result.seeds, result.attention_maps), start=first

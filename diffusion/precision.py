@@ -12,8 +12,8 @@ import contextlib
 
 import torch
 
-from .config import MIXED_PRECISION
-from .errors import UserError
+from diffusion.config import MIXED_PRECISION
+from diffusion.errors import UserError
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

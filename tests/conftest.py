@@ -55,7 +55,7 @@ def tiny_overrides():
 def tiny_run(tmp_path_factory):
     """A finished 4-step run of the tiny config (checkpoints at steps 2 and 4). Read-only: copy it to change it."""
     from diffusion.config import config_from_dict
-    from diffusion.training import train
+    from diffusion.training.loop import train
 
     out = tmp_path_factory.mktemp("tiny") / "run"
     train(config_from_dict(copy.deepcopy(TINY)), out)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 from safetensors.torch import save_file
 
-from diffusion import training
 from diffusion.config import load_config
+from diffusion.training import loop as training
 
 HANG_SECONDS = 120
 UNet = training.UNet

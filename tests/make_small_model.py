@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from diffusion.config import config_from_dict
-from diffusion.training import train
+from diffusion.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 

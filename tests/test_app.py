@@ -13,7 +13,7 @@ from PIL import Image
 
 import app
 from bench import bench_editor_load as load
-from diffusion.pipeline import Pipeline, Weighting
+from diffusion.sampling.pipeline import Pipeline, Weighting
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = REPO / "tests" / "assets" / "small-shapes"  # 16 px, follows its prompts
@@ -148,7 +148,7 @@ def test_a_compiled_editor_renders_what_an_uncompiled_one_does(capsys):
 
 @pytest.mark.parametrize("render_ms", [{"bf16": 150.0, "no": 200.0}, {"bf16": 210.0, "no": 160.0}])
 def test_compiling_a_timed_editor_keeps_the_precision_that_renders_faster_compiled(monkeypatch, render_ms):
-    from diffusion.compiled import CompiledUNet
+    from diffusion.editor.compiled import CompiledUNet
 
     monkeypatch.setattr(CompiledUNet, "__call__", lambda self, *args, **kwargs: self.unet(*args, **kwargs))
     monkeypatch.setattr(app.Editor, "render_milliseconds", lambda self, precisions: render_ms)
@@ -183,7 +183,7 @@ def test_render_milliseconds_times_each_precision_and_leaves_the_choice_alone():
 
 
 def test_an_editor_whose_compile_fails_stays_uncompiled_and_says_so(capsys, monkeypatch):
-    from diffusion.compiled import CompiledUNet
+    from diffusion.editor.compiled import CompiledUNet
 
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Compiler: cc is not found\nmore detail")

@@ -11,8 +11,8 @@ import torch
 
 import app
 from bench import bench_editor_load as load
+from diffusion.control.prompts import align_tokens
 from diffusion.errors import UserError
-from diffusion.prompts import align_tokens
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.attention import AttentionCall, AttentionSite, CrossAttention
-from diffusion.attention_control import (
+from diffusion.config import DEFAULT_WEIGHT_STEPS
+from diffusion.control.controllers import (
     AttentionInjector,
     AttentionRecorder,
     AttentionReweighter,
@@ -17,12 +17,12 @@ from diffusion.attention_control import (
     SiteFilter,
     changed_tokens,
 )
-from diffusion.clip_training import fit_tokenizer
-from diffusion.config import DEFAULT_WEIGHT_STEPS
+from diffusion.control.prompts import align_tokens, object_phrase, split_words, swap_kind
+from diffusion.control.weighting import Weighting, condition
 from diffusion.errors import UserError
-from diffusion.pipeline import MapOptions, Pipeline, merge_word_maps
-from diffusion.prompts import align_tokens, object_phrase, split_words, swap_kind
-from diffusion.weighting import Weighting, condition
+from diffusion.model.attention import AttentionCall, AttentionSite, CrossAttention
+from diffusion.sampling.pipeline import MapOptions, Pipeline, merge_word_maps
+from diffusion.training.clip import fit_tokenizer
 
 
 # float32: these tests compare images drawn through the fused attention kernel with images drawn
@@ -541,7 +541,7 @@ def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):
     """Through the pipeline, on the small model that draws shapes (its colour words attend to the
     object): after the last step the edit equals the source wherever the last blend region is
     off, and differs from it inside."""
-    import diffusion.pipeline
+    import diffusion.sampling.pipeline
 
     small = Pipeline.from_pretrained(
         Path(__file__).parent / "assets" / "small-shapes", device="cpu", mixed_precision="no"
@@ -554,7 +554,7 @@ def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):
             self.last_region = self.region().clone()
             return super().__call__(pipeline, step, timestep, tensors)
 
-    monkeypatch.setattr(diffusion.pipeline, "LocalBlend", Watched)
+    monkeypatch.setattr(diffusion.sampling.pipeline, "LocalBlend", Watched)
     settings = {"steps": 5, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
     pair = [("a red circle on the left", "a blue circle on the left")]
     x, _ = small.swap_batch(pair, [2], 0.6, settings, Weighting(), local_blend=True)
@@ -589,7 +589,7 @@ def test_bad_weighting_is_a_user_error(pipe, kwargs, fragment):
 
 
 def test_malformed_prompt_is_a_user_error_with_a_caret(pipe):
-    from diffusion.prompts import PromptSyntaxError
+    from diffusion.control.prompts import PromptSyntaxError
 
     with pytest.raises(PromptSyntaxError) as error:
         pipe("a (red:abc) circle", steps=2, progress=False)

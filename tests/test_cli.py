@@ -167,7 +167,7 @@ def test_sample_output_path_that_cannot_be_written(run_cli, tiny_model, tmp_path
 
 # ---- sample.py success ------------------------------------------------------------------------------
 def test_sample_writes_a_grid_and_images_with_metadata(run_cli, tiny_model, tmp_path):
-    from diffusion.pipeline import Pipeline
+    from diffusion.sampling.pipeline import Pipeline
 
     out = tmp_path / "new" / "grid.png"  # the folder is created
     prompts = ["a red circle on the left", "a blue square"]
@@ -307,7 +307,7 @@ def test_tuned_malloc_reuses_freed_memory_instead_of_faulting_it_in_again():
 
 
 def test_sample_streams_many_images_and_grids_only_the_first_64(run_cli, tiny_model, tmp_path):
-    from diffusion.pipeline import Pipeline
+    from diffusion.sampling.pipeline import Pipeline
 
     out = tmp_path / "grid.png"
     result = run_cli(

@@ -1,4 +1,4 @@
-"""The compiled UNet (diffusion/compiled.py): the eager UNet's images and maps up to rounding, one
+"""The compiled UNet (diffusion/editor/compiled.py): the eager UNet's images and maps up to rounding, one
 graph per batch size and weighting (never one per step), and eager wherever it cannot stand in."""
 
 from pathlib import Path
@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from diffusion.attention_control import AttentionRecorder
-from diffusion.pipeline import Pipeline
-from diffusion.weighting import Weighting
+from diffusion.control.controllers import AttentionRecorder
+from diffusion.control.weighting import Weighting
+from diffusion.sampling.pipeline import Pipeline
 
 SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "small-shapes"
 
@@ -100,7 +100,7 @@ def test_an_unguided_call_runs_on_the_graph_of_twice_its_rows(pipelines, monkeyp
 
 
 def test_a_call_unlike_the_compiled_ones_gets_its_own_graph(pipelines):
-    """Calls seen before skip dynamo's guards (diffusion/compiled.py); anything that changes what
+    """Calls seen before skip dynamo's guards (diffusion/editor/compiled.py); anything that changes what
     the graph computes must still reach a graph of its own: weights at some resolutions only, no
     maps recorded, a weight window that leaves some steps unweighted."""
     eager, compiled = pipelines

@@ -278,10 +278,10 @@ def test_class_defaults_agree_with_the_config():
     config builds: one set of defaults, not three that drift apart."""
     import inspect
 
-    from diffusion.data import build_dataset, whole_captions
-    from diffusion.shapes import ShapesDataset
-    from diffusion.text_encoder import TextEncoder
-    from diffusion.unet import UNet, unet_settings
+    from diffusion.data.datasets import build_dataset, whole_captions
+    from diffusion.data.shapes import ShapesDataset
+    from diffusion.model.text_encoder import TextEncoder
+    from diffusion.model.unet import UNet, unet_settings
 
     cfg = Config()
     unet_defaults = {

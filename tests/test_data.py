@@ -1,14 +1,14 @@
-"""Tests for diffusion/data.py: the factory that picks a dataset from the config."""
+"""Tests for diffusion/data/datasets.py: the factory that picks a dataset from the config."""
 
 from types import SimpleNamespace
 
 import pytest
 from PIL import Image
 
-from diffusion.data import build_dataset
+from diffusion.data.datasets import build_dataset
+from diffusion.data.image_folder import ImageFolderDataset
+from diffusion.data.shapes import ShapesDataset
 from diffusion.errors import UserError
-from diffusion.image_folder import ImageFolderDataset
-from diffusion.shapes import ShapesDataset
 
 # ---------------------------------------------------------------------------------------------
 # Factory

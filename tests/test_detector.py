@@ -6,7 +6,18 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from diffusion.detector import (
+from diffusion.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZES,
+    Scene,
+    ShapeObject,
+    ShapesDataset,
+    render_scene,
+)
+from diffusion.evaluation.detector import (
     CATEGORIES,
     MAX_FIT_ERROR,
     MAX_STRAY_FRACTION,
@@ -18,17 +29,6 @@ from diffusion.detector import (
     is_clean_object,
     match,
     stray_pixels,
-)
-from diffusion.shapes import (
-    BACKGROUND,
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    SIZES,
-    Scene,
-    ShapeObject,
-    ShapesDataset,
-    render_scene,
 )
 
 

@@ -1,4 +1,4 @@
-"""Measuring edits (diffusion/edit_evaluation.py): the edit prompts, the weight contract on
+"""Measuring edits (diffusion/evaluation/edits.py): the edit prompts, the weight contract on
 hand-made responses, the word-swap cases, and swap scores on hand-drawn source and edit images."""
 
 import copy
@@ -8,8 +8,20 @@ import re
 import numpy as np
 import pytest
 
-from diffusion.detector import detect
-from diffusion.edit_evaluation import (
+from diffusion.control.prompts import parse_prompt
+from diffusion.data.shapes import (
+    BACKGROUND,
+    COLOURS,
+    POSITION_PHRASES,
+    POSITIONS,
+    SIZES,
+    Scene,
+    ShapeObject,
+    parse_holdout,
+    render_scene,
+)
+from diffusion.evaluation.detector import detect
+from diffusion.evaluation.edits import (
     CONTRACT_WEIGHTS,
     EDIT_WEIGHTS,
     MONOTONE_WEIGHTS,
@@ -24,18 +36,6 @@ from diffusion.edit_evaluation import (
     swap_cases,
     swap_targets,
     weight_contract,
-)
-from diffusion.prompts import parse_prompt
-from diffusion.shapes import (
-    BACKGROUND,
-    COLOURS,
-    POSITION_PHRASES,
-    POSITIONS,
-    SIZES,
-    Scene,
-    ShapeObject,
-    parse_holdout,
-    render_scene,
 )
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle", "orange circle"]
@@ -108,7 +108,7 @@ def test_named_area_counts_the_colour_or_the_shape():
 
 
 def test_named_when_drawn_counts_only_images_with_a_clean_object():
-    from diffusion.edit_evaluation import _scores
+    from diffusion.evaluation.edits import _scores
 
     prompt = EditPrompt("red", "circle", "on the left")
     empty = np.full((32, 32, 3), BACKGROUND, np.uint8)

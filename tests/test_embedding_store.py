@@ -1,4 +1,4 @@
-"""Tests for diffusion/embedding_store.py: the on-disk text states of a caption list."""
+"""Tests for diffusion/data/text_states.py: the on-disk text states of a caption list."""
 
 import copy
 import errno
@@ -9,11 +9,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
-from diffusion import embedding_store
-from diffusion.clip_training import clip_text_config, fit_tokenizer
-from diffusion.embedding_store import EmbeddingStore, cache_folder, cache_key
+from diffusion.data import text_states as embedding_store
+from diffusion.data.text_states import EmbeddingStore, cache_folder, cache_key
 from diffusion.errors import UserError
-from diffusion.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.training.clip import clip_text_config, fit_tokenizer
 
 CAPTIONS = [
     "",

@@ -10,10 +10,19 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.detector import Detection, detect
-from diffusion.edit_evaluation import SWAP_KINDS, SWAP_MEASURES
-from diffusion.evaluation import CATEGORIES, Case, category_cases, map_iou, passes, pointing, span_map, stated_positions
-from diffusion.shapes import render_scene
+from diffusion.data.shapes import render_scene
+from diffusion.evaluation.detector import Detection, detect
+from diffusion.evaluation.edits import SWAP_KINDS, SWAP_MEASURES
+from diffusion.evaluation.metrics import (
+    CATEGORIES,
+    Case,
+    category_cases,
+    map_iou,
+    passes,
+    pointing,
+    span_map,
+    stated_positions,
+)
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle"]
 
@@ -178,8 +187,8 @@ def test_evaluate_cli_swap_options_and_pictures(tiny_model, tmp_path, run_cli):
 
 def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkeypatch):
     """In process, with evaluate() replaced: every edit and swap option reaches it."""
-    import diffusion.report
-    from diffusion.pipeline import Weighting
+    import diffusion.evaluation.report
+    from diffusion.sampling.pipeline import Weighting
 
     spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
@@ -210,7 +219,7 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
         }
         return report, [], {"colour": [("a red circle", "a blue circle", image, image)]}
 
-    monkeypatch.setattr(diffusion.report, "evaluate", fake_evaluate)
+    monkeypatch.setattr(diffusion.evaluation.report, "evaluate", fake_evaluate)
     out = tmp_path / "report.json"
     cli.main(
         [

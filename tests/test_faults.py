@@ -17,11 +17,11 @@ import pytest
 import torch
 
 from diffusion import checkpoint as ckpt
-from diffusion import training
 from diffusion.config import config_from_dict
 from diffusion.errors import UserError
-from diffusion.pipeline import Pipeline
-from diffusion.training import train
+from diffusion.sampling.pipeline import Pipeline
+from diffusion.training import loop as training
+from diffusion.training.loop import train
 
 
 def tree_digest(folder):
@@ -190,7 +190,7 @@ KILL_SCRIPT = textwrap.dedent(
     import json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    from diffusion.pipeline import Pipeline
+    from diffusion.sampling.pipeline import Pipeline
     source, target = sys.argv[1], sys.argv[2]
     pipeline = Pipeline.from_pretrained(source)
     WATCHED = {"_write_folder", "replace_folder", "_exchange", "rmtree", "replace", "rename", "mkdir",

@@ -38,8 +38,15 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from diffusion.config import Config, load_config
+from diffusion.control.prompts import (
+    MAX_NESTING,
+    PromptSyntaxError,
+    format_prompt,
+    parse_prompt,
+    set_word_weight,
+    split_words,
+)
 from diffusion.errors import UserError
-from diffusion.prompts import MAX_NESTING, PromptSyntaxError, format_prompt, parse_prompt, set_word_weight, split_words
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_MODEL = REPO / "tests" / "assets" / "small-shapes"  # 16 px: loads in a tenth of a second
@@ -483,7 +490,7 @@ def command_line_sandbox(folder: Path):
     """Run in `folder`, the sentinels in place, warnings' format restored afterwards."""
     import app
     from diffusion import report, training
-    from diffusion.unet import UNet
+    from diffusion.model.unet import UNet
 
     with contextlib.suppress(ImportError):  # now: importing it raises the recursion limit, which hypothesis warns of
         import gradio  # noqa: F401
@@ -770,7 +777,7 @@ def names_of(paths) -> set[str]:
 @example([("rgb", "empty", "plain")], True)  # regression: an empty caption was used
 @example([("rgb", "plain", "line-break"), ("truncated", "plain", "line-break")], True)  # regression: two-line error
 def test_any_image_folder_loads_its_good_files_and_names_each_bad_one(items, metadata):
-    from diffusion.image_folder import ImageFolderDataset
+    from diffusion.data.image_folder import ImageFolderDataset
 
     opened = []
     real_open = Image.open
@@ -810,7 +817,7 @@ def test_any_image_folder_loads_its_good_files_and_names_each_bad_one(items, met
 
 
 def test_image_folder_regressions(tmp_path):
-    from diffusion.image_folder import ImageFolderDataset
+    from diffusion.data.image_folder import ImageFolderDataset
 
     root = tmp_path / "data"
     root.mkdir()

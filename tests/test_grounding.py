@@ -2,10 +2,10 @@
 
 import torch
 
-from diffusion.attention import AttentionSite
-from diffusion.grounding import GroundingLoss, grounding_targets
-from diffusion.shapes import ShapesDataset
-from diffusion.text_encoder import TextEncoder
+from diffusion.data.shapes import ShapesDataset
+from diffusion.model.attention import AttentionSite
+from diffusion.model.text_encoder import TextEncoder
+from diffusion.training.grounding import GroundingLoss, grounding_targets
 
 
 def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):

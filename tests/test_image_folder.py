@@ -1,4 +1,4 @@
-"""Tests for diffusion/image_folder.py: a folder of captioned images."""
+"""Tests for diffusion/data/image_folder.py: a folder of captioned images."""
 
 import json
 import logging
@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
+from diffusion.data.image_folder import ImageFolderDataset, PackedStrings
 from diffusion.errors import UserError
-from diffusion.image_folder import ImageFolderDataset, PackedStrings
 
 # ---------------------------------------------------------------------------------------------
 # Image folder
@@ -114,7 +114,7 @@ def test_corrupt_image_raises_naming_it_or_is_skipped_and_counted(tmp_path, capl
         ImageFolderDataset(tmp_path, 16)
     assert "\n" not in str(error.value) and "skip_bad" in str(error.value)
 
-    with caplog.at_level(logging.WARNING, logger="diffusion.image_folder"):
+    with caplog.at_level(logging.WARNING, logger="diffusion.data.image_folder"):
         dataset = ImageFolderDataset(tmp_path, 16, skip_bad=True)
     assert dataset.captions() == ["good"]
     assert sorted(Path(path).name for path, _ in dataset.skipped) == ["broken.png", "truncated.png"]

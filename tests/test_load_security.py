@@ -6,7 +6,7 @@ nothing is unpickled, and loading a model folder runs none of its code.
   loaders, trust_remote_code=True): any use fails the test naming its file and line, unless the
   allow-list below holds it with a reason.
 - An exported model folder holds safetensors, JSON and YAML, and one file of code, pipeline.py, a
-  single import of `diffusion.pipeline.Pipeline` that only diffusers' own loader runs (with
+  single import of `diffusion.sampling.pipeline.Pipeline` that only diffusers' own loader runs (with
   `trust_remote_code=True`); `Pipeline.from_pretrained` never imports it, and never unpickles a
   weights file put in the folder instead of the safetensors.
 - An embedding cache file that is a pickle (named like a store file) is rebuilt, never unpickled.
@@ -115,14 +115,17 @@ def safetensors_header(path: Path) -> dict:
 
 
 def test_an_exported_model_is_safetensors_json_and_one_line_of_code():
-    from diffusion.pipeline import PIPELINE_FILE
+    from diffusion.sampling.pipeline import PIPELINE_FILE
 
     files = sorted(p.relative_to(SMALL_MODEL).as_posix() for p in SMALL_MODEL.rglob("*") if p.is_file())
     assert {Path(f).suffix for f in files} <= {".safetensors", ".json", ".yaml", ".py"}, files
     assert [f for f in files if f.endswith(".py")] == ["pipeline.py"]
-    assert (SMALL_MODEL / "pipeline.py").read_text() == PIPELINE_FILE  # the only code: one import
-    code = ast.parse(PIPELINE_FILE).body
-    assert [type(node) for node in code] == [ast.Expr, ast.ImportFrom]  # a docstring, then the import
+    # the only code: a docstring, then one import (this export's, made before the package had folders,
+    # imports `diffusion.pipeline`; new exports import `diffusion`)
+    for code in ((SMALL_MODEL / "pipeline.py").read_text(), PIPELINE_FILE):
+        body = ast.parse(code).body
+        assert [type(node) for node in body] == [ast.Expr, ast.ImportFrom]
+        assert body[1].module in ("diffusion", "diffusion.pipeline") and body[1].names[0].name == "Pipeline"
     for name in files:
         if name.endswith(".safetensors"):
             assert safetensors_header(SMALL_MODEL / name)
@@ -148,7 +151,7 @@ def model_copy(tmp_path):
 
 
 def test_loading_a_model_folder_never_imports_its_pipeline_py(model_copy, tmp_path):
-    from diffusion.pipeline import Pipeline
+    from diffusion.sampling.pipeline import Pipeline
 
     marker = tmp_path / "ran"
     (model_copy / "pipeline.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('imported')\n")
@@ -166,7 +169,7 @@ def test_loading_a_model_folder_never_imports_its_pipeline_py(model_copy, tmp_pa
 def test_loading_never_unpickles_a_weights_file_put_in_place_of_the_safetensors(
     model_copy, tmp_path, part, weights, pickled
 ):
-    from diffusion.pipeline import Pipeline
+    from diffusion.sampling.pipeline import Pipeline
 
     marker = tmp_path / "ran"
     (model_copy / part / weights).unlink()
@@ -180,9 +183,9 @@ def test_loading_never_unpickles_a_weights_file_put_in_place_of_the_safetensors(
 
 
 def test_an_embedding_cache_file_that_is_a_pickle_is_rebuilt_not_unpickled(tmp_path):
-    from diffusion.clip_training import clip_text_config, fit_tokenizer
-    from diffusion.embedding_store import EmbeddingStore, cache_key
-    from diffusion.text_encoder import TextEncoder
+    from diffusion.data.text_states import EmbeddingStore, cache_key
+    from diffusion.model.text_encoder import TextEncoder
+    from diffusion.training.clip import clip_text_config, fit_tokenizer
 
     captions = ["", "a red circle", "a blue square"]
     torch.manual_seed(0)

@@ -1,4 +1,4 @@
-"""Tests for diffusion/pipeline.py against the tiny trained model of the session."""
+"""Tests for diffusion/sampling/pipeline.py against the tiny trained model of the session."""
 
 import inspect
 import json
@@ -11,10 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
-from diffusion.attention import AttentionController
+from diffusion.control.prompts import parse_prompt
 from diffusion.errors import UserError
 from diffusion.images import to_pil, uint8_images
-from diffusion.pipeline import (
+from diffusion.model.attention import AttentionController
+from diffusion.sampling.pipeline import (
     DEFAULT_GUIDANCE_CUTOFF,
     DEFAULT_SAMPLER,
     SAMPLERS,
@@ -25,7 +26,6 @@ from diffusion.pipeline import (
     sampler_timesteps,
     set_sampler_timesteps,
 )
-from diffusion.prompts import parse_prompt
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 
@@ -510,6 +510,23 @@ def test_diffusers_loads_an_exported_model(pipe, tmp_path):
     loaded = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True).to("cpu")
     assert isinstance(loaded, Pipeline)
     ours = Pipeline.from_pretrained(tmp_path / "model", device="cpu")
+    assert np.array_equal(
+        pixels(loaded("a red circle", steps=3, progress=False).images),
+        pixels(ours("a red circle", steps=3, progress=False).images),
+    )
+
+
+def test_a_model_exported_before_the_package_had_folders_loads_both_ways(tmp_path):
+    """tests/assets/small-shapes was exported when Pipeline lived in diffusion/pipeline.py, which
+    its pipeline.py imports: it loads here and through diffusers, with the same images."""
+    from diffusers import DiffusionPipeline
+
+    old = Path(__file__).parent / "assets" / "small-shapes"
+    assert "from diffusion.pipeline import Pipeline" in (old / "pipeline.py").read_text()
+    shutil.copytree(old, tmp_path / "model")  # diffusers may write into a remote-code folder
+    ours = Pipeline.from_pretrained(tmp_path / "model", device="cpu")
+    loaded = DiffusionPipeline.from_pretrained(tmp_path / "model", trust_remote_code=True).to("cpu")
+    assert isinstance(loaded, Pipeline)
     assert np.array_equal(
         pixels(loaded("a red circle", steps=3, progress=False).images),
         pixels(ours("a red circle", steps=3, progress=False).images),

@@ -1,12 +1,10 @@
-"""Tests for diffusion/prompts.py: weighting syntax, words, token/word maps and token alignment."""
+"""Tests for diffusion/control/prompts.py: weighting syntax, words, token/word maps and token alignment."""
 
 import pytest
 import torch
 from transformers import CLIPTextModel
 
-from diffusion.clip_training import clip_text_config, fit_tokenizer
-from diffusion.errors import UserError, exit_on_user_error
-from diffusion.prompts import (
+from diffusion.control.prompts import (
     PromptSyntaxError,
     WeightedPrompt,
     align_tokens,
@@ -20,7 +18,9 @@ from diffusion.prompts import (
     word_token_weights,
     word_tokens,
 )
-from diffusion.text_encoder import TextEncoder
+from diffusion.errors import UserError, exit_on_user_error
+from diffusion.model.text_encoder import TextEncoder
+from diffusion.training.clip import clip_text_config, fit_tokenizer
 
 CAPTIONS = [
     f"a {colour} {shape} on the {side}"

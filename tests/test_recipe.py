@@ -16,11 +16,11 @@ from safetensors.torch import load_file
 
 from diffusion import Pipeline
 from diffusion.config import config_from_dict
-from diffusion.detector import detect
-from diffusion.edit_evaluation import is_clean_scene, palette_prompts, prior_targets
-from diffusion.shapes import BACKGROUND, COLOURS, POSITIONS, SIZES, Scene, ShapeObject, render_scene
-from diffusion.training import train
-from diffusion.unet import UNet, estimate_clean
+from diffusion.data.shapes import BACKGROUND, COLOURS, POSITIONS, SIZES, Scene, ShapeObject, render_scene
+from diffusion.evaluation.detector import detect
+from diffusion.evaluation.edits import is_clean_scene, palette_prompts, prior_targets
+from diffusion.model.unet import UNet, estimate_clean
+from diffusion.training.loop import train
 
 REPO = Path(__file__).resolve().parents[1]
 REFERENCE = json.loads((REPO / "tests" / "assets" / "reference-digests.json").read_text())
@@ -172,8 +172,8 @@ def test_prior_targets_read_shares_as_at_least_and_the_palette_as_at_most():
 
 
 def test_the_prior_part_reports_its_three_measures_and_targets(tiny_model):
-    from diffusion.edit_evaluation import PRIOR_PROMPTS, PRIOR_SEEDS
-    from diffusion.report import evaluate, format_report
+    from diffusion.evaluation.edits import PRIOR_PROMPTS, PRIOR_SEEDS
+    from diffusion.evaluation.report import evaluate, format_report
 
     pipe = Pipeline.from_pretrained(tiny_model, device="cpu")
     report, _, _ = evaluate(pipe, n_edit=3, batch_size=16, detector_n=1, parts=("prior",), holdout=[])

@@ -1,4 +1,4 @@
-"""The evaluation report (diffusion/report.py): targets and the printed table from hand-made
+"""The evaluation report (diffusion/evaluation/report.py): targets and the printed table from hand-made
 reports, the pictures, and evaluate() on the tiny model."""
 
 import json
@@ -7,7 +7,8 @@ from itertools import product
 import numpy as np
 import pytest
 
-from diffusion.edit_evaluation import (
+from diffusion.errors import UserError
+from diffusion.evaluation.edits import (
     EDIT_STEPS,
     EDIT_WEIGHTS,
     SWAP_KINDS,
@@ -15,10 +16,9 @@ from diffusion.edit_evaluation import (
     swap_targets,
     weight_contract,
 )
-from diffusion.errors import UserError
-from diffusion.evaluation import CATEGORIES, TARGETS
-from diffusion.pipeline import Pipeline, Weighting
-from diffusion.report import STYLES, edit_plot, evaluate, format_report, swap_plot, swap_strip, targets
+from diffusion.evaluation.metrics import CATEGORIES, TARGETS
+from diffusion.evaluation.report import STYLES, edit_plot, evaluate, format_report, swap_plot, swap_strip, targets
+from diffusion.sampling.pipeline import Pipeline, Weighting
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle"]
 MEASURES = ("new present", "old gone", "colour kept", "edited iou >= 0.8", "centre within 2 px", "others iou >= 0.9")

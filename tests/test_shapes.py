@@ -1,4 +1,4 @@
-"""Tests for diffusion/shapes.py: the procedural shapes dataset, its captions, masks and spans."""
+"""Tests for diffusion/data/shapes.py: the procedural shapes dataset, its captions, masks and spans."""
 
 import hashlib
 import os
@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffusion.errors import UserError
-from diffusion.shapes import (
+from diffusion.data.shapes import (
     BACKGROUND,
     COLOURS,
     POSITIONS,
@@ -27,6 +26,7 @@ from diffusion.shapes import (
     render_scene,
     sample_scene,
 )
+from diffusion.errors import UserError
 
 # What each position must read as in a caption (the spec's wording, spelled "centre").
 POSITION_PHRASES = {
@@ -84,7 +84,7 @@ def test_captions_do_not_depend_on_the_process_hash_seed():
     # Captions are cached across runs, so set iteration order (random per process for
     # strings) must not leak into sampling, e.g. through the holdout set.
     code = (
-        "from diffusion.shapes import ShapesDataset; "
+        "from diffusion.data.shapes import ShapesDataset; "
         "d = ShapesDataset(num_samples=200, max_objects=3, holdout=['red square', 'blue cross', "
         "'green circle'], holdout_mode='only'); print('\\n'.join(d.captions()))"
     )
@@ -207,7 +207,7 @@ def test_getitem_and_render_all_agree_with_sample():
 def test_rendering_in_parallel_gives_the_serial_result():
     """Two forked workers and chunks that split the set unevenly: the same images, masks,
     captions and scenes, in index order, as rendering one sample at a time."""
-    import diffusion.shapes as data
+    import diffusion.data.shapes as data
 
     dataset = ShapesDataset(num_samples=23, seed=2, max_objects=4)
     serial = dataset.render_with_masks(progress=False, workers=1)
@@ -331,7 +331,7 @@ def test_omitted_attributes_keep_captions_true_and_spans_exact():
     assert abs(left_out["shape"] / objects - 0.2) < 0.03
     assert abs(left_out["position"] / listed - 0.4) < 0.03
     # the grounding targets tie only the words the caption names
-    from diffusion.grounding import grounding_targets
+    from diffusion.training.grounding import grounding_targets
 
     scenes = [dataset.scene(i) for i in range(50)]
 
@@ -367,7 +367,7 @@ def test_omission_can_be_kept_to_captions_of_few_objects():
 
 def test_omission_probabilities_are_config_keys():
     from diffusion.config import config_from_dict
-    from diffusion.data import build_dataset
+    from diffusion.data.datasets import build_dataset
 
     cfg = config_from_dict({"data": {"omit_colour": 0.2, "omit_shape": 1.0, "num_samples": 10}})
     dataset = build_dataset(cfg.data)

@@ -1,4 +1,4 @@
-"""Tests for diffusion/text_encoder.py, with tiny models built locally (the hub is unreachable)."""
+"""Tests for diffusion/model/text_encoder.py, with tiny models built locally (the hub is unreachable)."""
 
 import types
 
@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig
 
-from diffusion.clip_training import clip_text_config, fit_tokenizer, train_clip
 from diffusion.errors import UserError
-from diffusion.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.training.clip import clip_text_config, fit_tokenizer, train_clip
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
 CAPTIONS = [

@@ -1,11 +1,11 @@
-"""Tests for diffusion/unet.py and diffusion/attention.py: shapes, the cross-attention hook, saving."""
+"""Tests for diffusion/model/unet.py and diffusion/model/attention.py: shapes, the cross-attention hook, saving."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from diffusion.attention import AttentionController, sliced_attention
-from diffusion.unet import UNet
+from diffusion.model.attention import AttentionController, sliced_attention
+from diffusion.model.unet import UNet
 
 T, D = 6, 24  # text tokens, text embedding width
 
@@ -346,7 +346,7 @@ def test_sliced_attention_is_attention_in_value_and_gradient(mask_rows):
 
 def test_attend_takes_the_fused_kernel_without_a_gradient(monkeypatch):
     """Sampling keeps the fused kernel (bit for bit what it was); only training slices."""
-    import diffusion.attention as attention_module
+    import diffusion.model.attention as attention_module
 
     calls = []
     monkeypatch.setattr(
@@ -361,7 +361,7 @@ def test_attend_takes_the_fused_kernel_without_a_gradient(monkeypatch):
 
 def test_unet_settings_follow_the_config():
     from diffusion.config import load_config
-    from diffusion.unet import unet_settings
+    from diffusion.model.unet import unet_settings
 
     cfg = load_config(None, ["model.channels=[16,32]", "model.attention_resolutions=[16]", "data.resolution=32"])
     settings = unet_settings(cfg, context_dim=24, value_context_start=12)

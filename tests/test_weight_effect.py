@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from diffusion.detector import MIN_COVERAGE, pixel_colours
-from diffusion.pipeline import Pipeline, Weighting
-from diffusion.shapes import COLOURS, POSITION_PHRASES, SHAPES
+from diffusion.data.shapes import COLOURS, POSITION_PHRASES, SHAPES
+from diffusion.evaluation.detector import MIN_COVERAGE, pixel_colours
+from diffusion.sampling.pipeline import Pipeline, Weighting
 
 SMALL = Path(__file__).parent / "assets" / "small-shapes"
 
@@ -57,7 +57,7 @@ def test_weight_zero_keeps_an_object_and_leaves_the_colour_to_the_prior(small):
     least 0.4 of the time (a model that erases the object, as one trained on full captions only
     did at 32 px, fails), and the named colour no more often than the deleted prompt, plus 0.1."""
     from diffusion.config import DataConfig
-    from diffusion.edit_evaluation import weight_response
+    from diffusion.evaluation.edits import weight_response
 
     result = weight_response(small, 24, 0, DataConfig().holdout, 48, Weighting(), weights=(0.0, 1.0))
     deleted = result["deleted"]["colour"]

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from diffusion.cli import ArgumentParser
 from diffusion.errors import UserError, exit_on_user_error
-from diffusion.pipeline import Pipeline
+from diffusion.sampling.pipeline import Pipeline
 
 
 @exit_on_user_error

@@ -17,8 +17,8 @@ from pathlib import Path
 from seeds import load_reports, summarise, summary_table  # tools/seeds.py: this script's folder is on sys.path
 
 from diffusion.config import load_config
-from diffusion.edit_evaluation import SWAP_MEASURES
-from diffusion.report import fmt
+from diffusion.evaluation.edits import SWAP_MEASURES
+from diffusion.evaluation.report import fmt
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 README = DOCS.parent / "README.md"

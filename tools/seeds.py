@@ -37,12 +37,12 @@ from pathlib import Path
 from diffusion.cli import ArgumentParser
 from diffusion.config import load_config
 from diffusion.errors import UserError, exit_on_user_error
-from diffusion.report import fmt
+from diffusion.evaluation.report import fmt
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_EVAL = "--n 200 --n-edit 64 --n-swap 64"
 # Targets that are better when lower: "(at most)" in the name, and the weight contract's
-# "weight 0 names it ... no more than deleting the word (+0.05)" (diffusion/edit_evaluation.py).
+# "weight 0 names it ... no more than deleting the word (+0.05)" (diffusion/evaluation/edits.py).
 LOWER_IS_BETTER = ("(at most)", "no more than")
 
 

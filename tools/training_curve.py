@@ -24,7 +24,7 @@ from PIL import Image, ImageDraw
 
 from diffusion.cli import ArgumentParser
 from diffusion.errors import UserError, exit_on_user_error
-from diffusion.evaluation import TARGETS
+from diffusion.evaluation.metrics import TARGETS
 from diffusion.images import font, save_png
 
 COLOURS = [

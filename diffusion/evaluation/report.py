@@ -14,11 +14,17 @@ import time
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from . import edit_evaluation as edits
-from .config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_PARTS, DEFAULT_SAMPLER, DEFAULT_WEIGHT_STEPS
-from .detector import detector_accuracy
-from .errors import UserError
-from .evaluation import (
+from diffusion.config import (
+    DEFAULT_EDIT_STEPS,
+    DEFAULT_GUIDANCE_CUTOFF,
+    DEFAULT_PARTS,
+    DEFAULT_SAMPLER,
+    DEFAULT_WEIGHT_STEPS,
+)
+from diffusion.errors import UserError
+from diffusion.evaluation import edits
+from diffusion.evaluation.detector import detector_accuracy
+from diffusion.evaluation.metrics import (
     CATEGORIES,
     EVAL_SEED,
     SAMPLER_STEPS,
@@ -28,8 +34,8 @@ from .evaluation import (
     faithfulness,
     sampler_sweep,
 )
-from .images import font, labelled_grid
-from .pipeline import Weighting
+from diffusion.images import font, labelled_grid
+from diffusion.sampling.pipeline import Weighting
 
 SAMPLER_LABELS = {"dpm++": "DPM-Solver++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
 

@@ -26,8 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionController, AttentionSite
-from .shapes import Scene
+from diffusion.data.shapes import Scene
+from diffusion.model.attention import AttentionController, AttentionSite
 
 
 def grounding_targets(scenes: list[Scene], offsets_of) -> torch.Tensor:

@@ -89,7 +89,7 @@ from decimal import Decimal
 
 import torch
 
-from .errors import UserError
+from diffusion.errors import UserError
 
 __all__ = [
     "COLOUR_WORDS",

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
-from .config import DEFAULT_WEIGHT_STEPS, WEIGHT_CONTEXTS, WEIGHT_MODES
-from .errors import UserError
-from .prompts import WeightedPrompt, align_tokens, delete_tokens, word_token_weights
-from .text_encoder import TextEncoder
+from diffusion.config import DEFAULT_WEIGHT_STEPS, WEIGHT_CONTEXTS, WEIGHT_MODES
+from diffusion.control.prompts import WeightedPrompt, align_tokens, delete_tokens, word_token_weights
+from diffusion.errors import UserError
+from diffusion.model.text_encoder import TextEncoder
 
 
 @dataclass

@@ -13,9 +13,9 @@ import dataclasses
 
 from torch.utils.data import Dataset
 
-from .errors import UserError
-from .image_folder import ImageFolderDataset
-from .shapes import Omission, ShapesDataset
+from diffusion.data.image_folder import ImageFolderDataset
+from diffusion.data.shapes import Omission, ShapesDataset
+from diffusion.errors import UserError
 
 
 def whole_captions(data_config):

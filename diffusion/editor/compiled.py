@@ -24,9 +24,9 @@ import types
 import torch
 import torch._inductor.config
 
-from .attention import AttentionController, AttentionSite
-from .attention_control import AttentionRecorder, AttentionReweighter, ControllerChain, in_window
-from .unet import UNet
+from diffusion.control.controllers import AttentionRecorder, AttentionReweighter, ControllerChain, in_window
+from diffusion.model.attention import AttentionController, AttentionSite
+from diffusion.model.unet import UNet
 
 
 def _parts(controller: AttentionController | None) -> list[AttentionController]:

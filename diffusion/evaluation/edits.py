@@ -48,8 +48,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER, KEEP_LAYOUT
-from .detector import (
+from diffusion.config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER, KEEP_LAYOUT
+from diffusion.control.prompts import parse_prompt
+from diffusion.data.shapes import COLOURS, POSITION_PHRASES, SHAPES, SIZES, Scene, ShapesDataset, parse_holdout
+from diffusion.evaluation.detector import (
     MAX_FIT_ERROR,
     MAX_RESIDUAL,
     MAX_STRAY_FRACTION,
@@ -61,11 +63,9 @@ from .detector import (
     pixel_colours,
     stray_pixels,
 )
-from .evaluation import match_objects, sample_images, span_map
-from .images import uint8_images
-from .pipeline import Weighting
-from .prompts import parse_prompt
-from .shapes import COLOURS, POSITION_PHRASES, SHAPES, SIZES, Scene, ShapesDataset, parse_holdout
+from diffusion.evaluation.metrics import match_objects, sample_images, span_map
+from diffusion.images import uint8_images
+from diffusion.sampling.pipeline import Weighting
 
 WEIGHT_MODES_MEASURED = ("attention", "embedding")
 EDIT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 4.0)

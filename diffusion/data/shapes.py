@@ -23,8 +23,8 @@ from PIL import Image, ImageDraw
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .errors import UserError, check_int
-from .images import to_pixel_values
+from diffusion.errors import UserError, check_int
+from diffusion.images import to_pixel_values
 
 COLOURS = {
     "red": (230, 40, 40),

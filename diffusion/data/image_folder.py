@@ -25,8 +25,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from tqdm import tqdm
 
-from .errors import UserError, check_int, one_line
-from .images import to_pixel_values
+from diffusion.errors import UserError, check_int, one_line
+from diffusion.images import to_pixel_values
 
 logger = logging.getLogger(__name__)
 

@@ -37,13 +37,13 @@ import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from .attention_control import AttentionRecorder
-from .config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
-from .detector import Detection, detect
-from .images import uint8_images
-from .pipeline import SAMPLERS, Weighting
-from .prompts import parse_prompt
-from .shapes import POSITION_PHRASES, Scene, ShapesDataset, parse_holdout
+from diffusion.config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
+from diffusion.control.controllers import AttentionRecorder
+from diffusion.control.prompts import parse_prompt
+from diffusion.data.shapes import POSITION_PHRASES, Scene, ShapesDataset, parse_holdout
+from diffusion.evaluation.detector import Detection, detect
+from diffusion.images import uint8_images
+from diffusion.sampling.pipeline import SAMPLERS, Weighting
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
 CATEGORIES = (

@@ -24,7 +24,7 @@ from transformers import (
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 from transformers.utils import logging as transformers_logging
 
-from .errors import UserError
+from diffusion.errors import UserError
 
 # CLIP's byte-level alphabet: one printable character per byte value, so any text maps onto it.
 BYTE_ALPHABET = list(bytes_to_unicode().values())

@@ -27,7 +27,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attention import AttentionController, AttentionSite
+from diffusion.model.attention import AttentionController, AttentionSite
 
 
 def step_in_window(step: int, num_steps: int, window: tuple[float, float]) -> bool:

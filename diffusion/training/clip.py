@@ -18,9 +18,9 @@ from tokenizers.models import BPE
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
-from .errors import UserError
-from .precision import autocast
-from .text_encoder import BYTE_ALPHABET, quiet_transformers
+from diffusion.errors import UserError
+from diffusion.model.text_encoder import BYTE_ALPHABET, quiet_transformers
+from diffusion.precision import autocast
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

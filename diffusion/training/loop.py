@@ -41,19 +41,19 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel, compute_snr
 from tqdm.auto import tqdm
 
-from . import checkpoint as ckpt
-from .clip_training import fit_tokenizer, train_clip
-from .config import Config, biased_timestep_count
-from .data import build_dataset, whole_captions
-from .embedding_store import EmbeddingStore, cache_folder
-from .errors import UserError
-from .grounding import GroundingLoss, grounding_targets
-from .image_folder import ImageFolderDataset
-from .images import labelled_grid, save_png
-from .pipeline import Pipeline
-from .precision import resolve_mixed_precision
-from .text_encoder import EmbeddingCache, TextEncoder
-from .unet import UNet, estimate_clean, unet_settings
+from diffusion import checkpoint as ckpt
+from diffusion.config import Config, biased_timestep_count
+from diffusion.data.datasets import build_dataset, whole_captions
+from diffusion.data.image_folder import ImageFolderDataset
+from diffusion.data.text_states import EmbeddingStore, cache_folder
+from diffusion.errors import UserError
+from diffusion.images import labelled_grid, save_png
+from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.model.unet import UNet, estimate_clean, unet_settings
+from diffusion.precision import resolve_mixed_precision
+from diffusion.sampling.pipeline import Pipeline
+from diffusion.training.clip import fit_tokenizer, train_clip
+from diffusion.training.grounding import GroundingLoss, grounding_targets
 
 
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:

@@ -21,7 +21,7 @@ from diffusers.models.embeddings import get_timestep_embedding
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .attention import AttentionCall, AttentionController, TransformerBlock
+from diffusion.model.attention import AttentionCall, AttentionController, TransformerBlock
 
 
 class ResBlock(nn.Module):

@@ -1,7 +1,7 @@
 """Finding the objects in a shapes image and naming each one's colour, shape, size and position.
 
 This is the instrument that checks generated images against their prompts, so it is built from
-the generator's own definitions (`diffusion.shapes`) and measured on the generator's images.
+the generator's own definitions (`diffusion.data.shapes`) and measured on the generator's images.
 
 Method, per image (numpy only, no training):
 
@@ -41,7 +41,7 @@ from functools import lru_cache
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .shapes import (
+from diffusion.data.shapes import (
     BACKGROUND,
     COLOURS,
     POSITIONS,

@@ -34,8 +34,8 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from .errors import UserError
-from .text_encoder import TextEncoder
+from diffusion.errors import UserError
+from diffusion.model.text_encoder import TextEncoder
 
 FORMAT = "tiny-t2i-diffusion text embeddings 2"
 ENCODE_BATCH = 256  # captions encoded at once while building

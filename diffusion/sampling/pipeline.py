@@ -1,0 +1,833 @@
+"""The text-to-image pipeline: load an exported model folder, sample images from prompts.
+
+    from diffusion import Pipeline
+    pipe = Pipeline.from_pretrained("runs/shapes/model").to("cpu")
+    out = pipe(["a red circle on the left"], num_images_per_prompt=4, seed=0)
+    out.images[0].save("circle.png")
+
+`Pipeline` is a diffusers `DiffusionPipeline`: its components are `unet`, `text_encoder` (a
+CLIPTextModel), `tokenizer` and `scheduler` (the training noise schedule), saved in diffusers'
+folder layout beside `model_index.json` and a `pipeline.py` that names this class, so
+`diffusers.DiffusionPipeline.from_pretrained(folder, trust_remote_code=True)` loads it too.
+`encoder` wraps the text encoder and tokenizer with this model's text options (`TextEncoder`).
+Samplers are diffusers schedulers sharing one contract (`set_timesteps`, `scale_model_input`,
+`step`); classifier-free guidance runs the unconditional and conditional halves in one batch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import diffusers
+import numpy as np
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DDPMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+)
+from diffusers.utils import logging as diffusers_logging
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from diffusion.checkpoint import default_file_modes, replace_folder, writing
+from diffusion.config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
+from diffusion.control.controllers import (
+    AttentionInjector,
+    AttentionRecorder,
+    AttentionReweighter,
+    ControllerChain,
+    LocalBlend,
+    changed_tokens,
+    step_in_window,
+)
+from diffusion.control.prompts import (
+    WeightedPrompt,
+    align_tokens,
+    object_phrase,
+    parse_prompt,
+    split_words,
+    swap_kind,
+    token_word_index,
+)
+from diffusion.control.weighting import Weighting, condition, token_weights
+from diffusion.editor.compiled import CompiledUNet
+from diffusion.errors import UserError
+from diffusion.images import to_pil
+from diffusion.model.attention import AttentionController
+from diffusion.model.text_encoder import TextEncoder
+from diffusion.model.unet import UNet, estimate_clean
+from diffusion.precision import autocast, resolve_mixed_precision
+
+FORMAT_VERSION = 1
+
+# name -> (scheduler class, settings over the training scheduler's config).
+# Every sampler visits the same timesteps, DDIM's "leading" ones: (K-1)r, ..., r, 0 with
+# r = num_train_timesteps // K (see `sampler_timesteps`). Not the last timestep: the cosine
+# schedule's t = 999 has alpha_bar ~ 2e-9, where an epsilon model's x0 estimate explodes and
+# samplers that do not clip x0 (DPM++, Euler) end in noise. DPM++ gets these timesteps passed in:
+# its own "leading" rule divides by K + 1 and starts low (t = 750 for 250 steps), so it would begin
+# from pure noise labelled as a quarter-clean image. DPM++ also clips x0 by dynamic thresholding to
+# [-1, 1]. DDIM must not clip (clip_sample is on in the training scheduler's config): it clips x0
+# but keeps the unclipped noise estimate, and with guidance the two disagree at every step, so more
+# steps made worse images; unclipped, DDIM gives Euler's images, as the ODE says it must (tested).
+SAMPLERS = {
+    "dpm++": (
+        DPMSolverMultistepScheduler,
+        {"algorithm_type": "dpmsolver++", "solver_order": 2, "thresholding": True, "sample_max_value": 1.0},
+    ),
+    "ddim": (DDIMScheduler, {"timestep_spacing": "leading", "clip_sample": False}),
+    "ddpm": (DDPMScheduler, {}),
+    "euler": (EulerDiscreteScheduler, {"timestep_spacing": "leading"}),
+}
+
+
+def default_device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def make_sampler(name: str, scheduler_config: dict):
+    """A fresh diffusers scheduler for sampler `name`, built on the training noise schedule."""
+    if name not in SAMPLERS:
+        raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}")
+    cls, settings = SAMPLERS[name]
+    return cls.from_config(scheduler_config, **settings)
+
+
+def sampler_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
+    """The `steps` timesteps every sampler visits, noisiest first: DDIM's "leading" spacing."""
+    if not 1 <= steps <= num_train_timesteps:
+        raise UserError(
+            f"steps must be between 1 and the model's {num_train_timesteps} training timesteps, got {steps}"
+        )
+    ratio = num_train_timesteps // steps
+    return [k * ratio for k in reversed(range(steps))]
+
+
+def set_sampler_timesteps(scheduler, steps: int, device=None) -> None:
+    """`scheduler.set_timesteps` for `steps` steps on the timesteps of `sampler_timesteps`."""
+    timesteps = sampler_timesteps(steps, scheduler.config.num_train_timesteps)  # also the range check
+    if isinstance(scheduler, DPMSolverMultistepScheduler):  # its own "leading" rule differs
+        scheduler.set_timesteps(timesteps=timesteps, device=device)
+    else:  # DDIM takes no `timesteps`; "leading" spacing gives these same ones (tested)
+        scheduler.set_timesteps(steps, device=device)
+
+
+def check_sampling_args(
+    steps: int,
+    guidance: float,
+    num_images_per_prompt: int,
+    batch_size: int,
+    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+) -> None:
+    if not isinstance(steps, int) or steps < 1:
+        raise UserError(f"steps must be a positive whole number, got {steps}")
+    if not math.isfinite(guidance) or guidance < 0:
+        raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
+    if not (isinstance(guidance_cutoff, (int, float)) and 0 <= guidance_cutoff <= 1):
+        raise UserError(f"guidance cutoff must be a fraction of the steps in [0, 1], got {guidance_cutoff}")
+    if num_images_per_prompt < 1:
+        raise UserError(f"the number of images per prompt must be at least 1, got {num_images_per_prompt}")
+    if batch_size < 1:
+        raise UserError(f"batch size must be at least 1, got {batch_size}")
+
+
+OUTPUT_TYPES = ("pil", "pt", "np")
+# The pipeline.py written beside model_index.json: how diffusers' DiffusionPipeline.from_pretrained
+# finds this class (model_index.json's _class_name names the file and the class).
+PIPELINE_FILE = '''"""Lets diffusers load this model: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
+The class is tiny-t2i-diffusion's Pipeline (pip install -e . in its repository)."""
+
+from diffusion import Pipeline  # noqa: F401
+'''
+
+
+@dataclass
+class PipelineOutput:
+    """What a call returns. `images`: one per (prompt, image index), prompt-major: PIL images, or
+    with output_type "pt" a (B, 3, R, R) tensor, "np" a (B, R, R, 3) array, both in [0, 1]."""
+
+    images: list[Image.Image] | torch.Tensor | np.ndarray
+    prompts: list[str]  # the prompt of each image, as given (weights included)
+    seeds: list[int | None]  # the noise seed of each image (None: from a caller's generator)
+    settings: dict = field(default_factory=dict)  # sampler, steps, guidance, negative prompt, ...
+    attention_maps: list[dict[str, torch.Tensor]] | None = None  # per image: word label -> (R, R)
+
+
+@dataclass
+class MapOptions:
+    """Which cross-attention calls per-word maps aggregate: a [start, end) fraction of the
+    sampling steps and the feature-map sides (None: every attention resolution)."""
+
+    steps: tuple[float, float] = (0.0, 1.0)
+    resolutions: set[int] | None = None
+
+
+def check_index(path: Path) -> dict:
+    """The model_index.json of an exported model folder; UserError naming what is wrong."""
+    if not path.is_dir():
+        raise UserError(f"model folder '{path}' not found; pass the folder train.py exported (e.g. runs/shapes/model)")
+    index_file = path / "model_index.json"
+    if not index_file.is_file():
+        raise UserError(
+            f"'{path}' is not a model folder: model_index.json is missing; "
+            "pass the folder train.py exported (e.g. runs/shapes/model)"
+        )
+    try:
+        index = json.loads(index_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise UserError(f"'{index_file}' is corrupt (not JSON); export the model again") from None
+    version = index.get("format_version")
+    if version != FORMAT_VERSION:
+        raise UserError(
+            f"'{path}' was written by an incompatible version (format {version}, this code reads "
+            f"{FORMAT_VERSION}); export it again with this version"
+        )
+    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
+        if not (path / part).is_dir():
+            raise UserError(f"model folder '{path}' is missing '{part}/'; export the model again")
+    return index
+
+
+class Pipeline(DiffusionPipeline):
+    def __init__(
+        self,
+        unet: UNet,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDPMScheduler,
+        text_encoder_options: dict | None = None,
+        format_version: int = FORMAT_VERSION,
+    ):
+        """unet: the denoiser; text_encoder, tokenizer: the frozen CLIP text model and its
+        tokenizer; scheduler: the training noise schedule (samplers are built on its config);
+        text_encoder_options: `TextEncoder`'s max_length, hidden_layer, mask_eos,
+        concat_token_embeddings; format_version: of the folder layout (model_index.json)."""
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(text_encoder_options=dict(text_encoder_options or {}), format_version=format_version)
+        self.encoder = TextEncoder(tokenizer, text_encoder, **(text_encoder_options or {}))
+        self.unet.eval()
+        self.precision = "auto"
+        self.compiled_unet: CompiledUNet | None = None  # set by `compile`
+
+    @classmethod
+    def from_parts(
+        cls,
+        unet: UNet,
+        encoder: TextEncoder,
+        scheduler_config: dict,
+        device: torch.device | str | None = None,
+        mixed_precision: str = "auto",
+    ) -> Pipeline:
+        """A pipeline of a UNet and a `TextEncoder` in memory (training's validation grids and export)."""
+        pipe = cls(
+            unet, encoder.model, encoder.tokenizer, DDPMScheduler.from_config(scheduler_config), encoder.options()
+        )
+        pipe.encoder = encoder
+        pipe.precision = mixed_precision
+        return pipe.to(device if device is not None else default_device())
+
+    # ---- loading and saving -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, mixed_precision: str = "auto"
+    ) -> Pipeline:
+        """Load an exported model folder. Every problem with it is a one-line UserError; weights
+        are read from safetensors only, never unpickled. device: where to run (None: the best
+        available); mixed_precision: autocast of the UNet (`mixed_precision`)."""
+        path = Path(path)
+        index = check_index(path)
+        resolve_mixed_precision(mixed_precision, torch.device("cpu"))  # an unknown setting fails before loading
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # our one-line error, not diffusers' log
+        try:
+            unet = UNet.from_pretrained(path / "unet", use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"cannot load '{path / 'unet'}': {str(error).splitlines()[0]}") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        encoder = TextEncoder.from_pretrained(str(path), **index.get("text_encoder_options", {}))
+        return cls.from_parts(unet, encoder, DDPMScheduler.load_config(path / "scheduler"), device, mixed_precision)
+
+    def save_pretrained(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
+        """Write the pipeline folder atomically: a temporary folder is filled, then swapped in
+        (`checkpoint.replace_folder`), so an interrupted export (killed, or a full disk: a
+        UserError) never leaves a half-written model, or none, where a good one was."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.tmp")
+        with writing(temporary, f"the model folder '{path}'"):
+            self._write_folder(temporary, extra_files)
+            replace_folder(temporary, path)
+
+    def _write_folder(self, temporary: Path, extra_files: dict[str, str] | None) -> None:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        self.unet.save_pretrained(temporary / "unet")
+        self.encoder.save_pretrained(temporary)
+        self.scheduler.save_pretrained(temporary / "scheduler")
+        index = {
+            "_class_name": ["pipeline", "Pipeline"],  # the class in pipeline.py, for diffusers
+            "_diffusers_version": diffusers.__version__,
+            "format_version": FORMAT_VERSION,
+            "unet": ["diffusion", "UNet"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder_options": self.encoder.options(),
+        }
+        (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (temporary / "pipeline.py").write_text(PIPELINE_FILE)
+        for name, text in (extra_files or {}).items():
+            (temporary / name).write_text(text)
+        default_file_modes(temporary)
+
+    # ---- sampling -----------------------------------------------------------------------
+    @property
+    def scheduler_config(self) -> dict:
+        """The training noise schedule, which every sampler is built on."""
+        return dict(self.scheduler.config)
+
+    @property
+    def mixed_precision(self) -> str:
+        """The UNet's autocast here: `precision` ("auto", "no", "bf16", "fp16") resolved for the
+        pipeline's device; "auto" is bf16 where the device computes it natively, as in training."""
+        return resolve_mixed_precision(self.precision, self.device)
+
+    def autocast(self, device: torch.device | None = None):
+        """The autocast context every UNet call of this pipeline runs in (see `mixed_precision`).
+        device: the pipeline's, when the caller has already read it (reading it walks every module)."""
+        device = device or self.device
+        return autocast(device, resolve_mixed_precision(self.precision, device))
+
+    def compile(self, batch_sizes: set[int] | None = None) -> None:
+        """Sample with the UNet compiled (`diffusion.editor.compiled.CompiledUNet`, torch.compile with the
+        weights frozen into the graph): faster where per-op overhead dominates (one image on a CPU),
+        images equal to the eager UNet's up to rounding. The first call of each batch size compiles;
+        the weights must not change afterwards. batch_sizes: the UNet calls' numbers of rows to
+        compile, others stay eager (None: all)."""
+        self.compiled_unet = CompiledUNet(self.unet, batch_sizes)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        prompts: list[str],
+        generators: list[torch.Generator] | torch.Generator,
+        steps: int = 20,
+        guidance: float = 3.0,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | list[str] | None = None,
+        attention_controller: AttentionController | None = None,
+        token_weights: torch.Tensor | None = None,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+        weighting: Weighting | None = None,
+        callback_on_step_end=None,
+        progress: bool = False,
+    ) -> torch.Tensor:
+        """Sample one image per prompt in one batch. Returns (B, 3, R, R) in [-1, 1].
+
+        prompts: plain prompts (no weighting syntax); generators: one torch.Generator (or a seed
+        to make one from) per prompt, its image's noise, so an image does not depend on the batch
+        it is in; or one generator for all;
+        negative_prompt: replaces the empty prompt of the unconditional half, one for all or a
+        list with one per prompt; guidance_cutoff: guidance acts at the steps before this fraction
+        of them (step i guided while i / steps < guidance_cutoff); the later steps run the
+        conditional rows alone, at half the UNet's work;
+        attention_controller: sees every cross-attention call (`site.conditional` marks the
+        conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
+        `weighting` says (`weighting.condition`; None: no weighting). Attention-mode weights act
+        through the controller (`AttentionReweighter`), which the caller passes in.
+        callback_on_step_end: called after each step as diffusers does,
+        `callback_on_step_end(pipeline, step, timestep, {"latents": x})`; a "latents" entry in
+        the dict it returns replaces the images being denoised (B, 3, R, R)."""
+        # DiffusionPipeline.device walks every module, at a cost per read: read it once
+        device = self.device
+        scheduler = make_sampler(sampler, self.scheduler_config)
+        set_sampler_timesteps(scheduler, steps, device)
+        size = self.unet.config.sample_size
+        B = len(prompts)
+        if not isinstance(generators, torch.Generator):
+            generators = [
+                g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in generators
+            ]
+        if isinstance(generators, torch.Generator):
+            noise = torch.randn(B, 3, size, size, generator=generators, device=generators.device)
+        else:
+            noise = torch.stack([torch.randn(3, size, size, generator=g, device=g.device) for g in generators])
+        x = noise.to(device) * scheduler.init_noise_sigma
+
+        weighting = weighting or Weighting()
+        plain = self.encoder.encode(prompts)  # (B, T, D), (B, T)
+        embeddings, key_mask = condition(self.encoder, prompts, token_weights, weighting, encoded=plain)
+        # Weights act within their window of steps (`Weighting.window`), and so do the states
+        # they make; outside it the UNet reads the plain encoding (in embedding mode, with the
+        # words at 0 still deleted).
+        outside = None
+        if token_weights is not None and weighting.acts_within_window():
+            late = weighting.outside_weights(token_weights)
+            outside = condition(self.encoder, prompts, late, weighting, encoded=plain)[0]
+        use_guidance = guidance != 1.0
+        conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
+        if use_guidance:  # unconditional half first, conditional second
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * B
+            if len(negatives) != B:
+                raise ValueError(f"{len(negatives)} negative prompts for {B} prompts")
+            negative, negative_mask = self.encoder.encode(negatives)
+            embeddings = torch.cat([negative, embeddings])
+            outside = None if outside is None else torch.cat([negative, outside])
+            key_mask = torch.cat([negative_mask, key_mask])
+        dtype = next(self.unet.parameters()).dtype
+        embeddings = embeddings.to(device, dtype)
+        outside = None if outside is None else outside.to(device, dtype)
+        key_mask = key_mask.to(device)
+
+        # One autocast region for all the steps: it casts each weight to the lower precision once
+        # and keeps it, where a region per UNet call would cast every weight again at every step.
+        # The guidance, the sampler's step and the callback run outside it, in float32.
+        # Self-conditioning: each call also reads the clean image the previous step's (guided)
+        # prediction implied, zeros at the first step.
+        self_conditioning = self.unet.config.get("self_conditioning", False)
+        estimate = torch.zeros_like(x)
+        with self.autocast(device):
+            for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+                guided = use_guidance and step_in_window(i, steps, (0.0, guidance_cutoff))
+                scaled = scheduler.scale_model_input(x, t)
+                model_input = torch.cat([scaled, estimate], dim=1) if self_conditioning else scaled
+                model_input = (torch.cat([model_input, model_input]) if guided else model_input).to(dtype)
+                context = (
+                    outside if outside is not None and not step_in_window(i, steps, weighting.window) else embeddings
+                )
+                # unguided (past the cutoff, or guidance 1): the conditional rows alone
+                rows = slice(None) if guided else conditional
+                prediction = (self.compiled_unet or self.unet)(
+                    model_input,
+                    t,
+                    context[rows],
+                    key_mask[rows],
+                    attention_controller=attention_controller,
+                    step=i,
+                    num_steps=steps,
+                    conditional=conditional if guided else slice(0, B),
+                ).float()
+                with torch.autocast(device.type, enabled=False):
+                    if guided:
+                        unconditional, conditional_prediction = prediction.chunk(2)
+                        prediction = unconditional + guidance * (conditional_prediction - unconditional)
+                    if self_conditioning:
+                        alphas = self.scheduler.alphas_cumprod[int(t)].expand(B)
+                        estimate = estimate_clean(prediction, scaled, alphas, self.scheduler.config.prediction_type)
+                    x = scheduler.step(prediction, t, x, generator=generators).prev_sample
+                    if callback_on_step_end is not None:
+                        x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
+        return x.clamp(-1, 1)
+
+    def sample_batch(
+        self,
+        prompts: list[WeightedPrompt],
+        generators,
+        settings: dict,
+        maps: MapOptions | None,
+        weighting: Weighting,
+        attention_controller: AttentionController | None,
+        swap_mapping: torch.Tensor | None = None,
+        swap_fraction: float = 0.0,
+        swap_keep: torch.Tensor | None = None,
+        callback_on_step_end=None,
+        progress: bool = False,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+        """One batch: build the controllers for weights, swaps and maps, denoise, merge maps into
+        words. generators: as `denoise`'s (seeds, generators, or one generator)."""
+        texts = [p.text for p in prompts]
+        offsets = self.encoder.offsets(texts)  # (B, T, 2)
+        weights = token_weights(prompts, offsets)  # (B, T)
+        weighted = bool((weights != 1).any())
+        controllers = []
+        if swap_mapping is not None:
+            controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions, swap_keep))
+        if weighted and weighting.mode == "attention":
+            controllers.append(AttentionReweighter(weights, weighting.window, weighting.resolutions))
+        recorder = None
+        if maps is not None:
+            recorder = AttentionRecorder(self.unet.config.sample_size, maps.steps, maps.resolutions)
+            controllers.append(recorder)
+        if attention_controller is not None:
+            controllers.append(attention_controller)
+        controller = ControllerChain(controllers) if controllers else None
+        x = self.denoise(
+            texts,
+            generators,
+            attention_controller=controller,
+            token_weights=weights if weighted else None,
+            weighting=weighting,
+            callback_on_step_end=callback_on_step_end,
+            progress=progress,
+            **settings,
+        )
+        word_maps = None
+        if recorder is not None:
+            token_maps = recorder.token_maps().cpu()  # (B, T, R, R)
+            word_maps = [merge_word_maps(m, text, o) for m, text, o in zip(token_maps, texts, offsets)]
+        return x, word_maps
+
+    def _prepare(
+        self,
+        prompts,
+        steps,
+        guidance,
+        sampler,
+        negative_prompt,
+        num_images_per_prompt,
+        batch_size,
+        weighting: Weighting,
+        output_type: str = "pil",
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+    ) -> tuple[list[WeightedPrompt], dict]:
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            raise UserError("no prompt given; pass at least one prompt string")
+        check_sampling_args(steps, guidance, num_images_per_prompt, batch_size, guidance_cutoff)
+        make_sampler(sampler, self.scheduler_config)  # fail on an unknown name before any work
+        sampler_timesteps(steps, self.scheduler_config["num_train_timesteps"])  # and on too many steps
+        weighting.check()
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"unknown output_type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}")
+        parsed = [parse_prompt(p) for p in prompts]
+        return parsed, {
+            "steps": steps,
+            "guidance": guidance,
+            "guidance_cutoff": guidance_cutoff,
+            "sampler": sampler,
+            "negative_prompt": negative_prompt,
+        }
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 3.0,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | None = None,
+        batch_size: int = 16,
+        attention_maps: MapOptions | bool = False,
+        weighting: Weighting | None = None,
+        attention_controller: AttentionController | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        progress: bool = True,
+    ) -> PipelineOutput:
+        """Sample `num_images_per_prompt` images for each prompt; image i of a prompt uses noise
+        seed `seed + i`, whatever the batch size.
+
+        Prompts may use the weighting syntax `a (red:1.5) circle` (see diffusion/control/prompts.py);
+        `weighting` chooses how weights act (default: reweight the cross-attention probabilities).
+        guidance_cutoff: classifier-free guidance acts in the first this fraction of the steps,
+        the conditional rows alone denoise the rest (`denoise`; 1: every step).
+        attention_maps: True (or a MapOptions) also returns one dict per image, word label ->
+        (R, R) map (DAAM-style aggregate over heads, layers and steps).
+        generator: as in diffusers, instead of `seed`: one torch.Generator for all the images
+        (drawn in order, so an image then depends on the ones before it) or a list with one per
+        image; output_type: "pil", "pt" or "np" (see PipelineOutput); callback_on_step_end: as
+        `denoise`. `generate` gives the images batch by batch."""
+        batches = list(
+            self.generate(
+                prompt,
+                num_images_per_prompt,
+                seed,
+                steps,
+                guidance,
+                guidance_cutoff,
+                sampler,
+                negative_prompt,
+                batch_size,
+                attention_maps,
+                weighting,
+                attention_controller,
+                generator,
+                output_type,
+                callback_on_step_end,
+                progress,
+            )
+        )
+        images = [b.images for b in batches]
+        if output_type == "pil":
+            images = [image for batch in images for image in batch]
+        else:
+            images = torch.cat(images) if output_type == "pt" else np.concatenate(images)
+        maps = [m for b in batches for m in b.attention_maps] if batches[0].attention_maps is not None else None
+        return PipelineOutput(
+            images,
+            [p for b in batches for p in b.prompts],
+            [s for b in batches for s in b.seeds],
+            batches[0].settings,
+            maps,
+        )
+
+    def generate(
+        self,
+        prompt: str | list[str],
+        num_images_per_prompt: int = 1,
+        seed: int = 0,
+        steps: int = 20,
+        guidance: float = 3.0,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | None = None,
+        batch_size: int = 16,
+        attention_maps: MapOptions | bool = False,
+        weighting: Weighting | None = None,
+        attention_controller: AttentionController | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        callback_on_step_end=None,
+        progress: bool = True,
+    ) -> Iterator[PipelineOutput]:
+        """`__call__` one batch at a time: yields a PipelineOutput of at most `batch_size` images
+        per batch, in order (prompt-major), so that any number of images can be written out as
+        they are made without holding them all. Arguments as `__call__`."""
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        weighting = weighting or Weighting()
+        maps = MapOptions() if attention_maps is True else (attention_maps or None)
+        parsed, settings = self._prepare(
+            prompts,
+            steps,
+            guidance,
+            sampler,
+            negative_prompt,
+            num_images_per_prompt,
+            batch_size,
+            weighting,
+            output_type,
+            guidance_cutoff,
+        )
+        total = len(prompts) * num_images_per_prompt
+        if isinstance(generator, list) and len(generator) != total:
+            raise UserError(f"{len(generator)} generators for {total} images; pass one per image, or one for all")
+        recorded = {
+            **settings,
+            "negative_prompt": negative_prompt or "",
+            "weight_mode": weighting.mode,
+            "weight_context": weighting.context,
+            "weight_steps": list(weighting.window),
+            "mixed_precision": self.mixed_precision,
+        }
+        starts = range(0, total, batch_size)
+        for start in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
+            jobs = [divmod(j, num_images_per_prompt) for j in range(start, min(total, start + batch_size))]
+            if generator is None:
+                seeds = [seed + i for _, i in jobs]
+                generators = [torch.Generator().manual_seed(s) for s in seeds]
+            else:
+                seeds = [None] * len(jobs)
+                generators = (
+                    generator if isinstance(generator, torch.Generator) else generator[start : start + len(jobs)]
+                )
+            x, batch_maps = self.sample_batch(
+                [parsed[k] for k, _ in jobs],
+                generators,
+                settings,
+                maps,
+                weighting,
+                attention_controller,
+                callback_on_step_end=callback_on_step_end,
+                progress=progress,
+            )
+            yield PipelineOutput(
+                convert(x, output_type),
+                [prompts[k] for k, _ in jobs],
+                seeds,
+                recorded,
+                batch_maps if maps is not None else None,
+            )
+
+    def swap(
+        self,
+        source: str,
+        edit: str,
+        num_images: int = 1,
+        seed: int = 0,
+        edit_steps: float = DEFAULT_EDIT_STEPS,
+        steps: int = 20,
+        guidance: float = 3.0,
+        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
+        sampler: str = DEFAULT_SAMPLER,
+        negative_prompt: str | None = None,
+        attention_maps: MapOptions | bool = False,
+        weighting: Weighting | None = None,
+        local_blend: bool = False,
+        keep_layout: bool | None = None,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> tuple[PipelineOutput, PipelineOutput]:
+        """Prompt-to-Prompt word swap / refinement: draw `source` and `edit` from the same noise,
+        injecting the source's cross-attention maps into the edit for the first `edit_steps`
+        fraction of the steps, so the layout stays and the swapped words change. Tokens of the
+        two prompts are aligned word by word (prompts.align_tokens); added words keep their own
+        maps. local_blend: outside the changed words' maps the edit keeps the source's pixels
+        (`LocalBlend`). keep_layout: the other words keep the source's maps at every step, not
+        only in the first `edit_steps`, so the outlines stay and only the swapped word's thing
+        changes within them. None (auto, `prompts.swap_kind`): on for a recolouring; for a
+        resizing, the other objects' words keep the source's maps at every step and the resized
+        object's words (`prompts.object_phrase`) take none, so it is drawn anew at its new size;
+        off for other swaps, since a new shape needs its outline free. The settings record it as
+        "on", "off" or "redraw object". batch_size: pairs denoised together. Returns (source
+        output, edit output)."""
+        weighting = weighting or Weighting()
+        maps = MapOptions() if attention_maps is True else (attention_maps or None)
+        parsed, settings = self._prepare(
+            [source, edit],
+            steps,
+            guidance,
+            sampler,
+            negative_prompt,
+            num_images,
+            batch_size,
+            weighting,
+            guidance_cutoff=guidance_cutoff,
+        )
+        outputs = ([], []), ([], [])
+        starts = range(0, num_images, batch_size)
+        for start in tqdm(starts, desc="pairs", disable=not progress or len(starts) == 1):
+            count = min(batch_size, num_images - start)
+            x, pair_maps = self.swap_batch(
+                [(parsed[0], parsed[1])] * count,
+                [seed + start + k for k in range(count)],
+                edit_steps,
+                settings,
+                weighting,
+                maps,
+                local_blend,
+                progress,
+                keep_layout,
+            )
+            for k, image in enumerate(to_pil(x)):
+                outputs[k % 2][0].append(image)
+                outputs[k % 2][1].append(pair_maps[k] if pair_maps else None)
+        settings = {
+            **settings,
+            "negative_prompt": negative_prompt or "",
+            "edit_steps": edit_steps,
+            "local_blend": local_blend,
+            "keep_layout": self.swap_plan([(parsed[0], parsed[1])], keep_layout)[4][0],
+        }
+        return tuple(
+            PipelineOutput(
+                images,
+                [text] * num_images,
+                [seed + i for i in range(num_images)],
+                settings,
+                word_maps if maps is not None else None,
+            )
+            for (images, word_maps), text in zip(outputs, (source, edit))
+        )
+
+    def swap_batch(
+        self,
+        pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]],
+        seeds: list[int],
+        edit_steps: float,
+        settings: dict,
+        weighting: Weighting,
+        maps: MapOptions | None = None,
+        local_blend: bool = False,
+        progress: bool = False,
+        keep_layout: bool | None = None,
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
+        """Several (source, edit) pairs in one batch, pair k from noise seed seeds[k] for both
+        images (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in
+        turn, and their word maps when `maps` is given."""
+        if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
+            raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
+        parsed, mapping, changed, keep, _ = self.swap_plan(pairs, keep_layout)
+        blend = LocalBlend(changed, self.unet.config.sample_size) if local_blend else None
+        seeds = [seed for seed in seeds for _ in range(2)]
+        return self.sample_batch(
+            parsed,
+            seeds,
+            settings,
+            maps,
+            weighting,
+            blend,
+            swap_mapping=mapping,
+            swap_fraction=edit_steps,
+            swap_keep=keep,
+            callback_on_step_end=blend,
+            progress=progress,
+        )
+
+    def swap_plan(
+        self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], keep_layout: bool | None = None
+    ) -> tuple[list[WeightedPrompt], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
+        """How a word swap acts on each (source, edit) pair: the parsed prompts (2P, source and edit
+        in turn), the token mapping (P, T) (`prompts.align_tokens`, with -1 for the tokens of a
+        resized object), the changed tokens (2P, T) (`changed_tokens`), the edit tokens that keep
+        the source's maps at every step (P, T), and each pair's layout: "on", "off" or "redraw
+        object" (see `swap`'s keep_layout)."""
+        parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
+        texts = [p.text for p in parsed]
+        offsets = self.encoder.offsets(texts)  # (2P, T, 2)
+        T = offsets.shape[1]
+        mapping = torch.stack(
+            [
+                align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
+                for k in range(len(pairs))
+            ]
+        )  # (P, T)
+        changed = changed_tokens(self.encoder.token_ids(texts), offsets, mapping)
+        keep = torch.zeros_like(mapping, dtype=torch.bool)
+        layouts = []
+        for k in range(len(pairs)):
+            source, edit = 2 * k, 2 * k + 1
+            kind = None
+            if keep_layout is None:
+                kind = swap_kind(
+                    texts[source], offsets[source], changed[source], texts[edit], offsets[edit], changed[edit]
+                )
+            if keep_layout or kind == "recolour":
+                keep[k] = ~changed[edit]
+                layouts.append("on")
+            elif kind == "resize":
+                # the source's maps hold the object's old outline: its words draw it anew from the
+                # first step, and every other word keeps the source's maps at every step
+                redrawn = torch.tensor(object_phrase(texts[edit], offsets[edit], changed[edit])) | changed[edit]
+                mapping[k, redrawn] = -1
+                keep[k] = ~redrawn
+                layouts.append("redraw object")
+            else:
+                layouts.append("off")
+        return parsed, mapping, changed, keep, layouts
+
+
+def convert(x: torch.Tensor, output_type: str):
+    """(B, 3, R, R) in [-1, 1] as `output_type` asks (see PipelineOutput)."""
+    if output_type == "pil":
+        return to_pil(x)
+    if output_type == "pt":
+        return (x.float().cpu() + 1) / 2
+    return ((x.float().cpu() + 1) / 2).permute(0, 2, 3, 1).numpy()
+
+
+def merge_word_maps(token_maps: torch.Tensor, prompt: str, offsets: torch.Tensor) -> dict[str, torch.Tensor]:
+    """(T, R, R) token maps of one prompt -> {word label: (R, R)}: the sum of the maps of the
+    word's tokens (tied by character offsets), start/end/padding tokens left out."""
+    words = split_words(prompt)
+    merged = {}
+    for t, w in enumerate(token_word_index(offsets, words)):
+        if w is not None:
+            label = words[w].label
+            merged[label] = merged[label] + token_maps[t] if label in merged else token_maps[t].clone()
+    return merged
