@@ -13,8 +13,8 @@ any CLIP folder, so the measurement is of the data path, not of training a CLIP.
 go to `runs/bench_image_folder/embeddings/`: a rerun reads them instead of writing them.
 
 Each size trains `--steps` steps of a small UNet (channels 32/64/128, attention at 16 px, batch
-32, data.workers as configured: 2 by default) in a fresh process, run the way train.py runs (huge
-pages for malloc), which reports its own peak resident memory (`getrusage` ru_maxrss of
+32, data.workers as configured: 2 by default) in a fresh process, run the way train.py runs (malloc
+kept on the heap, `cli.tune_malloc`), which reports its own peak resident memory (`getrusage` ru_maxrss of
 RUSAGE_SELF, and of RUSAGE_CHILDREN: the largest DataLoader worker), its images/s over
 `Trainer.run` (the validation grid and checkpoint at the end included, both tiny here) and its
 start-up time (the image check, the text states, the model). `--compare-with DIR` runs the same
@@ -151,7 +151,10 @@ def child(code: str, config_file: str, output_dir: str) -> None:
 
     tune_malloc()
     begin = time.time()
-    from diffusion import training
+    try:
+        from diffusion.training import loop as training
+    except ImportError:  # --compare-with a checkout from before the package had folders
+        from diffusion import training
     from diffusion.config import config_from_dict
 
     cfg = config_from_dict(json.loads(Path(config_file).read_text()))

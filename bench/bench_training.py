@@ -1,15 +1,15 @@
 """How fast the default trains here, and how close that is to what the CPU can do.
 
-    python bench/bench_training.py                      # about 2 minutes on 2 idle cores
+    python bench/bench_training.py                      # minutes on a laptop CPU; run it alone
     python bench/bench_training.py --steps 30 --json runs/bench_training.json
 
 Measures, on this machine and its current load (run it alone):
 - the matmul peak: the best of several 2048^3 products in bf16 and in float32 (GFLOP/s);
-- the default UNet's training step as `train.py` runs it (`training.TrainStep`: bf16 autocast
+- the default UNet's training step as `train.py` runs it (`training.loop.TrainStep`: bf16 autocast
   where the CPU has it, the grounding losses, fused AdamW), on a batch of the default's size from
   the real shapes data: images/s, the step's FLOPs (forward + backward, `torch.utils.flop_counter`)
   and the GFLOP/s they make, as a share of the bf16 peak;
-- the small CLIP's contrastive step (`clip_training.train_clip`) in float32 and in bf16 autocast,
+- the small CLIP's contrastive step (`training.clip.train_clip`) in float32 and in bf16 autocast,
   seconds per step.
 
 Timings are the best of `--rounds` interleaved rounds, so a busy neighbour hurts all alike; the
@@ -31,12 +31,13 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.cli import tune_malloc
 from diffusion.config import Config
+from diffusion.data.batches import InMemoryData, drop_captions
 from diffusion.data.datasets import build_dataset
 from diffusion.model.text_encoder import TextEncoder
 from diffusion.precision import resolve_mixed_precision
 from diffusion.training.clip import fit_tokenizer, train_clip
 from diffusion.training.grounding import GroundingLoss, grounding_targets
-from diffusion.training.loop import InMemoryData, TrainStep, drop_captions, new_optimizer, new_unet, noise_schedule
+from diffusion.training.loop import TrainStep, new_optimizer, new_unet, noise_schedule
 
 
 def cpu_name() -> str:
@@ -75,6 +76,36 @@ def small_clip(cfg: Config, captions: list[str], folder: Path) -> TextEncoder:
         mask_eos=cfg.text.mask_eos,
         concat_token_embeddings=cfg.text.concat_token_embeddings,
     )
+
+
+def summarise(results: dict[str, list[float]], flops: int, cfg: Config, accelerator: Accelerator) -> dict:
+    """Print the best of each timing's rounds and what follows from them; returns the report."""
+    best = {name: (max(values) if "GFLOP" in name else min(values)) for name, values in results.items()}
+    images_per_s = cfg.train.batch_size / best["step s"]
+    gflops = flops / best["step s"] / 1e9
+    report = {
+        **best,
+        "images/s": images_per_s,
+        "GFLOP per image": flops / cfg.train.batch_size / 1e9,
+        "step GFLOP/s": gflops,
+        "share of the bf16 peak": gflops / best["bf16 peak GFLOP/s"],
+        "threads": torch.get_num_threads(),
+        "mixed precision": accelerator.mixed_precision,
+        "cpu": cpu_name(),
+    }
+    print(f"CPU: {report['cpu']}")
+    print(f"matmul peak: bf16 {best['bf16 peak GFLOP/s']:.0f} GFLOP/s, float32 {best['float32 peak GFLOP/s']:.0f}")
+    print(
+        f"UNet training step (batch {cfg.train.batch_size}, {accelerator.mixed_precision}, "
+        f"{torch.get_num_threads()} threads): {best['step s'] * 1000:.1f} ms, {images_per_s:.0f} images/s, "
+        f"{report['GFLOP per image']:.2f} GFLOP per image, {gflops:.0f} GFLOP/s = "
+        f"{report['share of the bf16 peak']:.0%} of the bf16 peak"
+    )
+    print(
+        f"small CLIP step (batch {cfg.text.batch_size}): float32 {best['clip float32 s/step']:.3f} s, "
+        f"bf16 autocast {best['clip bf16 s/step']:.3f} s"
+    )
+    return report
 
 
 def main() -> None:
@@ -147,31 +178,7 @@ def main() -> None:
                 name = "clip float32 s/step" if precision == "no" else "clip bf16 s/step"
                 results[name].append((time.perf_counter() - start) / args.clip_steps)
 
-    best = {name: (max(values) if "GFLOP" in name else min(values)) for name, values in results.items()}
-    images_per_s = cfg.train.batch_size / best["step s"]
-    gflops = flops / best["step s"] / 1e9
-    report = {
-        **best,
-        "images/s": images_per_s,
-        "GFLOP per image": flops / cfg.train.batch_size / 1e9,
-        "step GFLOP/s": gflops,
-        "share of the bf16 peak": gflops / best["bf16 peak GFLOP/s"],
-        "threads": torch.get_num_threads(),
-        "mixed precision": accelerator.mixed_precision,
-        "cpu": cpu_name(),
-    }
-    print(f"CPU: {report['cpu']}")
-    print(f"matmul peak: bf16 {best['bf16 peak GFLOP/s']:.0f} GFLOP/s, float32 {best['float32 peak GFLOP/s']:.0f}")
-    print(
-        f"UNet training step (batch {cfg.train.batch_size}, {accelerator.mixed_precision}, "
-        f"{torch.get_num_threads()} threads): {best['step s'] * 1000:.1f} ms, {images_per_s:.0f} images/s, "
-        f"{report['GFLOP per image']:.2f} GFLOP per image, {gflops:.0f} GFLOP/s = "
-        f"{report['share of the bf16 peak']:.0%} of the bf16 peak"
-    )
-    print(
-        f"small CLIP step (batch {cfg.text.batch_size}): float32 {best['clip float32 s/step']:.3f} s, "
-        f"bf16 autocast {best['clip bf16 s/step']:.3f} s"
-    )
+    report = summarise(results, flops, cfg, accelerator)
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
 

@@ -65,8 +65,8 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
 def default_file_modes(path: Path) -> None:
     """Give the .safetensors files at `path` (a file, or a folder searched recursively) the mode
     an ordinary new file gets (0o666 less the umask). safetensors 0.8 writes through a temporary
-    file created 0o600 (safetensors issue #782), which would leave a saved model readable by its
-    owner only, beside config files everyone may read."""
+    file created private (0o600), then renamed: without this a saved model would be readable by its
+    owner only, beside config files that everyone may read."""
     path = Path(path)
     umask = os.umask(0)
     os.umask(umask)

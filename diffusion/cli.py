@@ -48,8 +48,9 @@ def tune_malloc() -> bool:
 
     PyTorch on CPU frees and allocates activation-sized blocks at every step. By default glibc
     serves large ones from fresh mmaps, which the kernel zeroes and faults in again, 4 KiB at a
-    time, each time (about 20,000 page faults per training step of the default model); kept on the
-    heap, a step faults nothing and trains about 1.25x as fast, with the same results bit for bit.
+    time, each time: a training step spends much of its time in page faults. Kept on the heap, the
+    blocks are reused, a step faults nothing and runs faster, with the same results bit for bit
+    (the measurement: docs/what-we-tried.md).
     Returns whether it applied: not off glibc, and not when GLIBC_TUNABLES already sets malloc up
     (which is also the way to opt out: GLIBC_TUNABLES=glibc.malloc.mmap_max=65536)."""
     if "glibc.malloc." in os.environ.get("GLIBC_TUNABLES", ""):

@@ -321,6 +321,16 @@ def _merge(section, values: dict, prefix: str) -> None:
 
 
 def _validate(cfg: Config) -> None:
+    """Raise UserError for the first setting, or combination of settings, that cannot run: each
+    value on its own first, then the UNet's shape, then the options that need one another."""
+    _check_values(cfg)
+    levels = _check_levels(cfg)
+    _check_combinations(cfg)
+    _check_resolutions(cfg, levels)
+
+
+def _check_values(cfg: Config) -> None:
+    """Each value on its own: finite, one of its choices, within its range."""
     flat = {}
     for section in dataclasses.fields(cfg):
         for name, value in dataclasses.asdict(getattr(cfg, section.name)).items():
@@ -345,6 +355,10 @@ def _validate(cfg: Config) -> None:
             f"data.workers must be 0 (decode images in the training process) or a number of worker "
             f"processes such as 2, got {cfg.data.workers}"
         )
+
+
+def _check_levels(cfg: Config) -> list[int]:
+    """The UNet's widths and the image side they halve; returns each level's side in pixels."""
     if not cfg.model.channels or any(c <= 0 for c in cfg.model.channels):
         raise UserError(f"model.channels must be a non-empty list of positive widths, got {cfg.model.channels}")
     for c in cfg.model.channels:
@@ -353,12 +367,16 @@ def _validate(cfg: Config) -> None:
                 f"model.channels entries must be multiples of 8 and of model.attention_heads "
                 f"({cfg.model.attention_heads}), got {c}"
             )
-    levels = [cfg.data.resolution // 2**i for i in range(len(cfg.model.channels))]
     if cfg.data.resolution % 2 ** (len(cfg.model.channels) - 1):
         raise UserError(
             f"data.resolution ({cfg.data.resolution}) must be divisible by "
             f"2^(levels-1) = {2 ** (len(cfg.model.channels) - 1)} for model.channels"
         )
+    return [cfg.data.resolution // 2**i for i in range(len(cfg.model.channels))]
+
+
+def _check_combinations(cfg: Config) -> None:
+    """Options that need another option, or another kind of data."""
     if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
         raise UserError(
             "train.grounding_weight needs object masks, which only data.kind shapes has; "
@@ -384,6 +402,10 @@ def _validate(cfg: Config) -> None:
             f"train.timestep_bias_multiplier=0 with train.timestep_bias_portion={train.timestep_bias_portion} "
             "leaves no timestep to train on; lower the portion (e.g. 0.5) or raise the multiplier"
         )
+
+
+def _check_resolutions(cfg: Config, levels: list[int]) -> None:
+    """The lists of sides (px) that pick UNet levels: each must name a level that has what it asks for."""
     for r in cfg.train.grounding_resolutions or []:
         if r not in cfg.model.attention_resolutions:
             raise UserError(
@@ -396,24 +418,25 @@ def _validate(cfg: Config) -> None:
                 f"model.attention_resolutions has {r}, but the UNet's levels are at "
                 f"{levels} px for data.resolution {cfg.data.resolution}"
             )
-    if cfg.model.token_value_resolutions is not None:
-        if not cfg.model.values_from_token_embeddings:
+    if cfg.model.token_value_resolutions is None:
+        return
+    if not cfg.model.values_from_token_embeddings:
+        raise UserError(
+            "model.token_value_resolutions picks the levels of model.values_from_token_embeddings, "
+            "which is off; set model.values_from_token_embeddings=true or remove it"
+        )
+    if not cfg.model.token_value_resolutions:
+        raise UserError(
+            "model.token_value_resolutions is empty, which would apply the option nowhere; "
+            "list sides such as [16], or set it to null for every cross-attention"
+        )
+    attended = set(cfg.model.attention_resolutions) | {levels[-1]}  # the middle block always attends
+    for r in cfg.model.token_value_resolutions:
+        if r not in attended:
             raise UserError(
-                "model.token_value_resolutions picks the levels of model.values_from_token_embeddings, "
-                "which is off; set model.values_from_token_embeddings=true or remove it"
+                f"model.token_value_resolutions has {r}, but cross-attention runs at "
+                f"{sorted(attended, reverse=True)} px"
             )
-        if not cfg.model.token_value_resolutions:
-            raise UserError(
-                "model.token_value_resolutions is empty, which would apply the option nowhere; "
-                "list sides such as [16], or set it to null for every cross-attention"
-            )
-        attended = set(cfg.model.attention_resolutions) | {levels[-1]}  # the middle block always attends
-        for r in cfg.model.token_value_resolutions:
-            if r not in attended:
-                raise UserError(
-                    f"model.token_value_resolutions has {r}, but cross-attention runs at "
-                    f"{sorted(attended, reverse=True)} px"
-                )
 
 
 def field_comments(section) -> dict[str, str]:

@@ -278,7 +278,8 @@ def test_class_defaults_agree_with_the_config():
     config builds: one set of defaults, not three that drift apart."""
     import inspect
 
-    from diffusion.data.datasets import build_dataset, whole_captions
+    from diffusion.data.captions import whole_captions
+    from diffusion.data.datasets import build_dataset
     from diffusion.data.shapes import ShapesDataset
     from diffusion.model.text_encoder import TextEncoder
     from diffusion.model.unet import UNet, unet_settings

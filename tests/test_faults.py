@@ -122,7 +122,7 @@ def test_a_full_disk_while_a_checkpoint_is_written_keeps_the_previous_one(
 
 
 def test_a_full_disk_while_the_model_is_exported_keeps_the_previous_export(run_copy, tiny_dict, monkeypatch):
-    from diffusion import text_encoder
+    from diffusion.model import text_encoder
 
     save = text_encoder.TextEncoder.save_pretrained
 

@@ -1,4 +1,5 @@
-"""Tests for diffusion/training/loop.py and diffusion/checkpoint.py: what a run writes, resuming, failures."""
+"""Tests for diffusion/training/loop.py, diffusion/data/batches.py and diffusion/checkpoint.py: what a run writes,
+resuming, failures."""
 
 import copy
 import hashlib
@@ -268,8 +269,8 @@ def test_the_small_clip_learns_from_every_object_count_equally():
     """With data.object_weights the UNet sees the weighted mix, but the CLIP trains on the same
     seed's uniform mix (see `clip_training_data` for why)."""
     from diffusion.config import load_config
+    from diffusion.data.captions import clip_training_data
     from diffusion.data.datasets import build_dataset
-    from diffusion.training.loop import clip_training_data
 
     cfg = load_config(None, ["data.num_samples=400", "data.object_weights=[1,0,0,0]"])
     dataset = build_dataset(cfg.data)
@@ -367,11 +368,11 @@ def streaming_data(folder, cache, seed=0, workers=0, **options):
     """StreamingData over `folder`, with a tiny untrained CLIP text encoder."""
     from transformers import CLIPTextModel
 
+    from diffusion.data.batches import StreamingData
     from diffusion.data.image_folder import ImageFolderDataset
     from diffusion.data.text_states import EmbeddingStore, cache_folder
     from diffusion.model.text_encoder import TextEncoder
     from diffusion.training.clip import clip_text_config, fit_tokenizer
-    from diffusion.training.loop import StreamingData
 
     dataset = ImageFolderDataset(folder, 16, **options)
     captions = dataset.captions()
@@ -486,8 +487,8 @@ def test_bad_data_workers_is_a_one_line_error(value, message):
 
 
 def test_the_small_clip_sees_at_most_as_many_folder_images_as_it_draws(image_folder, tiny_dict, tmp_path):
+    from diffusion.data.batches import folder_clip_data
     from diffusion.data.image_folder import ImageFolderDataset
-    from diffusion.training.loop import folder_clip_data
 
     tiny_dict["text"].update(steps=2, batch_size=3)  # 6 draws, from a folder of 10
     cfg = folder_config(tiny_dict, image_folder, tmp_path)
@@ -516,8 +517,8 @@ def test_the_small_clip_learns_every_caption_whole_and_its_tokenizer_covers_the_
     """Captions that leave an attribute out are for the UNet; the small CLIP learns from the same
     scenes with every colour, shape and place named, and its tokenizer knows the UNet's words."""
     from diffusion.config import config_from_dict
+    from diffusion.data.captions import clip_training_data
     from diffusion.model.text_encoder import TextEncoder
-    from diffusion.training.loop import clip_training_data
 
     tiny_dict["data"].update(omit_colour=0.5, omit_shape=0.5, omit_position=0.5)
     cfg = config_from_dict(tiny_dict)
@@ -535,10 +536,11 @@ def test_captions_leave_words_out_only_from_data_omit_from_on(tiny_dict, tmp_pat
     """data.omit_from: the first draws read whole captions, the later ones the same images with
     captions that leave the colour out, each with its own grounding targets; a run resumed after
     the switch reads the later captions from its first draw."""
+    from diffusion.data.batches import prepare_data
     from diffusion.data.shapes import COLOURS
     from diffusion.model.text_encoder import EmbeddingCache
     from diffusion.training.grounding import grounding_targets
-    from diffusion.training.loop import make_accelerator, prepare_data
+    from diffusion.training.loop import make_accelerator
 
     tiny_dict["data"].update(omit_colour=1.0, omit_shape=0.0, omit_position=0.0, omit_from=0.5)
     cfg = config_from_dict(tiny_dict)  # 4 steps: whole captions for steps 0-1, partial from step 2

@@ -4,24 +4,17 @@ Both datasets (`shapes.ShapesDataset`, the default, and `image_folder.ImageFolde
 the same items, `{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`,
 and offer `captions()` (every caption, without loading pixels). A shapes set is rendered whole
 into memory for training (`render_all()`); an image folder is decoded batch by batch from disk
-(`training.StreamingData`).
+(`batches.StreamingData`). Which captions of a shapes set each stage of training reads is the
+caption curriculum's (captions.py).
 """
 
 from __future__ import annotations
-
-import dataclasses
 
 from torch.utils.data import Dataset
 
 from diffusion.data.image_folder import ImageFolderDataset
 from diffusion.data.shapes import Omission, ShapesDataset
 from diffusion.errors import UserError
-
-
-def whole_captions(data_config):
-    """`data_config` (the config's `data` section) with every object's colour, shape and position
-    named in every caption: what the small CLIP learns from, and a curriculum's first captions."""
-    return dataclasses.replace(data_config, omit_colour=0.0, omit_shape=0.0, omit_position=0.0)
 
 
 def build_dataset(data_config) -> Dataset:

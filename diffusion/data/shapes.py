@@ -127,7 +127,8 @@ class Omission:
     (the object's position phrase; relations are kept), and `size`, the share of objects whose
     size word is left out (half of them by default, as the set always had). Colour, shape and
     position are left out only in captions of at most `max_objects` objects, so that captions
-    of more objects, which teach binding and composition, can stay whole."""
+    of more objects, which teach binding and composition, can stay whole. When in a run such
+    captions are read is the caption curriculum's (data/captions.py)."""
 
     colour: float = 0.0
     shape: float = 0.0

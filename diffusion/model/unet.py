@@ -80,6 +80,48 @@ class Level(nn.Module):
         )
 
 
+class _LevelMaker:
+    """Makes the Levels of one UNet: the settings every level shares, and what follows from a
+    level's side (whether it attends, its position grid, where its values start)."""
+
+    def __init__(
+        self,
+        time_dim: int,
+        context_dim: int,
+        heads: int,
+        attention_resolutions,
+        dropout: float,
+        position_embedding: bool,
+        value_context_start: int,
+        value_context_resolutions,
+    ):
+        self.time_dim, self.context_dim, self.heads, self.dropout = time_dim, context_dim, heads, dropout
+        self.attention_resolutions, self.position_embedding = attention_resolutions, position_embedding
+        self.value_context_start, self.value_context_resolutions = value_context_start, value_context_resolutions
+
+    def position_grid(self, resolution: int) -> int | None:
+        return resolution if self.position_embedding else None
+
+    def value_start(self, resolution: int) -> int:
+        if self.value_context_resolutions is None or resolution in self.value_context_resolutions:
+            return self.value_context_start
+        return 0
+
+    def level(self, in_channels: list[int], width: int, resolution: int, name: str) -> Level:
+        return Level(
+            in_channels,
+            width,
+            self.time_dim,
+            self.context_dim,
+            self.heads,
+            resolution in self.attention_resolutions,
+            self.dropout,
+            name,
+            self.position_grid(resolution),
+            self.value_start(resolution),
+        )
+
+
 class UNet(ModelMixin, ConfigMixin):
     @register_to_config
     def __init__(
@@ -114,77 +156,62 @@ class UNet(ModelMixin, ConfigMixin):
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
         self.conv_in = nn.Conv2d(in_channels * (2 if self_conditioning else 1), channels[0], 3, padding=1)
         self.resolutions = [sample_size // 2**i for i in range(len(channels))]
-
-        def value_start(resolution: int) -> int:
-            if value_context_resolutions is None or resolution in value_context_resolutions:
-                return value_context_start
-            return 0
-
-        self.down = nn.ModuleList()
-        self.downsamples = nn.ModuleList()
-        previous = channels[0]
-        for i, width in enumerate(channels):
-            attention = self.resolutions[i] in attention_resolutions
-            ins = [previous] + [width] * (blocks_per_level - 1)
-            grid = self.resolutions[i] if position_embedding else None
-            self.down.append(
-                Level(
-                    ins,
-                    width,
-                    time_dim,
-                    context_dim,
-                    attention_heads,
-                    attention,
-                    dropout,
-                    f"down.{i}",
-                    grid,
-                    value_start(self.resolutions[i]),
-                )
-            )
-            last = i == len(channels) - 1
-            self.downsamples.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
-            previous = width
-
+        levels = _LevelMaker(
+            time_dim,
+            context_dim,
+            attention_heads,
+            attention_resolutions,
+            dropout,
+            position_embedding,
+            value_context_start,
+            value_context_resolutions,
+        )
+        # The modules are made in the order of their parameters in a checkpoint (down, middle, up),
+        # which is also the order their initial weights are drawn in.
+        previous = self._make_down_path(channels, blocks_per_level, levels)
         self.mid_resnet1 = ResBlock(previous, previous, time_dim, dropout)
         self.mid_attention = TransformerBlock(
             previous,
             context_dim,
             attention_heads,
             "mid.attn.0",
-            position_grid=self.resolutions[-1] if position_embedding else None,
-            value_start=value_start(self.resolutions[-1]),
+            position_grid=levels.position_grid(self.resolutions[-1]),
+            value_start=levels.value_start(self.resolutions[-1]),
         )
         self.mid_resnet2 = ResBlock(previous, previous, time_dim, dropout)
-
-        self.up = nn.ModuleList()
-        self.upsamples = nn.ModuleList()
-        for i in reversed(range(len(channels))):
-            width = channels[i]
-            attention = self.resolutions[i] in attention_resolutions
-            # every block takes one skip connection from the same level of the down path
-            ins = [previous + width] + [2 * width] * (blocks_per_level - 1)
-            grid = self.resolutions[i] if position_embedding else None
-            self.up.append(
-                Level(
-                    ins,
-                    width,
-                    time_dim,
-                    context_dim,
-                    attention_heads,
-                    attention,
-                    dropout,
-                    f"up.{i}",
-                    grid,
-                    value_start(self.resolutions[i]),
-                )
-            )
-            self.upsamples.append(nn.Conv2d(width, channels[i - 1], 3, padding=1) if i > 0 else nn.Identity())
-            previous = channels[i - 1] if i > 0 else width
-
+        self._make_up_path(channels, blocks_per_level, levels, previous)
         self.norm_out = nn.GroupNorm(8, channels[0])
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+
+    def _make_down_path(self, channels, blocks_per_level: int, levels: _LevelMaker) -> int:
+        """`self.down` (a Level per width) and `self.downsamples` (a strided conv after each but
+        the last); returns the width entering the middle."""
+        self.down = nn.ModuleList()
+        self.downsamples = nn.ModuleList()
+        previous = channels[0]
+        for i, width in enumerate(channels):
+            ins = [previous] + [width] * (blocks_per_level - 1)
+            self.down.append(levels.level(ins, width, self.resolutions[i], f"down.{i}"))
+            last = i == len(channels) - 1
+            self.downsamples.append(nn.Identity() if last else nn.Conv2d(width, width, 3, stride=2, padding=1))
+            previous = width
+        return previous
+
+    def _make_up_path(self, channels, blocks_per_level: int, levels: _LevelMaker, previous: int) -> None:
+        """`self.up` (a Level per width, narrowest first) and `self.upsamples` (a conv to the next
+        level's width after each but the last, which reads the upsampled map); `previous` is the
+        width leaving the middle."""
+        self.up = nn.ModuleList()
+        self.upsamples = nn.ModuleList()
+        for i in reversed(range(len(channels))):
+            width = channels[i]
+            # every block takes one skip connection from the same level of the down path
+            ins = [previous + width] + [2 * width] * (blocks_per_level - 1)
+            self.up.append(levels.level(ins, width, self.resolutions[i], f"up.{i}"))
+            self.upsamples.append(nn.Conv2d(width, channels[i - 1], 3, padding=1) if i > 0 else nn.Identity())
+            previous = channels[i - 1] if i > 0 else width
 
     def forward(
         self,

@@ -4,12 +4,20 @@ images and captions.
 `fit_tokenizer` fits a CLIP-format byte-level BPE vocabulary to the captions; `train_clip` trains
 a small CLIPModel (text and vision towers) and saves its text half and the tokenizer in the
 transformers format, so `TextEncoder.from_pretrained` loads it exactly like a pretrained CLIP.
+`prepare_text_encoder` is a run's text encoder stage: the pretrained CLIP a config names, or the
+small one trained once into the run's folder.
 """
+
+from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
+import time
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +26,15 @@ from tokenizers.models import BPE
 from tqdm.auto import tqdm
 from transformers import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPTokenizer, CLIPVisionConfig
 
+from diffusion import checkpoint as ckpt
 from diffusion.errors import UserError
-from diffusion.model.text_encoder import BYTE_ALPHABET, quiet_transformers
+from diffusion.model.text_encoder import BYTE_ALPHABET, TextEncoder, quiet_transformers
 from diffusion.precision import autocast
+
+if TYPE_CHECKING:  # for the annotations only: fitting a tokenizer or training a CLIP needs no accelerate
+    from accelerate import Accelerator
+
+    from diffusion.config import Config
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"
@@ -35,7 +49,7 @@ VISION_LAYERS = 2
 PROJECTION_DIM = 128
 # The small CLIP's MLP activation: PyTorch's fused GELU, one pass each way. CLIP's own quick_gelu,
 # x * sigmoid(1.702 x), runs as three elementwise passes forward and five backward over the CLIP's
-# largest activations, a third of a contrastive step.
+# largest activations, which made it a large share of a contrastive step (docs/what-we-tried.md).
 ACTIVATION = "gelu"
 
 
@@ -131,6 +145,38 @@ def train_clip(
     `TextEncoder.from_pretrained(out_dir)` loads. Returns the trained `CLIPModel` (both towers,
     eval mode, on `device`), e.g. to check retrieval.
     """
+    patch = _check_clip_settings(images, captions, config)
+    model = _new_clip(tokenizer, config, images.shape[-1], patch, device)
+    generator = torch.Generator().manual_seed(config.seed)
+    text = _CaptionTokens(captions, tokenizer, device)
+    images = images.to(device)
+    optimizer, schedule = _optimizer_and_schedule(model, config)
+
+    batch_size = min(config.batch_size, len(captions))
+    model.train()
+    bar = tqdm(range(config.steps), desc="clip", disable=not progress)
+    for _ in bar:
+        picks = torch.randint(len(captions), (batch_size,), generator=generator)  # (B,)
+        pixels = images[picks.to(device)].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+        loss = _contrastive_loss(model, text, picks, pixels, torch.device(device), mixed_precision)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+
+    model.eval()
+    out_dir = Path(out_dir)
+    with quiet_transformers():
+        model.text_model.save_pretrained(out_dir / "text_encoder")
+    tokenizer.save_pretrained(out_dir / "tokenizer")
+    return model
+
+
+def _check_clip_settings(images, captions, config) -> int:
+    """Raise UserError unless the images, captions and `config` make a CLIP; returns the side of
+    the vision tower's patches."""
     _check_training_data(images, captions)
     if config.width % TEXT_HEADS:
         raise UserError(f"clip width {config.width} must be a multiple of {TEXT_HEADS} (attention heads)")
@@ -140,8 +186,12 @@ def train_clip(
     patch = 8 if size >= 64 else 4
     if size % patch:
         raise UserError(f"clip images of {size} px do not split into {patch}-px patches; use a multiple of {patch}")
-    max_length = tokenizer.model_max_length
+    return patch
 
+
+def _new_clip(tokenizer: CLIPTokenizer, config, size: int, patch: int, device) -> CLIPModel:
+    """A freshly initialised small CLIP for `tokenizer`'s vocabulary and images of `size` px, on
+    `device`, seeded by config.seed."""
     text_config = clip_text_config(tokenizer, config.width, config.layers, TEXT_HEADS, hidden_act=ACTIVATION)
     vision_config = CLIPVisionConfig(
         image_size=size,
@@ -158,32 +208,42 @@ def train_clip(
     # Seed the initialisation without disturbing the caller's global random state.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        model = CLIPModel(clip_config).to(device)
-    generator = torch.Generator().manual_seed(config.seed)
+        return CLIPModel(clip_config).to(device)
 
-    # Tokenize each distinct caption once; a batch then refers to captions by index.
-    distinct = list(dict.fromkeys(captions))
-    row_of = {caption: row for row, caption in enumerate(distinct)}
-    caption_rows = torch.tensor([row_of[caption] for caption in captions])  # (N,)
-    too_long = sum(len(ids) > max_length for ids in tokenizer(distinct, verbose=False)["input_ids"])
-    if too_long:
-        warnings.warn(
-            f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
-            f"and are truncated; raise max_length to keep them whole"
+
+class _CaptionTokens:
+    """The training captions, each distinct one tokenized once: a batch refers to them by row.
+
+    caption_rows (N,): each caption's row; ids, mask (U_all, T): the rows' token ids and
+    attention mask, padded on the right; lengths (U_all,): their lengths in tokens."""
+
+    def __init__(self, captions: list[str], tokenizer: CLIPTokenizer, device):
+        max_length = tokenizer.model_max_length
+        distinct = list(dict.fromkeys(captions))
+        row_of = {caption: row for row, caption in enumerate(distinct)}
+        self.caption_rows = torch.tensor([row_of[caption] for caption in captions])  # (N,)
+        too_long = sum(len(ids) > max_length for ids in tokenizer(distinct, verbose=False)["input_ids"])
+        if too_long:
+            warnings.warn(
+                f"{too_long} of {len(distinct)} distinct captions are longer than {max_length} tokens "
+                f"and are truncated; raise max_length to keep them whole"
+            )
+        tokens = tokenizer(
+            distinct,
+            padding="max_length",
+            padding_side="right",  # trimming a batch to its longest caption cuts from the right
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
         )
-    tokens = tokenizer(
-        distinct,
-        padding="max_length",
-        padding_side="right",  # trimming a batch to its longest caption cuts from the right
-        truncation=True,
-        max_length=max_length,
-        return_tensors="pt",
-    )
-    all_ids = tokens["input_ids"].to(device)  # (U_all, T)
-    all_mask = tokens["attention_mask"].to(device)  # (U_all, T)
-    lengths = all_mask.sum(1)  # (U_all,)
-    images = images.to(device)
+        self.ids = tokens["input_ids"].to(device)  # (U_all, T)
+        self.mask = tokens["attention_mask"].to(device)  # (U_all, T)
+        self.lengths = self.mask.sum(1)  # (U_all,)
 
+
+def _optimizer_and_schedule(model: CLIPModel, config):
+    """AdamW (weight decay on the matrices only) and its schedule: linear warm-up over a tenth of
+    the steps (at most 100), then cosine decay to 0."""
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]  # biases, norms, logit scale
     optimizer = torch.optim.AdamW(
@@ -196,46 +256,37 @@ def train_clip(
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, config.steps - warmup)))
 
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
 
-    batch_size = min(config.batch_size, len(captions))
-    model.train()
-    bar = tqdm(range(config.steps), desc="clip", disable=not progress)
-    for _ in bar:
-        picks = torch.randint(len(captions), (batch_size,), generator=generator)  # (B,)
-        # Procedural captions repeat a lot within a batch, and an image must not be pushed away
-        # from a caption identical to its own. So the text side is de-duplicated: each image is
-        # classified among the batch's U distinct captions (no false negatives), and each caption
-        # must pick out all of its images (a soft target spread evenly over them).
-        rows, caption_of_image = torch.unique(caption_rows[picks], return_inverse=True)  # (U,), (B,)
-        rows, caption_of_image = rows.to(device), caption_of_image.to(device)
-        length = int(lengths[rows].max())  # causal attention: trimming trailing padding changes nothing
-        pixels = images[picks.to(device)].float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
-        with autocast(torch.device(device), mixed_precision):
-            text = model.text_model(input_ids=all_ids[rows, :length], attention_mask=all_mask[rows, :length])
-            vision = model.vision_model(pixel_values=pixels)
-        text_embeds = F.normalize(model.text_projection(text.pooler_output.float()), dim=-1)  # (U, P)
-        image_embeds = F.normalize(model.visual_projection(vision.pooler_output.float()), dim=-1)  # (B, P)
-        # CLIP caps the temperature at 100 so the logits cannot blow up.
-        logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (B, U)
-        image_loss = F.cross_entropy(logits, caption_of_image)
-        images_of_caption = F.one_hot(caption_of_image, len(rows)).T.float()  # (U, B)
-        text_loss = F.cross_entropy(logits.T, images_of_caption / images_of_caption.sum(1, keepdim=True))
-        loss = (image_loss + text_loss) / 2
 
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
-
-    model.eval()
-    out_dir = Path(out_dir)
-    with quiet_transformers():
-        model.text_model.save_pretrained(out_dir / "text_encoder")
-    tokenizer.save_pretrained(out_dir / "tokenizer")
-    return model
+def _contrastive_loss(
+    model: CLIPModel,
+    text: _CaptionTokens,
+    picks: torch.Tensor,
+    pixels: torch.Tensor,
+    device: torch.device,
+    mixed_precision: str,
+) -> torch.Tensor:
+    """The symmetric contrastive loss of the images `pixels` (B, 3, H, W) and their captions,
+    `picks` (B,) the captions' indices."""
+    # Procedural captions repeat a lot within a batch, and an image must not be pushed away
+    # from a caption identical to its own. So the text side is de-duplicated: each image is
+    # classified among the batch's U distinct captions (no false negatives), and each caption
+    # must pick out all of its images (a soft target spread evenly over them).
+    rows, caption_of_image = torch.unique(text.caption_rows[picks], return_inverse=True)  # (U,), (B,)
+    rows, caption_of_image = rows.to(device), caption_of_image.to(device)
+    length = int(text.lengths[rows].max())  # causal attention: trimming trailing padding changes nothing
+    with autocast(device, mixed_precision):
+        text_out = model.text_model(input_ids=text.ids[rows, :length], attention_mask=text.mask[rows, :length])
+        vision = model.vision_model(pixel_values=pixels)
+    text_embeds = F.normalize(model.text_projection(text_out.pooler_output.float()), dim=-1)  # (U, P)
+    image_embeds = F.normalize(model.visual_projection(vision.pooler_output.float()), dim=-1)  # (B, P)
+    # CLIP caps the temperature at 100 so the logits cannot blow up.
+    logits = model.logit_scale.exp().clamp(max=100) * image_embeds @ text_embeds.T  # (B, U)
+    image_loss = F.cross_entropy(logits, caption_of_image)
+    images_of_caption = F.one_hot(caption_of_image, len(rows)).T.float()  # (U, B)
+    text_loss = F.cross_entropy(logits.T, images_of_caption / images_of_caption.sum(1, keepdim=True))
+    return (image_loss + text_loss) / 2
 
 
 def _check_training_data(images, captions):
@@ -247,3 +298,43 @@ def _check_training_data(images, captions):
         raise UserError(f"clip training images must be square RGB, got shape {tuple(images.shape)}; resize the dataset")
     if len(captions) != n or not all(isinstance(caption, str) for caption in captions):
         raise UserError(f"clip training needs one caption string per image, got {len(captions)} for {n} images")
+
+
+def prepare_text_encoder(
+    cfg: Config, output_dir: Path, clip_data, accelerator: Accelerator, captions: list[str] = ()
+) -> TextEncoder:
+    """Load the pretrained CLIP named by text.pretrained, or train the small one on
+    `clip_data()` (images, captions), once: a finished `output_dir/clip` is reused on resume.
+    captions: the UNet's captions, which the small CLIP's tokenizer covers too."""
+    options = {
+        "hidden_layer": cfg.text.hidden_layer,
+        "mask_eos": cfg.text.mask_eos,
+        "concat_token_embeddings": cfg.text.concat_token_embeddings,
+    }
+    if cfg.text.pretrained:
+        return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
+    clip_dir = output_dir / "clip"
+    if accelerator.is_main_process and not (clip_dir / "text_encoder").is_dir():
+        start = time.time()
+        images, clip_captions = clip_data()
+        tokenizer = fit_tokenizer(
+            clip_captions + list(captions) + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length
+        )
+        temporary = output_dir / ".clip.tmp"
+        shutil.rmtree(temporary, ignore_errors=True)
+        with ckpt.writing(temporary, f"the text encoder '{clip_dir}'"):
+            train_clip(
+                images,
+                clip_captions,
+                tokenizer,
+                cfg.text,
+                temporary,
+                device=accelerator.device,
+                # float32: a CLIP trained in bf16 cost the UNet composition (docs/what-we-tried.md)
+                mixed_precision="no",
+            )
+            ckpt.default_file_modes(temporary)
+            os.replace(temporary, clip_dir)
+        accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
+    accelerator.wait_for_everyone()
+    return TextEncoder.from_pretrained(str(clip_dir), max_length=cfg.text.max_length, **options)

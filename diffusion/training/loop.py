@@ -7,9 +7,10 @@
         model/           the final export (diffusers pipeline layout, EMA weights)
         config.yaml      the resolved config of this run
 
-A shapes set is rendered into memory (`InMemoryData`), with whole captions until data.omit_from
-of the steps and captions that may leave words out after that; an image folder is decoded from
-disk batch by batch, its captions' text states read from an on-disk cache (`StreamingData`).
+The batches come from diffusion/data/batches.py (`prepare_data`): a shapes set rendered into
+memory, its captions following the caption curriculum (data/captions.py), or an image folder
+streamed from disk. The text encoder is trained or loaded on the way (training/clip.py).
+
 The loop is the usual diffusers one: DDPMScheduler noise, epsilon or v targets, optional
 min-SNR-gamma weighting, captions dropped to "" for classifier-free guidance, AdamW with warm-up
 and cosine decay, gradient clipping, EMA with warm-up. accelerate handles the device, mixed
@@ -18,19 +19,12 @@ precision, gradient accumulation and several processes (`accelerate launch` / `t
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
-import itertools
-import math
 import os
-import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
@@ -43,17 +37,16 @@ from tqdm.auto import tqdm
 
 from diffusion import checkpoint as ckpt
 from diffusion.config import Config, biased_timestep_count
-from diffusion.data.datasets import build_dataset, whole_captions
-from diffusion.data.image_folder import ImageFolderDataset
-from diffusion.data.text_states import EmbeddingStore, cache_folder
+from diffusion.data.batches import Batch, InMemoryData, StreamingData, drop_captions, prepare_data
+from diffusion.data.datasets import build_dataset
+from diffusion.data.text_states import cache_folder
 from diffusion.errors import UserError
 from diffusion.images import labelled_grid, save_png
-from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.model.text_encoder import TextEncoder
 from diffusion.model.unet import UNet, estimate_clean, unet_settings
 from diffusion.precision import resolve_mixed_precision
 from diffusion.sampling.pipeline import Pipeline
-from diffusion.training.clip import fit_tokenizer, train_clip
-from diffusion.training.grounding import GroundingLoss, grounding_targets
+from diffusion.training.grounding import GroundingLoss
 
 
 def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
@@ -67,60 +60,6 @@ def make_accelerator(cfg: Config, output_dir: Path) -> Accelerator:
         project_dir=str(output_dir),
         cpu=distributed_cpu,  # torchrun on CPUs: gloo processes rather than one
     )
-
-
-def clip_training_data(cfg: Config, images: torch.Tensor, captions: list[str], main: bool):
-    """Images and captions for the small CLIP: the training set, except that a shapes set is
-    drawn again with every object count equally likely and every object's colour, shape and place
-    named. Long captions then weigh as much as short ones in what the CLIP learns, and words the
-    UNet's captions may leave out (data.omit_*) are always there to be learnt; a CLIP trained on
-    the UNet's own mix encoded long captions and partial ones worse (three objects, colour binding)."""
-    if cfg.data.kind != "shapes":
-        return images, captions
-    full = dataclasses.replace(whole_captions(cfg.data), object_weights=None)
-    if full == cfg.data:
-        return images, captions
-    return build_dataset(full).render_all(progress=main)
-
-
-def prepare_text_encoder(
-    cfg: Config, output_dir: Path, clip_data, accelerator: Accelerator, captions: list[str] = ()
-) -> TextEncoder:
-    """Load the pretrained CLIP named by text.pretrained, or train the small one on
-    `clip_data()` (images, captions), once: a finished `output_dir/clip` is reused on resume.
-    captions: the UNet's captions, which the small CLIP's tokenizer covers too."""
-    options = {
-        "hidden_layer": cfg.text.hidden_layer,
-        "mask_eos": cfg.text.mask_eos,
-        "concat_token_embeddings": cfg.text.concat_token_embeddings,
-    }
-    if cfg.text.pretrained:
-        return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
-    clip_dir = output_dir / "clip"
-    if accelerator.is_main_process and not (clip_dir / "text_encoder").is_dir():
-        start = time.time()
-        images, clip_captions = clip_data()
-        tokenizer = fit_tokenizer(
-            clip_captions + list(captions) + cfg.train.validation_prompts, cfg.text.vocab_size, cfg.text.max_length
-        )
-        temporary = output_dir / ".clip.tmp"
-        shutil.rmtree(temporary, ignore_errors=True)
-        with ckpt.writing(temporary, f"the text encoder '{clip_dir}'"):
-            train_clip(
-                images,
-                clip_captions,
-                tokenizer,
-                cfg.text,
-                temporary,
-                device=accelerator.device,
-                # float32: a CLIP trained in bf16 cost the UNet composition (docs/what-we-tried.md)
-                mixed_precision="no",
-            )
-            ckpt.default_file_modes(temporary)
-            os.replace(temporary, clip_dir)
-        accelerator.print(f"text encoder: trained a small CLIP in {time.time() - start:.0f} s -> {clip_dir}")
-    accelerator.wait_for_everyone()
-    return TextEncoder.from_pretrained(str(clip_dir), max_length=cfg.text.max_length, **options)
 
 
 def validation_grid(pipeline: Pipeline, cfg: Config, path: Path, step: int) -> None:
@@ -152,199 +91,6 @@ def sample_timesteps(weights: torch.Tensor | None, num_timesteps: int, batch_siz
     if weights is None:
         return torch.randint(0, num_timesteps, (batch_size,), device=device)
     return torch.multinomial(weights, batch_size, replacement=True).to(device)
-
-
-@dataclass
-class Batch:
-    """One training batch (B images), on the training device."""
-
-    x0: torch.Tensor  # (B, 3, R, R) images in [-1, 1]
-    embeddings: torch.Tensor  # (B, T, D) text states of the captions
-    key_mask: torch.Tensor  # (B, T) bool: the tokens cross-attention may read
-    token_object: torch.Tensor | None = None  # (B, T) long: the object each token names, -1 none (grounding)
-    object_masks: torch.Tensor | None = None  # (B, K, R, R) float object masks (grounding)
-
-
-class LaterCaptions(NamedTuple):
-    """Other captions of the same images, read from draw `first_draw` on (data.omit_from)."""
-
-    captions: list[str]  # N strings
-    token_object: torch.Tensor | None  # (N, T) int8 for the grounding loss (None without it)
-    first_draw: int
-
-
-class InMemoryData:
-    """The training set held on the device: images as uint8, the text states of each distinct
-    caption once (the encoder is frozen), and for grounding each token's object and the masks.
-    With `later`, the draws from later.first_draw on read the same images with later.captions.
-
-    `batch(index, later)` gathers the samples at `index` (B,) into a `Batch`."""
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        captions: list[str],
-        encoder: TextEncoder,
-        device,
-        token_object: torch.Tensor | None = None,
-        object_masks: torch.Tensor | None = None,
-        later: LaterCaptions | None = None,
-    ):
-        """images: (N, 3, R, R) uint8; captions: N strings; token_object: (N, T) int8 and
-        object_masks: (N, K, R, R) bool for the grounding loss (None without it)."""
-        self.distinct = sorted(set(captions) | set(later.captions if later else ()))
-        row_of = {caption: i for i, caption in enumerate(self.distinct)}
-        cache = EmbeddingCache(encoder)
-        embeddings, key_mask = cache.get(self.distinct)  # (U, T, D), (U, T)
-        empty_embedding, empty_mask = cache.get([""])
-        self.caption_rows = torch.tensor([row_of[c] for c in captions])  # (N,)
-        self.embeddings, self.key_mask = embeddings.to(device), key_mask.to(device)
-        self.empty = empty_embedding.to(device), empty_mask.to(device)  # (1, T, D), (1, T): dropped captions
-        self.images = images.to(device)
-        self.token_object = None if token_object is None else token_object.to(device)
-        self.object_masks = None if object_masks is None else object_masks.to(device)
-        self.device = device
-        self.later_from = None if later is None else later.first_draw
-        if later is not None:
-            self.later_rows = torch.tensor([row_of[c] for c in later.captions])  # (N,)
-            self.later_token_object = None if later.token_object is None else later.token_object.to(device)
-
-    def __len__(self) -> int:
-        return len(self.caption_rows)
-
-    @property
-    def distinct_count(self) -> int:
-        return len(self.distinct)
-
-    def batches(
-        self, generator: torch.Generator, first_draw: int, batch_size: int, world: int, rank: int
-    ) -> Iterator[Batch]:
-        """Endless batches from draw `first_draw` on: every process draws the same global batch
-        of `batch_size` x `world` indices from `generator` (the run's data-order generator,
-        restored on resume) and takes slice `rank` of it. The draw's number only says which
-        captions it reads."""
-        for draw in itertools.count(first_draw):
-            index = torch.randint(len(self), (batch_size * world,), generator=generator)
-            later = self.later_from is not None and draw >= self.later_from
-            yield self.batch(index[rank * batch_size : (rank + 1) * batch_size], later)
-
-    def batch(self, index: torch.Tensor, later: bool = False) -> Batch:
-        on_device = index.to(self.device)
-        rows = (self.later_rows if later else self.caption_rows)[index].to(self.device)
-        token_object = self.later_token_object if later else self.token_object
-        return Batch(
-            self.images[on_device].float() / 127.5 - 1,
-            self.embeddings[rows],
-            self.key_mask[rows],
-            None if token_object is None else token_object[on_device].long(),
-            None if self.object_masks is None else self.object_masks[on_device].float(),
-        )
-
-
-class StreamingData:
-    """An image folder read from disk while training: DataLoader workers decode each batch's
-    images (`FolderDraws`) and read its captions' text states from the on-disk cache
-    (embedding_store.py). Memory does not grow with the folder beyond its paths and captions.
-
-    `batches(...)` has InMemoryData's contract: endless `Batch`es, this process's slice of each."""
-
-    token_object = None  # no grounding targets: those come with shapes
-
-    def __init__(
-        self,
-        folder: ImageFolderDataset,
-        store: EmbeddingStore,
-        caption_rows: np.ndarray,
-        empty_row: int,
-        seed: int,
-        workers: int,
-        device,
-    ):
-        """caption_rows: (N,) each image's row in `store`; empty_row: the row of the empty
-        caption; seed: train.seed, which with the draw number fixes every batch; workers: the
-        DataLoader's processes (0: decode in this one)."""
-        self.folder, self.store, self.caption_rows, self.seed, self.workers = folder, store, caption_rows, seed, workers
-        self.device = torch.device(device)
-        self.distinct_count = len(store) - (empty_row not in caption_rows)
-        empty_embedding, empty_mask = store.get([empty_row])
-        self.empty = empty_embedding.to(self.device), empty_mask.to(self.device)  # (1, T, D), (1, T): dropped captions
-
-    def __len__(self) -> int:
-        return len(self.folder)
-
-    def batches(
-        self, generator: torch.Generator, first_draw: int, batch_size: int, world: int, rank: int
-    ) -> Iterator[Batch]:
-        """Endless batches from draw `first_draw` on (`generator` is not needed: each draw is
-        seeded by its number, see FolderDraws), prefetched by data.workers processes."""
-        draws = FolderDraws(self.folder, self.store, self.caption_rows, self.seed, batch_size, world, rank)
-        # The loader seeds its workers from `generator=`, not from torch's global RNG, which must
-        # draw the run's noise exactly as an uninterrupted run would.
-        loader = torch.utils.data.DataLoader(
-            draws,
-            batch_size=None,
-            sampler=itertools.count(first_draw),
-            num_workers=self.workers,
-            pin_memory=self.device.type == "cuda",
-            generator=torch.Generator(),
-        )
-        for images, embeddings, key_mask in loader:
-            yield Batch(
-                images.to(self.device).float() / 127.5 - 1, embeddings.to(self.device), key_mask.to(self.device)
-            )
-
-
-class FolderDraws(torch.utils.data.Dataset):
-    """Item d is this process's slice of global batch d of an image folder, decoded from disk:
-    (images (B, 3, R, R) uint8, embeddings (B, T, D) float32, key mask (B, T) bool).
-
-    Draw d is a pure function of (seed, d): its B x world indices (with replacement) come from a
-    generator seeded by (seed, d), and each image's random crop and flip from one seeded by
-    (seed, d, its place in the global batch). So the batches do not depend on how many workers
-    make them or how far they prefetch, and a run resumed at draw d makes the same ones."""
-
-    def __init__(
-        self,
-        folder: ImageFolderDataset,
-        store: EmbeddingStore,
-        caption_rows: np.ndarray,
-        seed: int,
-        batch_size: int,
-        world: int,
-        rank: int,
-    ):
-        self.folder, self.store, self.caption_rows, self.seed = folder, store, caption_rows, seed
-        self.batch_size, self.world, self.rank = batch_size, world, rank
-
-    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        B = self.batch_size
-        first = self.rank * B  # this slice's place in the global batch
-        drawn = np.random.default_rng([self.seed, draw, 0]).integers(len(self.folder), size=B * self.world)
-        index = drawn[first : first + B]  # (B,)
-        images = np.stack(
-            [
-                self.folder.image(int(i), np.random.default_rng([self.seed, draw, 1, first + place]))
-                for place, i in enumerate(index)
-            ]
-        )  # (B, R, R, 3)
-        embeddings, key_mask = self.store.get(self.caption_rows[index])
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), embeddings, key_mask
-
-
-def drop_captions(batch: Batch, dropped: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]) -> Batch:
-    """`batch` with the captions where `dropped` (B,) is True replaced by the empty prompt's states
-    (classifier-free guidance learns the unconditional model from them) and grounding nothing."""
-    empty_embedding, empty_mask = empty
-    token_object = batch.token_object
-    if token_object is not None:
-        token_object = token_object.masked_fill(dropped[:, None], -1)
-    return Batch(
-        batch.x0,
-        torch.where(dropped[:, None, None], empty_embedding, batch.embeddings),
-        torch.where(dropped[:, None], empty_mask, batch.key_mask),
-        token_object,
-        batch.object_masks,
-    )
 
 
 class TrainStep:
@@ -487,88 +233,6 @@ def prepare_output_dir(output_dir: Path) -> None:
         raise UserError(f"cannot create output folder '{output_dir}': {error.strerror}") from None
     if not os.access(output_dir, os.W_OK):
         raise UserError(f"output folder '{output_dir}' is not writable; choose another --output-dir")
-
-
-def prepare_data(
-    cfg: Config, dataset, output_dir: Path, accelerator: Accelerator
-) -> tuple[InMemoryData | StreamingData, TextEncoder]:
-    """Render or load the training set, train or load the text encoder, and embed the captions:
-    all in memory for a shapes set, on disk for an image folder (`prepare_folder_data`)."""
-    if isinstance(dataset, ImageFolderDataset):
-        return prepare_folder_data(cfg, dataset, output_dir, accelerator)
-    main = accelerator.is_main_process
-    grounded = cfg.train.grounding_weight > 0  # shapes only (config check): the masks come with the images
-    # With data.omit_from the run first learns whole captions, then the same images with captions
-    # that may leave words out: composition first, the prior of an unnamed attribute after.
-    curriculum = cfg.data.omit_from > 0 and dataset.omission.leaves_words_out()
-    first = dataset
-    if curriculum:
-        first = build_dataset(whole_captions(cfg.data))
-    if grounded:
-        images, captions, object_masks, scenes = first.render_with_masks(progress=main)
-    else:
-        images, captions = first.render_all(progress=main)  # (N, 3, R, R) uint8, N strings
-        object_masks = None
-    later_scenes = dataset.scenes() if curriculum else []
-    later_captions = [scene.caption for scene in later_scenes]
-    # The tokenizer learns the UNet's captions too only when they may hold words the CLIP's full
-    # captions never write ("a red shape"); otherwise its vocabulary stays that of the CLIP's captions.
-    encoder = prepare_text_encoder(
-        cfg,
-        output_dir,
-        lambda: clip_training_data(cfg, images, captions, main),
-        accelerator,
-        captions + later_captions if dataset.omission.writes_new_words() else (),
-    )
-    encoder.to(accelerator.device)
-
-    def offsets(caption: str) -> torch.Tensor:
-        return encoder.tokenize(caption)["offsets"]
-
-    token_object = grounding_targets(scenes, offsets) if grounded else None
-    later = None
-    if curriculum:
-        step = math.ceil(cfg.data.omit_from * cfg.train.max_steps)
-        later = LaterCaptions(
-            later_captions,
-            grounding_targets(later_scenes, offsets) if grounded else None,
-            step * cfg.train.gradient_accumulation_steps,  # one draw per micro-batch
-        )
-        accelerator.print(f"captions may leave words out from step {step} on (data.omit_from {cfg.data.omit_from:g})")
-    return InMemoryData(images, captions, encoder, accelerator.device, token_object, object_masks, later), encoder
-
-
-def folder_clip_data(cfg: Config, folder: ImageFolderDataset, progress: bool) -> tuple[torch.Tensor, list[str]]:
-    """Images and captions for the small CLIP from an image folder, decoded into memory: at most
-    text.steps x text.batch_size of them (as many as its training draws), from a larger folder a
-    random subset (seeded by text.seed), so that memory does not grow with the folder here either."""
-    count = cfg.text.steps * cfg.text.batch_size
-    rng = np.random.default_rng(cfg.text.seed)
-    indices = np.arange(len(folder)) if len(folder) <= count else np.sort(rng.choice(len(folder), count, replace=False))
-    return folder.render(indices, rng, progress)
-
-
-def prepare_folder_data(
-    cfg: Config, folder: ImageFolderDataset, output_dir: Path, accelerator: Accelerator
-) -> tuple[StreamingData, TextEncoder]:
-    """Train or load the text encoder, and write (or reuse) the on-disk text states of the
-    folder's distinct captions; the images stay on disk."""
-    main = accelerator.is_main_process
-    encoder = prepare_text_encoder(cfg, output_dir, lambda: folder_clip_data(cfg, folder, main), accelerator)
-    encoder.to(accelerator.device)
-    captions = folder.captions()
-    distinct = sorted(set(captions) | {""})  # "": the dropped captions' row
-    with accelerator.main_process_first():  # the main process writes the store, the others then read it
-        store = EmbeddingStore.open(cache_folder(cfg.data.embedding_cache), encoder, distinct, progress=main)
-    accelerator.print(
-        f"text embeddings: {len(distinct)} captions, {store.path.stat().st_size / 2**20:.1f} MiB, "
-        f"{'written to' if store.built else 'read from'} {store.path}"
-    )
-    row_of = {caption: row for row, caption in enumerate(distinct)}
-    caption_rows = np.array([row_of[caption] for caption in captions], dtype=np.int64)  # (N,)
-    return StreamingData(
-        folder, store, caption_rows, row_of[""], cfg.train.seed, cfg.data.workers, accelerator.device
-    ), encoder
 
 
 class Trainer:
