@@ -44,9 +44,11 @@ from diffusion.config import (
 )
 from diffusion.control.controllers import AttentionRecorder
 from diffusion.control.prompts import parse_prompt, set_word_weight, split_words
+from diffusion.editor.compiled import CompiledUNet
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.images import attention_shares, heat_overlay, save_png, write_attention_maps
 from diffusion.sampling.pipeline import Pipeline, PipelineOutput, Weighting, merge_word_maps
+from diffusion.sampling.settings import SamplingSettings
 
 DEFAULT_MODEL = "runs/shapes/model"
 DEFAULT_PROMPT = "a red circle on the left"
@@ -264,19 +266,21 @@ class Editor:
         start = time.perf_counter()
         try:
             for precision in candidates:
-                self.pipelines[precision].compile(batch_sizes={Settings().unet_batch(1)})  # one image with guidance
+                self.pipelines[precision].fast_unet = CompiledUNet(
+                    self.pipelines[precision].unet, {Settings().unet_batch(1)}
+                )  # one image with guidance
             if len(candidates) > 1:
                 self.render_ms = self.render_milliseconds(candidates)
                 self.small_batch_precision = min(self.render_ms, key=self.render_ms.get)
                 self.unet_ms = {}
                 for precision in candidates:
                     if precision != self.small_batch_precision:
-                        self.pipelines[precision].compiled_unet = None
+                        self.pipelines[precision].fast_unet = None
             for prompt in (DEFAULT_PROMPT, WEIGHTED_PROMPT):
                 self.render(prompt, Settings())
         except Exception as error:  # inductor's failures share no type; the eager UNet still works
             for precision in candidates:
-                self.pipelines[precision].compiled_unet = None
+                self.pipelines[precision].fast_unet = None
             print(f"warning: torch.compile failed ({str(error).strip().splitlines()[0]}); renders stay uncompiled")
         return time.perf_counter() - start
 
@@ -297,7 +301,7 @@ class Editor:
     @property
     def compiled(self) -> bool:
         """Whether one-image renders run on the compiled UNet."""
-        return self.pipelines[self.small_batch_precision].compiled_unet is not None
+        return self.pipelines[self.small_batch_precision].fast_unet is not None
 
     def warm_up(self) -> Result:
         """Render the default prompt twice and return the second render. The first call builds
@@ -372,18 +376,21 @@ class Editor:
         check_prompt(edit)
         pipeline = self.pipelines[self.precision(settings.unet_batch(2))]  # one (source, edit) pair per batch
         start = time.perf_counter()
-        outputs = pipeline.swap(
-            source,
-            edit,
-            num_images=settings.num_images,
-            seed=settings.seed,
-            edit_steps=edit_steps,
+        sampling = SamplingSettings(
             steps=settings.steps,
             guidance=settings.guidance,
             sampler=settings.sampler,
-            attention_maps=True,
             weighting=Weighting(settings.weight_mode, context=settings.weight_context),
+            edit_steps=edit_steps,
             keep_layout=keep_layout,
+        )
+        outputs = pipeline.swap(
+            source,
+            edit,
+            sampling,
+            num_images=settings.num_images,
+            seed=settings.seed,
+            attention_maps=True,
             progress=False,
         )
         seconds = time.perf_counter() - start

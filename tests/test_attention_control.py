@@ -22,6 +22,7 @@ from diffusion.control.weighting import Weighting, condition
 from diffusion.errors import UserError
 from diffusion.model.attention import AttentionCall, AttentionSite, CrossAttention
 from diffusion.sampling.pipeline import MapOptions, Pipeline, merge_word_maps
+from diffusion.sampling.settings import SamplingSettings
 from diffusion.training.clip import fit_tokenizer
 
 
@@ -555,10 +556,10 @@ def test_local_blend_keeps_the_source_outside_the_changed_words(monkeypatch):
             return super().__call__(pipeline, step, timestep, tensors)
 
     monkeypatch.setattr(diffusion.sampling.pipeline, "LocalBlend", Watched)
-    settings = {"steps": 5, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
-    pair = [("a red circle on the left", "a blue circle on the left")]
-    x, _ = small.swap_batch(pair, [2], 0.6, settings, Weighting(), local_blend=True)
-    free, _ = small.swap_batch(pair, [2], 0.6, settings, Weighting())
+    settings = SamplingSettings(steps=5, guidance=3.0, sampler="euler", edit_steps=0.6)
+    plan = small.swap_plan([("a red circle on the left", "a blue circle on the left")])
+    x, _ = small.swap_batch(plan, [2], settings.but(local_blend=True))
+    free, _ = small.swap_batch(plan, [2], settings)
     assert len(blends) == 5 and len(set(map(id, blends))) == 1  # one blend, called after every step
     keep = blends[0].last_region[0].expand(3, -1, -1)  # (3, R, R)
     assert keep.any() and not keep.all()

@@ -99,7 +99,7 @@ def test_train_resume_from_a_corrupt_checkpoint(run_cli, tiny_run, tmp_path, tin
     [
         (["--guidance", "inf", "a red circle"], ["guidance must be a finite number"]),
         (["--guidance", "nan", "a red circle"], ["guidance must be a finite number"]),
-        (["--guidance-cutoff", "1.5", "a red circle"], ["guidance cutoff must be a fraction of the steps in [0, 1]"]),
+        (["--guidance-cutoff", "1.5", "a red circle"], ["--guidance-cutoff must be a fraction in [0, 1], got '1.5'"]),
         (["--steps", "0", "a red circle"], ["steps must be a positive whole number, got 0"]),
         (["--steps", "5000", "a red circle"], ["steps must be between 1 and the model's", "got 5000"]),
         (["-n", "0", "a red circle"], ["images per prompt must be at least 1, got 0"]),

@@ -10,6 +10,7 @@ from torch._dynamo.utils import counters
 
 from diffusion.control.controllers import AttentionRecorder
 from diffusion.control.weighting import Weighting
+from diffusion.editor.compiled import CompiledUNet
 from diffusion.sampling.pipeline import Pipeline
 
 SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "small-shapes"
@@ -21,7 +22,7 @@ def pipelines():
     2 rows (one image with guidance)."""
     eager = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="no")
     compiled = Pipeline.from_parts(eager.unet, eager.encoder, eager.scheduler_config, "cpu", "no")
-    compiled.compile(batch_sizes={2})
+    compiled.fast_unet = CompiledUNet(compiled.unet, {2})
     return eager, compiled
 
 
@@ -81,13 +82,13 @@ def test_an_unguided_call_runs_on_the_graph_of_twice_its_rows(pipelines, monkeyp
     render(compiled, "a (red:0.5) circle")  # the 2-row graphs, with and without weights
     render(compiled, "a red circle")
     graphs = counters["stats"]["unique_graphs"]
-    graph, rows = compiled.compiled_unet._graph, []
+    graph, rows = compiled.fast_unet._graph, []
 
     def counted(*arguments):
         rows.append(arguments[0].shape[0])
         return graph(*arguments)
 
-    monkeypatch.setattr(compiled.compiled_unet, "_graph", counted)
+    monkeypatch.setattr(compiled.fast_unet, "_graph", counted)
     for prompt, kwargs in [("a (red:2) circle", {"guidance": 1.0}), ("a blue square", {"guidance_cutoff": 0.25})]:
         expected, expected_recorder = render(eager, prompt, **kwargs)
         output, recorder = render(compiled, prompt, **kwargs)
@@ -124,7 +125,7 @@ def test_compiled_unets_in_float32_and_bf16_take_turns(pipelines):
     eager_bf16 = Pipeline.from_parts(*parts, "bf16")
     compiled = {precision: Pipeline.from_parts(*parts, precision) for precision in ("no", "bf16")}
     for pipeline in compiled.values():
-        pipeline.compile(batch_sizes={2})
+        pipeline.fast_unet = CompiledUNet(pipeline.unet, {2})
     # bf16 keeps 8 bits of mantissa, and fused kernels round at other places than eager ones
     tolerance = {"no": 2, "bf16": 8}
     for _ in range(2):

@@ -21,11 +21,11 @@ from diffusion.sampling.pipeline import (
     SAMPLERS,
     MapOptions,
     Pipeline,
-    Weighting,
     make_sampler,
     sampler_timesteps,
     set_sampler_timesteps,
 )
+from diffusion.sampling.settings import SamplingSettings
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 
@@ -119,14 +119,13 @@ def test_samplers_are_the_four_documented_ones():
     assert set(SAMPLERS) == {"dpm++", "ddim", "ddpm", "euler"}
 
 
-def test_sample_py_lists_the_pipeline_samplers_and_default():
-    import importlib.util
+def test_the_command_lines_list_the_pipeline_samplers_and_default():
+    from diffusion.cli import SAMPLING_OPTIONS
+    from diffusion.sampling.settings import SamplingSettings
 
-    spec = importlib.util.spec_from_file_location("sample_cli", Path(__file__).parents[1] / "sample.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    assert set(cli.SAMPLER_NAMES) == set(SAMPLERS)
-    assert cli.DEFAULT_SAMPLER == DEFAULT_SAMPLER == "euler"
+    option = SAMPLING_OPTIONS["--sampler"]
+    assert set(option["choices"]) == set(SAMPLERS)
+    assert option["default"] == SamplingSettings().sampler == DEFAULT_SAMPLER == "euler"
     assert inspect.signature(Pipeline.__call__).parameters["sampler"].default == DEFAULT_SAMPLER
 
 
@@ -226,11 +225,12 @@ def test_a_swap_past_the_guidance_cutoff_pairs_its_rows(exact_pipe):
     """Past the cutoff the swap's rows are (source, edit) pairs without the unconditional half: the
     source is still the image its prompt gives alone, and an edit given the source's maps at every
     step (edit steps 1) has the source's maps after the cutoff too."""
-    settings = {**SWAP_SETTINGS, "steps": 4, "guidance_cutoff": 0.5}
-    x, maps = exact_pipe.swap_batch(SWAPS[:1], [3], 1.0, settings, Weighting(), maps=MapOptions(), keep_layout=True)
+    settings = SWAP_SETTINGS.but(steps=4, guidance_cutoff=0.5)
+    kept, free_plan = exact_pipe.swap_plan(SWAPS[:1], keep_layout=True), exact_pipe.swap_plan(SWAPS[:1], False)
+    x, maps = exact_pipe.swap_batch(kept, [3], settings.but(edit_steps=1.0), maps=MapOptions())
     alone = exact_pipe.denoise([SWAPS[0][0]], [3], steps=4, guidance=3.0, guidance_cutoff=0.5)
     torch.testing.assert_close(x[0], alone[0], rtol=0, atol=1e-3)  # rows of another batch: rounding only
-    _, free = exact_pipe.swap_batch(SWAPS[:1], [3], 0.5, settings, Weighting(), maps=MapOptions(), keep_layout=False)
+    _, free = exact_pipe.swap_batch(free_plan, [3], settings.but(edit_steps=0.5), maps=MapOptions())
     for word in ("circle", "left"):
         torch.testing.assert_close(maps[1][word], maps[0][word], rtol=0, atol=1e-5)
         assert (free[1][word] - free[0][word]).abs().max() > 1e-4  # maps left free after the cutoff differ
@@ -253,7 +253,7 @@ def test_one_negative_prompt_per_prompt(pipe):
     first = pipe.denoise(PROMPTS[:1], [0], steps=3, negative_prompt="a blue square")
     second = pipe.denoise(PROMPTS[1:], [1], steps=3)
     assert torch.allclose(both, torch.cat([first, second]), atol=1e-5)
-    with pytest.raises(ValueError, match="1 negative prompts for 2 prompts"):
+    with pytest.raises(UserError, match="1 negative prompts for 2 prompts"):
         pipe.denoise(PROMPTS, [0, 1], steps=1, negative_prompt=["a blue square"])
 
 
@@ -298,8 +298,8 @@ def test_callback_on_step_end_is_called_once_per_step_and_can_replace_the_images
     assert (early - plain).abs().max() > 1e-3 and early.abs().max() > 1e-3  # denoising went on from zeros
     # the batch sampler hands the callback through
     parsed = [parse_prompt(p) for p in PROMPTS]
-    settings = {"steps": 3, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
-    x, _ = pipe.sample_batch(parsed, [0, 1], settings, None, Weighting(), None, callback_on_step_end=zero_at(2))
+    settings = SamplingSettings(steps=3, guidance=3.0, sampler="euler")
+    x, _ = pipe.sample_batch(parsed, [0, 1], settings, callback_on_step_end=zero_at(2))
     assert torch.equal(x, grey)
 
 
@@ -309,15 +309,15 @@ def exact_pipe(tiny_model):
     return Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="no")
 
 
-SWAP_SETTINGS = {"steps": 3, "guidance": 3.0, "sampler": "euler", "negative_prompt": None}
+SWAP_SETTINGS = SamplingSettings(steps=3, guidance=3.0, sampler="euler", edit_steps=0.6)
 SWAPS = [("a red circle on the left", "a blue circle on the left"), ("a green square", "a green triangle")]
 
 
 def test_a_batch_of_swaps_gives_the_images_of_one_swap_each(exact_pipe):
-    x, maps = exact_pipe.swap_batch(SWAPS, [3, 7], 0.6, SWAP_SETTINGS, Weighting())
+    x, maps = exact_pipe.swap_batch(exact_pipe.swap_plan(SWAPS), [3, 7], SWAP_SETTINGS)
     assert x.shape == (4, 3, 16, 16) and maps is None
     for k, ((source, edit), seed) in enumerate(zip(SWAPS, [3, 7])):
-        alone, _ = exact_pipe.swap_batch([(source, edit)], [seed], 0.6, SWAP_SETTINGS, Weighting())
+        alone, _ = exact_pipe.swap_batch(exact_pipe.swap_plan([(source, edit)]), [seed], SWAP_SETTINGS)
         torch.testing.assert_close(x[2 * k : 2 * k + 2], alone, rtol=0, atol=1e-5)
         outputs = exact_pipe.swap(source, edit, seed=seed, steps=3, edit_steps=0.6, progress=False)
         for output, row, prompt in zip(outputs, (2 * k, 2 * k + 1), (source, edit)):
@@ -338,7 +338,8 @@ def test_swap_images_do_not_depend_on_its_batch_size(exact_pipe):
 
 
 def test_local_blend_with_an_unchanged_prompt_keeps_the_source(exact_pipe):
-    x, _ = exact_pipe.swap_batch([(SWAPS[0][0], SWAPS[0][0])], [4], 0.6, SWAP_SETTINGS, Weighting(), local_blend=True)
+    plan = exact_pipe.swap_plan([(SWAPS[0][0], SWAPS[0][0])])
+    x, _ = exact_pipe.swap_batch(plan, [4], SWAP_SETTINGS.but(local_blend=True))
     assert torch.equal(x[1], x[0])
     source, edit = exact_pipe.swap(
         SWAPS[0][0], SWAPS[0][0], num_images=2, seed=4, steps=3, local_blend=True, batch_size=2, progress=False
@@ -349,21 +350,23 @@ def test_local_blend_with_an_unchanged_prompt_keeps_the_source(exact_pipe):
 
 
 def test_swap_plan_keeps_the_unchanged_words_of_recolourings_or_as_asked(exact_pipe):
-    _, mapping, changed, keep, layouts = exact_pipe.swap_plan(SWAPS)
+    plan = exact_pipe.swap_plan(SWAPS)
+    mapping, changed, keep, layouts = plan.mapping, plan.changed, plan.keep, plan.layouts
     assert mapping.shape == keep.shape == (2, changed.shape[1]) and changed.shape[0] == 4
     assert torch.equal(keep[0], ~changed[1]) and changed[1].any()  # the colour swap keeps the others
     assert not keep[1].any()  # the shape swap keeps none
     assert layouts == ["on", "off"]
     on = exact_pipe.swap_plan(SWAPS, keep_layout=True)
-    assert torch.equal(on[3], ~changed[1::2]) and on[4] == ["on", "on"] and torch.equal(on[1], mapping)
+    assert torch.equal(on.keep, ~changed[1::2]) and on.layouts == ["on", "on"] and torch.equal(on.mapping, mapping)
     off = exact_pipe.swap_plan(SWAPS, keep_layout=False)
-    assert not off[3].any() and off[4] == ["off", "off"] and torch.equal(off[1], mapping)
+    assert not off.keep.any() and off.layouts == ["off", "off"] and torch.equal(off.mapping, mapping)
 
 
 def test_swap_plan_redraws_a_resized_object_and_keeps_the_rest(exact_pipe):
     pair = [("a small red circle on the left", "a large red circle on the left")]
-    parsed, mapping, changed, keep, layouts = exact_pipe.swap_plan(pair)
-    _, plain, _, _, _ = exact_pipe.swap_plan(pair, keep_layout=False)
+    plan = exact_pipe.swap_plan(pair)
+    parsed, mapping, keep, layouts = plan.prompts, plan.mapping, plan.keep, plan.layouts
+    plain = exact_pipe.swap_plan(pair, keep_layout=False).mapping
     offsets = exact_pipe.encoder.offsets([parsed[1].text])[0]
     text = parsed[1].text
     redrawn = [text[a:b] for a, b in offsets.tolist() if b > a and text.index("large") <= a < text.index(" on")]
@@ -378,7 +381,7 @@ def test_swap_plan_redraws_a_resized_object_and_keeps_the_rest(exact_pipe):
 @pytest.mark.parametrize("edit_steps", [-0.1, 1.5, float("nan")])
 def test_swap_edit_steps_outside_zero_to_one_are_user_errors(exact_pipe, edit_steps):
     with pytest.raises(UserError, match="edit steps must be a fraction"):
-        exact_pipe.swap_batch(SWAPS[:1], [0], edit_steps, SWAP_SETTINGS, Weighting())
+        exact_pipe.swap(*SWAPS[0], SWAP_SETTINGS, edit_steps=edit_steps, progress=False)
 
 
 @pytest.mark.parametrize(

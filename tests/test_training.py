@@ -19,6 +19,7 @@ from diffusion.config import Config, config_from_dict
 from diffusion.data.datasets import build_dataset
 from diffusion.errors import UserError
 from diffusion.sampling.pipeline import FORMAT_VERSION
+from diffusion.sampling.settings import SamplingSettings
 from diffusion.training.loop import sample_timesteps, timestep_weights, train
 
 CHECKPOINT_FILES = {"model.safetensors", "ema.safetensors", "optimizer.safetensors", "rng.safetensors", "state.json"}
@@ -313,7 +314,7 @@ def test_values_from_token_embeddings_trains_a_unet_whose_values_read_them(tmp_p
     """The option reaches the exported UNet: its values read the appended token embeddings (the
     second half of the text features) and the model samples."""
     from diffusion.control.prompts import parse_prompt
-    from diffusion.sampling.pipeline import Pipeline, Weighting
+    from diffusion.sampling.pipeline import Pipeline
 
     tiny_dict["model"]["values_from_token_embeddings"] = True
     tiny_dict["train"].update(max_steps=2, checkpoint_every=2, validate_every=2)
@@ -328,10 +329,7 @@ def test_values_from_token_embeddings_trains_a_unet_whose_values_read_them(tmp_p
     x, _ = pipe.sample_batch(
         [parse_prompt("a (red:0) circle")],
         [0],
-        {"steps": 2, "guidance": 3.0, "sampler": "dpm++", "negative_prompt": None},
-        None,
-        Weighting(),
-        None,
+        SamplingSettings(steps=2, guidance=3.0, sampler="dpm++"),
     )
     assert x.shape == (1, 3, 16, 16) and torch.isfinite(x).all()
 

@@ -56,9 +56,9 @@ Columns are 1-based positions in the prompt as written. The errors, and where th
         prompt editing '[a:b:n]' is not supported; ...)
     missing weight after ':' (expected a number ...)     the ')' of '(red:)'
     bad weight '<w>' (expected a number like 1.5)        the weight's first character
-    weight '<w>' is too large (it reads as infinity)     the weight's first character
-    the weights of the nested groups multiply to         the opener of the group whose factor
-        infinity                                         takes the product past the largest float
+    weight '<w>' is too large (over float32's 3.4e38)    the weight's first character
+    the weights of the nested groups multiply to over    the opener of the group whose factor
+        float32's 3.4e38                                 takes the product past float32's largest
     groups nested more than 32 deep                      the opener of the 33rd
     negative weight '<w>' (weights are 0 or more)        the '-'
     unknown escape '\<c>' (only \( \) \[ \] \: \\ ...)   the backslash
@@ -115,6 +115,7 @@ _CLOSER = {"(": ")", "[": "]"}
 # A1111's factors: `(text)` multiplies by 1.1, `[text]` by 1 / 1.1 (not a division, for its floats).
 _FACTOR = {"(": 1.1, "[": 1 / 1.1}
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+FLOAT32_MAX = 3.4028234663852886e38  # the largest weight: weights act in float32 tensors
 _WORD = re.compile(r"[\w']+")
 # Words and runs of punctuation: what token alignment matches between two prompts.
 _UNIT = re.compile(r"[\w']+|[^\w'\s]+")
@@ -324,9 +325,9 @@ def _weighted_runs(text: str, plain: str, owner: list[int], groups: list[_Group]
             product, outer = 1.0, group
             while outer != -1:
                 product *= groups[outer].factor
-                if math.isinf(product):
+                if product > FLOAT32_MAX:
                     raise PromptSyntaxError(
-                        text, groups[outer].at, "the weights of the nested groups multiply to infinity"
+                        text, groups[outer].at, "the weights of the nested groups multiply to over float32's 3.4e38"
                     )
                 outer = groups[outer].parent
             weights[group] = product
@@ -360,8 +361,8 @@ def _parse_weight(text: str, start: int, close: int) -> float:
         raise PromptSyntaxError(text, close, "missing weight after ':' (expected a number like 1.5)")
     column = start + len(raw) - len(raw.lstrip())
     if re.fullmatch(_NUMBER, written):
-        if math.isinf(float(written)):
-            raise PromptSyntaxError(text, column, f"weight '{written}' is too large (it reads as infinity)")
+        if float(written) > FLOAT32_MAX:
+            raise PromptSyntaxError(text, column, f"weight '{written}' is too large (over float32's 3.4e38)")
         return float(written)
     if re.fullmatch("-" + _NUMBER, written):
         raise PromptSyntaxError(text, column, f"negative weight '{written}' (weights are 0 or more)")
@@ -414,8 +415,9 @@ def _format_weight(weight: float) -> str:
 
 def _check_weight(weight) -> None:
     """UserError unless `weight` is a finite number >= 0."""
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or weight < 0:
-        raise UserError(f"a weight must be a finite number, 0 or more, got {weight!r}")
+    number = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    if not number or not math.isfinite(weight) or not 0 <= weight <= FLOAT32_MAX:
+        raise UserError(f"a weight must be a finite number, 0 or more (at most 3.4e38), got {weight!r}")
 
 
 @dataclass(frozen=True)

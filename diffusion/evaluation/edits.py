@@ -66,6 +66,7 @@ from diffusion.evaluation.detector import (
 from diffusion.evaluation.metrics import match_objects, sample_images, span_map
 from diffusion.images import uint8_images
 from diffusion.sampling.pipeline import Weighting
+from diffusion.sampling.settings import SamplingSettings
 
 WEIGHT_MODES_MEASURED = ("attention", "embedding")
 EDIT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 4.0)
@@ -438,13 +439,14 @@ def swap_response(
     image, edit image)]} of the first cases at `example_steps` (None: the first of `edit_steps`).
     keep_layout: as `Pipeline.swap`'s (None: auto)."""
     example_steps = edit_steps[0] if example_steps is None else example_steps
-    settings = {
-        "steps": 20,
-        "guidance": guidance,
-        "guidance_cutoff": guidance_cutoff,
-        "sampler": sampler,
-        "negative_prompt": None,
-    }
+    settings = SamplingSettings(
+        guidance=guidance,
+        guidance_cutoff=guidance_cutoff,
+        sampler=sampler,
+        weighting=weighting,
+        local_blend=local_blend,
+        keep_layout=keep_layout,
+    )
     resolution = pipe.unet.config.sample_size
     layout = next(name for name, value in KEEP_LAYOUT.items() if value is keep_layout)
     out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "keep_layout": layout, "kinds": {}}
@@ -457,13 +459,9 @@ def swap_response(
             for start in range(0, n, max(1, batch_size // 2)):
                 chunk = cases[start : start + max(1, batch_size // 2)]
                 x, _ = pipe.swap_batch(
-                    [(c.source, c.edit) for c in chunk],
+                    pipe.swap_plan([(c.source, c.edit) for c in chunk], keep_layout),
                     [seed + start + k for k in range(len(chunk))],
-                    fraction,
-                    settings,
-                    weighting,
-                    local_blend=local_blend,
-                    keep_layout=keep_layout,
+                    settings.but(edit_steps=fraction),
                 )
                 images = uint8_images(x)  # (2P, R, R, 3): source and edit of each pair in turn
                 pairs += [(images[2 * k], images[2 * k + 1]) for k in range(len(chunk))]

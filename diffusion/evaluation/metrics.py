@@ -44,6 +44,7 @@ from diffusion.data.shapes import POSITION_PHRASES, Scene, ShapesDataset, parse_
 from diffusion.evaluation.detector import Detection, detect
 from diffusion.images import uint8_images
 from diffusion.sampling.pipeline import SAMPLERS, Weighting
+from diffusion.sampling.settings import SamplingSettings
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
 CATEGORIES = (
@@ -254,16 +255,10 @@ def sample_batches(
     for start in range(0, len(prompts), batch_size):
         parsed = [parse_prompt(p) for p in prompts[start : start + batch_size]]
         negatives = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
-        settings = {
-            "steps": steps,
-            "guidance": guidance,
-            "guidance_cutoff": guidance_cutoff,
-            "sampler": sampler,
-            "negative_prompt": negatives,
-        }
+        settings = SamplingSettings(steps, guidance, guidance_cutoff, sampler, negatives, weighting or Weighting())
         seeds = [seed + start + k for k in range(len(parsed))]
         recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
-        x, _ = pipe.sample_batch(parsed, seeds, settings, None, weighting or Weighting(), recorder)
+        x, _ = pipe.sample_batch(parsed, seeds, settings, None, recorder)
         token_maps, offsets = [], []
         if maps:
             token_maps = list(recorder.token_maps().cpu())

@@ -17,11 +17,11 @@ Samplers are diffusers schedulers sharing one contract (`set_timesteps`, `scale_
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import diffusers
 import numpy as np
@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from diffusion.checkpoint import default_file_modes, replace_folder, writing
-from diffusion.config import DEFAULT_EDIT_STEPS, DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
+from diffusion.config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
 from diffusion.control.controllers import (
     AttentionInjector,
     AttentionRecorder,
@@ -59,13 +59,13 @@ from diffusion.control.prompts import (
     token_word_index,
 )
 from diffusion.control.weighting import Weighting, condition, token_weights
-from diffusion.editor.compiled import CompiledUNet
 from diffusion.errors import UserError
 from diffusion.images import to_pil
 from diffusion.model.attention import AttentionController
 from diffusion.model.text_encoder import TextEncoder
 from diffusion.model.unet import UNet, estimate_clean
 from diffusion.precision import autocast, resolve_mixed_precision
+from diffusion.sampling.settings import SamplingSettings
 
 FORMAT_VERSION = 1
 
@@ -125,23 +125,27 @@ def set_sampler_timesteps(scheduler, steps: int, device=None) -> None:
         scheduler.set_timesteps(steps, device=device)
 
 
-def check_sampling_args(
-    steps: int,
-    guidance: float,
-    num_images_per_prompt: int,
-    batch_size: int,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-) -> None:
-    if not isinstance(steps, int) or steps < 1:
-        raise UserError(f"steps must be a positive whole number, got {steps}")
-    if not math.isfinite(guidance) or guidance < 0:
-        raise UserError(f"guidance must be a finite number >= 0, got {guidance}")
-    if not (isinstance(guidance_cutoff, (int, float)) and 0 <= guidance_cutoff <= 1):
-        raise UserError(f"guidance cutoff must be a fraction of the steps in [0, 1], got {guidance_cutoff}")
+def check_counts(num_images_per_prompt: int, batch_size: int) -> None:
+    """UserError unless both are at least 1 (sample.py checks them before loading the model)."""
     if num_images_per_prompt < 1:
         raise UserError(f"the number of images per prompt must be at least 1, got {num_images_per_prompt}")
     if batch_size < 1:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
+
+
+def _generators(generators) -> list[torch.Generator] | torch.Generator:
+    """One generator for all, or one per image (seeds become generators)."""
+    if isinstance(generators, torch.Generator):
+        return generators
+    return [g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in generators]
+
+
+def initial_noise(generators: list[torch.Generator] | torch.Generator, count: int, size: int) -> torch.Tensor:
+    """(count, 3, size, size) standard normal noise: from one generator in turn, or image k's from
+    generators[k], so an image's noise does not depend on the batch it is in."""
+    if isinstance(generators, torch.Generator):
+        return torch.randn(count, 3, size, size, generator=generators, device=generators.device)
+    return torch.stack([torch.randn(3, size, size, generator=g, device=g.device) for g in generators])
 
 
 OUTPUT_TYPES = ("pil", "pt", "np")
@@ -173,6 +177,44 @@ class MapOptions:
 
     steps: tuple[float, float] = (0.0, 1.0)
     resolutions: set[int] | None = None
+
+
+class TextStates(NamedTuple):
+    """What the UNet reads from the text at each step of `Pipeline.denoise`."""
+
+    states: torch.Tensor  # (rows, T, D): the negative prompts' rows first when guided
+    outside: torch.Tensor | None  # the same, read outside the weights' window of steps (None: `states`)
+    key_mask: torch.Tensor  # (rows, T) which tokens the cross-attention reads
+    guided: bool  # classifier-free guidance on: rows = 2B, else B
+    conditional: slice  # the prompts' rows
+    dtype: torch.dtype  # the UNet's parameters'
+
+    def at_step(self, step: int, num_steps: int, window: tuple[float, float]) -> torch.Tensor:
+        if self.outside is not None and not step_in_window(step, num_steps, window):
+            return self.outside
+        return self.states
+
+
+@dataclass
+class SwapPlan:
+    """How a word swap acts on P (source, edit) pairs (`Pipeline.swap_plan`)."""
+
+    prompts: list[WeightedPrompt]  # 2P: source and edit of each pair in turn
+    mapping: torch.Tensor  # (P, T) the source token each edit token takes its maps from (-1: none)
+    changed: torch.Tensor  # (2P, T) the tokens the swap changes (`changed_tokens`)
+    keep: torch.Tensor  # (P, T) the edit tokens that keep the source's maps at every step
+    layouts: list[str]  # each pair's: "on", "off" or "redraw object" (`SamplingSettings.keep_layout`)
+
+    def repeat(self, count: int) -> SwapPlan:
+        """The plan of `count` copies of this one pair (P = 1)."""
+        rows = [k for _ in range(count) for k in range(2)]
+        return SwapPlan(
+            [self.prompts[k] for k in rows],
+            self.mapping.repeat(count, 1),
+            self.changed[rows],
+            self.keep.repeat(count, 1),
+            self.layouts * count,
+        )
 
 
 def check_index(path: Path) -> dict:
@@ -221,7 +263,9 @@ class Pipeline(DiffusionPipeline):
         self.encoder = TextEncoder(tokenizer, text_encoder, **(text_encoder_options or {}))
         self.unet.eval()
         self.precision = "auto"
-        self.compiled_unet: CompiledUNet | None = None  # set by `compile`
+        # A stand-in for the UNet, called as it is, that `denoise` uses when set: the editor
+        # attaches its compiled UNet here (diffusion/editor/compiled.py).
+        self.fast_unet = None
 
     @classmethod
     def from_parts(
@@ -306,69 +350,99 @@ class Pipeline(DiffusionPipeline):
         pipeline's device; "auto" is bf16 where the device computes it natively, as in training."""
         return resolve_mixed_precision(self.precision, self.device)
 
-    def autocast(self, device: torch.device | None = None):
-        """The autocast context every UNet call of this pipeline runs in (see `mixed_precision`).
-        device: the pipeline's, when the caller has already read it (reading it walks every module)."""
-        device = device or self.device
-        return autocast(device, resolve_mixed_precision(self.precision, device))
+    def mixed_precision_of(self, settings: SamplingSettings) -> str:
+        """The autocast a render with `settings` runs in: theirs, else the pipeline's, resolved."""
+        return resolve_mixed_precision(settings.mixed_precision or self.precision, self.device)
 
-    def compile(self, batch_sizes: set[int] | None = None) -> None:
-        """Sample with the UNet compiled (`diffusion.editor.compiled.CompiledUNet`, torch.compile with the
-        weights frozen into the graph): faster where per-op overhead dominates (one image on a CPU),
-        images equal to the eager UNet's up to rounding. The first call of each batch size compiles;
-        the weights must not change afterwards. batch_sizes: the UNet calls' numbers of rows to
-        compile, others stay eager (None: all)."""
-        self.compiled_unet = CompiledUNet(self.unet, batch_sizes)
+    def autocast(self, device: torch.device | None = None, mixed_precision: str | None = None):
+        """The autocast context the UNet calls of a render run in (see `mixed_precision`; a
+        render's own setting, when given, instead of the pipeline's). device: the pipeline's,
+        when the caller has already read it (reading it walks every module)."""
+        device = device or self.device
+        return autocast(device, resolve_mixed_precision(mixed_precision or self.precision, device))
 
     @torch.no_grad()
     def denoise(
         self,
         prompts: list[str],
         generators: list[torch.Generator] | torch.Generator,
-        steps: int = 20,
-        guidance: float = 3.0,
-        sampler: str = DEFAULT_SAMPLER,
-        negative_prompt: str | list[str] | None = None,
+        settings: SamplingSettings | None = None,
         attention_controller: AttentionController | None = None,
         token_weights: torch.Tensor | None = None,
-        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-        weighting: Weighting | None = None,
         callback_on_step_end=None,
         progress: bool = False,
+        **changes,
     ) -> torch.Tensor:
         """Sample one image per prompt in one batch. Returns (B, 3, R, R) in [-1, 1].
 
         prompts: plain prompts (no weighting syntax); generators: one torch.Generator (or a seed
         to make one from) per prompt, its image's noise, so an image does not depend on the batch
-        it is in; or one generator for all;
-        negative_prompt: replaces the empty prompt of the unconditional half, one for all or a
-        list with one per prompt; guidance_cutoff: guidance acts at the steps before this fraction
-        of them (step i guided while i / steps < guidance_cutoff); the later steps run the
-        conditional rows alone, at half the UNet's work;
+        it is in; or one generator for all; settings: steps, guidance and the rest (None: the
+        defaults), with `changes` to its fields given as keywords (`denoise(p, g, steps=5)`);
         attention_controller: sees every cross-attention call (`site.conditional` marks the
         conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
-        `weighting` says (`weighting.condition`; None: no weighting). Attention-mode weights act
-        through the controller (`AttentionReweighter`), which the caller passes in.
+        `settings.weighting` says (`weighting.condition`; None: no weighting). Attention-mode
+        weights act through the controller (`AttentionReweighter`), which the caller passes in.
         callback_on_step_end: called after each step as diffusers does,
         `callback_on_step_end(pipeline, step, timestep, {"latents": x})`; a "latents" entry in
         the dict it returns replaces the images being denoised (B, 3, R, R)."""
+        settings = (settings or SamplingSettings()).but(**changes)
         # DiffusionPipeline.device walks every module, at a cost per read: read it once
         device = self.device
-        scheduler = make_sampler(sampler, self.scheduler_config)
-        set_sampler_timesteps(scheduler, steps, device)
-        size = self.unet.config.sample_size
-        B = len(prompts)
-        if not isinstance(generators, torch.Generator):
-            generators = [
-                g if isinstance(g, torch.Generator) else torch.Generator().manual_seed(int(g)) for g in generators
-            ]
-        if isinstance(generators, torch.Generator):
-            noise = torch.randn(B, 3, size, size, generator=generators, device=generators.device)
-        else:
-            noise = torch.stack([torch.randn(3, size, size, generator=g, device=g.device) for g in generators])
-        x = noise.to(device) * scheduler.init_noise_sigma
+        scheduler = make_sampler(settings.sampler, self.scheduler_config)
+        set_sampler_timesteps(scheduler, settings.steps, device)
+        generators = _generators(generators)
+        x = (
+            initial_noise(generators, len(prompts), self.unet.config.sample_size).to(device)
+            * scheduler.init_noise_sigma
+        )
+        text = self.text_states(prompts, settings, token_weights, device)
+        unet = self.fast_unet or self.unet
+        # Self-conditioning: each call also reads the clean image the previous step's (guided)
+        # prediction implied, zeros at the first step.
+        self_conditioning = self.unet.config.get("self_conditioning", False)
+        estimate = torch.zeros_like(x)
+        steps, B = settings.steps, len(prompts)
+        # One autocast region for all the steps: it casts each weight to the lower precision once
+        # and keeps it, where a region per UNet call would cast every weight again at every step.
+        # The guidance, the sampler's step and the callback run outside it, in float32.
+        with self.autocast(device, settings.mixed_precision):
+            for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+                guided = text.guided and step_in_window(i, steps, (0.0, settings.guidance_cutoff))
+                scaled = scheduler.scale_model_input(x, t)
+                model_input = torch.cat([scaled, estimate], dim=1) if self_conditioning else scaled
+                model_input = (torch.cat([model_input, model_input]) if guided else model_input).to(text.dtype)
+                context = text.at_step(i, steps, settings.weighting.window)
+                # unguided (past the cutoff, or guidance 1): the conditional rows alone
+                rows = slice(None) if guided else text.conditional
+                prediction = unet(
+                    model_input,
+                    t,
+                    context[rows],
+                    text.key_mask[rows],
+                    attention_controller=attention_controller,
+                    step=i,
+                    num_steps=steps,
+                    conditional=text.conditional if guided else slice(0, B),
+                ).float()
+                with torch.autocast(device.type, enabled=False):
+                    if guided:
+                        unconditional, conditional_prediction = prediction.chunk(2)
+                        prediction = unconditional + settings.guidance * (conditional_prediction - unconditional)
+                    if self_conditioning:
+                        alphas = self.scheduler.alphas_cumprod[int(t)].expand(B)
+                        estimate = estimate_clean(prediction, scaled, alphas, self.scheduler.config.prediction_type)
+                    x = scheduler.step(prediction, t, x, generator=generators).prev_sample
+                    if callback_on_step_end is not None:
+                        x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
+        return x.clamp(-1, 1)
 
-        weighting = weighting or Weighting()
+    def text_states(
+        self, prompts: list[str], settings: SamplingSettings, token_weights: torch.Tensor | None, device
+    ) -> TextStates:
+        """The keys and values the UNet reads for `prompts`: their text states, weighted as
+        `settings.weighting` says, with the negative prompt's rows first when guidance is on."""
+        B, weighting = len(prompts), settings.weighting
         plain = self.encoder.encode(prompts)  # (B, T, D), (B, T)
         embeddings, key_mask = condition(self.encoder, prompts, token_weights, weighting, encoded=plain)
         # Weights act within their window of steps (`Weighting.window`), and so do the states
@@ -378,84 +452,49 @@ class Pipeline(DiffusionPipeline):
         if token_weights is not None and weighting.acts_within_window():
             late = weighting.outside_weights(token_weights)
             outside = condition(self.encoder, prompts, late, weighting, encoded=plain)[0]
-        use_guidance = guidance != 1.0
-        conditional = slice(B, 2 * B) if use_guidance else slice(0, B)
-        if use_guidance:  # unconditional half first, conditional second
+        guided = settings.guidance != 1.0
+        if guided:  # unconditional half first, conditional second
+            negative_prompt = settings.negative_prompt
             negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * B
             if len(negatives) != B:
-                raise ValueError(f"{len(negatives)} negative prompts for {B} prompts")
+                raise UserError(f"{len(negatives)} negative prompts for {B} prompts; pass one for all, or one each")
             negative, negative_mask = self.encoder.encode(negatives)
             embeddings = torch.cat([negative, embeddings])
             outside = None if outside is None else torch.cat([negative, outside])
             key_mask = torch.cat([negative_mask, key_mask])
         dtype = next(self.unet.parameters()).dtype
-        embeddings = embeddings.to(device, dtype)
-        outside = None if outside is None else outside.to(device, dtype)
-        key_mask = key_mask.to(device)
-
-        # One autocast region for all the steps: it casts each weight to the lower precision once
-        # and keeps it, where a region per UNet call would cast every weight again at every step.
-        # The guidance, the sampler's step and the callback run outside it, in float32.
-        # Self-conditioning: each call also reads the clean image the previous step's (guided)
-        # prediction implied, zeros at the first step.
-        self_conditioning = self.unet.config.get("self_conditioning", False)
-        estimate = torch.zeros_like(x)
-        with self.autocast(device):
-            for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-                guided = use_guidance and step_in_window(i, steps, (0.0, guidance_cutoff))
-                scaled = scheduler.scale_model_input(x, t)
-                model_input = torch.cat([scaled, estimate], dim=1) if self_conditioning else scaled
-                model_input = (torch.cat([model_input, model_input]) if guided else model_input).to(dtype)
-                context = (
-                    outside if outside is not None and not step_in_window(i, steps, weighting.window) else embeddings
-                )
-                # unguided (past the cutoff, or guidance 1): the conditional rows alone
-                rows = slice(None) if guided else conditional
-                prediction = (self.compiled_unet or self.unet)(
-                    model_input,
-                    t,
-                    context[rows],
-                    key_mask[rows],
-                    attention_controller=attention_controller,
-                    step=i,
-                    num_steps=steps,
-                    conditional=conditional if guided else slice(0, B),
-                ).float()
-                with torch.autocast(device.type, enabled=False):
-                    if guided:
-                        unconditional, conditional_prediction = prediction.chunk(2)
-                        prediction = unconditional + guidance * (conditional_prediction - unconditional)
-                    if self_conditioning:
-                        alphas = self.scheduler.alphas_cumprod[int(t)].expand(B)
-                        estimate = estimate_clean(prediction, scaled, alphas, self.scheduler.config.prediction_type)
-                    x = scheduler.step(prediction, t, x, generator=generators).prev_sample
-                    if callback_on_step_end is not None:
-                        x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
-        return x.clamp(-1, 1)
+        return TextStates(
+            embeddings.to(device, dtype),
+            None if outside is None else outside.to(device, dtype),
+            key_mask.to(device),
+            guided,
+            slice(B, 2 * B) if guided else slice(0, B),
+            dtype,
+        )
 
     def sample_batch(
         self,
         prompts: list[WeightedPrompt],
         generators,
-        settings: dict,
-        maps: MapOptions | None,
-        weighting: Weighting,
-        attention_controller: AttentionController | None,
-        swap_mapping: torch.Tensor | None = None,
-        swap_fraction: float = 0.0,
-        swap_keep: torch.Tensor | None = None,
+        settings: SamplingSettings,
+        maps: MapOptions | None = None,
+        attention_controller: AttentionController | None = None,
+        swap: SwapPlan | None = None,
         callback_on_step_end=None,
         progress: bool = False,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
         """One batch: build the controllers for weights, swaps and maps, denoise, merge maps into
-        words. generators: as `denoise`'s (seeds, generators, or one generator)."""
+        words. generators: as `denoise`'s (seeds, generators, or one generator); swap: the plan of
+        a word swap (`swap_plan`), whose source maps are injected into its edits."""
+        weighting = settings.weighting
         texts = [p.text for p in prompts]
         offsets = self.encoder.offsets(texts)  # (B, T, 2)
         weights = token_weights(prompts, offsets)  # (B, T)
         weighted = bool((weights != 1).any())
         controllers = []
-        if swap_mapping is not None:
-            controllers.append(AttentionInjector(swap_mapping, swap_fraction, weighting.resolutions, swap_keep))
+        if swap is not None:
+            injector = AttentionInjector(swap.mapping, settings.edit_steps, weighting.resolutions, swap.keep)
+            controllers.append(injector)
         if weighted and weighting.mode == "attention":
             controllers.append(AttentionReweighter(weights, weighting.window, weighting.resolutions))
         recorder = None
@@ -464,52 +503,20 @@ class Pipeline(DiffusionPipeline):
             controllers.append(recorder)
         if attention_controller is not None:
             controllers.append(attention_controller)
-        controller = ControllerChain(controllers) if controllers else None
         x = self.denoise(
             texts,
             generators,
-            attention_controller=controller,
-            token_weights=weights if weighted else None,
-            weighting=weighting,
-            callback_on_step_end=callback_on_step_end,
-            progress=progress,
-            **settings,
+            settings,
+            ControllerChain(controllers) if controllers else None,
+            weights if weighted else None,
+            callback_on_step_end,
+            progress,
         )
         word_maps = None
         if recorder is not None:
             token_maps = recorder.token_maps().cpu()  # (B, T, R, R)
             word_maps = [merge_word_maps(m, text, o) for m, text, o in zip(token_maps, texts, offsets)]
         return x, word_maps
-
-    def _prepare(
-        self,
-        prompts,
-        steps,
-        guidance,
-        sampler,
-        negative_prompt,
-        num_images_per_prompt,
-        batch_size,
-        weighting: Weighting,
-        output_type: str = "pil",
-        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-    ) -> tuple[list[WeightedPrompt], dict]:
-        if not prompts or any(not isinstance(p, str) for p in prompts):
-            raise UserError("no prompt given; pass at least one prompt string")
-        check_sampling_args(steps, guidance, num_images_per_prompt, batch_size, guidance_cutoff)
-        make_sampler(sampler, self.scheduler_config)  # fail on an unknown name before any work
-        sampler_timesteps(steps, self.scheduler_config["num_train_timesteps"])  # and on too many steps
-        weighting.check()
-        if output_type not in OUTPUT_TYPES:
-            raise UserError(f"unknown output_type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}")
-        parsed = [parse_prompt(p) for p in prompts]
-        return parsed, {
-            "steps": steps,
-            "guidance": guidance,
-            "guidance_cutoff": guidance_cutoff,
-            "sampler": sampler,
-            "negative_prompt": negative_prompt,
-        }
 
     def __call__(
         self,
@@ -520,7 +527,7 @@ class Pipeline(DiffusionPipeline):
         guidance: float = 3.0,
         guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
         sampler: str = DEFAULT_SAMPLER,
-        negative_prompt: str | None = None,
+        negative_prompt: str | list[str] | None = None,
         batch_size: int = 16,
         attention_maps: MapOptions | bool = False,
         weighting: Weighting | None = None,
@@ -529,38 +536,39 @@ class Pipeline(DiffusionPipeline):
         output_type: str = "pil",
         callback_on_step_end=None,
         progress: bool = True,
+        settings: SamplingSettings | None = None,
     ) -> PipelineOutput:
         """Sample `num_images_per_prompt` images for each prompt; image i of a prompt uses noise
         seed `seed + i`, whatever the batch size.
 
+        steps ... weighting: the sampling settings as diffusers' keywords (`SamplingSettings` says
+        what each does), or all of them at once as `settings` (not both).
         Prompts may use the weighting syntax `a (red:1.5) circle` (see diffusion/control/prompts.py);
         `weighting` chooses how weights act (default: reweight the cross-attention probabilities).
-        guidance_cutoff: classifier-free guidance acts in the first this fraction of the steps,
-        the conditional rows alone denoise the rest (`denoise`; 1: every step).
         attention_maps: True (or a MapOptions) also returns one dict per image, word label ->
         (R, R) map (DAAM-style aggregate over heads, layers and steps).
         generator: as in diffusers, instead of `seed`: one torch.Generator for all the images
         (drawn in order, so an image then depends on the ones before it) or a list with one per
         image; output_type: "pil", "pt" or "np" (see PipelineOutput); callback_on_step_end: as
         `denoise`. `generate` gives the images batch by batch."""
+        keywords = SamplingSettings(
+            steps, guidance, guidance_cutoff, sampler, negative_prompt, weighting or Weighting()
+        )
+        if settings is not None and keywords != SamplingSettings():
+            raise UserError("pass the sampling settings as keywords (steps=, guidance=, ...) or as settings=, not both")
         batches = list(
             self.generate(
                 prompt,
-                num_images_per_prompt,
-                seed,
-                steps,
-                guidance,
-                guidance_cutoff,
-                sampler,
-                negative_prompt,
-                batch_size,
-                attention_maps,
-                weighting,
-                attention_controller,
-                generator,
-                output_type,
-                callback_on_step_end,
-                progress,
+                settings or keywords,
+                num_images_per_prompt=num_images_per_prompt,
+                seed=seed,
+                batch_size=batch_size,
+                attention_maps=attention_maps,
+                attention_controller=attention_controller,
+                generator=generator,
+                output_type=output_type,
+                callback_on_step_end=callback_on_step_end,
+                progress=progress,
             )
         )
         images = [b.images for b in batches]
@@ -580,51 +588,31 @@ class Pipeline(DiffusionPipeline):
     def generate(
         self,
         prompt: str | list[str],
+        settings: SamplingSettings | None = None,
+        *,
         num_images_per_prompt: int = 1,
         seed: int = 0,
-        steps: int = 20,
-        guidance: float = 3.0,
-        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-        sampler: str = DEFAULT_SAMPLER,
-        negative_prompt: str | None = None,
         batch_size: int = 16,
         attention_maps: MapOptions | bool = False,
-        weighting: Weighting | None = None,
         attention_controller: AttentionController | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "pil",
         callback_on_step_end=None,
         progress: bool = True,
+        **changes,
     ) -> Iterator[PipelineOutput]:
         """`__call__` one batch at a time: yields a PipelineOutput of at most `batch_size` images
         per batch, in order (prompt-major), so that any number of images can be written out as
-        they are made without holding them all. Arguments as `__call__`."""
+        they are made without holding them all. settings: None is the defaults, `changes` its
+        fields given as keywords; the other arguments as `__call__`'s."""
+        settings = (settings or SamplingSettings()).but(**changes)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        weighting = weighting or Weighting()
+        parsed = self._check_call(prompts, settings, num_images_per_prompt, batch_size, output_type)
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
-        parsed, settings = self._prepare(
-            prompts,
-            steps,
-            guidance,
-            sampler,
-            negative_prompt,
-            num_images_per_prompt,
-            batch_size,
-            weighting,
-            output_type,
-            guidance_cutoff,
-        )
         total = len(prompts) * num_images_per_prompt
         if isinstance(generator, list) and len(generator) != total:
             raise UserError(f"{len(generator)} generators for {total} images; pass one per image, or one for all")
-        recorded = {
-            **settings,
-            "negative_prompt": negative_prompt or "",
-            "weight_mode": weighting.mode,
-            "weight_context": weighting.context,
-            "weight_steps": list(weighting.window),
-            "mixed_precision": self.mixed_precision,
-        }
+        recorded = settings.record(self.mixed_precision_of(settings))
         starts = range(0, total, batch_size)
         for start in tqdm(starts, desc="batches", disable=not progress or len(starts) == 1):
             jobs = [divmod(j, num_images_per_prompt) for j in range(start, min(total, start + batch_size))]
@@ -641,95 +629,76 @@ class Pipeline(DiffusionPipeline):
                 generators,
                 settings,
                 maps,
-                weighting,
                 attention_controller,
                 callback_on_step_end=callback_on_step_end,
                 progress=progress,
             )
-            yield PipelineOutput(
-                convert(x, output_type),
-                [prompts[k] for k, _ in jobs],
-                seeds,
-                recorded,
-                batch_maps if maps is not None else None,
-            )
+            yield PipelineOutput(convert(x, output_type), [prompts[k] for k, _ in jobs], seeds, recorded, batch_maps)
+
+    def _check_call(
+        self, prompts: list, settings: SamplingSettings, images_per_prompt: int, batch_size: int, output_type: str
+    ) -> list[WeightedPrompt]:
+        """The prompts parsed; UserError for what `SamplingSettings` cannot check without the model."""
+        if not prompts or any(not isinstance(p, str) for p in prompts):
+            raise UserError("no prompt given; pass at least one prompt string")
+        check_counts(images_per_prompt, batch_size)
+        sampler_timesteps(settings.steps, self.scheduler_config["num_train_timesteps"])  # too many steps
+        if output_type not in OUTPUT_TYPES:
+            raise UserError(f"unknown output_type '{output_type}'; choose one of {', '.join(OUTPUT_TYPES)}")
+        return [parse_prompt(p) for p in prompts]
 
     def swap(
         self,
         source: str,
         edit: str,
+        settings: SamplingSettings | None = None,
+        *,
         num_images: int = 1,
         seed: int = 0,
-        edit_steps: float = DEFAULT_EDIT_STEPS,
-        steps: int = 20,
-        guidance: float = 3.0,
-        guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-        sampler: str = DEFAULT_SAMPLER,
-        negative_prompt: str | None = None,
         attention_maps: MapOptions | bool = False,
-        weighting: Weighting | None = None,
-        local_blend: bool = False,
-        keep_layout: bool | None = None,
         batch_size: int = 8,
         progress: bool = True,
+        **changes,
     ) -> tuple[PipelineOutput, PipelineOutput]:
         """Prompt-to-Prompt word swap / refinement: draw `source` and `edit` from the same noise,
-        injecting the source's cross-attention maps into the edit for the first `edit_steps`
-        fraction of the steps, so the layout stays and the swapped words change. Tokens of the
-        two prompts are aligned word by word (prompts.align_tokens); added words keep their own
-        maps. local_blend: outside the changed words' maps the edit keeps the source's pixels
-        (`LocalBlend`). keep_layout: the other words keep the source's maps at every step, not
-        only in the first `edit_steps`, so the outlines stay and only the swapped word's thing
-        changes within them. None (auto, `prompts.swap_kind`): on for a recolouring; for a
-        resizing, the other objects' words keep the source's maps at every step and the resized
-        object's words (`prompts.object_phrase`) take none, so it is drawn anew at its new size;
-        off for other swaps, since a new shape needs its outline free. The settings record it as
-        "on", "off" or "redraw object". batch_size: pairs denoised together. Returns (source
-        output, edit output)."""
-        weighting = weighting or Weighting()
+        injecting the source's cross-attention maps into the edit for the first
+        `settings.edit_steps` fraction of the steps, so the layout stays and the swapped words
+        change. Tokens of the two prompts are aligned word by word (prompts.align_tokens); added
+        words keep their own maps. settings.local_blend: outside the changed words' maps the edit
+        keeps the source's pixels (`LocalBlend`). settings.keep_layout: the other words keep the
+        source's maps at every step, not only in the first `edit_steps`, so the outlines stay and
+        only the swapped word's thing changes within them. None (auto, `prompts.swap_kind`): on
+        for a recolouring; for a resizing, the other objects' words keep the source's maps at
+        every step and the resized object's words (`prompts.object_phrase`) take none, so it is
+        drawn anew at its new size; off for other swaps, since a new shape needs its outline
+        free. The output settings record it as "on", "off" or "redraw object". batch_size: pairs
+        denoised together; `changes`: fields of `settings` given as keywords
+        (`swap(a, b, edit_steps=0.4)`). Returns (source output, edit output)."""
+        settings = (settings or SamplingSettings()).but(**changes)
         maps = MapOptions() if attention_maps is True else (attention_maps or None)
-        parsed, settings = self._prepare(
-            [source, edit],
-            steps,
-            guidance,
-            sampler,
-            negative_prompt,
-            num_images,
-            batch_size,
-            weighting,
-            guidance_cutoff=guidance_cutoff,
-        )
+        parsed = self._check_call([source, edit], settings, num_images, batch_size, "pil")
+        plan = self.swap_plan([(parsed[0], parsed[1])], settings.keep_layout)
         outputs = ([], []), ([], [])
         starts = range(0, num_images, batch_size)
         for start in tqdm(starts, desc="pairs", disable=not progress or len(starts) == 1):
             count = min(batch_size, num_images - start)
-            x, pair_maps = self.swap_batch(
-                [(parsed[0], parsed[1])] * count,
-                [seed + start + k for k in range(count)],
-                edit_steps,
-                settings,
-                weighting,
-                maps,
-                local_blend,
-                progress,
-                keep_layout,
-            )
+            seeds = [seed + start + k for k in range(count)]
+            x, pair_maps = self.swap_batch(plan.repeat(count), seeds, settings, maps, progress)
             for k, image in enumerate(to_pil(x)):
                 outputs[k % 2][0].append(image)
                 outputs[k % 2][1].append(pair_maps[k] if pair_maps else None)
-        settings = {
-            **settings,
-            "negative_prompt": negative_prompt or "",
-            "edit_steps": edit_steps,
-            "local_blend": local_blend,
-            "keep_layout": self.swap_plan([(parsed[0], parsed[1])], keep_layout)[4][0],
+        recorded = {
+            **settings.record(self.mixed_precision_of(settings)),
+            "edit_steps": settings.edit_steps,
+            "local_blend": settings.local_blend,
+            "keep_layout": plan.layouts[0],
         }
         return tuple(
             PipelineOutput(
                 images,
                 [text] * num_images,
                 [seed + i for i in range(num_images)],
-                settings,
+                recorded,
                 word_maps if maps is not None else None,
             )
             for (images, word_maps), text in zip(outputs, (source, edit))
@@ -737,46 +706,26 @@ class Pipeline(DiffusionPipeline):
 
     def swap_batch(
         self,
-        pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]],
+        plan: SwapPlan,
         seeds: list[int],
-        edit_steps: float,
-        settings: dict,
-        weighting: Weighting,
+        settings: SamplingSettings,
         maps: MapOptions | None = None,
-        local_blend: bool = False,
         progress: bool = False,
-        keep_layout: bool | None = None,
     ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]] | None]:
-        """Several (source, edit) pairs in one batch, pair k from noise seed seeds[k] for both
-        images (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in
-        turn, and their word maps when `maps` is given."""
-        if not 0 <= edit_steps <= 1 or not math.isfinite(edit_steps):
-            raise UserError(f"edit steps must be a fraction in [0, 1], got {edit_steps}")
-        parsed, mapping, changed, keep, _ = self.swap_plan(pairs, keep_layout)
-        blend = LocalBlend(changed, self.unet.config.sample_size) if local_blend else None
+        """The pairs of a `swap_plan` in one batch, pair k from noise seed seeds[k] for both images
+        (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in turn, and
+        their word maps when `maps` is given."""
+        blend = LocalBlend(plan.changed, self.unet.config.sample_size) if settings.local_blend else None
         seeds = [seed for seed in seeds for _ in range(2)]
         return self.sample_batch(
-            parsed,
-            seeds,
-            settings,
-            maps,
-            weighting,
-            blend,
-            swap_mapping=mapping,
-            swap_fraction=edit_steps,
-            swap_keep=keep,
-            callback_on_step_end=blend,
-            progress=progress,
+            plan.prompts, seeds, settings, maps, blend, swap=plan, callback_on_step_end=blend, progress=progress
         )
 
     def swap_plan(
         self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], keep_layout: bool | None = None
-    ) -> tuple[list[WeightedPrompt], torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-        """How a word swap acts on each (source, edit) pair: the parsed prompts (2P, source and edit
-        in turn), the token mapping (P, T) (`prompts.align_tokens`, with -1 for the tokens of a
-        resized object), the changed tokens (2P, T) (`changed_tokens`), the edit tokens that keep
-        the source's maps at every step (P, T), and each pair's layout: "on", "off" or "redraw
-        object" (see `swap`'s keep_layout)."""
+    ) -> SwapPlan:
+        """How a word swap acts on each (source, edit) pair (see `SwapPlan`; keep_layout as
+        `SamplingSettings.keep_layout`)."""
         parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
         texts = [p.text for p in parsed]
         offsets = self.encoder.offsets(texts)  # (2P, T, 2)
@@ -809,7 +758,7 @@ class Pipeline(DiffusionPipeline):
                 layouts.append("redraw object")
             else:
                 layouts.append("off")
-        return parsed, mapping, changed, keep, layouts
+        return SwapPlan(parsed, mapping, changed, keep, layouts)
 
 
 def convert(x: torch.Tensor, output_type: str):
