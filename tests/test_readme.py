@@ -48,30 +48,24 @@ def checkout(tiny_model, tmp_path_factory):
     return work
 
 
+def run_python(folder: Path, arguments: list[str]) -> subprocess.CompletedProcess:
+    """`python arguments...` in `folder`, on one thread."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, *arguments], cwd=folder, capture_output=True, text=True, timeout=300, env=env
+    )
+
+
 @pytest.mark.parametrize("command", commands("sample.py"), ids=lambda words: " ".join(words[2:])[:60])
 def test_the_sampling_commands_run_as_written(checkout, command):
-    result = subprocess.run(
-        [sys.executable, *command[1:]],
-        cwd=checkout,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_python(checkout, command[1:])
     assert result.returncode == 0, result.stderr[-2000:]
     assert "wrote samples/grid.png" in result.stdout
 
 
 def test_the_python_example_runs_as_written(checkout):
     (example,) = [block for block in blocks("python") if "Pipeline.from_pretrained" in block]
-    result = subprocess.run(
-        [sys.executable, "-c", example],
-        cwd=checkout,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    result = run_python(checkout, ["-c", example])
     assert result.returncode == 0, result.stderr[-2000:]
     assert (checkout / "circle.png").is_file()
 
