@@ -14,6 +14,7 @@ import json
 import math
 from pathlib import Path
 
+from diffusion import cli
 from diffusion.cli import ArgumentParser, check_device, one_line_warnings, tune_malloc
 from diffusion.config import (
     DEFAULT_EDIT_STEPS,
@@ -21,9 +22,6 @@ from diffusion.config import (
     DEFAULT_PARTS,
     DEFAULT_SAMPLER,
     EVALUATION_PARTS,
-    KEEP_LAYOUT,
-    MIXED_PRECISION,
-    SAMPLER_NAMES,
     WEIGHT_CONTEXTS,
     YAML_ERRORS,
 )
@@ -42,24 +40,28 @@ def parts_list(text: str) -> tuple[str, ...]:
     return parts
 
 
-def fraction(option: str):
-    """An argparse type: a fraction in [0, 1], else a one-line error naming `option`."""
+# the options that count prompts or images: each at least 1, and each a keyword of `report.evaluate`
+COUNTS = ("n", "n_edit", "n_swap", "n_samplers", "batch_size")
 
-    def parse(text: str) -> float:
-        try:
-            value = float(text)
-        except ValueError:
-            value = math.nan
-        if not 0 <= value <= 1:
-            raise UserError(f"{option} must be a fraction in [0, 1], got '{text}'")
-        return value
-
-    return parse
+# evaluate.py's help texts of the sampling options it shares with sample.py (diffusion/cli.py)
+SAMPLING_HELPS = {
+    "--guidance": "classifier-free guidance scale of every sample (default 3.0, as sample.py)",
+    "--guidance-cutoff": "guidance acts in this first fraction of the steps "
+    f"(default {DEFAULT_GUIDANCE_CUTOFF:g}, as sample.py)",
+    "--sampler": f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as sample.py); "
+    "the sampler sweep measures all four",
+    "--weight-context": "how the edit part's weights treat the other words' text states (default "
+    f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)",
+    "--edit-steps": "the swap's injection fraction the swap targets check "
+    f"(default {DEFAULT_EDIT_STEPS:g}, as sample.py)",
+    "--keep-layout": "word swaps: the other words keep the source's maps at every step (auto: for recolourings and "
+    "resizings, as sample.py)",
+}
 
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description="Evaluate a trained shapes model.")
-    parser.add_argument("--model", required=True, help="model folder written by train.py (e.g. runs/shapes/model)")
+    cli.add_model_options(parser)
     parser.add_argument("--n", type=int, default=100, help="prompts per faithfulness category (default 100)")
     parser.add_argument(
         "--seed",
@@ -71,55 +73,17 @@ def build_parser() -> ArgumentParser:
     parser.add_argument("--n-edit", type=int, default=12, help="prompts of the weight-response sweep (default 12)")
     parser.add_argument("--n-swap", type=int, default=12, help="source prompts per word-swap kind (default 12)")
     parser.add_argument("--n-samplers", type=int, default=20, help="prompts of the sampler sweep (default 20)")
-    parser.add_argument(
-        "--guidance",
-        type=float,
-        default=3.0,
-        help="classifier-free guidance scale of every sample (default 3.0, as sample.py)",
-    )
-    parser.add_argument(
-        "--guidance-cutoff",
-        type=fraction("--guidance-cutoff"),
-        default=DEFAULT_GUIDANCE_CUTOFF,
-        help=f"guidance acts in this first fraction of the steps (default {DEFAULT_GUIDANCE_CUTOFF:g}, as sample.py)",
-    )
-    parser.add_argument(
-        "--sampler",
-        default=DEFAULT_SAMPLER,
-        choices=SAMPLER_NAMES,
-        help=f"sampler of the faithfulness and edit parts, 20 steps (default {DEFAULT_SAMPLER}, as "
-        "sample.py); the sampler sweep measures all four",
-    )
-    parser.add_argument(
-        "--weight-context",
-        default=WEIGHT_CONTEXTS[0],
-        choices=WEIGHT_CONTEXTS,
-        help="how the edit part's weights treat the other words' text states (default "
-        f"{WEIGHT_CONTEXTS[0]}, as sample.py's --weight-context)",
-    )
-    parser.add_argument(
-        "--edit-steps",
-        type=fraction("--edit-steps"),
-        default=DEFAULT_EDIT_STEPS,
-        help=f"the swap's injection fraction the swap targets check (default {DEFAULT_EDIT_STEPS:g}, as sample.py)",
+    cli.add_sampling_options(
+        parser,
+        ["--guidance", "--guidance-cutoff", "--sampler", "--weight-context", "--edit-steps"],
+        SAMPLING_HELPS,
     )
     parser.add_argument(
         "--swap-sweep",
         action="store_true",
         help="also measure the swap at edit steps 0, 0.2, ..., 1 (a table and a plot)",
     )
-    parser.add_argument(
-        "--local-blend",
-        action="store_true",
-        help="word swaps keep the source's pixels outside the changed words' maps (Prompt-to-Prompt's local blend)",
-    )
-    parser.add_argument(
-        "--keep-layout",
-        default="auto",
-        choices=KEEP_LAYOUT,
-        help="word swaps: the other words keep the source's maps at every step (auto: for recolourings and "
-        "resizings, as sample.py)",
-    )
+    cli.add_sampling_options(parser, ["--local-blend", "--keep-layout"], SAMPLING_HELPS)
     parser.add_argument("--batch-size", type=int, default=50, help="images denoised together (does not change them)")
     parser.add_argument(
         "--parts",
@@ -133,13 +97,6 @@ def build_parser() -> ArgumentParser:
         default=None,
         help="comma list of the faithfulness categories to score (default all), e.g. "
         "--categories 'single object' --n 1000",
-    )
-    parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
-    parser.add_argument(
-        "--mixed-precision",
-        default="auto",
-        choices=MIXED_PRECISION,
-        help="autocast of the UNet (default auto: bf16 where the device does it natively, else float32)",
     )
     return parser
 
@@ -168,9 +125,10 @@ def model_data_config(config_file: Path) -> dict:
 def main(argv=None):
     args = build_parser().parse_args(argv)
     one_line_warnings()
-    for name in ("n", "n_edit", "n_swap", "n_samplers", "batch_size"):
-        if getattr(args, name) < 1:
-            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    counts = {name: getattr(args, name) for name in COUNTS}
+    for name, count in counts.items():
+        if count < 1:
+            raise UserError(f"--{name.replace('_', '-')} must be at least 1, got {count}")
     if not math.isfinite(args.guidance) or args.guidance < 0:
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
@@ -178,10 +136,11 @@ def main(argv=None):
     check_device(args.device)
 
     from diffusion.evaluation.metrics import EVAL_SEED
-    from diffusion.evaluation.report import edit_plot, evaluate, format_report, swap_plot, swap_strip
-    from diffusion.images import check_writable, labelled_grid, save_png
-    from diffusion.sampling.pipeline import Pipeline, Weighting
+    from diffusion.evaluation.report import evaluate, format_report
+    from diffusion.images import check_writable
+    from diffusion.sampling.pipeline import Pipeline
 
+    settings = cli.sampling_settings(args)
     model = Path(args.model)
     out = Path(args.out) if args.out else model.parent / "report.json"
     check_writable(out)
@@ -189,51 +148,50 @@ def main(argv=None):
     data = model_data_config(model / "config.yaml")
     if data.get("kind", "shapes") != "shapes":
         raise UserError(f"'{model}' was trained on data.kind={data.get('kind')}; evaluate.py measures shapes models")
-    weighting = Weighting(context=args.weight_context)
-    report, examples, swap_examples = evaluate(
+    result = evaluate(
         pipe,
-        n=args.n,
+        settings,
         seed=EVAL_SEED if args.seed is None else args.seed,
         holdout=data.get("holdout", []),
         training_seed=data.get("seed", 0),
-        n_edit=args.n_edit,
-        n_swap=args.n_swap,
-        n_samplers=args.n_samplers,
-        batch_size=args.batch_size,
-        guidance=args.guidance,
-        guidance_cutoff=args.guidance_cutoff,
         parts=args.parts,
-        sampler=args.sampler,
-        weighting=weighting,
-        edit_steps=args.edit_steps,
         swap_sweep=args.swap_sweep,
-        local_blend=args.local_blend,
-        keep_layout=KEEP_LAYOUT[args.keep_layout],
         categories=args.categories,
+        **counts,
     )
+    report = result.report
     report["model"] = str(model.resolve())
     print(format_report(report))
+    written = write_outputs(result, out)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def write_outputs(result, out: Path) -> list[Path]:
+    """The report at `out` (written whole, then moved into place) and its pictures beside it:
+    the faithfulness examples, the weight-response and word-swap curves, source | edit pairs.
+    Returns the paths written."""
+    from diffusion.evaluation.report import edit_plot, swap_plot, swap_strip
+    from diffusion.images import labelled_grid, save_png
+
+    report = result.report
     out.parent.mkdir(parents=True, exist_ok=True)
     temporary = out.with_name(f".{out.name}.tmp")
     temporary.write_text(json.dumps(report, indent=2) + "\n")
     temporary.replace(out)
     written = [out]
     metadata = {"model": report["model"]}
-    if examples:
-        images, labels = zip(*examples)
-        written.append(
-            save_png(
-                labelled_grid(list(images), list(labels), columns=8),
-                out.with_name(f"{out.stem}-examples.png"),
-                metadata,
-            )
-        )
+    pictures = {}
+    if result.examples:
+        images, labels = zip(*result.examples)
+        pictures["examples"] = labelled_grid(list(images), list(labels), columns=8)
     if "edit" in report:
-        written.append(save_png(edit_plot(report["edit"]), out.with_name(f"{out.stem}-edit.png"), metadata))
+        pictures["edit"] = edit_plot(report["edit"])
     if "swap" in report:
-        written.append(save_png(swap_plot(report["swap"]), out.with_name(f"{out.stem}-swap.png"), metadata))
-        written.append(save_png(swap_strip(swap_examples), out.with_name(f"{out.stem}-swap-strip.png"), metadata))
-    print("wrote " + ", ".join(str(p) for p in written))
+        pictures["swap"] = swap_plot(report["swap"])
+        pictures["swap-strip"] = swap_strip(result.swap_examples)
+    for name, picture in pictures.items():
+        written.append(save_png(picture, out.with_name(f"{out.stem}-{name}.png"), metadata))
+    return written
 
 
 if __name__ == "__main__":

@@ -115,31 +115,24 @@ def test_the_generators_own_images_pass_almost_every_prompt():
         assert score >= 0.96, (category, score)
 
 
+def evaluate_cli(run_cli, model, out, options: str):
+    """evaluate.py on `model` with `options` (a command line's, split at spaces) and --out `out`."""
+    return run_cli("evaluate.py", "--model", model, *options.split(), "--out", out)
+
+
+def assert_pictures(folder, names: list[str], report: dict) -> None:
+    """`folder` holds the report and exactly the PNGs `names`, each naming the report's model."""
+    assert sorted(p.name for p in folder.iterdir()) == sorted(names)
+    for name in names:
+        if name.endswith(".png"):
+            with Image.open(folder / name) as picture:
+                assert picture.format == "PNG" and picture.info["model"] == report["model"]
+
+
 def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "new" / "report.json"  # the folder is created
-    result = run_cli(
-        "evaluate.py",
-        "--model",
-        tiny_model,
-        "--n",
-        1,
-        "--n-edit",
-        1,
-        "--n-samplers",
-        1,
-        "--parts",
-        "faithfulness,edit",
-        "--guidance",
-        5,
-        "--mixed-precision",
-        "no",
-        "--sampler",
-        "ddim",
-        "--weight-context",
-        "keep",
-        "--out",
-        out,
-    )
+    options = "--n 1 --n-edit 1 --n-samplers 1 --parts faithfulness,edit --guidance 5 --mixed-precision no "
+    result = evaluate_cli(run_cli, tiny_model, out, options + "--sampler ddim --weight-context keep")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert "faithfulness" in report and "edit" in report and not {"swap", "samplers"} & set(report)
@@ -147,29 +140,12 @@ def test_evaluate_cli_writes_json_and_pictures(tiny_model, tmp_path, run_cli):
     assert "DDIM 20 steps" in result.stdout and report["weighting"]["context"] == "keep"
     assert "weighting: context keep" in result.stdout and "measured targets met" in result.stdout
     assert "single object" in result.stdout
-    assert sorted(p.name for p in out.parent.iterdir()) == ["report-edit.png", "report-examples.png", "report.json"]
-    with Image.open(out.parent / "report-edit.png") as picture:
-        assert picture.format == "PNG" and picture.info["model"] == report["model"]
+    assert_pictures(out.parent, ["report-edit.png", "report-examples.png", "report.json"], report)
 
 
 def test_evaluate_cli_swap_options_and_pictures(tiny_model, tmp_path, run_cli):
     out = tmp_path / "swap.json"
-    result = run_cli(
-        "evaluate.py",
-        "--model",
-        tiny_model,
-        "--n",
-        1,
-        "--n-swap",
-        1,
-        "--parts",
-        "swap",
-        "--local-blend",
-        "--edit-steps",
-        0.5,
-        "--out",
-        out,
-    )
+    result = evaluate_cli(run_cli, tiny_model, out, "--n 1 --n-swap 1 --parts swap --local-blend --edit-steps 0.5")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads(out.read_text())
     assert not {"faithfulness", "edit", "samplers"} & set(report)
@@ -179,16 +155,16 @@ def test_evaluate_cli_swap_options_and_pictures(tiny_model, tmp_path, run_cli):
     assert report["swap"]["local_blend"] is True and "; local blend; keep layout auto)" in result.stdout
     assert report["swap"]["keep_layout"] == "auto"
     assert any(key.startswith("swap/colour swap at edit steps 0.5:") for key in report["targets"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["swap-swap-strip.png", "swap-swap.png", "swap.json"]
-    for name in ("swap-swap-strip.png", "swap-swap.png"):
-        with Image.open(tmp_path / name) as picture:
-            assert picture.format == "PNG" and picture.info["model"] == report["model"]
+    assert_pictures(tmp_path, ["swap-swap-strip.png", "swap-swap.png", "swap.json"], report)
 
 
 def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkeypatch):
-    """In process, with evaluate() replaced: every edit and swap option reaches it."""
+    """In process, with evaluate() replaced: every edit and swap option reaches it, the sampling
+    ones as its settings."""
     import diffusion.evaluation.report
+    from diffusion.evaluation.report import Evaluation
     from diffusion.sampling.pipeline import Weighting
+    from diffusion.sampling.settings import SamplingSettings
 
     spec = importlib.util.spec_from_file_location("evaluate_cli", Path(__file__).parents[1] / "evaluate.py")
     cli = importlib.util.module_from_spec(spec)
@@ -196,8 +172,8 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
     given = {}
     image = np.zeros((16, 16, 3), np.uint8)
 
-    def fake_evaluate(pipe, **kwargs):
-        given.update(kwargs)
+    def fake_evaluate(pipe, settings, **kwargs):
+        given.update(kwargs, settings=settings)
         unscored = {
             "scored": 0,
             **dict.fromkeys(SWAP_MEASURES),
@@ -217,41 +193,22 @@ def test_evaluate_cli_hands_its_options_to_evaluate(tiny_model, tmp_path, monkey
             "swap": swap,
             "targets": {},
         }
-        return report, [], {"colour": [("a red circle", "a blue circle", image, image)]}
+        return Evaluation(report, [], {"colour": [("a red circle", "a blue circle", image, image)]})
 
     monkeypatch.setattr(diffusion.evaluation.report, "evaluate", fake_evaluate)
     out = tmp_path / "report.json"
-    cli.main(
-        [
-            "--model",
-            str(tiny_model),
-            "--parts",
-            "edit,swap",
-            "--n-edit",
-            "2",
-            "--n-swap",
-            "3",
-            "--swap-sweep",
-            "--local-blend",
-            "--keep-layout",
-            "off",
-            "--edit-steps",
-            "0.3",
-            "--weight-context",
-            "keep",
-            "--out",
-            str(out),
-        ]
-    )
+    options = "--parts edit,swap --n-edit 2 --n-swap 3 --swap-sweep --local-blend --keep-layout off --edit-steps 0.3"
+    cli.main(["--model", str(tiny_model), *options.split(), "--weight-context", "keep", "--out", str(out)])
     assert given["parts"] == ("edit", "swap") and given["n_edit"] == 2 and given["n_swap"] == 3
-    assert given["swap_sweep"] is True and given["local_blend"] is True and given["edit_steps"] == 0.3
-    assert given["keep_layout"] is False
-    assert given["weighting"] == Weighting(context="keep")
+    assert given["swap_sweep"] is True
+    settings = SamplingSettings(
+        weighting=Weighting(context="keep"), edit_steps=0.3, local_blend=True, keep_layout=False
+    )
+    assert given["settings"] == settings
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report-swap-strip.png", "report-swap.png", "report.json"]
     cli.main(["--model", str(tiny_model), "--out", str(out)])
-    assert given["swap_sweep"] is False and given["local_blend"] is False and given["edit_steps"] == 0.6
-    assert given["keep_layout"] is None  # auto
-    assert given["weighting"] == Weighting()
+    assert given["swap_sweep"] is False
+    assert given["settings"] == SamplingSettings()  # edit steps 0.6, no local blend, keep layout auto
     # the default run: every part but the sampler sweep, 16 prompts for the edits and each swap
     assert given["parts"] == ("faithfulness", "localisation", "edit", "prior", "swap")
     assert given["n_edit"] == 12 and given["n_swap"] == 12

@@ -17,8 +17,18 @@ from diffusion.evaluation.edits import (
     weight_contract,
 )
 from diffusion.evaluation.metrics import CATEGORIES, TARGETS
-from diffusion.evaluation.report import STYLES, edit_plot, evaluate, format_report, swap_plot, swap_strip, targets
+from diffusion.evaluation.report import (
+    STYLES,
+    Evaluation,
+    edit_plot,
+    evaluate,
+    format_report,
+    swap_plot,
+    swap_strip,
+    targets,
+)
 from diffusion.sampling.pipeline import Pipeline, Weighting
+from diffusion.sampling.settings import SamplingSettings
 
 HOLDOUT = ["red square", "green triangle", "blue cross", "yellow circle"]
 MEASURES = ("new present", "old gone", "colour kept", "edited iou >= 0.8", "centre within 2 px", "others iou >= 0.9")
@@ -216,15 +226,14 @@ def pipe(tiny_model):
     return Pipeline.from_pretrained(tiny_model, device="cpu")
 
 
+def small_evaluation(pipe, settings: SamplingSettings | None = None, **options) -> Evaluation:
+    """evaluate() with the tests' held-out pairs and small sizes (a prompt, a detector scene); `options` over them."""
+    return evaluate(pipe, settings, **{"n": 1, "holdout": HOLDOUT, "batch_size": 8, "detector_n": 1, **options})
+
+
 def test_evaluate_smoke_on_the_tiny_model(pipe):
-    report, examples, swap_examples = evaluate(
-        pipe,
-        n=2,
-        holdout=HOLDOUT,
-        n_samplers=2,
-        batch_size=8,
-        detector_n=10,
-        parts=("faithfulness", "localisation", "samplers"),
+    report, examples, swap_examples = small_evaluation(
+        pipe, n=2, n_samplers=2, detector_n=10, parts=("faithfulness", "localisation", "samplers")
     )
     assert set(report["faithfulness"]) == set(CATEGORIES)
     for value in report["faithfulness"].values():
@@ -254,24 +263,15 @@ def edit_run(pipe):
     batches = []
     sample_batch = pipe.sample_batch
 
-    def recording(prompts, seeds, settings, maps, weighting, *args, **kwargs):
+    def recording(prompts, seeds, settings, *args, **kwargs):
         weighted = any(w != 1 for p in prompts for _, _, w in p.weights)
-        batches.append(([p.text for p in prompts], weighted, weighting, kwargs.get("swap_mapping") is not None))
-        return sample_batch(prompts, seeds, settings, maps, weighting, *args, **kwargs)
+        batches.append(([p.text for p in prompts], weighted, settings.weighting, kwargs.get("swap") is not None))
+        return sample_batch(prompts, seeds, settings, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(pipe, "sample_batch", recording)
-        report, examples, swap_examples = evaluate(
-            pipe,
-            n=1,
-            holdout=HOLDOUT,
-            n_edit=1,
-            n_swap=1,
-            batch_size=8,
-            detector_n=1,
-            parts=("edit", "swap"),
-            weighting=Weighting(context="keep"),
-        )
+        settings = SamplingSettings(weighting=Weighting(context="keep"))
+        report, examples, swap_examples = small_evaluation(pipe, settings, n_edit=1, n_swap=1, parts=("edit", "swap"))
     return report, examples, swap_examples, batches
 
 
@@ -338,19 +338,8 @@ def test_evaluate_targets_and_table_hold_the_contract_and_the_swap(edit_run):
 
 
 def test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given(pipe):
-    report, _, swap_examples = evaluate(
-        pipe,
-        n=1,
-        holdout=HOLDOUT,
-        n_swap=1,
-        batch_size=8,
-        detector_n=1,
-        parts=("swap",),
-        edit_steps=0.5,
-        swap_sweep=True,
-        local_blend=True,
-        keep_layout=True,
-    )
+    settings = SamplingSettings(edit_steps=0.5, local_blend=True, keep_layout=True)
+    report, _, swap_examples = small_evaluation(pipe, settings, n_swap=1, parts=("swap",), swap_sweep=True)
     swap = report["swap"]
     swept = sorted(set(EDIT_STEPS) | {0.5})
     assert swap["edit_steps"] == swept and swap["default_edit_steps"] == 0.5 and swap["local_blend"] is True
@@ -363,29 +352,22 @@ def test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given(pipe):
 
 
 def test_evaluate_scores_only_the_categories_it_is_given(pipe):
-    report, _, _ = evaluate(
-        pipe,
-        n=3,
-        holdout=HOLDOUT,
-        n_samplers=2,
-        batch_size=8,
-        detector_n=1,
-        parts=("faithfulness", "samplers"),
-        categories=("single object",),
+    report, _, _ = small_evaluation(
+        pipe, n=3, n_samplers=2, parts=("faithfulness", "samplers"), categories=("single object",)
     )
     assert set(report["faithfulness"]) == {"single object"} and report["faithfulness"]["single object"]["n"] == 3
     assert report["targets"]["faithfulness/single object"]["value"] == report["faithfulness"]["single object"]["score"]
     assert report["targets"]["faithfulness/position"]["met"] is None  # not measured, not failed
     assert report["samplers"]["n"] == 2  # the sweep still finds its position prompts
     with pytest.raises(UserError, match="unknown category 'colour'"):
-        evaluate(pipe, n=1, holdout=HOLDOUT, parts=("faithfulness",), categories=("colour",))
+        small_evaluation(pipe, parts=("faithfulness",), categories=("colour",))
     with pytest.raises(UserError, match="training data seed"):
-        evaluate(pipe, n=1, seed=4, training_seed=4, parts=("edit",))
+        small_evaluation(pipe, seed=4, training_seed=4, parts=("edit",))
 
 
 def test_evaluate_samples_no_faithfulness_scenes_for_the_other_parts(pipe):
     """The faithfulness categories (100 scenes each by default, counting up to 4 objects) are not
     built when neither faithfulness nor the sampler sweep runs: four objects do not always fit in
     a 16 px image, and the word swap never needs them."""
-    report, _, _ = evaluate(pipe, holdout=HOLDOUT, n_swap=1, batch_size=8, detector_n=1, parts=("swap",))
+    report, _, _ = small_evaluation(pipe, n=100, n_swap=1, parts=("swap",))
     assert set(report["swap"]["kinds"]) == set(SWAP_KINDS)

@@ -58,8 +58,10 @@ def test_weight_zero_keeps_an_object_and_leaves_the_colour_to_the_prior(small):
     did at 32 px, fails), and the named colour no more often than the deleted prompt, plus 0.1."""
     from diffusion.config import DataConfig
     from diffusion.evaluation.edits import weight_response
+    from diffusion.evaluation.metrics import EvaluationRun
 
-    result = weight_response(small, 24, 0, DataConfig().holdout, 48, Weighting(), weights=(0.0, 1.0))
+    run = EvaluationRun(small, seed=0, batch_size=48, holdout=DataConfig().holdout)
+    result = weight_response(run, 24, weights=(0.0, 1.0))
     deleted = result["deleted"]["colour"]
     for row in result["rows"]:
         if row["word"] != "colour":

@@ -25,6 +25,7 @@ from PIL import Image, ImageDraw
 from diffusion.cli import ArgumentParser
 from diffusion.errors import UserError, exit_on_user_error
 from diffusion.evaluation.metrics import TARGETS
+from diffusion.evaluation.report import report_value
 from diffusion.images import font, save_png
 
 COLOURS = [
@@ -39,15 +40,6 @@ COLOURS = [
     (0, 160, 160),
     (150, 100, 50),
 ]
-
-
-def _value(report: dict, key: str):
-    node = report
-    for part in key.split("/"):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node["score"] if isinstance(node, dict) else node
 
 
 def merge(base: dict, later: dict) -> dict:
@@ -83,7 +75,7 @@ def table(points: list[tuple[int, dict]], keys: list[str]) -> str:
     lines = ["| training images | " + " | ".join(short) + " |", "|---" * (len(keys) + 1) + "|"]
     lines.append("| target | " + " | ".join(f"{TARGETS[k]:g}" for k in keys) + " |")
     for images, report in points:
-        values = [_value(report, k) for k in keys]
+        values = [report_value(report, k) for k in keys]
         lines.append(f"| {images:,} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |")
     return "\n".join(lines)
 
@@ -128,7 +120,7 @@ def chart(
     )
     for k, key in enumerate(keys):
         colour = COLOURS[k % len(COLOURS)]
-        values = [(images, v) for images, report in points if (v := _value(report, key)) is not None]
+        values = [(images, v) for images, report in points if (v := report_value(report, key)) is not None]
         line = [xy(images, v) for images, v in values]
         if len(line) > 1:
             draw.line(line, fill=colour, width=2)
@@ -170,7 +162,7 @@ def main(argv=None):
             raise UserError(f"--mark '{mark}' is not IMAGES=LABEL (e.g. '51200=15 min at 74 images/s')")
         marks.append((int(images), label))
     points = load(args.points)
-    keys = [k for k in TARGETS if any(_value(r, k) is not None for _, r in points)]
+    keys = [k for k in TARGETS if any(report_value(r, k) is not None for _, r in points)]
     print(table(points, keys))
     print(f"wrote {save_png(chart(points, keys, ymin=args.ymin, marks=marks), args.out)}")
 

@@ -44,11 +44,12 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import NamedTuple
 
 import numpy as np
 
-from diffusion.config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER, KEEP_LAYOUT
+from diffusion.config import KEEP_LAYOUT
 from diffusion.control.prompts import parse_prompt
 from diffusion.data.shapes import COLOURS, POSITION_PHRASES, SHAPES, SIZES, Scene, ShapesDataset, parse_holdout
 from diffusion.evaluation.detector import (
@@ -63,10 +64,8 @@ from diffusion.evaluation.detector import (
     pixel_colours,
     stray_pixels,
 )
-from diffusion.evaluation.metrics import match_objects, sample_images, span_map
+from diffusion.evaluation.metrics import EvaluationRun, match_objects, sample_images, span_map
 from diffusion.images import uint8_images
-from diffusion.sampling.pipeline import Weighting
-from diffusion.sampling.settings import SamplingSettings
 
 WEIGHT_MODES_MEASURED = ("attention", "embedding")
 EDIT_WEIGHTS = (0.0, 0.5, 1.0, 1.5, 2.0, 4.0)
@@ -182,30 +181,20 @@ def _scores(prompts: list[EditPrompt], word: str, images, texts=None, token_maps
 
 
 def weight_response(
-    pipe,
+    run: EvaluationRun,
     n: int,
-    seed: int,
-    holdout: list[str],
-    batch_size: int,
-    weighting: Weighting,
-    progress=None,
-    guidance: float = 3.0,
-    sampler: str = DEFAULT_SAMPLER,
     modes: tuple[str, ...] = WEIGHT_MODES_MEASURED,
     weights: tuple[float, ...] = EDIT_WEIGHTS,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
 ) -> dict:
     """Rows {word, mode, weight, drawn, present, area, grain, mass} over `n` prompts, image k of every
-    setting from noise seed `seed + k`, and the word-deleted baseline {word: {drawn, present, area,
-    grain}}. `weighting` gives the context, steps window and resolutions; its mode is each of `modes`
-    in turn. Weight 1 is the plain prompt, sampled once for both modes."""
-    prompts = edit_prompts(n, seed, holdout)
-    sampling = {"sampler": sampler, "guidance": guidance, "guidance_cutoff": guidance_cutoff}
+    setting from noise seed `run.seed + k`, and the word-deleted baseline {word: {drawn, present, area,
+    grain}}. The run's weighting gives the context, steps window and resolutions; its mode is each
+    of `modes` in turn. Weight 1 is the plain prompt, sampled once for both modes."""
+    prompts = edit_prompts(n, run.seed, run.holdout)
+    weighting = run.settings.weighting
     rows, deleted = [], {}
     for word in ("colour", "shape"):
-        texts = [p.deleted(word) for p in prompts]
-        images, _, _ = sample_images(pipe, texts, seed, batch_size, progress=progress, weighting=weighting, **sampling)
-        deleted[word] = _scores(prompts, word, images)
+        deleted[word] = _scores(prompts, word, sample_images(run, [p.deleted(word) for p in prompts]).images)
         plain = None
         for mode in modes:
             for weight in weights:
@@ -213,18 +202,8 @@ def weight_response(
                 if weight == 1.0 and plain is not None:
                     scores = plain
                 else:
-                    mode_weighting = Weighting(mode, weighting.steps, weighting.resolutions, weighting.context)
-                    sampled = sample_images(
-                        pipe,
-                        texts,
-                        seed,
-                        batch_size,
-                        maps=True,
-                        progress=progress,
-                        weighting=mode_weighting,
-                        **sampling,
-                    )
-                    scores = _scores(prompts, word, sampled[0], texts, sampled[1], sampled[2])
+                    sampled = sample_images(run.sampling(weighting=replace(weighting, mode=mode)), texts, maps=True)
+                    scores = _scores(prompts, word, sampled.images, texts, sampled.token_maps, sampled.offsets)
                     if weight == 1.0:
                         plain = scores
                 rows.append({"word": word, "mode": mode, "weight": weight, **scores})
@@ -416,65 +395,63 @@ def _match_uncoloured(scene: Scene, detections: list[Detection], index: int) -> 
     return named
 
 
+class SwapResponse(NamedTuple):
+    """`swap_response`'s result."""
+
+    rates: dict  # {"n", "edit_steps", "local_blend", "keep_layout", "kinds": {kind: {"n", "by_steps"}}}
+    examples: dict  # {kind: [(source prompt, edit prompt, source image, edit image), ...]}
+
+
 def swap_response(
-    pipe,
+    run: EvaluationRun,
     n: int,
-    seed: int,
-    holdout: list[str],
-    batch_size: int,
-    weighting: Weighting,
-    progress=None,
-    guidance: float = 3.0,
-    sampler: str = DEFAULT_SAMPLER,
     edit_steps: tuple[float, ...] = EDIT_STEPS,
     kinds: tuple[str, ...] = SWAP_KINDS,
-    local_blend: bool = False,
     example_steps: float | None = None,
-    keep_layout: bool | None = None,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-) -> tuple[dict, dict]:
+) -> SwapResponse:
     """The rates {"kinds": {kind: {"n": cases, "by_steps": {edit steps: {"scored": pairs with a
     faithful source, measure: rate}}}}} for `n` cases of each kind, pair k of a kind from noise
-    seed `seed + k` for both images; and examples {kind: [(source prompt, edit prompt, source
-    image, edit image)]} of the first cases at `example_steps` (None: the first of `edit_steps`).
-    keep_layout: as `Pipeline.swap`'s (None: auto)."""
+    seed `run.seed + k` for both images, at each of `edit_steps` (the settings' own edit steps
+    are not used); and examples {kind: [(source prompt, edit prompt, source image, edit image)]}
+    of the first cases at `example_steps` (None: the first of `edit_steps`). The settings'
+    local_blend and keep_layout act as in `Pipeline.swap` (keep_layout None: auto)."""
     example_steps = edit_steps[0] if example_steps is None else example_steps
-    settings = SamplingSettings(
-        guidance=guidance,
-        guidance_cutoff=guidance_cutoff,
-        sampler=sampler,
-        weighting=weighting,
-        local_blend=local_blend,
-        keep_layout=keep_layout,
-    )
-    resolution = pipe.unet.config.sample_size
-    layout = next(name for name, value in KEEP_LAYOUT.items() if value is keep_layout)
-    out = {"n": n, "edit_steps": list(edit_steps), "local_blend": local_blend, "keep_layout": layout, "kinds": {}}
-    examples = {}
+    settings = run.settings
+    layout = next(name for name, value in KEEP_LAYOUT.items() if value is settings.keep_layout)
+    rates = {"n": n, "edit_steps": list(edit_steps), "local_blend": settings.local_blend, "keep_layout": layout}
+    rates["kinds"], examples = {}, {}
     for kind in kinds:
-        cases = swap_cases(kind, n, seed, resolution, holdout)
+        cases = swap_cases(kind, n, run.seed, run.resolution, run.holdout)
         by_steps = {}
         for fraction in edit_steps:
-            pairs = []
-            for start in range(0, n, max(1, batch_size // 2)):
-                chunk = cases[start : start + max(1, batch_size // 2)]
-                x, _ = pipe.swap_batch(
-                    pipe.swap_plan([(c.source, c.edit) for c in chunk], keep_layout),
-                    [seed + start + k for k in range(len(chunk))],
-                    settings.but(edit_steps=fraction),
-                )
-                images = uint8_images(x)  # (2P, R, R, 3): source and edit of each pair in turn
-                pairs += [(images[2 * k], images[2 * k + 1]) for k in range(len(chunk))]
-                if progress is not None:
-                    progress.update(2 * len(chunk))
+            pairs = _swap_pairs(run.sampling(edit_steps=fraction), cases)
             scores = [score_swap(c, s, e) for c, (s, e) in zip(cases, pairs)]
             scored = [s for s in scores if s is not None]
-            rates = {key: float(np.mean([s[key] for s in scored])) if scored else None for key in SWAP_MEASURES}
-            by_steps[f"{fraction:g}"] = {"scored": len(scored), **rates}
+            measured = {key: float(np.mean([s[key] for s in scored])) if scored else None for key in SWAP_MEASURES}
+            by_steps[f"{fraction:g}"] = {"scored": len(scored), **measured}
             if fraction == example_steps:
                 examples[kind] = [(cases[k].source, cases[k].edit, *pairs[k]) for k in range(min(4, n))]
-        out["kinds"][kind] = {"n": n, "by_steps": by_steps}
-    return out, examples
+        rates["kinds"][kind] = {"n": n, "by_steps": by_steps}
+    return SwapResponse(rates, examples)
+
+
+def _swap_pairs(run: EvaluationRun, cases: list[SwapCase]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The (source, edit) images of each case, pair k from noise seed `run.seed + k`: half a batch
+    of pairs at a time, since each pair is two images."""
+    pairs = []
+    chunk_size = max(1, run.batch_size // 2)
+    for start in range(0, len(cases), chunk_size):
+        chunk = cases[start : start + chunk_size]
+        x, _ = run.pipe.swap_batch(
+            run.pipe.swap_plan([(c.source, c.edit) for c in chunk], run.settings.keep_layout),
+            [run.seed + start + k for k in range(len(chunk))],
+            run.settings,
+        )
+        images = uint8_images(x)  # (2P, R, R, 3): source and edit of each pair in turn
+        pairs += [(images[2 * k], images[2 * k + 1]) for k in range(len(chunk))]
+        if run.progress is not None:
+            run.progress.update(2 * len(chunk))
+    return pairs
 
 
 def swap_targets(response: dict, edit_steps: float) -> dict:
@@ -516,38 +493,26 @@ def palette_prompts(count: int = PRIOR_PROMPTS) -> list[str]:
     return [f"a {SHAPES[k % len(SHAPES)]} {POSITION_PHRASES[positions[k % len(positions)]]}" for k in range(count)]
 
 
-def prior_response(
-    pipe,
-    n: int,
-    seed: int,
-    holdout: list[str],
-    batch_size: int,
-    progress=None,
-    guidance: float = 3.0,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-) -> dict:
+def prior_response(run: EvaluationRun, n: int) -> dict:
     """What the model draws where the text names no colour: `n` colour-deleted prompts (those of
     the weight response) and their clean-object rate; the palette spread of PRIOR_PROMPTS such
     prompts over PRIOR_SEEDS seeds each (the colours of their clean objects, and the largest share
     one colour takes of a prompt's images); `n` unconditional samples at guidance 1 and the share
-    whose every object is one clean colour."""
-    sampling = {"sampler": sampler, "guidance": guidance, "guidance_cutoff": guidance_cutoff, "progress": progress}
-    deleted = [p.deleted("colour") for p in edit_prompts(n, seed, holdout)]
-    images, _, _ = sample_images(pipe, deleted, seed, batch_size, **sampling)
-    drawn = [is_clean_object(image, detect(image)) for image in images]
+    whose every object is one clean colour. No word is weighted in these prompts, so the run's
+    weighting does not act."""
+    deleted = [p.deleted("colour") for p in edit_prompts(n, run.seed, run.holdout)]
+    drawn = [is_clean_object(image, detect(image)) for image in sample_images(run, deleted).images]
     palette = []
     for k, prompt in enumerate(palette_prompts()):
-        prompt_seed = seed + 5000 + 100 * k
-        images, _, _ = sample_images(pipe, [prompt] * PRIOR_SEEDS, prompt_seed, batch_size, **sampling)
+        images = sample_images(run.but(seed=run.seed + 5000 + 100 * k), [prompt] * PRIOR_SEEDS).images
         counts = dict.fromkeys(COLOURS, 0)
         for image in images:
             detections = detect(image)
             if is_clean_object(image, detections):
                 counts[detections[0].colour] += 1
         palette.append({"prompt": prompt, "colours": counts, "top share": max(counts.values()) / PRIOR_SEEDS})
-    unconditional_images, _, _ = sample_images(pipe, [""] * n, seed + 9000, batch_size, **{**sampling, "guidance": 1.0})
-    clean = [is_clean_scene(image, detect(image)) for image in unconditional_images]
+    unconditional = sample_images(run.but(seed=run.seed + 9000).sampling(guidance=1.0), [""] * n).images
+    clean = [is_clean_scene(image, detect(image)) for image in unconditional]
     return {
         "n": n,
         "colour deleted drawn": float(np.mean(drawn)),

@@ -1,10 +1,10 @@
 """Measuring a model on shapes prompts: faithfulness, attention localisation and samplers
-(edits: edit_evaluation.py; the whole report: report.py, the command line: evaluate.py).
+(edits: edits.py; the whole report: report.py, the command line: evaluate.py).
 
 Every number comes from images the model draws for prompts of the shapes generator with a seed
 disjoint from training, read back by the project's detector (detector.py, whose own accuracy on
 real generator images is part of the report). Faithfulness samples as `sample.py` does by
-default (Euler, 20 steps, guidance 3; `sampler` chooses another).
+default (Euler, 20 steps, guidance 3; the `SamplingSettings` of an `EvaluationRun` choose others).
 
 - Faithfulness, scored like GenEval (a prompt passes only if every condition it states holds):
     single object    1 object: an object of the named colour and shape is drawn
@@ -29,21 +29,22 @@ default (Euler, 20 steps, guidance 3; `sampler` chooses another).
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
 from diffusers import DDPMScheduler
 from PIL import Image
 
-from diffusion.config import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER
 from diffusion.control.controllers import AttentionRecorder
 from diffusion.control.prompts import parse_prompt
 from diffusion.data.shapes import POSITION_PHRASES, Scene, ShapesDataset, parse_holdout
 from diffusion.evaluation.detector import Detection, detect
 from diffusion.images import uint8_images
-from diffusion.sampling.pipeline import SAMPLERS, Weighting
+from diffusion.sampling.pipeline import SAMPLERS
 from diffusion.sampling.settings import SamplingSettings
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
@@ -235,62 +236,91 @@ def passes(case: Case, detections: list[Detection]) -> bool:
 # ---- sampling -------------------------------------------------------------------------------
 
 
-def sample_batches(
-    pipe,
-    prompts: list[str],
-    seed: int,
-    batch_size: int,
-    maps: bool = False,
-    sampler: str = DEFAULT_SAMPLER,
-    steps: int = 20,
-    guidance: float = 3.0,
-    progress=None,
-    weighting=None,
-    negative_prompts=None,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-):
+@dataclass(frozen=True)
+class EvaluationRun:
+    """What every part of the evaluation samples with, in one object that each part takes.
+
+    pipe: the `Pipeline`; settings: the sampling settings of every image (a part changes only what
+    it measures: the sampler sweep its sampler and steps, the edit part its weight mode, the swap
+    its edit steps); seed: the scene seed, prompt k of a list drawn from noise seed `seed + k`
+    (disjoint from training); batch_size: images denoised together (it does not change them);
+    holdout: the model's held-out colour-shape pairs ("red square"), which the scenes leave out or
+    keep to; progress: a tqdm bar the images are counted on (None: none)."""
+
+    pipe: Any
+    settings: SamplingSettings = field(default_factory=SamplingSettings)
+    seed: int = EVAL_SEED
+    batch_size: int = 50
+    holdout: list[str] = field(default_factory=list)
+    progress: Any = None
+
+    @property
+    def resolution(self) -> int:
+        return self.pipe.unet.config.sample_size
+
+    def but(self, **changes) -> EvaluationRun:
+        """A copy with `changes` (field names of this class)."""
+        return dataclasses.replace(self, **changes)
+
+    def sampling(self, **changes) -> EvaluationRun:
+        """A copy whose settings have `changes` (field names of `SamplingSettings`)."""
+        return self.but(settings=self.settings.but(**changes))
+
+
+def sample_batches(run: EvaluationRun, prompts: list[str], maps: bool = False):
     """Yields, batch by batch, the images (uint8 arrays) of `prompts` (weighting syntax allowed),
-    prompt k with noise seed `seed + k` (and negative prompt k, if given); with `maps`, also the
-    (T, R, R) token maps and (T, 2) offsets of each image (else empty lists)."""
+    prompt k with noise seed `run.seed + k` (and negative prompt k, when the settings give one per
+    prompt); with `maps`, also the (T, R, R) token maps and (T, 2) offsets of each image (else
+    empty lists)."""
+    settings, batch_size = run.settings, run.batch_size
     for start in range(0, len(prompts), batch_size):
         parsed = [parse_prompt(p) for p in prompts[start : start + batch_size]]
-        negatives = None if negative_prompts is None else list(negative_prompts[start : start + batch_size])
-        settings = SamplingSettings(steps, guidance, guidance_cutoff, sampler, negatives, weighting or Weighting())
-        seeds = [seed + start + k for k in range(len(parsed))]
-        recorder = AttentionRecorder(pipe.unet.config.sample_size) if maps else None
-        x, _ = pipe.sample_batch(parsed, seeds, settings, None, recorder)
+        if isinstance(settings.negative_prompt, list):  # one per prompt: this batch's
+            batch_settings = settings.but(negative_prompt=settings.negative_prompt[start : start + batch_size])
+        else:
+            batch_settings = settings
+        seeds = [run.seed + start + k for k in range(len(parsed))]
+        recorder = AttentionRecorder(run.resolution) if maps else None
+        x, _ = run.pipe.sample_batch(parsed, seeds, batch_settings, None, recorder)
         token_maps, offsets = [], []
         if maps:
             token_maps = list(recorder.token_maps().cpu())
-            offsets = list(pipe.encoder.offsets([p.text for p in parsed]))
-        if progress is not None:
-            progress.update(len(parsed))
+            offsets = list(run.pipe.encoder.offsets([p.text for p in parsed]))
+        if run.progress is not None:
+            run.progress.update(len(parsed))
         yield list(uint8_images(x)), token_maps, offsets
 
 
-def sample_images(pipe, prompts: list[str], seed: int, batch_size: int, **options):
-    """`sample_batches` gathered: (images, token maps, offsets), one entry per prompt."""
-    images, token_maps, offsets = [], [], []
-    for batch in sample_batches(pipe, prompts, seed, batch_size, **options):
-        images += batch[0]
-        token_maps += batch[1]
-        offsets += batch[2]
-    return images, token_maps, offsets
+class Sampled(NamedTuple):
+    """`sample_images`' result: one entry per prompt in each list."""
+
+    images: list[np.ndarray]  # (R, R, 3) uint8
+    token_maps: list[torch.Tensor]  # (T, R, R); empty without maps
+    offsets: list[torch.Tensor]  # (T, 2); empty without maps
+
+
+def sample_images(run: EvaluationRun, prompts: list[str], maps: bool = False) -> Sampled:
+    """`sample_batches` gathered."""
+    sampled = Sampled([], [], [])
+    for images, token_maps, offsets in sample_batches(run, prompts, maps):
+        sampled.images.extend(images)
+        sampled.token_maps.extend(token_maps)
+        sampled.offsets.extend(offsets)
+    return sampled
 
 
 # ---- the report ----------------------------------------------------------------------------
 
 
-def faithfulness(
-    pipe,
-    cases_by_category: dict,
-    seed: int,
-    batch_size: int,
-    progress,
-    guidance: float = 3.0,
-    sampler: str = DEFAULT_SAMPLER,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-) -> tuple[dict, dict, list]:
+class Faithfulness(NamedTuple):
+    """`faithfulness`' result."""
+
+    scores: dict  # category -> {"score", "n"} (counting also "by_count"); None for a category with no scenes
+    localisation: dict  # the maps of the generated images against the detector's masks (`_Localisation`)
+    examples: list  # (image, label) pairs: the first few of each category, labelled ok or MISS
+
+
+def faithfulness(run: EvaluationRun, cases_by_category: dict[str, list[Case]]) -> Faithfulness:
     """Scores per category, localisation on the generated images, and a few examples per category."""
     scores, localisation, examples = {}, _Localisation(), []
     for category, cases in cases_by_category.items():
@@ -298,18 +328,7 @@ def faithfulness(
             scores[category] = None
             continue
         results = []  # scored batch by batch: memory does not grow with the number of prompts
-        batches = sample_batches(
-            pipe,
-            [c.prompt for c in cases],
-            seed,
-            batch_size,
-            maps=True,
-            guidance=guidance,
-            guidance_cutoff=guidance_cutoff,
-            sampler=sampler,
-            progress=progress,
-        )
-        for images, token_maps, offsets in batches:
+        for images, token_maps, offsets in sample_batches(run, [c.prompt for c in cases], maps=True):
             for image, maps, offs in zip(images, token_maps, offsets):
                 case = cases[len(results)]
                 detections = detect(image)
@@ -322,20 +341,23 @@ def faithfulness(
                             localisation.add("colour", span_map(maps, offs, case.scene.colour_spans[k]), det.mask)
                             localisation.add("shape", span_map(maps, offs, case.scene.shape_spans[k]), det.mask)
         scores[category] = {"score": float(np.mean(results)), "n": len(results)}
-        if category == "counting":  # which counts fail
-            by_count = {}
-            for case, ok in zip(cases, results):
-                by_count.setdefault(len(case.scene.objects), []).append(ok)
-            scores[category]["by_count"] = {
-                str(k): {"score": float(np.mean(v)), "n": len(v)} for k, v in sorted(by_count.items())
-            }
-    return scores, localisation.summary(), examples
+        if category == "counting":
+            scores[category]["by_count"] = _by_count(cases, results)
+    return Faithfulness(scores, localisation.summary(), examples)
+
+
+def _by_count(cases: list[Case], results: list[bool]) -> dict:
+    """The counting score split by the number of objects the prompt names: which counts fail."""
+    by_count = {}
+    for case, ok in zip(cases, results):
+        by_count.setdefault(len(case.scene.objects), []).append(ok)
+    return {str(k): {"score": float(np.mean(v)), "n": len(v)} for k, v in sorted(by_count.items())}
 
 
 @torch.no_grad()
-def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size: int) -> dict:
-    """Maps of one conditional pass per noise level on dataset images, against exact masks."""
-    resolution = pipe.unet.config.sample_size
+def dataset_localisation(run: EvaluationRun, n: int) -> dict:
+    """Maps of one conditional pass per noise level on `n` dataset images, against exact masks."""
+    pipe, seed, batch_size, resolution, holdout = run.pipe, run.seed, run.batch_size, run.resolution, run.holdout
     dataset = ShapesDataset(
         resolution, num_samples=n, min_objects=1, max_objects=2, object_weights=None, seed=seed + 100, holdout=holdout
     )
@@ -370,29 +392,12 @@ def dataset_localisation(pipe, n: int, seed: int, holdout: list[str], batch_size
     return localisation.summary()
 
 
-def sampler_sweep(
-    pipe,
-    cases: list[Case],
-    seed: int,
-    batch_size: int,
-    progress,
-    guidance: float = 3.0,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
-) -> dict:
-    """Faithfulness of each sampler and step count on `cases`, and of the reference."""
+def sampler_sweep(run: EvaluationRun, cases: list[Case]) -> dict:
+    """Faithfulness of each sampler and step count on `cases`, and of the reference; the other
+    settings are the run's."""
 
     def score(sampler, steps):
-        images, _, _ = sample_images(
-            pipe,
-            [c.prompt for c in cases],
-            seed,
-            batch_size,
-            sampler=sampler,
-            steps=steps,
-            guidance=guidance,
-            guidance_cutoff=guidance_cutoff,
-            progress=progress,
-        )
+        images = sample_images(run.sampling(sampler=sampler, steps=steps), [c.prompt for c in cases]).images
         return float(np.mean([passes(c, detect(im)) for c, im in zip(cases, images)]))
 
     reference = score(*REFERENCE)

@@ -1,8 +1,8 @@
 """The evaluation report: run the parts `evaluate.py` asks for, check the targets, print the
 table and draw the pictures.
 
-Parts: faithfulness and localisation (evaluation.py), the weight response and the word swap
-(edit_evaluation.py), the sampler sweep (evaluation.py). `targets` turns a report into one
+Parts: faithfulness and localisation (metrics.py), the weight response, the prior and the word
+swap (edits.py), the sampler sweep (metrics.py); each takes one `EvaluationRun`. `targets` turns a report into one
 verdict per target, `format_report` into the printed table; `edit_plot`, `swap_plot` and
 `swap_strip` draw the edit curves and example pairs.
 """
@@ -10,17 +10,13 @@ verdict per target, `format_report` into the printed table; `edit_plot`, `swap_p
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 from PIL import Image, ImageDraw
 from tqdm.auto import tqdm
 
-from diffusion.config import (
-    DEFAULT_EDIT_STEPS,
-    DEFAULT_GUIDANCE_CUTOFF,
-    DEFAULT_PARTS,
-    DEFAULT_SAMPLER,
-    DEFAULT_WEIGHT_STEPS,
-)
+from diffusion.config import DEFAULT_PARTS, DEFAULT_WEIGHT_STEPS
 from diffusion.errors import UserError
 from diffusion.evaluation import edits
 from diffusion.evaluation.detector import detector_accuracy
@@ -29,19 +25,55 @@ from diffusion.evaluation.metrics import (
     EVAL_SEED,
     SAMPLER_STEPS,
     TARGETS,
+    Case,
+    EvaluationRun,
     category_cases,
     dataset_localisation,
     faithfulness,
     sampler_sweep,
 )
 from diffusion.images import font, labelled_grid
-from diffusion.sampling.pipeline import Weighting
+from diffusion.sampling.settings import SamplingSettings
 
 SAMPLER_LABELS = {"dpm++": "DPM-Solver++ 2M", "ddim": "DDIM", "ddpm": "DDPM", "euler": "Euler"}
 
 
+class Evaluation(NamedTuple):
+    """`evaluate`'s result."""
+
+    report: dict  # JSON-ready: what evaluate.py writes and tools/results.py reads
+    examples: list  # (image, label) pairs of the faithfulness part, for a grid
+    swap_examples: dict  # {kind: [(source prompt, edit prompt, source image, edit image), ...]}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What `evaluate` samples: the parts, and the prompts' counts and scenes of each."""
+
+    parts: tuple[str, ...]
+    n: int  # prompts per faithfulness category, and dataset images of the localisation part
+    cases: dict[str, list[Case]]  # the faithfulness scenes by category ({} without that part)
+    n_edit: int  # prompts of the weight response and the prior
+    n_swap: int  # source prompts per swap kind
+    swap_fractions: tuple[float, ...]  # the edit steps the swap part measures
+    sweep_cases: list[Case]  # the sampler sweep's scenes ([] without that part)
+
+    def images(self) -> int:
+        """How many images the parts draw: the progress bar's total."""
+        per_part = {
+            "faithfulness": sum(len(c) for c in self.cases.values()),
+            "edit": self.n_edit * 2 * (1 + len(edits.WEIGHT_MODES_MEASURED) * (len(edits.EDIT_WEIGHTS) - 1) + 1),
+            "prior": 2 * self.n_edit + edits.PRIOR_PROMPTS * edits.PRIOR_SEEDS,
+            "swap": self.n_swap * 2 * len(edits.SWAP_KINDS) * len(self.swap_fractions),
+            "samplers": len(self.sweep_cases) * (1 + 4 * len(SAMPLER_STEPS)),
+        }
+        return sum(per_part.get(p, 0) for p in self.parts)
+
+
 def evaluate(
     pipe,
+    settings: SamplingSettings | None = None,
+    *,
     n: int = 100,
     seed: int = EVAL_SEED,
     holdout: list[str] | None = None,
@@ -51,26 +83,45 @@ def evaluate(
     n_samplers: int = 20,
     batch_size: int = 50,
     detector_n: int = 300,
-    guidance: float = 3.0,
-    guidance_cutoff: float = DEFAULT_GUIDANCE_CUTOFF,
     parts: tuple[str, ...] = DEFAULT_PARTS,
-    sampler: str = DEFAULT_SAMPLER,
-    weighting: Weighting | None = None,
-    edit_steps: float = DEFAULT_EDIT_STEPS,
     swap_sweep: bool = False,
-    local_blend: bool = False,
-    keep_layout: bool | None = None,
     categories: tuple[str, ...] | None = None,
-) -> tuple[dict, list, dict]:
+) -> Evaluation:
     """The whole report as a JSON-ready dict, example (image, label) pairs for a grid, and the
-    swap examples {kind: [(source prompt, edit prompt, source image, edit image), ...]}.
+    swap examples.
 
-    weighting: how the edit part's weights act (its mode is each mode in turn) and the swap's
-    resolutions. edit_steps: the swap's injection fraction, whose rates the targets check;
-    swap_sweep: also measure every fraction of edit_evaluation.EDIT_STEPS. keep_layout: as
-    `Pipeline.swap`'s (None: auto). categories: the
-    faithfulness categories scored (None: all); the others are left out of the report (their
-    targets read "not measured")."""
+    settings: how every image is sampled (None: the defaults, as sample.py's); the edit part
+    measures each weight mode in turn with the rest of its weighting, and the weighting's
+    resolutions also limit the swap; settings.edit_steps is the swap's injection fraction, whose
+    rates the targets check, and swap_sweep also measures every fraction of edits.EDIT_STEPS;
+    local_blend and keep_layout act as in `Pipeline.swap`. seed: the scenes' (it must differ from
+    the training data's, `training_seed`); holdout: the model's held-out colour-shape pairs;
+    n, n_edit, n_swap, n_samplers, detector_n: how many prompts (or scenes) each part takes;
+    categories: the faithfulness categories scored (None: all); the others are left out of the
+    report (their targets read "not measured")."""
+    categories = _check_categories(categories)
+    if seed == training_seed:
+        raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
+    started = time.time()
+    run = EvaluationRun(pipe, settings or SamplingSettings(), seed, batch_size, list(holdout or []))
+    report = _header(run, n)
+    report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=run.resolution)
+    cases = {}
+    if "faithfulness" in parts:
+        cases = {c: category_cases(c, n, seed, run.resolution, run.holdout) for c in CATEGORIES if c in categories}
+    edit_steps = run.settings.edit_steps
+    swap_fractions = tuple(sorted(set(edits.EDIT_STEPS) | {edit_steps})) if swap_sweep else (edit_steps,)
+    sweep_cases = _sweep_cases(run, n, n_samplers, cases) if "samplers" in parts else []
+    plan = Plan(tuple(parts), n, cases, n_edit, n_swap, swap_fractions, sweep_cases)
+    with tqdm(total=plan.images(), desc="evaluating (images)", dynamic_ncols=True) as progress:
+        examples, swap_examples = _measure(run.but(progress=progress), plan, report)
+    report["targets"] = targets(report)
+    report["seconds"] = round(time.time() - started, 1)
+    return Evaluation(report, examples, swap_examples)
+
+
+def _check_categories(categories: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The faithfulness categories to score (None: all); a UserError for an unknown one or none."""
     categories = CATEGORIES if categories is None else tuple(categories)
     unknown = [c for c in categories if c not in CATEGORIES]
     if unknown or not categories:
@@ -80,94 +131,69 @@ def evaluate(
             else "no category given"
         )
         raise UserError(f"{what}; choose from {', '.join(CATEGORIES)}")
-    if seed == training_seed:
-        raise UserError(f"evaluation seed {seed} is the training data seed; choose another --seed")
-    weighting = weighting or Weighting()
-    holdout = list(holdout or [])
-    resolution = pipe.unet.config.sample_size
-    started = time.time()
-    report = {
+    return categories
+
+
+def _header(run: EvaluationRun, n: int) -> dict:
+    """The report's first keys: what was measured and how it was sampled."""
+    settings = run.settings
+    return {
         "n": n,
-        "seed": seed,
-        "resolution": resolution,
-        "holdout": holdout,
-        "guidance": guidance,
-        "guidance_cutoff": guidance_cutoff,
-        "sampler": sampler,
-        "mixed_precision": pipe.mixed_precision,
+        "seed": run.seed,
+        "resolution": run.resolution,
+        "holdout": run.holdout,
+        "guidance": settings.guidance,
+        "guidance_cutoff": settings.guidance_cutoff,
+        "sampler": settings.sampler,
+        "mixed_precision": run.pipe.mixed_precision_of(settings),
     }
-    report["detector"] = detector_accuracy(n=detector_n, seed=seed + 300, resolution=resolution)
-    cases = (
-        {c: category_cases(c, n, seed, resolution, holdout) for c in CATEGORIES if c in categories}
-        if "faithfulness" in parts
-        else {}
-    )
-    swap_fractions = tuple(sorted(set(edits.EDIT_STEPS) | {edit_steps})) if swap_sweep else (edit_steps,)
-    sweep_cases = []
-    if "samplers" in parts:
-        half = n_samplers // 2
-        sweep = {
-            c: cases.get(c) or category_cases(c, n, seed, resolution, holdout) for c in ("single object", "position")
-        }
-        sweep_cases = sweep["single object"][:half] + sweep["position"][: n_samplers - half]
-    total = {
-        "faithfulness": sum(len(c) for c in cases.values()),
-        "edit": n_edit * 2 * (1 + len(edits.WEIGHT_MODES_MEASURED) * (len(edits.EDIT_WEIGHTS) - 1) + 1),
-        "prior": 2 * n_edit + edits.PRIOR_PROMPTS * edits.PRIOR_SEEDS,
-        "swap": n_swap * 2 * len(edits.SWAP_KINDS) * len(swap_fractions),
-        "samplers": len(sweep_cases) * (1 + 4 * len(SAMPLER_STEPS)),
+
+
+def _sweep_cases(run: EvaluationRun, n: int, n_samplers: int, cases: dict[str, list[Case]]) -> list[Case]:
+    """The sampler sweep's scenes: the first half of `n_samplers` single-object scenes, the rest
+    position scenes (the faithfulness part's, when it has them)."""
+    half = n_samplers // 2
+    sweep = {
+        c: cases.get(c) or category_cases(c, n, run.seed, run.resolution, run.holdout)
+        for c in ("single object", "position")
     }
-    progress = tqdm(total=sum(total.get(p, 0) for p in parts), desc="evaluating (images)", dynamic_ncols=True)
+    return sweep["single object"][:half] + sweep["position"][: n_samplers - half]
+
+
+def _measure(run: EvaluationRun, plan: Plan, report: dict) -> tuple[list, dict]:
+    """Run the plan's parts into `report`; returns the examples and the swap examples."""
+    parts = plan.parts
     examples, swap_examples = [], {}
     if "faithfulness" in parts:
-        report["faithfulness"], generated, examples = faithfulness(
-            pipe, cases, seed, batch_size, progress, guidance, sampler, guidance_cutoff
-        )
-        report["localisation"] = {"generated": generated}
+        faithful = faithfulness(run, plan.cases)
+        report["faithfulness"], examples = faithful.scores, faithful.examples
+        report["localisation"] = {"generated": faithful.localisation}
     if "localisation" in parts:
-        report.setdefault("localisation", {})["dataset"] = dataset_localisation(pipe, n, seed, holdout, batch_size)
+        report.setdefault("localisation", {})["dataset"] = dataset_localisation(run, plan.n)
     if {"edit", "swap"} & set(parts):
+        weighting = run.settings.weighting
         report["weighting"] = {
             "context": weighting.context,
             "steps": None if weighting.steps is None else list(weighting.steps),  # None: each mode's default
             "resolutions": sorted(weighting.resolutions) if weighting.resolutions else None,
         }
-    # what the edit and the swap parts sample with, as the faithfulness part does
-    sampling = {
-        "holdout": holdout,
-        "batch_size": batch_size,
-        "weighting": weighting,
-        "progress": progress,
-        "guidance": guidance,
-        "sampler": sampler,
-        "guidance_cutoff": guidance_cutoff,
-    }
     if "edit" in parts:
-        report["edit"] = edits.weight_response(pipe, n_edit, seed, **sampling)
-    if "prior" in parts:  # no word is weighted in its prompts
-        unweighted = {key: value for key, value in sampling.items() if key != "weighting"}
-        report["prior"] = edits.prior_response(pipe, n_edit, seed, **unweighted)
+        report["edit"] = edits.weight_response(run, plan.n_edit)
+    if "prior" in parts:
+        report["prior"] = edits.prior_response(run, plan.n_edit)
     if "swap" in parts:
-        report["swap"], swap_examples = edits.swap_response(
-            pipe,
-            n_swap,
-            seed,
-            edit_steps=swap_fractions,
-            local_blend=local_blend,
-            example_steps=edit_steps,
-            keep_layout=keep_layout,
-            **sampling,
-        )
-        report["swap"]["default_edit_steps"] = edit_steps
+        edit_steps = run.settings.edit_steps
+        swap = edits.swap_response(run, plan.n_swap, plan.swap_fractions, example_steps=edit_steps)
+        report["swap"] = {**swap.rates, "default_edit_steps": edit_steps}
+        swap_examples = swap.examples
     if "samplers" in parts:
-        report["samplers"] = sampler_sweep(pipe, sweep_cases, seed, batch_size, progress, guidance, guidance_cutoff)
-    progress.close()
-    report["targets"] = targets(report)
-    report["seconds"] = round(time.time() - started, 1)
-    return report, examples, swap_examples
+        report["samplers"] = sampler_sweep(run, plan.sweep_cases)
+    return examples, swap_examples
 
 
-def _lookup(report: dict, key: str):
+def report_value(report: dict, key: str):
+    """The value at `key`, a path of the report's keys ("faithfulness/single object"): a part's
+    score where it has one; None where the report has no such key."""
     node = report
     for part in key.split("/"):
         if not isinstance(node, dict) or part not in node:
@@ -183,7 +209,7 @@ def targets(report: dict) -> dict:
     eps = 1e-9
     out = {}
     for key, target in TARGETS.items():
-        value = _lookup(report, key)
+        value = report_value(report, key)
         out[key] = {"value": value, "target": target, "met": None if value is None else value >= target - eps}
     if "edit" in report:
         out.update(edits.weight_contract(report["edit"]))
@@ -218,17 +244,30 @@ def fmt(value) -> str:
 
 
 def format_report(report: dict) -> str:
-    lines = [
+    """The report as the table evaluate.py prints: the settings, a section per part measured (each
+    after a blank line), then the targets."""
+    lines = _header_lines(report) + _faithfulness_lines(report)
+    for key, section in PART_SECTIONS:
+        if key in report:
+            lines += ["", *section(report[key])]
+    lines += ["", *_target_lines(report["targets"])]
+    return "\n".join(lines)
+
+
+def _header_lines(report: dict) -> list[str]:
+    return [
         f"evaluation: n={report['n']} per category, seed {report['seed']}, {report['resolution']} px, "
         f"guidance {report.get('guidance', 3.0):g} for {report.get('guidance_cutoff', 1.0):g} of the steps, "
         f"{SAMPLER_LABELS[report.get('sampler', 'dpm++')]} 20 steps, "
         f"mixed precision {report.get('mixed_precision', 'no')}, {report.get('seconds', 0):.0f} s",
         "",
-    ]
-    lines.append(
         "detector accuracy on generator images: "
-        + ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n")
-    )
+        + ", ".join(f"{k} {v:.3f}" for k, v in report["detector"].items() if k != "n"),
+    ]
+
+
+def _faithfulness_lines(report: dict) -> list[str]:
+    lines = []
     if "faithfulness" in report:
         lines += ["", f"{'faithfulness':<20} {'score':>6} {'n':>5}"]
         for category, value in report["faithfulness"].items():
@@ -237,81 +276,92 @@ def format_report(report: dict) -> str:
                 lines.append(f"  {count} object(s){'':<8} {part['score']:>6.3f} {part['n']:>5}")
     for where, values in report.get("localisation", {}).items():
         lines += ["", f"localisation ({where}): " + ", ".join(f"{k} {fmt(v)}" for k, v in values.items())]
-    if "weighting" in report:
-        w = report["weighting"]
-        lines += [
-            "",
-            f"weighting: context {w['context']}, steps "
-            + (
-                f"{w['steps'][0]:g}-{w['steps'][1]:g}"
-                if w["steps"]
-                else ", ".join(f"{mode} {a:g}-{b:g}" for mode, (a, b) in DEFAULT_WEIGHT_STEPS.items())
-            )
-            + ", "
-            f"resolutions {w['resolutions'] or 'all'}",
-        ]
-    if "edit" in report:
-        edit = report["edit"]
-        lines += [
-            "",
-            f"weight response (n={edit['n']}; drawn = one clean object)",
-            f"{'word':<7} {'mode':<10} {'weight':>6} {'drawn':>6} {'present':>8} {'named|drawn':>11} {'area':>6} "
-            f"{'mass':>6} {'grain':>6}",
-        ]
-        for word, base in edit["deleted"].items():
-            lines.append(
-                f"{word:<7} {'deleted':<10} {'-':>6} {base['drawn']:>6.3f} {base['present']:>8.3f} "
-                f"{fmt(base.get('named when drawn')):>11} {base['area']:>6.3f} {'-':>6} {base['grain']:>6.2f}"
-            )
-        for r in edit["rows"]:
-            lines.append(
-                f"{r['word']:<7} {r['mode']:<10} {r['weight']:>6g} {r['drawn']:>6.3f} {r['present']:>8.3f} "
-                f"{fmt(r.get('named when drawn')):>11} {r['area']:>6.3f} {r['mass']:>6.3f} {r['grain']:>6.2f}"
-            )
-    if "prior" in report:
-        prior = report["prior"]
-        lines += [
-            "",
-            f"prior (n={prior['n']}): colour-deleted prompts draw one clean object "
-            f"{prior['colour deleted drawn']:.3f}; unconditional samples all clean {prior['unconditional clean']:.3f}",
-            f"palette over {prior['palette seeds']} seeds (clean objects per colour): "
-            + "; ".join(
-                f"{p['prompt']}: " + " ".join(f"{c} {k}" for c, k in p["colours"].items() if k)
-                for p in prior["palette"]
-            ),
-        ]
-    if "swap" in report:
-        swap = report["swap"]
-        measures = edits.SWAP_MEASURES
-        lines += [
-            "",
-            f"word swap (n={swap['n']} per kind; rates over the pairs whose source draws its objects"
-            f"{'; local blend' if swap.get('local_blend') else ''}; keep layout {swap.get('keep_layout', 'off')})",
-            f"{'kind':<7} {'steps':>5} {'scored':>6} " + " ".join(f"{m[:12]:>12}" for m in measures),
-        ]
-        for kind, values in swap["kinds"].items():
-            for fraction, rates in values["by_steps"].items():
-                lines.append(
-                    f"{kind:<7} {fraction:>5} {rates['scored']:>6} "
-                    + " ".join(f"{fmt(rates[m]):>12}" for m in measures)
-                )
-    if "samplers" in report:
-        sweep = report["samplers"]
-        lines += [
-            "",
-            f"samplers (n={sweep['n']}; reference {sweep['reference']['sampler']} "
-            f"{sweep['reference']['steps']} steps: {sweep['reference']['score']:.3f})",
-            f"{'sampler':<8} " + " ".join(f"{s:>6}" for s in SAMPLER_STEPS),
-        ]
-        for name, scores in sweep["scores"].items():
-            lines.append(f"{name:<8} " + " ".join(f"{scores[str(s)]:>6.3f}" for s in SAMPLER_STEPS))
-    width = max([len(k) for k in report["targets"]] + [40])
-    lines += ["", f"{'target':<{width}} {'value':>6} {'goal':>6} met"]
-    for key, t in report["targets"].items():
-        lines.append(f"{key:<{width}} {fmt(t['value']):>6} {fmt(t['target']):>6} {fmt(t['met'])}")
-    met = [t["met"] for t in report["targets"].values() if t["met"] is not None]
-    lines.append(f"{sum(met)} of {len(met)} measured targets met")
-    return "\n".join(lines)
+    return lines
+
+
+def _weighting_lines(w: dict) -> list[str]:
+    if w["steps"]:
+        steps = f"{w['steps'][0]:g}-{w['steps'][1]:g}"
+    else:  # each mode's own window
+        steps = ", ".join(f"{mode} {a:g}-{b:g}" for mode, (a, b) in DEFAULT_WEIGHT_STEPS.items())
+    return [f"weighting: context {w['context']}, steps {steps}, resolutions {w['resolutions'] or 'all'}"]
+
+
+def _edit_lines(edit: dict) -> list[str]:
+    lines = [
+        f"weight response (n={edit['n']}; drawn = one clean object)",
+        f"{'word':<7} {'mode':<10} {'weight':>6} {'drawn':>6} {'present':>8} {'named|drawn':>11} {'area':>6} "
+        f"{'mass':>6} {'grain':>6}",
+    ]
+    lines += [_edit_row(word, "deleted", "-", base) for word, base in edit["deleted"].items()]
+    return lines + [_edit_row(r["word"], r["mode"], f"{r['weight']:g}", r) for r in edit["rows"]]
+
+
+def _edit_row(word: str, mode: str, weight: str, values: dict) -> str:
+    """A row of the weight response: a weight's, or the word deleted (weight "-", no attention mass)."""
+    mass = f"{values['mass']:.3f}" if "mass" in values else "-"
+    return (
+        f"{word:<7} {mode:<10} {weight:>6} {values['drawn']:>6.3f} {values['present']:>8.3f} "
+        f"{fmt(values.get('named when drawn')):>11} {values['area']:>6.3f} {mass:>6} {values['grain']:>6.2f}"
+    )
+
+
+def _prior_lines(prior: dict) -> list[str]:
+    palette = "; ".join(
+        f"{p['prompt']}: " + " ".join(f"{c} {k}" for c, k in p["colours"].items() if k) for p in prior["palette"]
+    )
+    return [
+        f"prior (n={prior['n']}): colour-deleted prompts draw one clean object "
+        f"{prior['colour deleted drawn']:.3f}; unconditional samples all clean {prior['unconditional clean']:.3f}",
+        f"palette over {prior['palette seeds']} seeds (clean objects per colour): {palette}",
+    ]
+
+
+def _swap_lines(swap: dict) -> list[str]:
+    measures = edits.SWAP_MEASURES
+    title = (
+        f"word swap (n={swap['n']} per kind; rates over the pairs whose source draws its objects"
+        f"{'; local blend' if swap.get('local_blend') else ''}; keep layout {swap.get('keep_layout', 'off')})"
+    )
+    rows = [
+        f"{kind:<7} {fraction:>5} {rates['scored']:>6} " + " ".join(f"{fmt(rates[m]):>12}" for m in measures)
+        for kind, values in swap["kinds"].items()
+        for fraction, rates in values["by_steps"].items()
+    ]
+    return [title, f"{'kind':<7} {'steps':>5} {'scored':>6} " + " ".join(f"{m[:12]:>12}" for m in measures), *rows]
+
+
+def _sampler_lines(sweep: dict) -> list[str]:
+    reference = sweep["reference"]
+    return [
+        f"samplers (n={sweep['n']}; reference {reference['sampler']} {reference['steps']} steps: "
+        f"{reference['score']:.3f})",
+        f"{'sampler':<8} " + " ".join(f"{s:>6}" for s in SAMPLER_STEPS),
+        *(
+            f"{name:<8} " + " ".join(f"{scores[str(s)]:>6.3f}" for s in SAMPLER_STEPS)
+            for name, scores in sweep["scores"].items()
+        ),
+    ]
+
+
+# the report's parts after faithfulness and localisation, in the table's order, and their sections
+PART_SECTIONS = (
+    ("weighting", _weighting_lines),
+    ("edit", _edit_lines),
+    ("prior", _prior_lines),
+    ("swap", _swap_lines),
+    ("samplers", _sampler_lines),
+)
+
+
+def _target_lines(targets: dict) -> list[str]:
+    width = max([len(k) for k in targets] + [40])
+    lines = [f"{'target':<{width}} {'value':>6} {'goal':>6} met"]
+    lines += [
+        f"{key:<{width}} {fmt(t['value']):>6} {fmt(t['target']):>6} {fmt(t['met'])}" for key, t in targets.items()
+    ]
+    met = [t["met"] for t in targets.values() if t["met"] is not None]
+    return lines + [f"{sum(met)} of {len(met)} measured targets met"]
 
 
 # ---- pictures -------------------------------------------------------------------------------
