@@ -162,42 +162,7 @@ def reliability_section(benches: dict) -> list[str]:
     lines = []
     if "reliability" in benches:
         r = benches["reliability"]
-        fuzz = r["fuzz"]
-        lines += [
-            f"### Fuzzing (bench/bench_reliability.py: hypothesis, the same cases on every run; {r['seconds']} s)",
-            "",
-            f"{fuzz['cases']} cases over {len(fuzz['properties'])} properties, **{fuzz['tracebacks']} "
-            f"tracebacks**; {fuzz['tests'] - fuzz['tests_failed']} of {fuzz['tests']} fuzz tests "
-            "(properties and the regressions they found) pass.",
-            "",
-        ]
-        lines += table(
-            ["property", "cases", "tracebacks"], [[p["property"], p["cases"], p["failed"]] for p in fuzz["properties"]]
-        )
-        survived = sum(f["outcome"] == "passed" for f in r["faults"])
-        lines += [
-            "",
-            f"### Injected faults: the last good state survived {survived} of {len(r['faults'])}",
-            "",
-            "Each a test on the tiny model (tests/test_faults.py and the corrupt-file tests of "
-            "tests/test_training.py and tests/test_embedding_store.py).",
-            "",
-        ]
-        groups: dict[tuple, list] = {}  # a test's variants (its parameters) in one row
-        for fault in r["faults"]:
-            groups.setdefault((fault["file"], fault["fault"]), []).append(
-                (fault["variant"], fault["outcome"] == "passed")
-            )
-        rows = [
-            [
-                file.removeprefix("tests/"),
-                name,
-                ", ".join(v for v, _ in variants if v) or "-",
-                f"{sum(ok for _, ok in variants)} of {len(variants)}",
-            ]
-            for (file, name), variants in groups.items()
-        ]
-        lines += table(["test file", "fault, and what must survive it", "variants", "passed"], rows)
+        lines += fuzz_lines(r) + fault_lines(r["faults"])
         security = r["security"]
         lines += [
             "",
@@ -206,57 +171,91 @@ def reliability_section(benches: dict) -> list[str]:
             "",
         ]
     if "editor_load" in benches:
-        e = benches["editor_load"]
-        settings = e["parameters"]
-        lines += [
-            f"### The editor under load (bench/bench_editor_load.py, model {e['model']})",
-            "",
-            f"`app.py {settings['app.py']}`, {settings['steps']} {settings['sampler']} steps, one image a "
-            f"render; {e['machine']}. Each client asks for its renders one after another and fetches "
-            f"each one's downloads; queue order: {e['queue order checked']}.",
-            "",
-        ]
-        rows = [
-            [
-                f"{r['clients']} x {r['renders per client']}",
-                f"{r['answered']} of {r['requests']}",
-                r["errors"] + r["download errors"],
-                f"{r['p50 s']:.1f}",
-                f"{r['p95 s']:.1f}",
-                f"{r['renders/s']:.2f}",
-                "kept" if r["queue order kept"] else f"{r['order inversions']} inversions",
-                f"{r['rss after MiB']:.0f}",
-            ]
-            for r in e["rounds"]
-        ]
-        lines += table(
-            [
-                "clients x renders",
-                "answered",
-                "errors",
-                "p50 s",
-                "p95 s",
-                "renders/s",
-                "queue order",
-                "server MiB after",
-            ],
-            rows,
-        )
-        calls = e["malformed"]["calls"]
-        answered = sum(c["outcome"] in ("error", "error message", "refused") for c in calls)
-        files = e["files"]["refused"]
-        lines += [
-            "",
-            f"Server memory {e['rss start MiB']:.0f} MiB at start, {e['rss end MiB']:.0f} MiB at the end: it "
-            "keeps the last render of the 32 newest tabs (`app.py --sessions`), so it levels off. "
-            f"Malformed calls (wrong types, a 100 kB prompt, weights of 1e30, NaN): {answered} of {len(calls)} "
-            f"answered with an error, {sum(c['app.py traceback'] for c in calls)} tracebacks, a render served "
-            f"after them: {'yes' if e['malformed']['renders afterwards'] else 'no'}. Listens on "
-            f"{', '.join(e['binding']['listening'])} only: {'yes' if e['binding']['loopback only'] else 'no'}; "
-            f"{sum(files.values())} of {len(files)} requests for files it did not write refused.",
-            "",
-        ]
+        lines += editor_load_lines(benches["editor_load"])
     return lines
+
+
+def fuzz_lines(bench: dict) -> list[str]:
+    """The fuzzing of bench/bench_reliability.py: cases and tracebacks per property."""
+    fuzz = bench["fuzz"]
+    lines = [
+        f"### Fuzzing (bench/bench_reliability.py: hypothesis, the same cases on every run; {bench['seconds']} s)",
+        "",
+        f"{fuzz['cases']} cases over {len(fuzz['properties'])} properties, **{fuzz['tracebacks']} "
+        f"tracebacks**; {fuzz['tests'] - fuzz['tests_failed']} of {fuzz['tests']} fuzz tests "
+        "(properties and the regressions they found) pass.",
+        "",
+    ]
+    return lines + table(
+        ["property", "cases", "tracebacks"], [[p["property"], p["cases"], p["failed"]] for p in fuzz["properties"]]
+    )
+
+
+def fault_lines(faults: list[dict]) -> list[str]:
+    """The injected faults of bench/bench_reliability.py, a row per test (its variants together)."""
+    survived = sum(f["outcome"] == "passed" for f in faults)
+    lines = [
+        "",
+        f"### Injected faults: the last good state survived {survived} of {len(faults)}",
+        "",
+        "Each a test on the tiny model (tests/test_faults.py and the corrupt-file tests of "
+        "tests/test_training.py and tests/test_embedding_store.py).",
+        "",
+    ]
+    groups: dict[tuple, list] = {}  # a test's variants (its parameters) in one row
+    for fault in faults:
+        groups.setdefault((fault["file"], fault["fault"]), []).append((fault["variant"], fault["outcome"] == "passed"))
+    rows = [
+        [
+            file.removeprefix("tests/"),
+            name,
+            ", ".join(v for v, _ in variants if v) or "-",
+            f"{sum(ok for _, ok in variants)} of {len(variants)}",
+        ]
+        for (file, name), variants in groups.items()
+    ]
+    return lines + table(["test file", "fault, and what must survive it", "variants", "passed"], rows)
+
+
+LOAD_COLUMNS = {  # the editor-load table: header -> the cell of a round
+    "clients x renders": lambda r: f"{r['clients']} x {r['renders per client']}",
+    "answered": lambda r: f"{r['answered']} of {r['requests']}",
+    "errors": lambda r: r["errors"] + r["download errors"],
+    "p50 s": lambda r: f"{r['p50 s']:.1f}",
+    "p95 s": lambda r: f"{r['p95 s']:.1f}",
+    "renders/s": lambda r: f"{r['renders/s']:.2f}",
+    "queue order": lambda r: "kept" if r["queue order kept"] else f"{r['order inversions']} inversions",
+    "server MiB after": lambda r: f"{r['rss after MiB']:.0f}",
+}
+
+
+def editor_load_lines(e: dict) -> list[str]:
+    """The editor under load (bench/bench_editor_load.py): a row per round of clients, then
+    its memory, the malformed calls, where it listens and the files it refused."""
+    settings = e["parameters"]
+    lines = [
+        f"### The editor under load (bench/bench_editor_load.py, model {e['model']})",
+        "",
+        f"`app.py {settings['app.py']}`, {settings['steps']} {settings['sampler']} steps, one image a "
+        f"render; {e['machine']}. Each client asks for its renders one after another and fetches "
+        f"each one's downloads; queue order: {e['queue order checked']}.",
+        "",
+    ]
+    lines += table(list(LOAD_COLUMNS), [[cell(r) for cell in LOAD_COLUMNS.values()] for r in e["rounds"]])
+    calls = e["malformed"]["calls"]
+    answered = sum(c["outcome"] in ("error", "error message", "refused") for c in calls)
+    files = e["files"]["refused"]
+    return lines + [
+        "",
+        f"Server memory {e['rss start MiB']:.0f} MiB at start, {e['rss end MiB']:.0f} MiB at the end: it "
+        "keeps the last render of the 32 newest tabs (`app.py --sessions`), so it levels off. "
+        f"Malformed calls (wrong types, a 100 kB prompt, weights of 1e30, NaN): {answered} of {len(calls)} "
+        f"answered with an error, {sum(c['app.py traceback'] for c in calls)} tracebacks, a render served "
+        f"after them: {'yes' if e['malformed']['renders afterwards'] else 'no'}. Listens on "
+        f"{', '.join(e['binding']['listening'])} only: {'yes' if e['binding']['loopback only'] else 'no'}; "
+        f"{sum(files.values())} of {len(files)} requests for files it did not write refused.",
+        "",
+    ]
 
 
 def prior_lines(reports: dict[int, dict]) -> list[str]:
