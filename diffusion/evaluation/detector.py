@@ -20,12 +20,12 @@ Method, per image (numpy only, no training):
    smallest object's area are noise and dropped.
 3. Shape, size, centre: analysis by synthesis. Every shape at both sizes is drawn with the
    generator's own `draw_shape` at PHASES x PHASES sub-pixel centres (512 coverage templates
-   per resolution, built once in under 50 ms). The object's coverage map (its pixels and their
-   4-neighbours of its colour, divided by its peak so that faint colours still fit) is compared
-   with each template placed on the object's centroid; the least squared error names the shape
-   and size, and the template's box centre is the object's centre. The position is the
-   POSITIONS anchor nearest to that centre (the box centre is what the generator puts near the
-   anchor; a triangle's centroid lies a sixth of its height lower).
+   per resolution, drawn once and cached: every image of a report reuses them). The object's
+   coverage map (its pixels and their 4-neighbours of its colour, divided by its peak so that
+   faint colours still fit) is compared with each template placed on the object's centroid; the
+   least squared error names the shape and size, and the template's box centre is the object's
+   centre. The position is the POSITIONS anchor nearest to that centre (the box centre is what
+   the generator puts near the anchor; a triangle's centroid lies a sixth of its height lower).
 
 `detector_accuracy` measures it on the generator's own scenes (every report carries the result;
 the tests check it, also under added noise, blur and dimmed colours). A clean object and the
@@ -65,8 +65,9 @@ PHASES = 8
 SUPERSAMPLE = 4
 # A pixel further than this from the background colour (RGB distance) is paint of some kind.
 FOREGROUND_DISTANCE = 40.0
-# A clean object: its best shape template's relative error at most this (generator images with
-# noise of std 8: 99th percentile 0.023; the default model's plain samples: up to about 0.2) ...
+# A clean object: its best shape template's relative error at most this. Far above the fit of the
+# generator's own drawings (below 0.01, tests/test_detector.py), so that noise and a model's softer
+# edges still pass; below a blob that is no shape (a bar: tested there too) ...
 MAX_FIT_ERROR = 0.25
 # ... and foreground pixels outside it at most this fraction of its area.
 MAX_STRAY_FRACTION = 0.05
