@@ -37,6 +37,86 @@ TINY = {
 def pytest_configure(config):
     # diffusers' schedulers trip a numpy 2 deprecation on every set_timesteps; it is not ours to fix
     config.addinivalue_line("filterwarnings", "ignore:__array__ implementation:DeprecationWarning")
+    config.addinivalue_line("markers", "slow: a second or more on one core; `pytest -m 'not slow'` leaves it out")
+
+
+# The fast tier, `python -m pytest -q -m "not slow"`: the prompt parser, the controllers, the
+# attention maths, the pipeline and training on the tiny model, in about a minute. What it leaves
+# out took a second or more each on one core (`pytest --durations=0`): the command lines run as
+# subprocesses, the browser, torch.compile, evaluate.py end to end, hypothesis' long searches,
+# trained-model effects. CI runs everything.
+SLOW_FILES = {
+    "test_app.py",
+    "test_app_load.py",
+    "test_compiled.py",
+    "test_faults.py",
+    "test_multiprocess.py",
+    "test_notebook.py",
+    "test_readme.py",
+    "test_recipe.py",
+    "test_seeds.py",
+    "test_training_curve.py",
+    "test_weight_effect.py",
+}
+SLOW_TESTS = {
+    "test_cli.py": {
+        "test_sample_output_path_that_cannot_be_written",
+        "test_sample_peak_memory_does_not_grow_with_the_number_of_images",
+        "test_sample_rejects_bad_arguments_and_keeps_the_old_grid",
+        "test_sample_rejects_bad_model_folders_and_keeps_the_old_grid",
+        "test_sample_streams_many_images_and_grids_only_the_first_64",
+        "test_sample_with_a_too_long_prompt_warns_once_and_succeeds",
+        "test_sample_writes_a_grid_and_images_with_metadata",
+        "test_sample_writes_attention_panels_and_raw_maps",
+        "test_train_rejects_bad_arguments_in_one_line",
+        "test_train_resume_from_a_corrupt_checkpoint",
+        "test_tuned_malloc_reuses_freed_memory_instead_of_faulting_it_in_again",
+    },
+    "test_detector.py": {
+        "test_accuracy_on_generator_scenes",
+        "test_accuracy_with_noise",
+        "test_the_generators_single_objects_are_clean_objects",
+    },
+    "test_evaluation.py": {
+        "test_evaluate_cli_bad_input_is_one_line",
+        "test_evaluate_cli_swap_options_and_pictures",
+        "test_evaluate_cli_writes_json_and_pictures",
+        "test_the_generators_own_images_pass_almost_every_prompt",
+    },
+    "test_fuzz.py": {
+        "test_a_parsed_prompt_rendered_back_parses_to_the_same_words_and_weights",
+        "test_any_command_line_exits_0_or_2_with_one_line_or_is_accepted",
+        "test_any_image_folder_loads_its_good_files_and_names_each_bad_one",
+        "test_any_overrides_load_a_valid_config_or_raise_one_line",
+        "test_any_prompt_parses_or_is_a_syntax_error_with_a_caret",
+        "test_any_yaml_file_loads_a_valid_config_or_raises_one_line",
+    },
+    "test_pipeline.py": {
+        "test_ddim_and_euler_take_the_same_ode_step",
+        "test_diffusers_loads_an_exported_model",
+        "test_a_model_exported_before_the_package_had_folders_loads_both_ways",
+    },
+    "test_report.py": {
+        "test_evaluate_measures_the_weight_response",
+        "test_evaluate_samples_no_faithfulness_scenes_for_the_other_parts",
+        "test_evaluate_scores_only_the_categories_it_is_given",
+        "test_evaluate_smoke_on_the_tiny_model",
+        "test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given",
+    },
+    "test_shapes.py": {"test_captions_do_not_depend_on_the_process_hash_seed"},
+    "test_training.py": {
+        "test_captions_leave_words_out_only_from_data_omit_from_on",
+        "test_the_small_clip_learns_every_caption_whole_and_its_tokenizer_covers_the_unets",
+        "test_values_from_token_embeddings_trains_a_unet_whose_values_read_them",
+    },
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        file = item.path.name
+        if file in SLOW_FILES or item.originalname in SLOW_TESTS.get(file, ()):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture
