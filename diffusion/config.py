@@ -233,6 +233,8 @@ NON_NEGATIVE = {
     "train.seed",
     "train.validation_seed",
 }
+# The grounding loss's weights: off by themselves for data without object masks (_data_defaults).
+GROUNDING_KEYS = ("train.grounding_weight", "train.grounding_pixel_weight")
 PROBABILITIES = {"data.omit_colour", "data.omit_shape", "data.omit_position", "data.omit_size"}
 FRACTIONS = {"data.omit_from", "train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
 
@@ -377,11 +379,12 @@ def _check_levels(cfg: Config) -> list[int]:
 
 def _check_combinations(cfg: Config) -> None:
     """Options that need another option, or another kind of data."""
-    if cfg.train.grounding_weight > 0 and cfg.data.kind != "shapes":
-        raise UserError(
-            "train.grounding_weight needs object masks, which only data.kind shapes has; "
-            "set train.grounding_weight=0 and train.grounding_pixel_weight=0"
-        )
+    for key in GROUNDING_KEYS:
+        if getattr(cfg.train, key.split(".")[1]) > 0 and cfg.data.kind != "shapes":
+            raise UserError(
+                f"{key} needs object masks, which only data.kind shapes feeds to the grounding loss so far; "
+                f"remove {key} (grounding is then off by itself) or set it to 0"
+            )
     if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
         raise UserError(
             "train.grounding_pixel_weight is part of the grounding loss, which is off; "
@@ -512,13 +515,38 @@ def _nest(key: str, value) -> dict:
     return value
 
 
+def _dotted_keys(values: dict, prefix: str = "") -> set[str]:
+    """The dotted keys a nested dict sets: {"train": {"lr": 1}} -> {"train", "train.lr"}."""
+    keys = set()
+    for name, value in values.items():
+        keys.add(f"{prefix}{name}")
+        if isinstance(value, dict):
+            keys |= _dotted_keys(value, f"{prefix}{name}.")
+    return keys
+
+
+def _data_defaults(cfg: Config, given: set[str]) -> None:
+    """Defaults that depend on the data. The grounding loss needs object masks, which only the
+    shapes feed it so far: for other data the grounding weights left unset are 0 (grounding off),
+    so an image folder trains with no hand edits; a weight set explicitly is still checked."""
+    if cfg.data.kind != "shapes":
+        for key in GROUNDING_KEYS:
+            if key not in given:
+                setattr(cfg.train, key.split(".")[1], 0.0)
+
+
 def config_from_dict(values: dict, overrides: list[str] = ()) -> Config:
-    """Defaults, then `values` (a nested dict), then dotted `overrides`; validated."""
+    """Defaults, then `values` (a nested dict), then dotted `overrides`; the defaults that depend
+    on the data for keys neither set; validated."""
     cfg = Config()
-    _merge(cfg, values or {}, "")
+    values = values or {}
+    _merge(cfg, values, "")
+    given = _dotted_keys(values)
     for override in overrides:
         key, value = parse_override(override)
         _merge(cfg, _nest(key, value), "")
+        given |= _dotted_keys(_nest(key, value))
+    _data_defaults(cfg, given)
     _validate(cfg)
     return cfg
 

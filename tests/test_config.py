@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 
 from diffusion.config import Config, commented_defaults, config_from_dict, field_comments, load_config, parse_override
 from diffusion.errors import UserError
@@ -229,15 +230,36 @@ def test_an_empty_yaml_file_gives_the_defaults(tmp_path):
     assert load_config(path) == Config()
 
 
-def test_grounding_needs_masks():
-    with pytest.raises(UserError, match="train.grounding_weight needs object masks"):
-        config_from_dict({}, ["data.kind=imagefolder"])
-    assert (
-        config_from_dict(
-            {}, ["data.kind=imagefolder", "train.grounding_weight=0", "train.grounding_pixel_weight=0"]
-        ).data.kind
-        == "imagefolder"
-    )
+def test_grounding_is_off_by_itself_for_an_image_folder(tmp_path):
+    # the shapes keep the grounding defaults; a folder, given no grounding key, needs no hand edits
+    assert config_from_dict({}).train.grounding_weight == 0.05
+    for cfg in (
+        config_from_dict({}, ["data.kind=imagefolder"]),
+        config_from_dict({"data": {"kind": "imagefolder"}}),
+    ):
+        assert cfg.train.grounding_weight == cfg.train.grounding_pixel_weight == 0
+    config = tmp_path / "folder.yaml"
+    config.write_text("data:\n  kind: imagefolder\ntrain:\n  lr: 0.001\n")
+    assert load_config(config).train.grounding_weight == 0
+    # the resolved config (written beside checkpoints) loads back as it was
+    saved = tmp_path / "saved.yaml"
+    saved.write_text(yaml.safe_dump(load_config(config).to_dict()))
+    assert load_config(saved) == load_config(config)
+    # the other train keys keep their defaults
+    assert load_config(config).train.max_steps == Config().train.max_steps
+
+
+@pytest.mark.parametrize("key", ["train.grounding_weight", "train.grounding_pixel_weight"])
+def test_an_explicit_grounding_weight_with_a_folder_is_still_refused(tmp_path, key):
+    with pytest.raises(UserError, match=f"{key} needs object masks") as error:
+        config_from_dict({}, ["data.kind=imagefolder", f"{key}=0.05"])
+    assert "\n" not in str(error.value)
+    config = tmp_path / "folder.yaml"
+    config.write_text(f"data:\n  kind: imagefolder\ntrain:\n  {key.split('.')[1]}: 0.1\n")
+    with pytest.raises(UserError, match=f"{key} needs object masks"):
+        load_config(config)
+    zeroed = ["data.kind=imagefolder", "train.grounding_weight=0", "train.grounding_pixel_weight=0"]
+    assert config_from_dict({}, zeroed).data.kind == "imagefolder"
 
 
 def test_values_from_token_embeddings_needs_them_appended():

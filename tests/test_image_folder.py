@@ -203,3 +203,129 @@ def test_the_dataset_keeps_no_python_object_per_image(tmp_path):
     }
     assert per_image == {}
     assert dataset.paths[7] == str(tmp_path / "7.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Transparency and masks
+
+
+def transparent_disc(size=32, colour=(200, 30, 30), stored=(0, 0, 0)) -> Image.Image:
+    """An RGBA image: an opaque disc on transparent pixels that store `stored` (often black),
+    half-transparent along one row."""
+    yy, xx = np.mgrid[:size, :size]
+    inside = (yy - size / 2 + 0.5) ** 2 + (xx - size / 2 + 0.5) ** 2 < (size / 3) ** 2
+    pixels = np.zeros((size, size, 4), dtype=np.uint8)
+    pixels[..., :3] = stored
+    pixels[inside] = (*colour, 255)
+    pixels[0, :] = (*colour, 128)  # top row: half transparent
+    return Image.fromarray(pixels, "RGBA")
+
+
+def test_transparent_pixels_are_composited_on_white_not_dropped(tmp_path):
+    disc = transparent_disc()
+    disc.save(tmp_path / "rgba.png")
+    disc.convert("LA").save(tmp_path / "la.png")
+    palette = disc.convert("RGB").quantize(4)  # P with a transparent palette entry
+    background = palette.getpixel((1, 5))
+    palette.info["transparency"] = background
+    palette.save(tmp_path / "p.png", transparency=background)
+    write_png(tmp_path / "opaque.png", (32, 32), (0, 0, 0))
+    names = ["rgba.png", "la.png", "p.png", "opaque.png"]
+    write_metadata(tmp_path, [{"file_name": name, "text": name} for name in names])
+    dataset = ImageFolderDataset(tmp_path, 32)
+    rgba, la, p, opaque = (dataset.image(i) for i in range(4))
+    for image in (rgba, la, p):
+        assert (image[5, 1] == 255).all()  # transparent, though it stores black: white
+    assert tuple(rgba[16, 16]) == (200, 30, 30)  # the opaque disc keeps its colour
+    assert np.abs(rgba[0, 16].astype(int) - (228, 143, 143)).max() <= 1  # half alpha: half way to white
+    assert (opaque == 0).all()  # no alpha: unchanged
+    assert dataset[0]["pixel_values"][:, 5, 1].tolist() == [1.0, 1.0, 1.0]
+
+
+def masked_folder(root: Path, sizes=((32, 32),)) -> Path:
+    """A folder of transparent discs with their alpha as masks in metadata.jsonl."""
+    records = []
+    for i, size in enumerate(sizes):
+        disc = transparent_disc(size[0]).resize(size)
+        (root / "images").mkdir(parents=True, exist_ok=True)
+        (root / "masks").mkdir(exist_ok=True)
+        disc.save(root / "images" / f"{i}.png")
+        disc.getchannel("A").point(lambda a: 255 if a >= 128 else 0).save(root / "masks" / f"{i}.png")
+        records.append({"file_name": f"images/{i}.png", "text": f"disc {i}", "mask": f"masks/{i}.png"})
+    write_metadata(root, records)
+    return root
+
+
+def test_masks_come_resized_cropped_and_flipped_like_their_images(tmp_path):
+    # 48x16 (no resize at 16 px): an object in irregular columns, so any crop or flip shows
+    columns = np.random.default_rng(0).random(48) < 0.5
+    alpha = np.repeat(columns[None] * 255, 16, axis=0).astype(np.uint8)
+    pixels = np.dstack([np.full((16, 48, 3), (10, 120, 200), np.uint8), alpha])
+    Image.fromarray(pixels, "RGBA").save(tmp_path / "object.png")
+    Image.fromarray(alpha).save(tmp_path / "object-mask.png")
+    masked_folder(tmp_path / "discs", [(64, 40)])
+    write_metadata(
+        tmp_path,
+        [
+            {"file_name": "object.png", "text": "object", "mask": "object-mask.png"},
+            {"file_name": "discs/images/0.png", "text": "disc", "mask": "discs/masks/0.png"},
+        ],
+    )
+    dataset = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=True)
+    assert dataset.masked == 2
+    placements = set()
+    for seed in range(20):
+        image = dataset.image(0, np.random.default_rng(seed))
+        mask = dataset.mask(0, np.random.default_rng(seed))
+        assert mask.shape == (16, 16) and mask.dtype == bool
+        assert np.array_equal((image == 255).all(axis=2), ~mask)  # white exactly off the object
+        placements.add(mask.tobytes())
+    assert len(placements) > 5  # the crops and flips did vary
+
+    # resized (nearest): still a mask, on the disc
+    disc = ImageFolderDataset(tmp_path, 20)
+    image, mask = disc.image(1), disc.mask(1)
+    assert mask.shape == (20, 20) and 0.2 < mask.mean() < 0.6
+    assert (image[mask] < 240).any(axis=1).mean() > 0.95 and (image[~mask] > 200).all(axis=1).mean() > 0.9
+    with Image.open(tmp_path / "discs" / "masks" / "0.png") as file:  # at its own size: exact
+        assert np.array_equal(ImageFolderDataset(tmp_path / "discs", 40).mask(0), np.array(file)[:, 12:52] == 255)
+
+    torch.manual_seed(0)
+    items = ImageFolderDataset(tmp_path, 16, center_crop=False, random_flip=True, masks=True)
+    for _ in range(5):
+        item = items[0]
+        assert item["mask"].shape == (16, 16) and item["mask"].dtype == torch.bool
+        assert torch.equal((item["pixel_values"] == 1).all(dim=0), ~item["mask"])
+
+
+def test_a_folder_without_masks_is_unchanged(tmp_path):
+    write_png(tmp_path / "a.png")
+    write_metadata(tmp_path, [{"file_name": "a.png", "text": "a"}])
+    dataset = ImageFolderDataset(tmp_path, 16)
+    assert dataset.masked == 0 and dataset.mask(0) is None
+    assert set(dataset[0]) == {"pixel_values", "caption", "index"}
+    with pytest.raises(UserError, match="a.png: no mask"):
+        ImageFolderDataset(tmp_path, 16, masks=True)
+
+
+@pytest.mark.parametrize(
+    "mask, fragment",
+    [
+        ("masks/gone.png", "gone.png: mask file not found"),
+        ("../m.png", "line 1.*mask '../m.png' points outside"),
+        (3, "line 1.*mask must be a path"),
+        ("masks/small.png", "small.png: mask is 8x8 px but its image 32x32"),
+        ("masks/broken.png", "broken.png: cannot be read as an image"),
+    ],
+)
+def test_bad_masks_raise_naming_them_or_are_skipped(tmp_path, mask, fragment):
+    masked_folder(tmp_path)
+    Image.new("L", (8, 8)).save(tmp_path / "masks" / "small.png")
+    (tmp_path / "masks" / "broken.png").write_bytes(b"not a png")
+    write_metadata(
+        tmp_path,
+        [{"file_name": "images/0.png", "text": "bad", "mask": mask}, {"file_name": "images/0.png", "text": "ok"}],
+    )
+    with pytest.raises(UserError, match=fragment):
+        ImageFolderDataset(tmp_path, 16)
+    assert ImageFolderDataset(tmp_path, 16, skip_bad=True).captions() == ["ok"]

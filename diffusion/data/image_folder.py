@@ -2,7 +2,13 @@
 
 Captions come from `metadata.jsonl` (lines of {"file_name": ..., "text": ...}, the imagefolder
 convention of diffusers' training examples) or from a `.txt` file beside each image. Items are
-`{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`.
+`{"pixel_values": (3, H, W) float32 in [-1, 1], "caption": str, "index": int}`. A metadata line may
+also name an object mask ("mask": a greyscale image, white on the object), which `mask` returns
+cropped and flipped like its image (python -m diffusion.data.fetch writes such folders).
+
+Images with an alpha channel are composited on white (`on_white`): icons and emoji are drawn to be
+seen on a light page, and dropping the alpha, as diffusers' training scripts do, shows whatever
+colour the transparent pixels happen to store (often black).
 
 Nothing per image is kept but its path and caption, packed into two byte buffers, so a folder of
 millions of images costs tens of megabytes; the pixels are decoded when a batch needs them
@@ -62,9 +68,9 @@ class PackedStrings:
 
 class ImageFolderDataset(Dataset):
     """A folder of images with captions, from `metadata.jsonl` (lines of
-    {"file_name": ..., "text": ...}, the imagefolder convention) or else from a `.txt` file beside
-    each image. Every image is decoded once up front, so a bad file fails at start-up, not hours
-    into training; only its path and caption are kept."""
+    {"file_name": ..., "text": ...}, the imagefolder convention, and optionally "mask": ...) or
+    else from a `.txt` file beside each image. Every image (and mask) is decoded once up front, so
+    a bad file fails at start-up, not hours into training; only its path and caption are kept."""
 
     def __init__(
         self,
@@ -73,6 +79,7 @@ class ImageFolderDataset(Dataset):
         center_crop: bool = True,
         random_flip: bool = False,
         skip_bad: bool = False,
+        masks: bool = False,
     ):
         """root: the folder (searched recursively when there is no metadata.jsonl).
         resolution: side of the square images produced, in pixels (>= 16).
@@ -82,6 +89,8 @@ class ImageFolderDataset(Dataset):
             may say "left" or "right".
         skip_bad: skip unreadable or uncaptioned files, listing them in `self.skipped` as
             (path, reason), instead of raising UserError.
+        masks: items carry "mask", (H, W) bool, cropped and flipped like the image; every
+            metadata line must then name one.
         """
         check_int("data.resolution", resolution, 16)
         self.root = Path(root)
@@ -94,15 +103,22 @@ class ImageFolderDataset(Dataset):
         self.random_flip = random_flip
         self.skip_bad = skip_bad
         self.skipped: list[tuple[str, str]] = []
-        self.paths, self._captions = PackedStrings(), PackedStrings()
+        self.masks = masks
+        # the mask path of each image, "" where it has none
+        self.paths, self._captions, self._masks = PackedStrings(), PackedStrings(), PackedStrings()
+        self.masked = 0  # how many images have a mask
 
         metadata = self.root / "metadata.jsonl"
         found = 0
-        for path, caption in self._from_metadata(metadata) if metadata.is_file() else self._from_txt():
+        for path, caption, mask in self._from_metadata(metadata) if metadata.is_file() else self._from_txt():
             found += 1
-            if self._readable(path):
+            if masks and not mask:
+                self._reject(path, "no mask", f'name its mask ("mask": ...) in {metadata}, or leave masks off')
+            elif self._usable(path, mask):
                 self.paths.append(path)
                 self._captions.append(caption)
+                self._masks.append(mask)
+                self.masked += bool(mask)
         if not found and not self.skipped:
             raise UserError(
                 one_line(
@@ -133,8 +149,9 @@ class ImageFolderDataset(Dataset):
         else:
             raise UserError(one_line(f"{path}: {reason}; {fix}, or set data.skip_bad to skip bad files"))
 
-    def _from_metadata(self, metadata: Path) -> Iterator[tuple[str, str]]:
-        """(image path, caption) for each usable line of metadata.jsonl, read line by line."""
+    def _from_metadata(self, metadata: Path) -> Iterator[tuple[str, str, str]]:
+        """(image path, caption, mask path or "") for each usable line of metadata.jsonl, read
+        line by line."""
         root = self.root.resolve()
         fix = 'make each line {"file_name": "<path relative to the folder>", "text": "<caption>"}'
         with metadata.open("rb") as lines:
@@ -159,26 +176,37 @@ class ImageFolderDataset(Dataset):
                 ):
                     self._reject(where, "needs string fields file_name and text", fix)
                     continue
-                # Normalise lexically rather than resolving symlinks: snapshot folders (e.g.
-                # the Hugging Face cache) link to files elsewhere, which is fine; "..", and
-                # absolute paths, are not.
-                path = Path(os.path.normpath(root / record["file_name"]))
-                if not path.is_relative_to(root):
+                if not isinstance(record.get("mask", ""), str):
                     self._reject(
-                        where,
-                        f"file_name {record['file_name']!r} points outside {root}",
-                        "use a path relative to the folder",
+                        where, "mask must be a path (a string)", "write the mask's path relative to the folder"
                     )
-                elif not path.is_file():
+                    continue
+                path = self._inside(root, record["file_name"], where, "file_name")
+                mask = self._inside(root, record["mask"], where, "mask") if record.get("mask") else ""
+                if path is None or mask is None:
+                    continue
+                if not os.path.isfile(path):
                     self._reject(path, "image file not found", f"fix file_name on {where}")
+                elif mask and not os.path.isfile(mask):
+                    self._reject(mask, "mask file not found", f"fix mask on {where}")
                 elif not record["text"].strip():
                     self._reject(path, "empty caption", f"write its caption in the text field on {where}")
                 else:
-                    yield str(path), " ".join(record["text"].split())
+                    yield path, " ".join(record["text"].split()), mask
 
-    def _from_txt(self) -> Iterator[tuple[str, str]]:
-        """(image path, caption) for each image under root with a same-stem .txt beside it, in
-        the order of sorted paths."""
+    def _inside(self, root: Path, name: str, where: str, field: str) -> str | None:
+        """root / name, or None (rejected) where it points outside root. Normalised lexically
+        rather than resolving symlinks: snapshot folders (e.g. the Hugging Face cache) link to
+        files elsewhere, which is fine; "..", and absolute paths, are not."""
+        path = Path(os.path.normpath(root / name))
+        if path.is_relative_to(root):
+            return str(path)
+        self._reject(where, f"{field} {name!r} points outside {root}", "use a path relative to the folder")
+        return None
+
+    def _from_txt(self) -> Iterator[tuple[str, str, str]]:
+        """(image path, caption, "": no mask) for each image under root with a same-stem .txt
+        beside it, in the order of sorted paths."""
         for path in _images_under(str(self.root)):
             caption_file = Path(path).with_suffix(".txt")
             if not caption_file.is_file():
@@ -192,18 +220,34 @@ class ImageFolderDataset(Dataset):
             if not caption.strip():
                 self._reject(path, "empty caption", f"write the caption to {caption_file}")
                 continue
-            yield path, " ".join(caption.split())
+            yield path, " ".join(caption.split()), ""
 
-    def _readable(self, path: str) -> bool:
-        """Whether PIL can decode the image fully; rejects it otherwise. An image of more pixels
-        than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 million) is rejected
-        before it is decoded, where PIL would only warn below twice the limit."""
+    def _usable(self, path: str, mask: str) -> bool:
+        """Whether the image, and its mask if it has one, can be decoded and are the same size;
+        rejects the image otherwise."""
+        size = self._readable(path)
+        if not mask or size is None:
+            return size is not None
+        mask_size = self._readable(mask)
+        if mask_size is not None and mask_size != size:
+            self._reject(
+                mask,
+                f"mask is {mask_size[0]}x{mask_size[1]} px but its image {size[0]}x{size[1]}",
+                "make them the same size",
+            )
+            return False
+        return mask_size is not None
+
+    def _readable(self, path: str) -> tuple[int, int] | None:
+        """The image's size if PIL can decode it fully; else None, rejecting it. An image of more
+        pixels than PIL's decompression-bomb limit (Image.MAX_IMAGE_PIXELS, 89 million) is
+        rejected before it is decoded, where PIL would only warn below twice the limit."""
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(path) as image:
                     image.load()
-            return True
+                    return image.size
         except (
             OSError,
             ValueError,
@@ -214,7 +258,7 @@ class ImageFolderDataset(Dataset):
             # Some decoder messages span lines; the UserError must stay on one.
             detail = " ".join(str(error).split())
             self._reject(path, f"cannot be read as an image ({detail})", "replace or remove it")
-            return False
+            return None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -224,7 +268,21 @@ class ImageFolderDataset(Dataset):
         (H, W, 3) uint8. rng: where the random crop's place (center_crop off) and the flip
         (random_flip on) are drawn from; needed only for those."""
         with Image.open(self.paths[i]) as file:
-            image = _rgb(file)
+            return np.array(self._fit(_rgb(file), rng, Image.Resampling.BICUBIC))
+
+    def mask(self, i: int, rng: np.random.Generator | None = None) -> np.ndarray | None:
+        """Image i's object mask, (H, W) bool, resized (nearest), cropped and flipped as `image`
+        does given a generator in the same state; None where the image has none."""
+        if not self._masks[i]:
+            return None
+        with Image.open(self._masks[i]) as file:
+            mask = file.convert("L")
+        return np.array(self._fit(mask, rng, Image.Resampling.NEAREST)) >= 128
+
+    def _fit(self, image: Image.Image, rng: np.random.Generator | None, resample) -> Image.Image:
+        """`image` resized so its short side is `resolution`, cropped square and maybe flipped, the
+        crop's place and the flip drawn from `rng` in a fixed order (so an image and its mask,
+        given generators in the same state, get the same ones)."""
         width, height = image.size
         scale = self.resolution / min(width, height)
         # max() guards against rounding the short side below the crop size.
@@ -232,7 +290,7 @@ class ImageFolderDataset(Dataset):
             max(self.resolution, round(width * scale)),
             max(self.resolution, round(height * scale)),
         )
-        image = image.resize(size, Image.Resampling.BICUBIC)
+        image = image.resize(size, resample)
         spare_x, spare_y = size[0] - self.resolution, size[1] - self.resolution
         if self.center_crop:
             left, top = spare_x // 2, spare_y // 2
@@ -241,13 +299,16 @@ class ImageFolderDataset(Dataset):
         image = image.crop((left, top, left + self.resolution, top + self.resolution))
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return np.array(image)
+        return image
 
     def __getitem__(self, i: int) -> dict:
         # Random crops and flips follow torch's global RNG here (torch.manual_seed repeats them).
-        rng = np.random.default_rng(int(torch.randint(2**62, ())))
-        pixel_values = to_pixel_values(self.image(i, rng))
-        return {"pixel_values": pixel_values, "caption": self._captions[i], "index": i}
+        seed = int(torch.randint(2**62, ()))
+        pixel_values = to_pixel_values(self.image(i, np.random.default_rng(seed)))
+        item = {"pixel_values": pixel_values, "caption": self._captions[i], "index": i}
+        if self.masks:
+            item["mask"] = torch.from_numpy(self.mask(i, np.random.default_rng(seed)))
+        return item
 
     def captions(self) -> list[str]:
         """Every caption, in index order (no image decoding)."""
@@ -264,11 +325,20 @@ class ImageFolderDataset(Dataset):
 
 def _rgb(image: Image.Image) -> Image.Image:
     """`image` in RGB. 16-bit greyscale ("I;16", and "I" as older PILs read it) keeps its top 8
-    bits: PIL's own conversion clips every value above 255 to white. Alpha is dropped, as in
-    diffusers' training scripts."""
+    bits: PIL's own conversion clips every value above 255 to white. Transparency is composited
+    on white (`on_white`)."""
     if image.mode == "I" or image.mode.startswith("I;16"):
         values = np.asarray(image).astype(np.int64)
         image = Image.fromarray((values.clip(0, 65535) >> 8).astype(np.uint8))
+    return on_white(image)
+
+
+def on_white(image: Image.Image) -> Image.Image:
+    """`image` in RGB, any transparency (an alpha channel: RGBA, LA, PA; or a transparent
+    palette entry or colour) composited on white; an image without it only converted."""
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in image.info:
+        image = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", image.size, "white"), image).convert("RGB")
     return image.convert("RGB")
 
 
