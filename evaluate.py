@@ -1,4 +1,5 @@
-"""Measure a trained shapes model: faithfulness, attention localisation, weight edits, word swaps, samplers.
+"""Measure a trained model: a shapes model's faithfulness, attention localisation, weight edits,
+word swaps and samplers; or, with --data, a model trained on an image folder.
 
     python evaluate.py --model runs/shapes/model
     python evaluate.py --model runs/shapes/model --n 200 --n-edit 64 --n-swap 64 --swap-sweep
@@ -8,6 +9,15 @@
 Prints a table and writes the same numbers as JSON (--out, default <model>/../report.json), with
 pictures beside it: example images, the weight-response and word-swap curves, and source | edit
 pairs. What each number means: diffusion/evaluation/metrics.py and diffusion/evaluation/edits.py.
+
+    python evaluate.py --model runs/emoji/model --data data/emoji --n 100
+
+measures a model trained on an image folder without a detector (diffusion/evaluation/folder.py):
+retrieval of each sample's nearest training image, the colour of captions naming one (and its
+weight 0 and swaps), and the subject word's map against the sample's foreground; it writes the
+report and a picture (<out stem>-examples.png: samples beside their nearest training images, and
+colour edits). The shapes-only options (--parts, --n-edit, --n-swap, --n-samplers, --categories,
+--swap-sweep) do not apply to it.
 """
 
 import json
@@ -60,9 +70,21 @@ SAMPLING_HELPS = {
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(description="Evaluate a trained shapes model.")
+    parser = ArgumentParser(description="Evaluate a trained shapes model, or (--data) a model of an image folder.")
     cli.add_model_options(parser)
-    parser.add_argument("--n", type=int, default=100, help="prompts per faithfulness category (default 100)")
+    parser.add_argument(
+        "--data",
+        default=None,
+        help="the image folder the model was trained on: measure it on its captions without the shapes detector "
+        "(diffusion/evaluation/folder.py)",
+    )
+    parser.add_argument(
+        "--n",
+        type=int,
+        default=100,
+        help="prompts per faithfulness category (default 100); with --data, the folder's captions sampled for "
+        "retrieval and maps, and at most as many naming a colour",
+    )
     parser.add_argument(
         "--seed",
         type=int,
@@ -121,10 +143,12 @@ def model_data_config(config_file: Path) -> dict:
     return data
 
 
-@exit_on_user_error
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    one_line_warnings()
+# the options that only the shapes evaluation reads; --data refuses them when they are not the default
+SHAPES_ONLY = ("parts", "n_edit", "n_swap", "n_samplers", "categories", "swap_sweep")
+
+
+def check_arguments(args, parser: ArgumentParser) -> dict[str, int]:
+    """The counts of COUNTS by name, after checking them and the other numbers (UserError)."""
     counts = {name: getattr(args, name) for name in COUNTS}
     for name, count in counts.items():
         if count < 1:
@@ -133,25 +157,66 @@ def main(argv=None):
         raise UserError(f"--guidance must be a finite number >= 0, got {args.guidance}")
     if args.seed is not None and not 0 <= args.seed <= 2**63 - 1:
         raise UserError(f"--seed must be between 0 and 2**63 - 1, got {args.seed}")
+    if args.data is not None:
+        if not args.data or not Path(args.data).is_dir():
+            raise UserError(f"--data {args.data!r} is not a folder; pass the image folder the model was trained on")
+        given = [name for name in SHAPES_ONLY if getattr(args, name) != parser.get_default(name)]
+        if given:
+            options = ", ".join("--" + name.replace("_", "-") for name in given)
+            raise UserError(
+                f"{options} measure{'s' if len(given) == 1 else ''} shapes models; with --data the folder "
+                "evaluation takes --n, --seed, --batch-size and the sampling options"
+            )
+    return counts
+
+
+def check_data_kind(model: Path, data: dict, folder: str | None) -> None:
+    """Without --data, a model trained on anything but shapes is refused, naming --data (UserError)."""
+    kind = data.get("kind", "shapes")
+    if folder is None and kind != "shapes":
+        path = data.get("path")
+        hint = f" (it was trained on {path})" if isinstance(path, str) and path else ""
+        raise UserError(
+            f"'{model}' was trained on data.kind={kind}, which the shapes evaluation cannot measure; "
+            f"pass --data FOLDER, the image folder it was trained on{hint}"
+        )
+
+
+@exit_on_user_error
+def main(argv=None):
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    one_line_warnings()
+    counts = check_arguments(args, parser)
     check_device(args.device)
 
     from diffusion.evaluation.metrics import EVAL_SEED
-    from diffusion.evaluation.report import evaluate, format_report
     from diffusion.images import check_writable
     from diffusion.sampling.pipeline import Pipeline
 
     settings = cli.sampling_settings(args)
     model = Path(args.model)
     out = Path(args.out) if args.out else model.parent / "report.json"
+    data = model_data_config(model / "config.yaml")
+    check_data_kind(model, data, args.data)
     check_writable(out)
     pipe = Pipeline.from_pretrained(model, device=args.device, mixed_precision=args.mixed_precision)
-    data = model_data_config(model / "config.yaml")
-    if data.get("kind", "shapes") != "shapes":
-        raise UserError(f"'{model}' was trained on data.kind={data.get('kind')}; evaluate.py measures shapes models")
+    seed = EVAL_SEED if args.seed is None else args.seed
+    if args.data is not None:
+        written = evaluate_folder(pipe, settings, args, seed, model, out)
+    else:
+        written = evaluate_shapes(pipe, settings, data, args, seed, counts, model, out)
+    print("wrote " + ", ".join(str(p) for p in written))
+
+
+def evaluate_shapes(pipe, settings, data: dict, args, seed: int, counts: dict, model: Path, out: Path) -> list[Path]:
+    """The shapes evaluation: print its table, write the report and its pictures; returns their paths."""
+    from diffusion.evaluation.report import evaluate, format_report
+
     result = evaluate(
         pipe,
         settings,
-        seed=EVAL_SEED if args.seed is None else args.seed,
+        seed=seed,
         holdout=data.get("holdout", []),
         training_seed=data.get("seed", 0),
         parts=args.parts,
@@ -162,8 +227,31 @@ def main(argv=None):
     report = result.report
     report["model"] = str(model.resolve())
     print(format_report(report))
-    written = write_outputs(result, out)
-    print("wrote " + ", ".join(str(p) for p in written))
+    return write_outputs(result, out)
+
+
+def evaluate_folder(pipe, settings, args, seed: int, model: Path, out: Path) -> list[Path]:
+    """The folder evaluation (diffusion/evaluation/folder.py) of --data: print its table, write
+    the report and its picture; returns their paths."""
+    from diffusion.evaluation.folder import evaluate_folder as measure
+    from diffusion.evaluation.folder import folder_picture, format_folder_report
+    from diffusion.images import save_png
+
+    result = measure(pipe, args.data, settings, n=args.n, seed=seed, batch_size=args.batch_size)
+    report = result.report
+    report["model"] = str(model.resolve())
+    print(format_folder_report(report))
+    write_report(report, out)
+    picture = save_png(folder_picture(result), out.with_name(f"{out.stem}-examples.png"), {"model": report["model"]})
+    return [out, picture]
+
+
+def write_report(report: dict, out: Path) -> None:
+    """The report as JSON at `out`: written whole, then moved into place."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    temporary = out.with_name(f".{out.name}.tmp")
+    temporary.write_text(json.dumps(report, indent=2) + "\n")
+    temporary.replace(out)
 
 
 def write_outputs(result, out: Path) -> list[Path]:
@@ -174,10 +262,7 @@ def write_outputs(result, out: Path) -> list[Path]:
     from diffusion.images import labelled_grid, save_png
 
     report = result.report
-    out.parent.mkdir(parents=True, exist_ok=True)
-    temporary = out.with_name(f".{out.name}.tmp")
-    temporary.write_text(json.dumps(report, indent=2) + "\n")
-    temporary.replace(out)
+    write_report(report, out)
     written = [out]
     metadata = {"model": report["model"]}
     pictures = {}

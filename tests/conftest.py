@@ -83,6 +83,10 @@ SLOW_TESTS = {
         "test_evaluate_cli_writes_json_and_pictures",
         "test_the_generators_own_images_pass_almost_every_prompt",
     },
+    "test_folder_evaluation.py": {
+        "test_evaluate_cli_with_data_writes_the_report_and_its_picture",
+        "test_evaluate_folder_end_to_end_on_a_tiny_model",
+    },
     "test_fuzz.py": {
         "test_a_parsed_prompt_rendered_back_parses_to_the_same_words_and_weights",
         "test_any_command_line_exits_0_or_2_with_one_line_or_is_accepted",
