@@ -95,6 +95,7 @@ SLOW_TESTS = {
         "test_any_prompt_parses_or_is_a_syntax_error_with_a_caret",
         "test_any_yaml_file_loads_a_valid_config_or_raises_one_line",
     },
+    "test_fetch.py": {"test_the_emoji_config_trains_on_a_fetched_folder_offline_with_no_hand_edits"},
     "test_pipeline.py": {
         "test_ddim_and_euler_take_the_same_ode_step",
         "test_diffusers_loads_an_exported_model",

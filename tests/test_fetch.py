@@ -235,3 +235,26 @@ def test_a_registry_answer_that_is_not_a_package_description(tmp_path):
         run((tmp_path / "registry").as_uri(), tmp_path / "emoji")
     with pytest.raises(UserError, match="cannot download file:"):
         run((tmp_path / "nowhere").as_uri(), tmp_path / "emoji")
+
+
+def test_the_emoji_config_trains_on_a_fetched_folder_offline_with_no_hand_edits(registry, tmp_path):
+    """configs/emoji.yaml as a user runs it (only its size shrunk to the tests' tiny model): the
+    small CLIP on the folder's captions, no hub, no grounding keys to zero."""
+    from conftest import TINY
+
+    from diffusion.config import load_config
+    from diffusion.sampling.pipeline import Pipeline
+    from diffusion.training.loop import train
+
+    folder = tmp_path / "emoji"
+    run(registry, folder)
+    tiny = [
+        f"{section}.{key}={json.dumps(TINY[section][key])}" for section in ("model", "text") for key in TINY[section]
+    ]
+    shrunk = [*tiny, "data.resolution=16", "train.max_steps=2", "train.batch_size=4", "train.warmup_steps=0"]
+    cache = tmp_path / "cache"
+    cfg = load_config("configs/emoji.yaml", [*shrunk, f"data.path={folder}", f"data.embedding_cache={cache}"])
+    assert cfg.text.pretrained is None and cfg.train.grounding_weight == 0 == cfg.train.grounding_pixel_weight
+    train(cfg, tmp_path / "run")
+    pipe = Pipeline.from_pretrained(tmp_path / "run" / "model", device="cpu")
+    assert len(pipe("red apple", steps=2, progress=False).images) == 1
