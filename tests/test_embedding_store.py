@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel
 
 from diffusion.data import text_states as embedding_store
-from diffusion.data.text_states import EmbeddingStore, cache_folder, cache_key
+from diffusion.data.text_states import EmbeddingCache, EmbeddingStore, cache_folder, cache_key
 from diffusion.errors import UserError
-from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.model.text_encoder import TextEncoder
 from diffusion.training.clip import clip_text_config, fit_tokenizer
 
 CAPTIONS = [

@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer, CLIPVisionConfig
 
+from diffusion.data.text_states import EmbeddingCache
 from diffusion.errors import UserError
-from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.model.text_encoder import TextEncoder
 from diffusion.training.clip import clip_text_config, fit_tokenizer, train_clip
 
 COLOURS = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
@@ -195,6 +196,29 @@ def test_embedding_cache_encodes_each_distinct_caption_once(encoder, monkeypatch
     assert torch.allclose(embeddings[-4:], expected_embeddings, atol=1e-6)
     assert torch.allclose(embeddings[:2], encode(list(reversed(CAPTIONS))[:2])[0], atol=1e-6)
     assert sorted(encoded) == sorted(set(CAPTIONS + batch)) and len(cache) == len(encoded)
+
+
+def test_remember_keeps_the_last_calls_bit_for_bit_and_no_more(tokenizer, clip, encoder, monkeypatch):
+    remembering = TextEncoder(tokenizer, clip.text_model, concat_token_embeddings=False)
+    remembering.remember(2)
+    calls = []
+    compute = remembering._encode
+    monkeypatch.setattr(remembering, "_encode", lambda prompts: calls.append(list(prompts)) or compute(prompts))
+    batches = [["a red circle", ""], ["a blue square"], ["a red circle", ""], ["x"], ["a blue square"]]
+    for prompts in batches:
+        embeddings, key_mask = remembering.encode(prompts)
+        expected = encoder.encode(prompts)  # the same weights, nothing remembered
+        assert torch.equal(embeddings, expected[0]) and torch.equal(key_mask, expected[1])
+        assert len(remembering._remembered) <= 2
+    # the third call was remembered; "x" then pushed out the least recently used, the blue square
+    assert calls == [["a red circle", ""], ["a blue square"], ["x"], ["a blue square"]]
+    remembering.encode(["a red circle", ""])[0].zero_()  # a caller writing into its copy
+    assert torch.equal(remembering.encode(["a red circle", ""])[0], encoder.encode(["a red circle", ""])[0])
+    remembering.remember(0)  # off again: everything goes, every call computes
+    assert len(remembering._remembered) == 0
+    remembering.encode(["x"])
+    assert calls[-1] == ["x"] and len(remembering._remembered) == 0
+    assert encoder._remember == 0  # off unless asked for
 
 
 def flat_colour_images(per_colour, generator):

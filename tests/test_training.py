@@ -536,7 +536,7 @@ def test_captions_leave_words_out_only_from_data_omit_from_on(tiny_dict, tmp_pat
     the switch reads the later captions from its first draw."""
     from diffusion.data.batches import prepare_data
     from diffusion.data.shapes import COLOURS
-    from diffusion.model.text_encoder import EmbeddingCache
+    from diffusion.data.text_states import EmbeddingCache
     from diffusion.training.grounding import grounding_targets
     from diffusion.training.loop import make_accelerator
 

@@ -34,8 +34,8 @@ from accelerate import Accelerator
 from diffusion.config import Config
 from diffusion.data.captions import LaterCaptions, caption_curriculum, clip_training_data
 from diffusion.data.image_folder import ImageFolderDataset
-from diffusion.data.text_states import EmbeddingStore, cache_folder
-from diffusion.model.text_encoder import EmbeddingCache, TextEncoder
+from diffusion.data.text_states import EmbeddingCache, EmbeddingStore, cache_folder
+from diffusion.model.text_encoder import TextEncoder
 from diffusion.training.clip import prepare_text_encoder
 from diffusion.training.grounding import grounding_targets
 

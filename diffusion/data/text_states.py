@@ -1,9 +1,19 @@
-"""The text states of a training set's captions on disk: computed once with the frozen text
-encoder, then read a batch of rows at a time.
+"""A caption's text states (`TextEncoder.encode`: embeddings and key mask), computed once with
+the frozen encoder and kept, behind one interface, `get(...) -> (embeddings, key_mask)`, in two
+backends:
 
-With a 77-token pretrained CLIP and its token embeddings appended, one caption's states are
-77 x 1024 float32, about 0.3 MB: 30 GB per 100k captions, more than a run can hold in memory. So
-the states of each distinct caption are written once to a safetensors file,
+- `EmbeddingCache`, in memory: computed on first use, one row per distinct caption. For the
+  generated shapes (a few thousand captions, T x D small): training keeps them all on its device.
+- `EmbeddingStore`, on disk: the rows of an image folder's captions (tens of thousands of them, a
+  pretrained CLIP's 77 x 1024 states each: more than memory holds), written once to a safetensors
+  file that is read a batch of rows at a time; a row number is the caption's index in the list
+  the store was opened with.
+
+(The editor keeps its last few prompts' states with `TextEncoder.remember`, on the encoder.)
+
+On disk: with a 77-token pretrained CLIP and its token embeddings appended, one caption's states
+are 77 x 1024 float32, about 0.3 MB: 30 GB per 100k captions. So the states of each distinct
+caption are written once to a safetensors file,
 
     <folder>/text-embeddings-<key>.safetensors
         embeddings   (U, T, D) float32   `TextEncoder.encode` of the U captions, in their order
@@ -35,7 +45,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from diffusion.errors import UserError
-from diffusion.model.text_encoder import TextEncoder
+from diffusion.model.text_encoder import TextEncoder, _check_prompts
 
 FORMAT = "tiny-t2i-diffusion text embeddings 2"
 ENCODE_BATCH = 256  # captions encoded at once while building
@@ -87,6 +97,70 @@ def cache_key(encoder: TextEncoder, captions: list[str]) -> str:
         text = caption.encode("utf-8", "surrogatepass")
         digest.update(len(text).to_bytes(8, "little") + text)
     return digest.hexdigest()
+
+
+class EmbeddingCache:
+    """Text embeddings of a frozen encoder, computed once per distinct caption and kept on the CPU.
+
+    Rows live in one growing tensor (capacity doubles when full) with a caption -> row dict, so a
+    batch lookup is a single index operation. Memory: T * D * 4 bytes per distinct caption
+    (16 KiB at T=32, D=128).
+    """
+
+    def __init__(self, encoder: TextEncoder, batch_size: int = 256):
+        """encoder: the frozen text encoder.
+        batch_size: how many new captions to encode at once.
+        """
+        self.encoder = encoder
+        self.batch_size = batch_size
+        self._row_of: dict[str, int] = {}
+        shape = (encoder.max_length,)
+        self._embeddings = torch.empty(0, *shape, encoder.embedding_dim)  # (capacity, T, D)
+        self._key_mask = torch.empty(0, *shape, dtype=torch.bool)  # (capacity, T)
+
+    def __len__(self) -> int:
+        """Number of distinct captions cached."""
+        return len(self._row_of)
+
+    def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embeddings (B, T, D) float32 and key mask (B, T) bool on the CPU, as `encoder.encode` gives."""
+        self._add(captions, progress=False)
+        rows = torch.tensor([self._row_of[caption] for caption in captions], dtype=torch.long)  # (B,)
+        return self._embeddings[rows], self._key_mask[rows]
+
+    def precompute(self, captions: list[str], progress: bool = True) -> None:
+        """Encode every caption not cached yet, e.g. the whole training set before training.
+
+        captions: captions, repeats allowed.
+        progress: show a tqdm bar over batches.
+        """
+        self._add(captions, progress=progress)
+
+    def _add(self, captions, progress):
+        """Encode and store the captions not cached yet, `batch_size` at a time."""
+        _check_prompts(captions)
+        new = [caption for caption in dict.fromkeys(captions) if caption not in self._row_of]
+        starts = range(0, len(new), self.batch_size)
+        for start in tqdm(starts, desc="text embeddings", disable=not progress or not new):
+            chunk = new[start : start + self.batch_size]
+            embeddings, key_mask = self.encoder.encode(chunk)
+            first = len(self._row_of)
+            self._reserve(first + len(chunk))
+            self._embeddings[first : first + len(chunk)] = embeddings.cpu()
+            self._key_mask[first : first + len(chunk)] = key_mask.cpu()
+            self._row_of.update((caption, first + offset) for offset, caption in enumerate(chunk))
+
+    def _reserve(self, rows):
+        """Grow storage to hold at least `rows` rows; doubling keeps appends amortised O(1)."""
+        capacity = len(self._embeddings)
+        if rows <= capacity:
+            return
+        capacity = max(rows, 2 * capacity)
+        embeddings = torch.empty(capacity, *self._embeddings.shape[1:])
+        key_mask = torch.zeros(capacity, *self._key_mask.shape[1:], dtype=torch.bool)
+        embeddings[: len(self)] = self._embeddings[: len(self)]
+        key_mask[: len(self)] = self._key_mask[: len(self)]
+        self._embeddings, self._key_mask = embeddings, key_mask
 
 
 class EmbeddingStore:

@@ -6,16 +6,18 @@ Two sources of a CLIP text encoder, both loaded the same way by `TextEncoder.fro
 - the offline default: a small CLIP trained here (clip_training.py), saved as `tokenizer/` +
   `text_encoder/` in the transformers format, so it loads exactly like a pretrained one.
 
-`EmbeddingCache` computes the embedding of each distinct caption once, since the encoder is frozen.
+The encoder is frozen and deterministic, so a caption's text states can be kept instead of
+computed again: `TextEncoder.remember(n)` keeps the last n calls' (the editor's prompts), and
+diffusion/data/text_states.py keeps a training set's captions, in memory or on disk.
 """
 
 import contextlib
 import warnings
+from collections import OrderedDict
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import (
     CLIPTextModel,
     CLIPTokenizer,
@@ -151,6 +153,8 @@ class TextEncoder(nn.Module):
         self.mask_eos = mask_eos
         self.concat_token_embeddings = concat_token_embeddings
         self._max_length = max_length
+        self._remembered: OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self._remember = 0  # calls `encode` keeps (`remember`); 0: none
 
     @classmethod
     def from_pretrained(
@@ -187,6 +191,10 @@ class TextEncoder(nn.Module):
     def max_length(self) -> int:
         """Tokens per prompt T, start and end tokens included."""
         return self._max_length
+
+    def _apply(self, *args, **kwargs):
+        self._remembered.clear()  # moved (`to`) or cast: kept results are on the old device or dtype
+        return super()._apply(*args, **kwargs)
 
     def train(self, mode: bool = True) -> "TextEncoder":
         """Stay in eval mode: a parent module's `.train()` must not unfreeze the encoder's behaviour."""
@@ -259,17 +267,53 @@ class TextEncoder(nn.Module):
         subject = "prompt" if len(cuts) == 1 else f"{len(cuts)} prompts"
         warnings.warn(f"{subject} truncated to {self.max_length} tokens; cut: {quoted}", stacklevel=3)
 
-    @torch.no_grad()
+    def remember(self, calls: int) -> None:
+        """Keep the results of the last `calls` calls of `encode` (0: none, the default), least
+        recently used first out, and give a call with the same prompts a copy of its result. The
+        editor's every render encodes its prompt, the empty prompt of guidance and, for
+        down-weighted words, the prompt without them; a moved slider or a new seed asks for most of
+        these again. The encoder is deterministic, so a kept result is the one it would compute.
+        The key is the whole list: a batch's rows are kept as that batch computed them."""
+        self._remember = calls
+        self._forget(calls)
+
+    def _forget(self, keep: int) -> None:
+        """Let the least recently used results go until `keep` are left. Each OrderedDict call is
+        atomic under the GIL, so the editor's two threads (a request's, the compile's) may share
+        the encoder without a lock; a race costs an encoding, never a wrong one."""
+        while len(self._remembered) > keep:
+            with contextlib.suppress(KeyError):
+                self._remembered.popitem(last=False)
+
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts token by token.
 
-        prompts: B prompts; longer ones are truncated with a warning.
+        prompts: B prompts; longer ones are truncated with a warning (once: a remembered call,
+        see `remember`, is not tokenized again).
 
         Returns `embeddings` (B, T, D) float32 and `key_mask` (B, T) bool, on the model's device.
         `key_mask` is True where cross-attention may look: every real token except padding and,
         with `mask_eos`, the end token. The start token is always kept, so even the empty prompt
         has one True.
         """
+        if not self._remember:
+            return self._encode(prompts)
+        _check_prompts(prompts)
+        key = tuple(prompts)
+        found = self._remembered.get(key)
+        if found is None:
+            found = self._encode(prompts)
+            self._remembered[key] = found
+            self._forget(self._remember)
+        else:
+            with contextlib.suppress(KeyError):  # another thread may have just let it go
+                self._remembered.move_to_end(key)
+        embeddings, key_mask = found
+        return embeddings.clone(), key_mask.clone()  # the caller may write into its copy
+
+    @torch.no_grad()
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """`encode`, computed."""
         tokens = self.tokenize(prompts)
         device = self.model.device
         input_ids = tokens["input_ids"].to(device)  # (B, T)
@@ -312,67 +356,3 @@ def _check_prompts(prompts):
     for index, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             raise UserError(f"prompt {index} is {type(prompt).__name__} {prompt!r}, not text; quote it in the config")
-
-
-class EmbeddingCache:
-    """Text embeddings of a frozen encoder, computed once per distinct caption and kept on the CPU.
-
-    Rows live in one growing tensor (capacity doubles when full) with a caption -> row dict, so a
-    batch lookup is a single index operation. Memory: T * D * 4 bytes per distinct caption
-    (16 KiB at T=32, D=128).
-    """
-
-    def __init__(self, encoder: TextEncoder, batch_size: int = 256):
-        """encoder: the frozen text encoder.
-        batch_size: how many new captions to encode at once.
-        """
-        self.encoder = encoder
-        self.batch_size = batch_size
-        self._row_of: dict[str, int] = {}
-        shape = (encoder.max_length,)
-        self._embeddings = torch.empty(0, *shape, encoder.embedding_dim)  # (capacity, T, D)
-        self._key_mask = torch.empty(0, *shape, dtype=torch.bool)  # (capacity, T)
-
-    def __len__(self) -> int:
-        """Number of distinct captions cached."""
-        return len(self._row_of)
-
-    def get(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embeddings (B, T, D) float32 and key mask (B, T) bool on the CPU, as `encoder.encode` gives."""
-        self._add(captions, progress=False)
-        rows = torch.tensor([self._row_of[caption] for caption in captions], dtype=torch.long)  # (B,)
-        return self._embeddings[rows], self._key_mask[rows]
-
-    def precompute(self, captions: list[str], progress: bool = True) -> None:
-        """Encode every caption not cached yet, e.g. the whole training set before training.
-
-        captions: captions, repeats allowed.
-        progress: show a tqdm bar over batches.
-        """
-        self._add(captions, progress=progress)
-
-    def _add(self, captions, progress):
-        """Encode and store the captions not cached yet, `batch_size` at a time."""
-        _check_prompts(captions)
-        new = [caption for caption in dict.fromkeys(captions) if caption not in self._row_of]
-        starts = range(0, len(new), self.batch_size)
-        for start in tqdm(starts, desc="text embeddings", disable=not progress or not new):
-            chunk = new[start : start + self.batch_size]
-            embeddings, key_mask = self.encoder.encode(chunk)
-            first = len(self._row_of)
-            self._reserve(first + len(chunk))
-            self._embeddings[first : first + len(chunk)] = embeddings.cpu()
-            self._key_mask[first : first + len(chunk)] = key_mask.cpu()
-            self._row_of.update((caption, first + offset) for offset, caption in enumerate(chunk))
-
-    def _reserve(self, rows):
-        """Grow storage to hold at least `rows` rows; doubling keeps appends amortised O(1)."""
-        capacity = len(self._embeddings)
-        if rows <= capacity:
-            return
-        capacity = max(rows, 2 * capacity)
-        embeddings = torch.empty(capacity, *self._embeddings.shape[1:])
-        key_mask = torch.zeros(capacity, *self._key_mask.shape[1:], dtype=torch.bool)
-        embeddings[: len(self)] = self._embeddings[: len(self)]
-        key_mask[: len(self)] = self._key_mask[: len(self)]
-        self._embeddings, self._key_mask = embeddings, key_mask
