@@ -20,7 +20,7 @@ from diffusion.control.controllers import (
 from diffusion.control.prompts import align_tokens, object_phrase, split_words, swap_kind
 from diffusion.control.weighting import Weighting, condition
 from diffusion.errors import UserError
-from diffusion.model.attention import AttentionCall, AttentionSite, CrossAttention
+from diffusion.model.attention import AttentionCall, AttentionController, AttentionSite, CrossAttention, GraphRequest
 from diffusion.sampling.pipeline import MapOptions, Pipeline, merge_word_maps
 from diffusion.sampling.settings import SamplingSettings
 from diffusion.training.clip import fit_tokenizer
@@ -595,3 +595,37 @@ def test_malformed_prompt_is_a_user_error_with_a_caret(pipe):
     with pytest.raises(PromptSyntaxError) as error:
         pipe("a (red:abc) circle", steps=2, progress=False)
     assert "^" in str(error.value)
+
+
+def test_each_controller_says_what_it_needs_from_a_compiled_unet_call():
+    weights = torch.tensor([[1.0, 0.5, 2.0]])
+    recorder = AttentionRecorder(16)
+    assert recorder.graph_request(0, 4) == GraphRequest(recorders=(recorder,))
+    early = AttentionReweighter(weights, steps=(0.0, 0.5), resolutions={8})
+    request = early.graph_request(1, 4)
+    assert request.weights is weights and request.resolutions == frozenset({8}) and not request.record
+    assert early.graph_request(2, 4) == GraphRequest()  # outside its window: nothing to apply
+    assert AttentionReweighter(weights).graph_request(None, None).resolutions is None  # outside sampling: in
+    mapping = torch.tensor([[0, 1, 2]])
+    for eager_only in (AttentionController(), AttentionInjector(mapping, 0.5), LocalBlend(mapping > 0, 16)):
+        assert eager_only.graph_request(0, 4) is None
+
+    class Heads(AttentionRecorder):  # reads the heads itself: the graph's mean over heads would not do
+        def process(self, site, probabilities):
+            return None
+
+    assert Heads(16).graph_request(0, 4) is None
+
+
+def test_a_chain_merges_its_members_requests():
+    weights = torch.tensor([[1.0, 0.5]])
+    first, second = AttentionRecorder(16), AttentionRecorder(8)
+    chain = ControllerChain([AttentionReweighter(weights), first, second])
+    request = chain.graph_request(0, 4)
+    assert request.weights is weights and request.recorders == (first, second)
+    assert ControllerChain([]).graph_request(0, 4) == GraphRequest()
+    assert ControllerChain([first, AttentionInjector(torch.tensor([[0, 1]]), 0.5)]).graph_request(0, 4) is None
+    two = ControllerChain([AttentionReweighter(weights), AttentionReweighter(weights)])
+    assert two.graph_request(0, 4) is None  # the graph applies one set of weights
+    window = ControllerChain([AttentionReweighter(weights, steps=(0.5, 1.0)), AttentionReweighter(weights)])
+    assert window.graph_request(0, 4).weights is weights  # the other is outside its window

@@ -11,6 +11,7 @@ from torch._dynamo.utils import counters
 from diffusion.control.controllers import AttentionRecorder
 from diffusion.control.weighting import Weighting
 from diffusion.editor.compiled import CompiledUNet
+from diffusion.model.attention import AttentionController, GraphRequest
 from diffusion.sampling.pipeline import Pipeline
 
 SMALL_MODEL = Path(__file__).resolve().parents[1] / "tests" / "assets" / "small-shapes"
@@ -133,3 +134,30 @@ def test_compiled_unets_in_float32_and_bf16_take_turns(pipelines):
             expected, _ = render(reference, "a (red:2) circle", steps=2)
             output, _ = render(compiled[precision], "a (red:2) circle", steps=2)
             assert levels_apart(output.images[0], expected.images[0]) <= tolerance[precision]
+
+
+def test_any_controller_runs_in_the_graph_through_graph_request(pipelines):
+    """compiled.py knows controllers by their `graph_request` only: a kind of its own that asks for
+    the maps gets every site's, one head (the mean), where one that does not ask runs eagerly."""
+    _, compiled = pipelines
+
+    class Counter(AttentionController):
+        def __init__(self):
+            self.sites = []
+
+        def wants(self, site):
+            return True
+
+        def process(self, site, probabilities):
+            self.sites.append((site.name, site.step, probabilities.shape[1]))
+
+    class GraphCounter(Counter):
+        def graph_request(self, step, num_steps):
+            return GraphRequest(recorders=(self,))
+
+    eager_only, in_graph = Counter(), GraphCounter()
+    for controller in (eager_only, in_graph):
+        compiled("a red circle", seed=1, steps=2, attention_controller=controller, progress=False)
+    assert [site[:2] for site in in_graph.sites] == [site[:2] for site in eager_only.sites]
+    heads = compiled.unet.config.attention_heads
+    assert {site[2] for site in eager_only.sites} == {heads} and {site[2] for site in in_graph.sites} == {1}

@@ -20,14 +20,19 @@ classifier-free guidance is left alone, as in Prompt-to-Prompt.
   maps are weak, so the edit changes only where the changed words act.
 - `ControllerChain` runs several; edits happen before recording, so the recorded maps are the
   ones the model used.
+
+The recorder, the reweighter and a chain of them also run inside a compiled UNet
+(`graph_request`); the others keep a UNet call on the eager one.
 """
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 
-from diffusion.model.attention import AttentionController, AttentionSite
+from diffusion.model.attention import AttentionController, AttentionSite, GraphRequest
 
 
 def step_in_window(step: int, num_steps: int, window: tuple[float, float]) -> bool:
@@ -54,6 +59,10 @@ class SiteFilter:
         if self.resolutions is not None and site.resolution[0] not in self.resolutions:
             return False
         return in_window(site, self.steps)
+
+    def at_step(self, step: int | None, num_steps: int | None) -> bool:
+        """Whether sampling step `step` of `num_steps` lies in the window (always outside sampling)."""
+        return in_window(AttentionSite("", (0, 0), step, num_steps), self.steps)
 
 
 class AttentionRecorder(AttentionController):
@@ -98,6 +107,11 @@ class AttentionRecorder(AttentionController):
             _accumulate(self._step_sums.setdefault(site.step, {}), (h, w), maps)
         self._total = self._history = None
         return None
+
+    def graph_request(self, step: int | None, num_steps: int | None) -> GraphRequest | None:
+        """Recorded from a compiled graph: `process` then gets each site's mean over heads (one
+        head), which is all it reads. A subclass with its own `process` may need the heads: eager."""
+        return GraphRequest(recorders=(self,)) if type(self).process is AttentionRecorder.process else None
 
     def _upsampled(self, maps: torch.Tensor) -> torch.Tensor:
         """(N, T, h, w) -> (N, T, size, size); bilinear weights sum to one, so maps that sum to 1
@@ -168,6 +182,16 @@ class AttentionReweighter(AttentionController):
         edited[site.conditional] = scaled / scaled.sum(-1, keepdim=True).clamp_min(torch.finfo(scaled.dtype).tiny)
         return edited
 
+    def graph_request(self, step: int | None, num_steps: int | None) -> GraphRequest | None:
+        """The weights (outside the window of steps: none) and resolutions, for the graph to apply
+        as `process` does. A subclass with its own `process` edits otherwise: eager."""
+        if type(self).process is not AttentionReweighter.process:
+            return None
+        if not self.filter.at_step(step, num_steps):
+            return GraphRequest()
+        resolutions = None if self.filter.resolutions is None else frozenset(self.filter.resolutions)
+        return GraphRequest(weights=self.weights, resolutions=resolutions)
+
 
 class AttentionInjector(AttentionController):
     """Prompt-to-Prompt word swap: the conditional rows come in (source, edit) pairs; during the
@@ -222,6 +246,18 @@ class ControllerChain(AttentionController):
                 result = controller.process(site, probabilities if edited is None else edited)
                 edited = result if result is not None else edited
         return edited
+
+    def graph_request(self, step: int | None, num_steps: int | None) -> GraphRequest | None:
+        """The members' requests merged: None if any member cannot run in a graph, or if more than
+        one brings weights (the graph applies one set); every member's recorders."""
+        requests = [c.graph_request(step, num_steps) for c in self.controllers]
+        if any(request is None for request in requests):
+            return None
+        weighted = [request for request in requests if request.weights is not None]
+        if len(weighted) > 1:
+            return None
+        recorders = tuple(recorder for request in requests for recorder in request.recorders)
+        return replace(weighted[0] if weighted else GraphRequest(), recorders=recorders)
 
 
 def changed_tokens(input_ids: torch.Tensor, offsets: torch.Tensor, mapping: torch.Tensor) -> torch.Tensor:

@@ -6,12 +6,13 @@ convolutions) removes; the editor (app.py) uses it to render in time for a slide
 
 A controller is Python that keeps state across calls (the recorder's running sums, its per-step
 history), and a compiled graph that reads such state would be recompiled at every step. So the
-graph gets tensors only: each call takes the reweighting's per-token weights (or None outside
-their window of steps) and returns, next to the prediction, every cross-attention site's map of
-the conditional rows (the mean over heads). After the call the caller's recorders are fed those
-maps, as the eager UNet feeds them.
-Controllers of any other kind (word swaps, local blend, a user's own) run on the eager UNet, so
-results never depend on what was compiled.
+graph gets tensors only: the caller's controller says what it needs at this step
+(`AttentionController.graph_request`: per-token weights, their resolutions, who records), and
+the graph returns, next to the prediction, every cross-attention site's map of the conditional
+rows (the mean over heads) when someone records. After the call those maps go to the recorders'
+`process`, as the eager UNet would give them. A controller that answers None (word
+swaps, local blend, a user's own) runs on the eager UNet, so results never depend on what was
+compiled.
 
 Images differ from the eager UNet's by rounding (fused kernels sum in another order), not
 bit-identical; `tests/test_compiled.py` bounds the difference.
@@ -24,16 +25,9 @@ import types
 import torch
 import torch._inductor.config
 
-from diffusion.control.controllers import AttentionRecorder, AttentionReweighter, ControllerChain, in_window
-from diffusion.model.attention import AttentionController, AttentionSite
+from diffusion.control.controllers import AttentionReweighter
+from diffusion.model.attention import AttentionController, AttentionSite, GraphRequest
 from diffusion.model.unet import UNet
-
-
-def _parts(controller: AttentionController | None) -> list[AttentionController]:
-    """The controllers a UNet call runs: a chain's members, one alone, or none."""
-    if isinstance(controller, ControllerChain):
-        return list(controller.controllers)
-    return [] if controller is None else [controller]
 
 
 class _GraphController(AttentionController):
@@ -86,13 +80,6 @@ class CompiledUNet:
         prediction = self.unet(sample, timestep, context, mask, controller, conditional=conditional)
         return prediction, controller.maps
 
-    @staticmethod
-    def supports(parts: list[AttentionController]) -> bool:
-        """Whether the compiled graph can stand in for the eager UNet with these controllers (`_parts`
-        of the one passed in): none, or at most one reweighter and any recorders."""
-        kinds_ok = all(type(c) in (AttentionReweighter, AttentionRecorder) for c in parts)
-        return kinds_ok and sum(isinstance(c, AttentionReweighter) for c in parts) <= 1
-
     def __call__(
         self,
         sample: torch.Tensor,
@@ -104,7 +91,6 @@ class CompiledUNet:
         num_steps: int | None = None,
         conditional: slice = slice(None),
     ) -> torch.Tensor:
-        parts = _parts(attention_controller)
         rows = sample.shape[0]
         other_size = self.batch_sizes is not None and rows not in self.batch_sizes
         if other_size and 2 * rows in self.batch_sizes and len(range(rows)[conditional]) == rows:
@@ -123,7 +109,10 @@ class CompiledUNet:
                 slice(rows, 2 * rows),
             )
             return twice[rows:]
-        if other_size or not self.supports(parts):
+        request = (
+            GraphRequest() if attention_controller is None else attention_controller.graph_request(step, num_steps)
+        )
+        if other_size or request is None:
             return self.unet(
                 sample,
                 timestep,
@@ -134,23 +123,15 @@ class CompiledUNet:
                 num_steps,
                 conditional,
             )
-        weights, resolutions = None, None
-        for part in parts:
-            if isinstance(part, AttentionReweighter):
-                window = AttentionSite("", (0, 0), step, num_steps)
-                if in_window(window, part.filter.steps):
-                    weights = part.weights.to(sample.device)
-                    resolutions = None if part.filter.resolutions is None else frozenset(part.filter.resolutions)
-        recorders = [part for part in parts if isinstance(part, AttentionRecorder)]
         arguments = (
             sample,
             timestep,
             encoder_hidden_states,
             encoder_attention_mask,
             conditional,
-            weights,
-            resolutions,
-            bool(recorders),
+            None if request.weights is None else request.weights.to(sample.device),
+            request.resolutions,
+            request.record,
         )
         signature = _signature(arguments)
         if signature in self._compiled and len({seen[-3:] for seen in self._compiled}) == 1:
@@ -169,7 +150,7 @@ class CompiledUNet:
             self._compiled.add(signature)
         for name, resolution, site_maps in maps:
             site = AttentionSite(name, resolution, step, num_steps)  # the maps hold the conditional rows only
-            for recorder in recorders:
+            for recorder in request.recorders:
                 if recorder.wants(site):
                     recorder.process(site, site_maps[:, None])  # one "head": the mean over heads
         return prediction

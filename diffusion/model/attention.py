@@ -10,7 +10,8 @@ answers True are the probabilities materialised and passed to `controller.proces
 which may return edited probabilities; if it returns None (it only read them) outside training,
 the output still comes from `attend`, so an image is the same with or without recording.
 Otherwise the layer goes through `attend`: the fused `scaled_dot_product_attention`, or plain
-ops over batch slices when training on CPU.
+ops over batch slices when training on CPU. A controller that can also act on a compiled UNet
+(the editor's, diffusion/editor/compiled.py) says what it needs there with `graph_request`.
 """
 
 from __future__ import annotations
@@ -53,6 +54,31 @@ class AttentionCall:
     conditional: slice = field(default_factory=lambda: slice(None))
 
 
+@dataclass(frozen=True)
+class GraphRequest:
+    """What a controller needs from a UNet call that runs as a compiled graph
+    (`AttentionController.graph_request`). Tensors and flags only: a graph that read a
+    controller's Python state would be rebuilt at every step (diffusion/editor/compiled.py).
+
+    weights: (B, T) per-token weights of the conditional rows, applied inside the graph as
+        `AttentionReweighter` applies them (None: no reweighting at this call).
+    resolutions: the feature-map sides the weights act at (None: all).
+    recorders: the controllers that read the maps: after the call, each one's `process` is given
+        every site it `wants`, with the conditional rows' mean over heads as one head,
+        (B, 1, H*W, T). Named one by one, not as a flag, because a chain's other members (a
+        reweighter) must not see the maps again.
+    """
+
+    weights: torch.Tensor | None = None
+    resolutions: frozenset[int] | None = None
+    recorders: tuple[AttentionController, ...] = ()
+
+    @property
+    def record(self) -> bool:
+        """Whether the graph returns the maps."""
+        return bool(self.recorders)
+
+
 class AttentionController:
     """Reads or edits cross-attention probabilities. Subclass it; this base does nothing.
 
@@ -61,12 +87,18 @@ class AttentionController:
     process(site, probabilities) -> Tensor | None: `probabilities` has shape
         (B, heads, H*W, T) and sums to 1 over T at every query (masked keys hold 0). Return an
         edited tensor of the same shape to use it in place of the original, or None to keep it.
+    graph_request(step, num_steps) -> GraphRequest | None: what this controller needs from the
+        UNet call at sampling step `step` of `num_steps` if it ran as a compiled graph, or None
+        (this base) when it cannot run inside one, so that call runs on the eager UNet.
     """
 
     def wants(self, site: AttentionSite) -> bool:
         return False
 
     def process(self, site: AttentionSite, probabilities: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def graph_request(self, step: int | None, num_steps: int | None) -> GraphRequest | None:
         return None
 
 
