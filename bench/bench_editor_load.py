@@ -3,7 +3,8 @@
     python bench/bench_editor_load.py [--model M] [--clients 8,32,8] [--renders 20] [--steps 20] [--compile] [--json F]
 
 Starts `python app.py --model M --port P` as a user does (with --no-compile unless --compile,
-and --threads 1), waits until its page answers, then:
+whose compile runs in the background while the page is served; and --threads 1), waits until its
+page answers, then:
 
 1. Load: for each client count N, N clients (`gradio_client.Client`, each its own session, each
    in its own thread) ask for R renders each, one after another as a person pressing Render
@@ -241,6 +242,11 @@ def load_round(url: str, clients: int, renders: int, steps: int = 20, pid: int |
     for client in sessions:
         client.close()
 
+    return round_figures(records, clients, renders, seconds, pid)
+
+
+def round_figures(records: list[dict], clients: int, renders: int, seconds: float, pid: int | None) -> dict:
+    """A load round's figures from its requests' records (see the module's docstring)."""
     answered = [r for r in records if r["error"] is None]
     latencies = [r["done"] - r["submitted"] for r in answered]
     inversions, pairs = 0, 0
@@ -455,6 +461,29 @@ def file_requests(server: Server) -> dict:
 
 
 # ---- the bench -------------------------------------------------------------------------------
+def checks(server: Server) -> tuple[dict, dict, dict]:
+    """Parts 2 and 3 on `server`, printed: the malformed calls, the binding, the file requests."""
+    malformed = malformed_calls(server)
+    for case in malformed["calls"]:
+        print(f"  {case['call']:<40} {case['outcome']:<14} {case['seconds']:6.2f} s  {case['message'][:70]}")
+    print(
+        f"malformed calls: {malformed['answered with an error']} of {len(malformed['calls'])} answered with an "
+        f"error, {malformed['app.py tracebacks']} tracebacks through app.py, a normal render afterwards: "
+        f"{malformed['renders afterwards']}"
+    )
+    bound = binding(server)
+    print(
+        f"listening on {', '.join(bound['listening'])}; reached from other addresses: "
+        f"{bound['reached from other addresses']}"
+    )
+    files = file_requests(server)
+    print(
+        f"file requests outside what it wrote refused: {sum(files['refused'].values())} of "
+        f"{len(files['refused'])}; a download it wrote is served: {files['a download it wrote is served']}"
+    )
+    return malformed, bound, files
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(DEFAULT_MODEL.relative_to(REPO)))
@@ -467,7 +496,9 @@ def main():
     parser.add_argument("--renders", type=int, default=20, help="renders per client (default 20)")
     parser.add_argument("--steps", type=int, default=20, help="sampling steps per render (default 20, the page's)")
     parser.add_argument("--threads", type=int, default=1, help="app.py --threads (default 1)")
-    parser.add_argument("--compile", action="store_true", help="let app.py compile its UNet (a minute or more)")
+    parser.add_argument(
+        "--compile", action="store_true", help="let app.py compile its UNet (in the background, a minute or more)"
+    )
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     counts = [int(n) for n in args.clients.split(",")]
@@ -494,24 +525,7 @@ def main():
             )
             for example in figures["error examples"]:
                 print(f"        error: {example}")
-        malformed = malformed_calls(server)
-        for case in malformed["calls"]:
-            print(f"  {case['call']:<40} {case['outcome']:<14} {case['seconds']:6.2f} s  {case['message'][:70]}")
-        print(
-            f"malformed calls: {malformed['answered with an error']} of {len(malformed['calls'])} answered with an "
-            f"error, {malformed['app.py tracebacks']} tracebacks through app.py, a normal render afterwards: "
-            f"{malformed['renders afterwards']}"
-        )
-        bound = binding(server)
-        print(
-            f"listening on {', '.join(bound['listening'])}; reached from other addresses: "
-            f"{bound['reached from other addresses']}"
-        )
-        files = file_requests(server)
-        print(
-            f"file requests outside what it wrote refused: {sum(files['refused'].values())} of "
-            f"{len(files['refused'])}; a download it wrote is served: {files['a download it wrote is served']}"
-        )
+        malformed, bound, files = checks(server)
         rss_end = rss_mb(pid)
 
     if args.json:

@@ -1,4 +1,5 @@
-"""Tests for app.py: the editor's model-facing functions, and the page itself in headless Chromium."""
+"""Tests for the editor: its model side (diffusion/editor/service.py) and views (views.py) without a
+browser, and app.py's page itself in headless Chromium."""
 
 import io
 import os
@@ -11,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-import app
 from bench import bench_editor_load as load
+from diffusion.editor import service, views
 from diffusion.sampling.pipeline import Pipeline, Weighting
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,20 +31,21 @@ CHROMIUM_ARGS = [
 
 @pytest.fixture(scope="module")
 def editor(tiny_model):
-    return app.Editor.load(tiny_model, device="cpu")
+    return service.Editor.load(tiny_model, device="cpu")
 
 
 # ---- without a browser -----------------------------------------------------------------------
 def test_a_released_slider_rewrites_the_prompt_in_the_weighting_syntax():
-    assert app.reweight("a red circle", 1, 0) == "a (red:0) circle"
-    assert app.reweight("a (red:0) circle", 1, 1) == "a red circle"  # 1 = unchanged: no brackets
-    assert app.reweight("a ((red)) circle", 2, 1.5) == "a (red:1.2100000000000002) (circle:1.5)"  # exactly 1.1 * 1.1
-    assert app.reweight("a red circle and a red square", 5, 2) == "a red circle and a (red:2) square"  # red#2
-    assert app.reweight("a red circle", 1, 0.15000000000000002) == "a (red:0.15) circle"  # slider float noise
+    assert service.reweight("a red circle", 1, 0) == "a (red:0) circle"
+    assert service.reweight("a (red:0) circle", 1, 1) == "a red circle"  # 1 = unchanged: no brackets
+    weighted = "a (red:1.2100000000000002) (circle:1.5)"  # exactly 1.1 * 1.1
+    assert service.reweight("a ((red)) circle", 2, 1.5) == weighted
+    assert service.reweight("a red circle and a red square", 5, 2) == "a red circle and a (red:2) square"  # red#2
+    assert service.reweight("a red circle", 1, 0.15000000000000002) == "a (red:0.15) circle"  # slider float noise
 
 
 def test_typed_weights_set_the_sliders():
-    words = app.word_weights("a (red:1.5) [circle] on the (left:7)")
+    words = service.word_weights("a (red:1.5) [circle] on the (left:7)")
     assert [(w.label, w.weight) for w in words] == [
         ("a", 1.0),
         ("red", 1.5),
@@ -52,22 +54,22 @@ def test_typed_weights_set_the_sliders():
         ("the", 1.0),
         ("left", 7.0),
     ]
-    states = app.slider_states(words, None)
-    assert len(states) == app.SLIDERS
+    states = views.slider_states(words, None)
+    assert len(states) == views.SLIDERS
     assert [s["label"] for s in states[:6]] == ["a", "red", "circle", "on", "the", "left"]
-    assert states[1]["value"] == 1.5 and states[1]["maximum"] == app.MAX_WEIGHT
+    assert states[1]["value"] == 1.5 and states[1]["maximum"] == views.MAX_WEIGHT
     assert states[5]["maximum"] == 7.0  # a weight past the slider's range widens it
     assert "not rendered" in states[0]["info"]
     assert all(s == {"visible": False} for s in states[6:])
 
 
 def test_a_long_prompt_fills_the_slider_pool_and_no_more():
-    words = app.word_weights(" ".join(f"w{i}" for i in range(app.SLIDERS + 4)))
-    assert sum(s["visible"] for s in app.slider_states(words, None)) == app.SLIDERS
+    words = service.word_weights(" ".join(f"w{i}" for i in range(views.SLIDERS + 4)))
+    assert sum(s["visible"] for s in views.slider_states(words, None)) == views.SLIDERS
 
 
 def test_render_gives_the_pipelines_images_and_maps_and_one_map_per_word_and_step(editor, tiny_model):
-    settings = app.Settings(seed=3, steps=4, num_images=2)
+    settings = service.Settings(seed=3, steps=4, num_images=2)
     prompt = "a (red:0) circle on the left"
     result = editor.render(prompt, settings)
     reference = Pipeline.from_pretrained(
@@ -88,32 +90,32 @@ def test_render_gives_the_pipelines_images_and_maps_and_one_map_per_word_and_ste
 
 
 def test_a_bad_prompt_keeps_the_last_result_and_shows_the_caret(editor):
-    last = editor.render("a red circle", app.Settings(steps=2))
-    view = app.update(editor, "a (red:abc) circle", app.Settings(steps=2), last)
+    last = editor.render("a red circle", service.Settings(steps=2))
+    view = views.update(editor, "a (red:abc) circle", service.Settings(steps=2), last)
     assert view.result is last
     message = view.error.removeprefix('<pre class="prompt-error">').removesuffix("</pre>").splitlines()
     assert message[0] == "malformed prompt: bad weight &#x27;abc&#x27; (expected a number like 1.5) at column 8"
     assert message[1].index("abc") == message[2].index("^")
-    prompt, view = app.update_weight(editor, "a (red circle", 1, 2.0, app.Settings(steps=2), last)
+    prompt, view = views.update_weight(editor, "a (red circle", 1, 2.0, service.Settings(steps=2), last)
     assert prompt == "a (red circle" and view.result is last and "never closed" in view.error
-    view = app.update(editor, "a red circle", app.Settings(steps=2, num_images=9), last)
+    view = views.update(editor, "a red circle", service.Settings(steps=2, num_images=9), last)
     assert view.result is last and "between 1 and 4" in view.error
-    prompt, view = app.update_weight(editor, "a red circle", 1, 0, app.Settings(steps=2), last)
+    prompt, view = views.update_weight(editor, "a red circle", 1, 0, service.Settings(steps=2), last)
     assert prompt == "a (red:0) circle" and view.error == "" and view.result.output.prompts == [prompt]
 
 
 def test_swap_returns_source_and_edit_with_their_word_maps(editor):
-    source, edit = editor.swap("a red circle", "a blue circle", 0.5, app.Settings(steps=2))
+    source, edit = editor.swap("a red circle", "a blue circle", 0.5, service.Settings(steps=2))
     assert list(source.output.attention_maps[0]) == ["a", "red", "circle"]
     assert list(edit.output.attention_maps[0]) == ["a", "blue", "circle"]
-    assert app.swap_html(source, edit).count('class="result-image"') == 2
+    assert views.swap_html(source, edit).count('class="result-image"') == 2
 
 
 def test_downloads_carry_the_prompt_settings_and_raw_maps(editor, tmp_path):
     from safetensors.torch import load_file
 
-    result = editor.render("a (red:2) circle", app.Settings(steps=2, seed=7))
-    files = app.write_downloads({"image": result}, tmp_path, editor.model)
+    result = editor.render("a (red:2) circle", service.Settings(steps=2, seed=7))
+    files = service.write_downloads({"image": result}, tmp_path, editor.model)
     assert sorted(f.name for f in files) == ["image-000.png", "image-maps-000.png", "image-maps-000.safetensors"]
     metadata = Image.open(tmp_path / "image-000.png").text
     assert metadata["prompt"] == "a (red:2) circle" and metadata["seed"] == "7" and metadata["steps"] == "2"
@@ -124,20 +126,20 @@ def test_downloads_carry_the_prompt_settings_and_raw_maps(editor, tmp_path):
 
 def test_small_batches_take_the_precision_chosen_for_them(tiny_model):
     pipeline = Pipeline.from_pretrained(tiny_model, device="cpu", mixed_precision="bf16")
-    editor = app.Editor(pipeline, "model", small_batch_precision="no")
+    editor = service.Editor(pipeline, "model", small_batch_precision="no")
     assert [editor.precision(rows) for rows in (1, 2, 4, 8)] == ["no", "no", "bf16", "bf16"]
     assert editor.precision_note() == "float32 for UNet calls of up to 2 rows, bf16 above"
-    timed = app.Editor(pipeline, "model")  # timed at start-up: float32 only where clearly faster
+    timed = service.Editor(pipeline, "model")  # timed at start-up: float32 only where clearly faster
     assert set(timed.unet_ms) == {"no", "bf16"}
     assert timed.small_batch_precision == ("no" if timed.unet_ms["no"] <= 0.9 * timed.unet_ms["bf16"] else "bf16")
 
 
 def test_a_compiled_editor_renders_what_an_uncompiled_one_does(capsys):
-    uncompiled = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
-    compiled = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    uncompiled = service.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    compiled = service.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
     assert compiled.compile() > 0 and compiled.compiled and not uncompiled.compiled
     assert compiled.precision_note() == "float32 for every UNet call, compiled for one image with guidance"
-    settings = app.Settings(steps=4, seed=2)
+    settings = service.Settings(steps=4, seed=2)
     for prompt in ("a (red:0) circle on the left", "a red circle"):
         a, b = (editor.render(prompt, settings) for editor in (uncompiled, compiled))
         assert np.abs(np.asarray(a.output.images[0], int) - np.asarray(b.output.images[0], int)).max() <= 2
@@ -151,32 +153,32 @@ def test_compiling_a_timed_editor_keeps_the_precision_that_renders_faster_compil
     from diffusion.editor.compiled import CompiledUNet
 
     monkeypatch.setattr(CompiledUNet, "__call__", lambda self, *args, **kwargs: self.unet(*args, **kwargs))
-    monkeypatch.setattr(app.Editor, "render_milliseconds", lambda self, precisions: render_ms)
+    monkeypatch.setattr(service.Editor, "render_milliseconds", lambda self, precisions: render_ms)
     pipeline = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="bf16")
-    timed = app.Editor(pipeline, "model")
+    timed = service.Editor(pipeline, "model")
     timed.compile()
     faster = min(render_ms, key=render_ms.get)
     assert timed.small_batch_precision == faster and timed.compiled
-    assert [p for p, pipe in timed.pipelines.items() if pipe.compiled_unet is not None] == [faster]
+    assert [p for p, pipe in timed.pipelines.items() if pipe.fast_unet is not None] == [faster]
     timing = "(a render: bf16 " + f"{render_ms['bf16']:.0f} ms, float32 {render_ms['no']:.0f} ms)"
     expected = {
         "bf16": "bf16 for every UNet call",
         "no": "float32 for UNet calls of up to 2 rows, bf16 above",
     }[faster]
     assert timed.precision_note() == f"{expected}, compiled for one image with guidance {timing}"
-    chosen = app.Editor(pipeline, "model", small_batch_precision="no")  # chosen, not timed: kept
-    monkeypatch.setattr(app.Editor, "render_milliseconds", lambda self, precisions: pytest.fail("timed"))
+    chosen = service.Editor(pipeline, "model", small_batch_precision="no")  # chosen, not timed: kept
+    monkeypatch.setattr(service.Editor, "render_milliseconds", lambda self, precisions: pytest.fail("timed"))
     chosen.compile()
-    assert chosen.small_batch_precision == "no" and chosen.pipelines["no"].compiled_unet is not None
+    assert chosen.small_batch_precision == "no" and chosen.pipelines["no"].fast_unet is not None
 
 
 def test_render_milliseconds_times_each_precision_and_leaves_the_choice_alone():
     pipeline = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="bf16")
-    editor = app.Editor(pipeline, "model", small_batch_precision="bf16")
+    editor = service.Editor(pipeline, "model", small_batch_precision="bf16")
     rendered = []
-    render = editor.render
-    editor.render = lambda prompt, settings: rendered.append(editor.small_batch_precision) or render(prompt, settings)
-    ms = editor.render_milliseconds(["bf16", "no"], repeats=2)
+    render = editor._render
+    editor._render = lambda pipe, prompt, settings: rendered.append(pipe.precision) or render(pipe, prompt, settings)
+    ms = editor.render_milliseconds({p: editor.pipelines[p] for p in ("bf16", "no")}, repeats=2)
     assert set(ms) == {"bf16", "no"} and all(value > 0 for value in ms.values())
     assert rendered == ["bf16", "no"] * 3  # in turn, a first render each not counted
     assert editor.small_batch_precision == "bf16"
@@ -188,24 +190,23 @@ def test_an_editor_whose_compile_fails_stays_uncompiled_and_says_so(capsys, monk
     def no_compiler(*args, **kwargs):
         raise RuntimeError("Compiler: cc is not found\nmore detail")
 
-    editor = app.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    editor = service.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
     monkeypatch.setattr(CompiledUNet, "__call__", no_compiler)
     editor.compile()
     assert not editor.compiled
     assert capsys.readouterr().out.strip() == (
         "warning: torch.compile failed (Compiler: cc is not found); renders stay uncompiled"
     )
-    assert editor.render("a red circle", app.Settings(steps=2)).output.images
+    assert editor.status() == "renders: uncompiled (torch.compile failed: Compiler: cc is not found)"
+    assert editor.render("a red circle", service.Settings(steps=2)).output.images
 
 
-def test_the_text_encoder_cache_gives_what_the_encoder_gives(editor):
-    encoder = editor.pipeline.encoder
-    first = encoder.encode(["a red circle", ""])
-    again = encoder.encode(["a red circle", ""])
-    direct = encoder.encoder.encode(["a red circle", ""])
-    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(first, again, direct))
-    again[0].zero_()  # a caller writing into its copy does not change what is remembered
-    assert torch.equal(encoder.encode(["a red circle", ""])[0], direct[0])
+def test_the_editor_remembers_its_recent_encodings(editor):
+    encoder = editor.pipeline.encoder  # the one encoder of every precision's pipeline
+    assert all(pipeline.encoder is encoder for pipeline in editor.pipelines.values())
+    encoder.encode(["a red circle", ""])
+    assert ("a red circle", "") in encoder._remembered
+    assert len(encoder._remembered) <= service.ENCODINGS
 
 
 def test_the_command_line_fails_in_one_line(run_cli, tmp_path):
@@ -213,6 +214,62 @@ def test_the_command_line_fails_in_one_line(run_cli, tmp_path):
         result = run_cli("app.py", *args)
         assert result.returncode == 2, result.stderr
         assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+
+
+class SlowCompile:
+    """A stand-in for `CompiledUNet` whose first call waits until the test lets it go (the minute
+    of a real compile), then runs the eager UNet; it counts its calls."""
+
+    def __init__(self, unet, batch_sizes=None):
+        self.unet, self.calls = unet, 0
+        SlowCompile.made.append(self)
+
+    def __call__(self, *args, **kwargs):
+        if self.calls == 0:
+            assert SlowCompile.release.wait(60)
+        self.calls += 1
+        return self.unet(*args, **kwargs)
+
+
+def test_renders_run_uncompiled_while_compiling_in_the_background_then_compiled(monkeypatch):
+    import threading
+
+    SlowCompile.made, SlowCompile.release = [], threading.Event()
+    monkeypatch.setattr(service, "CompiledUNet", SlowCompile)
+    editor = service.Editor.load(SMALL_MODEL, device="cpu", mixed_precision="no")
+    assert editor.status() == "renders: uncompiled"
+    thread = editor.compile_in_background()
+    try:
+        assert editor.status() == "renders: uncompiled (compiling in the background…)"
+        assert "compiling in the background" in views.status_html(editor)
+        settings = service.Settings(steps=3, seed=4)
+        result = editor.render("a (red:0.5) circle", settings)  # while the compile waits: the eager UNet
+        assert not editor.compiled and all(pipe.fast_unet is None for pipe in editor.pipelines.values())
+        expected = Pipeline.from_pretrained(SMALL_MODEL, device="cpu", mixed_precision="no")(
+            "a (red:0.5) circle", seed=4, steps=3, attention_maps=True, progress=False
+        )
+        assert np.array_equal(np.asarray(result.output.images[0]), np.asarray(expected.images[0]))
+        assert all(torch.equal(result.output.attention_maps[0][w], m) for w, m in expected.attention_maps[0].items())
+    finally:
+        SlowCompile.release.set()
+        thread.join(60)
+    assert editor.compiled and not editor.compiling
+    assert editor.status() == "renders: compiled, float32"
+    (made,) = SlowCompile.made
+    assert editor.pipelines["no"].fast_unet is made
+    calls = made.calls
+    editor.render("a red circle", service.Settings(steps=3))
+    assert made.calls == calls + 3  # a render after the switch runs on it
+
+
+def test_the_page_answers_before_the_compile_is_done():
+    pytest.importorskip("gradio")
+    with load.serve(SMALL_MODEL, compile=True, timeout=120) as server:
+        log = server.log_text()
+        assert "compiling the UNet for one-image renders in the background" in log
+        assert "compiled in" not in log  # the page answered first
+        with urllib.request.urlopen(server.url + "/", timeout=30) as response:
+            assert response.status == 200
 
 
 # ---- in a real browser -------------------------------------------------------------------------
@@ -242,6 +299,9 @@ def test_the_page_edits_weights_shows_maps_errors_and_swaps(server, tmp_path):
             page = browser.new_page(viewport={"width": 1400, "height": 1000})
             page.set_default_timeout(90_000)  # renders queue behind whatever else the CPU runs
             page.goto(server)
+            # the status line: which UNet renders run on (uncompiled unless EDITOR_TEST_COMPILE=1)
+            if os.environ.get("EDITOR_TEST_COMPILE") != "1":
+                expect(page.locator("#status")).to_have_text("renders: uncompiled")
 
             def image_source() -> str:
                 return page.locator("#maps figure.result-image img").first.get_attribute("src")
@@ -310,7 +370,7 @@ def test_the_page_edits_weights_shows_maps_errors_and_swaps(server, tmp_path):
                 with Image.open(io.BytesIO(page.request.get(edit_link.get_attribute("href")).body())) as png:
                     return dict(png.info)
 
-            assert edit_metadata()["prompt"] == app.DEFAULT_EDIT and edit_metadata()["keep_layout"] == "on"
+            assert edit_metadata()["prompt"] == service.DEFAULT_EDIT and edit_metadata()["keep_layout"] == "on"
             first = edit_link.get_attribute("href")
             page.locator("#keep-layout").get_by_label("off").check()
             page.locator("#swap-button").click()

@@ -12,7 +12,9 @@ import torch
 import app
 from bench import bench_editor_load as load
 from diffusion.control.prompts import align_tokens
+from diffusion.editor import service
 from diffusion.errors import UserError
+from diffusion.sampling.pipeline import Pipeline
 
 
 @pytest.fixture(scope="module")
@@ -66,24 +68,25 @@ def test_the_server_listens_on_loopback_only_and_serves_only_its_own_files(serve
 def test_non_finite_controls_are_a_user_error_not_a_traceback(controls, message):
     values = dict(mode="attention", context="fade", seed=0, sampler="euler", steps=20, guidance=3.0, images=1)
     with pytest.raises(UserError) as error:
-        app.settings_of(**{**values, **controls})
+        service.settings_of(**{**values, **controls})
     assert str(error.value) == message
     with pytest.raises(UserError, match="step of the maps must be a finite number"):
-        app.map_step(float("nan"))
-    assert app.map_step(3.7) == 3 and app.map_step(-2) == 0
+        service.map_step(float("nan"))
+    assert service.map_step(3.7) == 3 and service.map_step(-2) == 0
 
 
 def test_a_seed_past_what_torch_takes_and_a_huge_prompt_are_user_errors(tiny_model):
-    editor = app.Editor(app.Pipeline.from_pretrained(tiny_model, device="cpu"), "model", "no")
+    editor = service.Editor(Pipeline.from_pretrained(tiny_model, device="cpu"), "model", "no")
     for seed in (2**63, 10**30):
         with pytest.raises(UserError, match="the seed must be between 0 and 2\\*\\*63 - 1"):
-            editor.render("a red circle", app.Settings(seed=seed, steps=1))
-    assert editor.render("a red circle", app.Settings(seed=app.MAX_SEED - 3, steps=1, num_images=4)).output.images
+            editor.render("a red circle", service.Settings(seed=seed, steps=1))
+    settings = service.Settings(seed=service.MAX_SEED - 3, steps=1, num_images=4)
+    assert editor.render("a red circle", settings).output.images
     long = "a red circle " * 800
     with pytest.raises(UserError, match="at most 10000 characters, got 10400"):
-        editor.render(long, app.Settings(steps=1))
+        editor.render(long, service.Settings(steps=1))
     with pytest.raises(UserError, match="at most 10000 characters"):
-        editor.swap("a red circle", long, 0.5, app.Settings(steps=1))
+        editor.swap("a red circle", long, 0.5, service.Settings(steps=1))
 
 
 def test_aligning_long_repetitive_prompts_takes_linear_time():

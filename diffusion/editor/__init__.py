@@ -1,2 +1,3 @@
-"""The browser editor's model side: renders with per-step maps (service.py) and the compiled UNet it
-attaches for one-image renders (compiled.py). app.py is the page."""
+"""The browser editor's model side, which app.py (the Gradio page) wires up: renders with per-step
+maps, word swaps and the precision choice (service.py), their HTML views (views.py), and the
+compiled UNet the service attaches for one-image renders (compiled.py)."""
