@@ -152,7 +152,7 @@ class Config:
 
 
 MIXED_PRECISION = ("auto", "no", "fp16", "bf16")  # also sample.py's and evaluate.py's --mixed-precision
-# The samplers of diffusion.sampling.pipeline.SAMPLERS by name, here so the command lines need not import torch.
+# The samplers of diffusion.sampling.samplers.SAMPLERS by name, here so the command lines need not import torch.
 SAMPLER_NAMES = ("dpm++", "ddim", "ddpm", "euler")
 # The default sampler: at 20 steps Euler was more faithful than DPM-Solver++ 2M on the default
 # config at every training seed tried (docs/what-we-tried.md).

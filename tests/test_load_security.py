@@ -115,7 +115,7 @@ def safetensors_header(path: Path) -> dict:
 
 
 def test_an_exported_model_is_safetensors_json_and_one_line_of_code():
-    from diffusion.sampling.pipeline import PIPELINE_FILE
+    from diffusion.sampling.model_folder import PIPELINE_FILE
 
     files = sorted(p.relative_to(SMALL_MODEL).as_posix() for p in SMALL_MODEL.rglob("*") if p.is_file())
     assert {Path(f).suffix for f in files} <= {".safetensors", ".json", ".yaml", ".py"}, files

@@ -15,16 +15,8 @@ from diffusion.control.prompts import parse_prompt
 from diffusion.errors import UserError
 from diffusion.images import to_pil, uint8_images
 from diffusion.model.attention import AttentionController
-from diffusion.sampling.pipeline import (
-    DEFAULT_GUIDANCE_CUTOFF,
-    DEFAULT_SAMPLER,
-    SAMPLERS,
-    MapOptions,
-    Pipeline,
-    make_sampler,
-    sampler_timesteps,
-    set_sampler_timesteps,
-)
+from diffusion.sampling.pipeline import DEFAULT_GUIDANCE_CUTOFF, DEFAULT_SAMPLER, MapOptions, Pipeline
+from diffusion.sampling.samplers import SAMPLERS, make_sampler, sampler_timesteps, set_sampler_timesteps
 from diffusion.sampling.settings import SamplingSettings
 
 PROMPTS = ["a red circle on the left", "a blue square"]

@@ -18,7 +18,7 @@ from diffusion import checkpoint as ckpt
 from diffusion.config import Config, config_from_dict
 from diffusion.data.datasets import build_dataset
 from diffusion.errors import UserError
-from diffusion.sampling.pipeline import FORMAT_VERSION
+from diffusion.sampling.model_folder import FORMAT_VERSION
 from diffusion.sampling.settings import SamplingSettings
 from diffusion.training.loop import sample_timesteps, timestep_weights, train
 

@@ -26,13 +26,7 @@ from typing import NamedTuple
 import diffusers
 import numpy as np
 import torch
-from diffusers import (
-    DDIMScheduler,
-    DDPMScheduler,
-    DiffusionPipeline,
-    DPMSolverMultistepScheduler,
-    EulerDiscreteScheduler,
-)
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.utils import logging as diffusers_logging
 from PIL import Image
 from tqdm.auto import tqdm
@@ -46,18 +40,15 @@ from diffusion.control.controllers import (
     AttentionReweighter,
     ControllerChain,
     LocalBlend,
-    changed_tokens,
     step_in_window,
 )
 from diffusion.control.prompts import (
     WeightedPrompt,
-    align_tokens,
-    object_phrase,
     parse_prompt,
     split_words,
-    swap_kind,
     token_word_index,
 )
+from diffusion.control.swaps import SwapPlan, plan_swaps
 from diffusion.control.weighting import Weighting, condition, token_weights
 from diffusion.errors import UserError
 from diffusion.images import to_pil
@@ -65,29 +56,9 @@ from diffusion.model.attention import AttentionController
 from diffusion.model.text_encoder import TextEncoder
 from diffusion.model.unet import UNet, estimate_clean
 from diffusion.precision import autocast, resolve_mixed_precision
+from diffusion.sampling.model_folder import FORMAT_VERSION, PIPELINE_FILE, check_index
+from diffusion.sampling.samplers import make_sampler, sampler_timesteps, set_sampler_timesteps
 from diffusion.sampling.settings import SamplingSettings
-
-FORMAT_VERSION = 1
-
-# name -> (scheduler class, settings over the training scheduler's config).
-# Every sampler visits the same timesteps, DDIM's "leading" ones: (K-1)r, ..., r, 0 with
-# r = num_train_timesteps // K (see `sampler_timesteps`). Not the last timestep: the cosine
-# schedule's t = 999 has alpha_bar ~ 2e-9, where an epsilon model's x0 estimate explodes and
-# samplers that do not clip x0 (DPM++, Euler) end in noise. DPM++ gets these timesteps passed in:
-# its own "leading" rule divides by K + 1 and starts low (t = 750 for 250 steps), so it would begin
-# from pure noise labelled as a quarter-clean image. DPM++ also clips x0 by dynamic thresholding to
-# [-1, 1]. DDIM must not clip (clip_sample is on in the training scheduler's config): it clips x0
-# but keeps the unclipped noise estimate, and with guidance the two disagree at every step, so more
-# steps made worse images; unclipped, DDIM gives Euler's images, as the ODE says it must (tested).
-SAMPLERS = {
-    "dpm++": (
-        DPMSolverMultistepScheduler,
-        {"algorithm_type": "dpmsolver++", "solver_order": 2, "thresholding": True, "sample_max_value": 1.0},
-    ),
-    "ddim": (DDIMScheduler, {"timestep_spacing": "leading", "clip_sample": False}),
-    "ddpm": (DDPMScheduler, {}),
-    "euler": (EulerDiscreteScheduler, {"timestep_spacing": "leading"}),
-}
 
 
 def default_device() -> torch.device:
@@ -96,33 +67,6 @@ def default_device() -> torch.device:
     if torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def make_sampler(name: str, scheduler_config: dict):
-    """A fresh diffusers scheduler for sampler `name`, built on the training noise schedule."""
-    if name not in SAMPLERS:
-        raise UserError(f"unknown sampler '{name}'; choose one of {', '.join(SAMPLERS)}")
-    cls, settings = SAMPLERS[name]
-    return cls.from_config(scheduler_config, **settings)
-
-
-def sampler_timesteps(steps: int, num_train_timesteps: int) -> list[int]:
-    """The `steps` timesteps every sampler visits, noisiest first: DDIM's "leading" spacing."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise UserError(
-            f"steps must be between 1 and the model's {num_train_timesteps} training timesteps, got {steps}"
-        )
-    ratio = num_train_timesteps // steps
-    return [k * ratio for k in reversed(range(steps))]
-
-
-def set_sampler_timesteps(scheduler, steps: int, device=None) -> None:
-    """`scheduler.set_timesteps` for `steps` steps on the timesteps of `sampler_timesteps`."""
-    timesteps = sampler_timesteps(steps, scheduler.config.num_train_timesteps)  # also the range check
-    if isinstance(scheduler, DPMSolverMultistepScheduler):  # its own "leading" rule differs
-        scheduler.set_timesteps(timesteps=timesteps, device=device)
-    else:  # DDIM takes no `timesteps`; "leading" spacing gives these same ones (tested)
-        scheduler.set_timesteps(steps, device=device)
 
 
 def check_counts(num_images_per_prompt: int, batch_size: int) -> None:
@@ -149,13 +93,6 @@ def initial_noise(generators: list[torch.Generator] | torch.Generator, count: in
 
 
 OUTPUT_TYPES = ("pil", "pt", "np")
-# The pipeline.py written beside model_index.json: how diffusers' DiffusionPipeline.from_pretrained
-# finds this class (model_index.json's _class_name names the file and the class).
-PIPELINE_FILE = '''"""Lets diffusers load this model: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
-The class is tiny-t2i-diffusion's Pipeline (pip install -e . in its repository)."""
-
-from diffusion import Pipeline  # noqa: F401
-'''
 
 
 @dataclass
@@ -193,54 +130,6 @@ class TextStates(NamedTuple):
         if self.outside is not None and not step_in_window(step, num_steps, window):
             return self.outside
         return self.states
-
-
-@dataclass
-class SwapPlan:
-    """How a word swap acts on P (source, edit) pairs (`Pipeline.swap_plan`)."""
-
-    prompts: list[WeightedPrompt]  # 2P: source and edit of each pair in turn
-    mapping: torch.Tensor  # (P, T) the source token each edit token takes its maps from (-1: none)
-    changed: torch.Tensor  # (2P, T) the tokens the swap changes (`changed_tokens`)
-    keep: torch.Tensor  # (P, T) the edit tokens that keep the source's maps at every step
-    layouts: list[str]  # each pair's: "on", "off" or "redraw object" (`SamplingSettings.keep_layout`)
-
-    def repeat(self, count: int) -> SwapPlan:
-        """The plan of `count` copies of this one pair (P = 1)."""
-        rows = [k for _ in range(count) for k in range(2)]
-        return SwapPlan(
-            [self.prompts[k] for k in rows],
-            self.mapping.repeat(count, 1),
-            self.changed[rows],
-            self.keep.repeat(count, 1),
-            self.layouts * count,
-        )
-
-
-def check_index(path: Path) -> dict:
-    """The model_index.json of an exported model folder; UserError naming what is wrong."""
-    if not path.is_dir():
-        raise UserError(f"model folder '{path}' not found; pass the folder train.py exported (e.g. runs/shapes/model)")
-    index_file = path / "model_index.json"
-    if not index_file.is_file():
-        raise UserError(
-            f"'{path}' is not a model folder: model_index.json is missing; "
-            "pass the folder train.py exported (e.g. runs/shapes/model)"
-        )
-    try:
-        index = json.loads(index_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise UserError(f"'{index_file}' is corrupt (not JSON); export the model again") from None
-    version = index.get("format_version")
-    if version != FORMAT_VERSION:
-        raise UserError(
-            f"'{path}' was written by an incompatible version (format {version}, this code reads "
-            f"{FORMAT_VERSION}); export it again with this version"
-        )
-    for part in ("unet", "text_encoder", "tokenizer", "scheduler"):
-        if not (path / part).is_dir():
-            raise UserError(f"model folder '{path}' is missing '{part}/'; export the model again")
-    return index
 
 
 class Pipeline(DiffusionPipeline):
@@ -724,41 +613,8 @@ class Pipeline(DiffusionPipeline):
     def swap_plan(
         self, pairs: list[tuple[WeightedPrompt | str, WeightedPrompt | str]], keep_layout: bool | None = None
     ) -> SwapPlan:
-        """How a word swap acts on each (source, edit) pair (see `SwapPlan`; keep_layout as
-        `SamplingSettings.keep_layout`)."""
-        parsed = [p if isinstance(p, WeightedPrompt) else parse_prompt(p) for pair in pairs for p in pair]
-        texts = [p.text for p in parsed]
-        offsets = self.encoder.offsets(texts)  # (2P, T, 2)
-        T = offsets.shape[1]
-        mapping = torch.stack(
-            [
-                align_tokens(offsets[2 * k], texts[2 * k], offsets[2 * k + 1], texts[2 * k + 1], T)
-                for k in range(len(pairs))
-            ]
-        )  # (P, T)
-        changed = changed_tokens(self.encoder.token_ids(texts), offsets, mapping)
-        keep = torch.zeros_like(mapping, dtype=torch.bool)
-        layouts = []
-        for k in range(len(pairs)):
-            source, edit = 2 * k, 2 * k + 1
-            kind = None
-            if keep_layout is None:
-                kind = swap_kind(
-                    texts[source], offsets[source], changed[source], texts[edit], offsets[edit], changed[edit]
-                )
-            if keep_layout or kind == "recolour":
-                keep[k] = ~changed[edit]
-                layouts.append("on")
-            elif kind == "resize":
-                # the source's maps hold the object's old outline: its words draw it anew from the
-                # first step, and every other word keeps the source's maps at every step
-                redrawn = torch.tensor(object_phrase(texts[edit], offsets[edit], changed[edit])) | changed[edit]
-                mapping[k, redrawn] = -1
-                keep[k] = ~redrawn
-                layouts.append("redraw object")
-            else:
-                layouts.append("off")
-        return SwapPlan(parsed, mapping, changed, keep, layouts)
+        """How a word swap acts on each (source, edit) pair with this model's tokens (`plan_swaps`)."""
+        return plan_swaps(self.encoder, pairs, keep_layout)
 
 
 def convert(x: torch.Tensor, output_type: str):
