@@ -2,7 +2,7 @@
 
 At one image with guidance the UNet's call on two CPU cores is mostly per-op overhead (about 200
 small kernels of batch 2), which torch.compile (inductor, weights frozen into prepacked
-convolutions) removes; the editor (app.py) uses it to render in time for a slider.
+convolutions) removes; the editor (diffusion/editor/service.py) uses it to render in time for a slider.
 
 A controller is Python that keeps state across calls (the recorder's running sums, its per-step
 history), and a compiled graph that reads such state would be recompiled at every step. So the
@@ -69,7 +69,9 @@ class CompiledUNet:
         self.batch_sizes = batch_sizes
         # Dynamo keeps compiled graphs on the function's code object, which every instance would
         # share; a copy of the code per instance keeps its graphs, and the guards that tell them
-        # apart, its own (a float32 and a bf16 instance's graphs differ only in global state).
+        # apart, its own. For correctness, not speed (it gains nothing measurable on an update): a
+        # float32 and a bf16 instance's graphs differ only in global state, which the guards
+        # skipped in `__call__` leave out, so on a shared code object one could run the other's.
         code = CompiledUNet._forward.__code__.replace()
         forward = types.FunctionType(code, CompiledUNet._forward.__globals__, "_forward")
         self._graph = torch.compile(types.MethodType(forward, self), dynamic=False)
@@ -136,15 +138,17 @@ class CompiledUNet:
         signature = _signature(arguments)
         if signature in self._compiled and len({seen[-3:] for seen in self._compiled}) == 1:
             # Dynamo checks a guard for every parameter at every call, a visible share of a
-            # one-image render; a call whose signature has been compiled before skips all but
-            # the guards that tell this instance's graphs apart. Those leave out the global state
-            # (autocast, grad mode), so this holds only while every graph shares it.
+            # one-image render (an update's gain: bench/README.md); a call whose signature has been
+            # compiled before skips all but the guards that tell this instance's graphs apart.
+            # Those leave out the global state (autocast, grad mode), so this holds only while
+            # every graph of this instance shares it (hence the code copy per instance above).
             with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
                 prediction, maps = self._graph(*arguments)
         else:
             # Read when a graph is compiled (`torch.compile(options=...)` does not reach them):
-            # freezing makes the weights constants, prepacked for oneDNN; the C++ wrapper calls the
-            # kernels from C++ instead of Python (faster calls for a longer compile; docs/what-we-tried.md).
+            # freezing makes the weights constants, prepacked for oneDNN (the largest gain of the
+            # three); the C++ wrapper calls the kernels from C++ instead of Python (faster calls
+            # for a longer compile). Each one's gain on an update: bench/README.md.
             with torch._inductor.config.patch(freezing=True, cpp_wrapper=True):
                 prediction, maps = self._graph(*arguments)
             self._compiled.add(signature)
