@@ -340,6 +340,40 @@ def seed_sections(docs: Path) -> list[str]:
     return lines
 
 
+def folder_section(docs: Path) -> list[str]:
+    """The emoji set (`evaluate.py --data`): docs/emoji/report-<images>.json, one per checkpoint of
+    the run configs/emoji.yaml makes, named by the UNet images it had trained on; the last is the
+    exported model's. Nothing when none has been measured."""
+    curve = sorted(docs.glob("emoji/report-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+    if not curve:
+        return []
+    points = [json.loads(f.read_text()) for f in curve]
+    images = [int(f.stem.split("-")[1]) for f in curve]
+    report = points[-1]
+    lines = [
+        "## Real images: the emoji set",
+        "",
+        f"`configs/emoji.yaml`: {images[-1]:,} UNet images; `evaluate.py --data` on {report['images']} "
+        f"images ({report['captions']} captions), seed {report['seed']}, {report['sampler']} sampler, guidance "
+        f"{report['guidance']:g}; feature space: {report['feature']}.",
+        "",
+    ]
+    lines += table(
+        ["target", *[f"{n:,} images" for n in images], "goal", "met"],
+        [
+            [key, *[p["targets"][key]["value"] for p in points], t["target"], t["met"]]
+            for key, t in report["targets"].items()
+        ],
+    )
+    lines += [""]
+    for part in ("retrieval", "maps", "colour", "colour swap", "weight 0", "reference"):
+        values = report.get(part, {})
+        shown = ", ".join(f"{k} {fmt(v)}" for k, v in values.items() if not isinstance(v, (dict, list)))
+        lines.append(f"- {part}: {shown}")
+    picture = f"emoji/report-{images[-1]}-examples.png"
+    return [*lines, "", f"![emoji samples beside their nearest training images]({picture})", ""]
+
+
 def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> str:
     lines = [
         "# Results",
@@ -382,6 +416,7 @@ def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> s
             ["sampler", *[f"{s} steps" for s in steps]],
             [[name, *[scores[s] for s in steps]] for name, scores in sweep["scores"].items()],
         ) + [""]
+    lines += folder_section(DOCS)
     lines += ["## Speed and memory", ""] + bench_section(benches)
     reliability = reliability_section(benches)
     if reliability:

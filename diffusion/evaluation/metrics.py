@@ -44,7 +44,7 @@ from diffusion.control.prompts import parse_prompt
 from diffusion.data.shapes import POSITION_PHRASES, Scene, ShapesDataset, parse_holdout
 from diffusion.evaluation.detector import Detection, detect
 from diffusion.images import uint8_images
-from diffusion.sampling.pipeline import SAMPLERS
+from diffusion.sampling.samplers import SAMPLERS
 from diffusion.sampling.settings import SamplingSettings
 
 EVAL_SEED = 1_000_003  # scenes for evaluation; training uses data.seed (0 by default)
