@@ -304,18 +304,13 @@ def profile(name, model, fwd, inp, args, device) -> None:
 # ---------------------------------------------------------------------------- main
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    clock = Clock(device)
+def build_models(args, device):
+    """Our UNet and the diffusers UNet2DConditionModel whose size is nearest ours (within
+    args.tolerance): ({name: (model, forward)}, our params, theirs, block_out_channels, diffusers config)."""
     torch.manual_seed(0)
-
     ours = build_ours(args)
     ours_n = n_params(ours)
     ours.to(device)
-
     channels, diff_n = match_diffusers(args, ours_n)
     gap = abs(diff_n - ours_n) / ours_n
     cfg = diffusers_config(args, channels)
@@ -327,15 +322,13 @@ def main(argv=None) -> int:
         theirs = UNet2DConditionModel(**cfg)
     assert n_params(theirs) == diff_n
     theirs.to(device)
-
-    inp = make_inputs(args, device)
     models = {"ours": (ours, forward_fn(ours, "ours")), "diffusers": (theirs, forward_fn(theirs, "diffusers"))}
-    rounds: list[dict] = []
-    load_before = loadavg()
-    print(
-        f"device {device}, threads {torch.get_num_threads()}, mixed precision {args.mixed_precision}, "
-        f"{args.rounds} interleaved rounds, load average {load_before}"
-    )
+    return models, ours_n, diff_n, channels, cfg
+
+
+def run_rounds(models: dict, inp, args, device, clock) -> list[dict]:
+    """args.rounds rounds, the models taking turns: training and sampling images/s of each."""
+    rounds = []
     for r in range(args.rounds):
         row = {}
         for name, (model, fwd) in models.items():
@@ -349,11 +342,10 @@ def main(argv=None) -> int:
                 flush=True,
             )
         rounds.append(row)
+    return rounds
 
-    load_after = loadavg()
-    best = {name: {k: max(r[name][k] for r in rounds) for k in rounds[0][name]} for name in models}
-    ratio = {k: best["ours"][k] / best["diffusers"][k] for k in best["ours"]}
 
+def print_table(args, best: dict, ratio: dict, ours_n: int, diff_n: int, channels, cfg: dict) -> None:
     rows = [
         ("parameters", f"{ours_n:,}", f"{diff_n:,}", f"{ours_n / diff_n:.3f}"),
         (
@@ -384,22 +376,38 @@ def main(argv=None) -> int:
         f"cross_attention_dim={cfg['cross_attention_dim']}, use_linear_projection=True"
     )
 
+
+def verdict_of(ratio: dict) -> str:
+    names = {"train_images_per_s": "training", "sample_images_per_s": "sampling"}
+    slower = [f"{names[k]} ({v:.2f}x diffusers)" for k, v in ratio.items() if v < 1.0]
+    return "FAIL: ours is slower at " + " and ".join(slower) if slower else "PASS: ours is at least as fast"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    clock = Clock(device)
+    models, ours_n, diff_n, channels, cfg = build_models(args, device)
+    inp = make_inputs(args, device)
+    load_before = loadavg()
+    print(
+        f"device {device}, threads {torch.get_num_threads()}, mixed precision {args.mixed_precision}, "
+        f"{args.rounds} interleaved rounds, load average {load_before}"
+    )
+    rounds = run_rounds(models, inp, args, device, clock)
+    load_after = loadavg()
+    best = {name: {k: max(r[name][k] for r in rounds) for k in rounds[0][name]} for name in models}
+    ratio = {k: best["ours"][k] / best["diffusers"][k] for k in best["ours"]}
+    print_table(args, best, ratio, ours_n, diff_n, channels, cfg)
     if device.type == "cpu" and load_after is not None and load_after[0] > torch.get_num_threads() + 0.75:
         print(
             f"note: load average {load_after} on {os.cpu_count()} CPUs is above this run's "
             f"{torch.get_num_threads()} threads: other jobs probably shared the CPU, so absolute numbers "
             "(and, less so, the ratios) are noisy; compare the rounds above"
         )
-    slower = [
-        f"{ {'train_images_per_s': 'training', 'sample_images_per_s': 'sampling'}[k] } ({v:.2f}x diffusers)"
-        for k, v in ratio.items()
-        if v < 1.0
-    ]
-    if slower:
-        verdict = "FAIL: ours is slower at " + " and ".join(slower)
-    else:
-        verdict = "PASS: ours is at least as fast"
-
+    verdict = verdict_of(ratio)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         result = dict(
@@ -414,7 +422,7 @@ def main(argv=None) -> int:
                 load_average_before=load_before,
                 load_average_after=load_after,
             ),
-            ours=dict(params=ours_n, config=dict(ours.config)),
+            ours=dict(params=ours_n, config=dict(models["ours"][0].config)),
             diffusers=dict(params=diff_n, config={k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}),
             rounds=rounds,
             best=best,
@@ -423,11 +431,9 @@ def main(argv=None) -> int:
         )
         args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
         print(f"wrote {args.json}")
-
     if args.profile:
         for name, (model, fwd) in models.items():
             profile(name, model, fwd, inp, args, device)
-
     print(verdict)
     return 0
 
