@@ -566,3 +566,17 @@ def test_captions_leave_words_out_only_from_data_omit_from_on(tiny_dict, tmp_pat
     check(next(resumed), torch.randint(len(data), (4,), generator=draws), later=True)
     with pytest.raises(UserError, match="data.omit_from must be"):
         config_from_dict({"data": {"omit_from": 1.0}})
+
+
+def test_a_hub_clip_that_cannot_load_names_the_offline_choice(tiny_dict, tmp_path, monkeypatch):
+    """Offline, text.pretrained=<hub id> fails; the error says text.pretrained=null trains without it."""
+    from diffusion.errors import UserError
+    from diffusion.model.text_encoder import TextEncoder
+
+    def offline(*args, **kwargs):
+        raise UserError("could not load a CLIP text encoder from 'openai/clip-vit-base-patch32': the hub failed")
+
+    monkeypatch.setattr(TextEncoder, "from_pretrained", offline)
+    tiny_dict["text"]["pretrained"] = "openai/clip-vit-base-patch32"
+    with pytest.raises(UserError, match=r"the hub failed; or train without it: text.pretrained=null trains the small"):
+        train(config_from_dict(tiny_dict), tmp_path / "run")

@@ -312,7 +312,16 @@ def prepare_text_encoder(
         "concat_token_embeddings": cfg.text.concat_token_embeddings,
     }
     if cfg.text.pretrained:
-        return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
+        try:
+            return TextEncoder.from_pretrained(cfg.text.pretrained, max_length=None, **options)
+        except UserError as error:
+            if Path(cfg.text.pretrained).expanduser().is_dir():
+                raise
+            # offline, a hub id cannot load: say that training needs none
+            raise UserError(
+                f"{error}; or train without it: text.pretrained=null trains the small CLIP on the "
+                "training captions, offline"
+            ) from None
     clip_dir = output_dir / "clip"
     if accelerator.is_main_process and not (clip_dir / "text_encoder").is_dir():
         start = time.time()
