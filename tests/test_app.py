@@ -265,6 +265,10 @@ def test_renders_run_uncompiled_while_compiling_in_the_background_then_compiled(
 def test_the_page_answers_before_the_compile_is_done():
     pytest.importorskip("gradio")
     with load.serve(SMALL_MODEL, compile=True, timeout=120) as server:
+        # the page answers as soon as Gradio listens; app.py says it compiles a moment later
+        deadline = time.monotonic() + 30
+        while "in the background" not in server.log_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
         log = server.log_text()
         assert "compiling the UNet for one-image renders in the background" in log
         assert "compiled in" not in log  # the page answered first
