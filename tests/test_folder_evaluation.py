@@ -341,7 +341,7 @@ def test_a_model_that_draws_its_training_images_meets_every_target_and_is_all_me
         folder_module, "sample_images", lambda run, ps: SimpleNamespace(images=[image_of(p) for p in ps])
     )
     monkeypatch.setattr(
-        folder_module, "_swap_pairs", lambda run, cases: [(image_of(c.source), image_of(c.edit)) for c in cases]
+        folder_module, "swap_pairs", lambda run, cases: [(image_of(c.source), image_of(c.edit)) for c in cases]
     )
     pipe = SimpleNamespace(
         unet=SimpleNamespace(config=SimpleNamespace(sample_size=16)), mixed_precision_of=lambda s: "no"

@@ -424,7 +424,7 @@ def swap_response(
         cases = swap_cases(kind, n, run.seed, run.resolution, run.holdout)
         by_steps = {}
         for fraction in edit_steps:
-            pairs = _swap_pairs(run.sampling(edit_steps=fraction), cases)
+            pairs = swap_pairs(run.sampling(edit_steps=fraction), cases)
             scores = [score_swap(c, s, e) for c, (s, e) in zip(cases, pairs)]
             scored = [s for s in scores if s is not None]
             measured = {key: float(np.mean([s[key] for s in scored])) if scored else None for key in SWAP_MEASURES}
@@ -435,7 +435,7 @@ def swap_response(
     return SwapResponse(rates, examples)
 
 
-def _swap_pairs(run: EvaluationRun, cases: list[SwapCase]) -> list[tuple[np.ndarray, np.ndarray]]:
+def swap_pairs(run: EvaluationRun, cases: list[SwapCase]) -> list[tuple[np.ndarray, np.ndarray]]:
     """The (source, edit) images of each case, pair k from noise seed `run.seed + k`: half a batch
     of pairs at a time, since each pair is two images."""
     pairs = []

@@ -68,9 +68,9 @@ from tqdm.auto import tqdm
 
 from diffusion.control.prompts import format_prompt, split_words
 from diffusion.data.image_folder import ImageFolderDataset
-from diffusion.evaluation.edits import _swap_pairs
+from diffusion.evaluation.edits import swap_pairs
 from diffusion.evaluation.metrics import EVAL_SEED, EvaluationRun, pointing, sample_batches, sample_images, span_map
-from diffusion.evaluation.report import _target_lines, fmt, report_value
+from diffusion.evaluation.report import fmt, report_value, target_lines
 from diffusion.images import labelled_grid
 from diffusion.sampling.settings import SamplingSettings
 
@@ -329,7 +329,7 @@ def draw_prompts(captions: list[str], n: int, seed: int) -> list[str]:
 
 
 class ColourCase(NamedTuple):
-    """A caption naming a colour, and its edits (the attributes `edits._swap_pairs` reads)."""
+    """A caption naming a colour, and its edits (the attributes `edits.swap_pairs` reads)."""
 
     caption: str
     old: str  # the colour name of the caption
@@ -406,7 +406,7 @@ def retrieval_and_maps(run: EvaluationRun, folder: FolderSet, prompts: list[str]
 def colour_parts(run: EvaluationRun, cases: list[ColourCase]) -> tuple[dict, list]:
     """The named colour, the colour swap and weight 0 rates of `cases` (module docstring), and
     examples (caption, source, weight 0, edit images, edit colour)."""
-    pairs = _swap_pairs(run, cases)
+    pairs = swap_pairs(run, cases)
     zeroed = sample_images(run, [c.weight0 for c in cases]).images
     named, new, gone, ious, drawn, clean, kept = [], [], [], [], [], [], []
     for case, (source, edit), zero in zip(cases, pairs, zeroed):
@@ -535,7 +535,7 @@ def format_folder_report(report: dict) -> str:
         f"one clean colour {fmt(reference['one clean colour'])}, foreground iou with masks "
         f"{fmt(reference['foreground iou with masks'])} (n={reference['masks']})"
     )
-    return "\n".join([*lines, "", *_target_lines(report["targets"])])
+    return "\n".join([*lines, "", *target_lines(report["targets"])])
 
 
 def folder_picture(evaluation: FolderEvaluation) -> Image.Image:

@@ -250,7 +250,7 @@ def format_report(report: dict) -> str:
     for key, section in PART_SECTIONS:
         if key in report:
             lines += ["", *section(report[key])]
-    lines += ["", *_target_lines(report["targets"])]
+    lines += ["", *target_lines(report["targets"])]
     return "\n".join(lines)
 
 
@@ -354,7 +354,7 @@ PART_SECTIONS = (
 )
 
 
-def _target_lines(targets: dict) -> list[str]:
+def target_lines(targets: dict) -> list[str]:
     width = max([len(k) for k in targets] + [40])
     lines = [f"{'target':<{width}} {'value':>6} {'goal':>6} met"]
     lines += [

@@ -70,7 +70,10 @@ class SamplingSettings:
             raise UserError(f"keep_layout must be True, False or None (auto), got {self.keep_layout!r}")
 
     def but(self, **changes) -> SamplingSettings:
-        """A copy with `changes` (field names of this class), checked as a new one is."""
+        """A copy with `changes` (field names of this class), checked as a new one is; this one
+        itself when there are none (the pipeline asks at every batch)."""
+        if not changes:
+            return self
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             names = ", ".join(f.name for f in dataclasses.fields(self))
