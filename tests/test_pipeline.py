@@ -570,3 +570,10 @@ def test_callback_on_step_end_through_the_call(pipe):
     image = pipe("a red circle", steps=4, callback_on_step_end=callback, progress=False).images[0]
     assert steps_seen == [0, 1, 2, 3]
     assert np.unique(np.asarray(image)).tolist() == [128]  # zeros in [-1, 1] are mid-grey
+
+
+def test_sampling_keywords_and_settings_together_are_a_user_error(pipe):
+    with pytest.raises(UserError, match="pass the sampling settings as keywords .* or as settings=, not both"):
+        pipe(PROMPTS[0], steps=3, settings=SamplingSettings(steps=2), progress=False)
+    same = pipe(PROMPTS[0], settings=SamplingSettings(steps=2), output_type="pt", progress=False).images
+    assert torch.equal(same, pipe(PROMPTS[0], steps=2, output_type="pt", progress=False).images)
