@@ -25,10 +25,10 @@ point, attention processors (`unet.set_attn_processor`), not a patched `forward`
 - Installing is a context manager, or `install()` / `remove()`; leaving it puts the UNet's
   previous processors back.
 
-Where do the step and the conditional rows come from? `sampling(controller, num_steps, guidance)`
-counts the UNet's forward calls (a forward pre-hook, diffusers' pipelines call the UNet once per
-step with the unconditional half of classifier-free guidance first); a caller that knows them
-sets `adapter.call` before each UNet call (the unet2d model of diffusion/model/unet2d.py does).
+Where do the step and the conditional rows come from? `sampling(controller, num_steps, guidance,
+batch)` counts the UNet's forward calls (a forward pre-hook, diffusers' pipelines call the UNet
+once per step with the unconditional half of classifier-free guidance first); a caller that knows
+them sets `adapter.call` before each UNet call (the unet2d model of diffusion/model/unet2d.py does).
 """
 
 from __future__ import annotations
@@ -110,6 +110,7 @@ class AttentionAdapter:
     """
 
     def __init__(self, unet: nn.Module):
+        check_supported(unet)
         if not hasattr(unet, "set_attn_processor") or not hasattr(unet, "attn_processors"):
             raise UserError(
                 f"{type(unet).__name__} is not a diffusers UNet with attention processors: the adapter needs a "
@@ -122,7 +123,7 @@ class AttentionAdapter:
         self.sample_size: tuple[int, int] | None = None  # (H, W) of the UNet's last input
         self._saved = None
         self._hooks: list = []
-        self._stepper = None  # (controller, num_steps, guidance, calls so far) while `sampling`
+        self._stepper = None  # [controller, num_steps, guidance, batch, calls so far] while `sampling`
 
     @property
     def layers(self) -> list[str]:
@@ -162,14 +163,22 @@ class AttentionAdapter:
         self.remove()
 
     @contextmanager
-    def sampling(self, controller: AttentionController | None, num_steps: int | None = None, guidance: bool = True):
+    def sampling(
+        self,
+        controller: AttentionController | None,
+        num_steps: int | None = None,
+        guidance: bool = True,
+        batch: int | None = None,
+    ):
         """Installs the adapter (if it is not) for a sampling loop: each UNet forward call inside
-        is step 0, 1, ... of `num_steps`, its conditional rows the second half of the batch when
-        `guidance` (classifier-free guidance's unconditional half first, as diffusers' pipelines
-        batch it) and every row otherwise. controller None: the stock UNet's images."""
+        is step 0, 1, ... of `num_steps`. Its conditional rows: with `batch` (the number of
+        images) the call's last `batch` rows, which are the second half while guidance batches
+        the unconditional half first (as diffusers' pipelines do) and every row once a guidance
+        cutoff has dropped that half; without it, the second half when `guidance`, else every
+        row. controller None: the stock UNet's images."""
         was_installed = self.installed
         self.install()
-        self._stepper = [controller, num_steps, guidance, 0]
+        self._stepper = [controller, num_steps, guidance, batch, 0]
         try:
             yield self
         finally:
@@ -181,17 +190,20 @@ class AttentionAdapter:
     @property
     def steps_taken(self) -> int:
         """UNet calls counted by the current `sampling` block."""
-        return self._stepper[3] if self._stepper else 0
+        return self._stepper[4] if self._stepper else 0
 
     def _before_call(self, module, args, kwargs):
         sample = args[0] if args else kwargs["sample"]
         self.sample_size = tuple(sample.shape[-2:])
         if self._stepper is not None:
-            controller, num_steps, guidance, step = self._stepper
+            controller, num_steps, guidance, batch, step = self._stepper
             rows = sample.shape[0]
-            conditional = slice(rows // 2, None) if guidance and rows > 1 else slice(None)
+            if batch is not None:
+                conditional = slice(rows - batch, None)
+            else:
+                conditional = slice(rows // 2, None) if guidance and rows > 1 else slice(None)
             self.call = None if controller is None else AttentionCall(controller, step, num_steps, conditional)
-            self._stepper[3] = step + 1
+            self._stepper[4] = step + 1
         return None
 
     def resolution(self, queries: int) -> tuple[int, int]:
@@ -216,10 +228,11 @@ def controlled(unet: nn.Module) -> AttentionAdapter:
     return adapter
 
 
-def check_supported(transformer_or_unet: nn.Module) -> None:
+def check_supported(transformer_or_unet: nn.Module | str) -> None:
     """One line for the models whose attention this adapter cannot reach yet (SD3, Flux: joint
-    attention over image and text tokens in one sequence, in a transformer, not a UNet)."""
-    name = type(transformer_or_unet).__name__
+    attention over image and text tokens in one sequence, in a transformer, not a UNet).
+    transformer_or_unet: the denoiser, or its class name (a model folder's model_index.json)."""
+    name = transformer_or_unet if isinstance(transformer_or_unet, str) else type(transformer_or_unet).__name__
     if "Transformer" in name and "UNet" not in name:
         raise UserError(
             f"{name} (SD3 / Flux-style joint attention) is not supported yet: the attention tools work on "
