@@ -68,7 +68,8 @@ class SiteFilter:
 class AttentionRecorder(AttentionController):
     """Aggregated per-token maps of the conditional rows.
 
-    size: side of the common grid the maps are upsampled to (e.g. the image side).
+    size: side of the common grid the maps are upsampled to (e.g. the image side), or its
+        (height, width).
     steps, resolutions: which calls to record (see SiteFilter).
     keep_history: also keep one aggregate per step (memory grows with the steps).
 
@@ -79,12 +80,12 @@ class AttentionRecorder(AttentionController):
 
     def __init__(
         self,
-        size: int,
+        size: int | tuple[int, int],
         steps: tuple[float, float] = (0.0, 1.0),
         resolutions: set[int] | None = None,
         keep_history: bool = False,
     ):
-        self.size = size
+        self.shape = (size, size) if isinstance(size, int) else tuple(size)  # (height, width)
         self.filter = SiteFilter(steps, resolutions)
         self.keep_history = keep_history
         self.calls = 0
@@ -114,15 +115,15 @@ class AttentionRecorder(AttentionController):
         return GraphRequest(recorders=(self,)) if type(self).process is AttentionRecorder.process else None
 
     def _upsampled(self, maps: torch.Tensor) -> torch.Tensor:
-        """(N, T, h, w) -> (N, T, size, size); bilinear weights sum to one, so maps that sum to 1
-        over tokens still do at every position."""
-        if maps.shape[-2:] == (self.size, self.size):
+        """(N, T, h, w) -> (N, T, height, width); bilinear weights sum to one, so maps that sum to
+        1 over tokens still do at every position."""
+        if maps.shape[-2:] == self.shape:
             return maps
-        return F.interpolate(maps, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return F.interpolate(maps, size=self.shape, mode="bilinear", align_corners=False)
 
     @property
     def total(self) -> torch.Tensor | None:
-        """(B, T, size, size): the sum of every recorded call's maps (None before the first)."""
+        """(B, T, height, width): the sum of every recorded call's maps (None before the first)."""
         if self._total is None and self._sums:
             for maps in self._sums.values():
                 up = self._upsampled(maps)
@@ -131,7 +132,7 @@ class AttentionRecorder(AttentionController):
 
     @property
     def history(self) -> dict[int, torch.Tensor]:
-        """step -> (B, T, size, size): the sum of that step's maps (empty without keep_history).
+        """step -> (B, T, height, width): the sum of that step's maps (empty without keep_history).
         Each resolution's steps are upsampled in one call."""
         if self._history is None:
             steps = sorted(self._step_sums)
@@ -145,7 +146,7 @@ class AttentionRecorder(AttentionController):
         return self._history
 
     def token_maps(self) -> torch.Tensor:
-        """(B, T, size, size): the mean map of every token over the recorded calls."""
+        """(B, T, height, width): the mean map of every token over the recorded calls."""
         if self.total is None:
             raise RuntimeError("no cross-attention was recorded (check the step window and resolutions)")
         return self.total / self.calls
@@ -300,10 +301,17 @@ class LocalBlend(AttentionController):
     thresholded at `threshold`; the union of the source's and the edit's region is where the edit
     keeps its own pixels, elsewhere it takes the source's: x_edit = x_source + m (x_edit - x_source).
 
-    changed: (2P, T) bool, the changed tokens of each row (`changed_tokens`); size: the image side.
+    changed: (2P, T) bool, the changed tokens of each row (`changed_tokens`); size: the side, or
+    (height, width), of the images it blends (pixels, or a latent diffusion model's latents).
     """
 
-    def __init__(self, changed: torch.Tensor, size: int, threshold: float = 0.3, resolutions: set[int] | None = None):
+    def __init__(
+        self,
+        changed: torch.Tensor,
+        size: int | tuple[int, int],
+        threshold: float = 0.3,
+        resolutions: set[int] | None = None,
+    ):
         self.changed = changed
         self.threshold = threshold
         self.recorder = AttentionRecorder(size, resolutions=resolutions)
@@ -315,19 +323,19 @@ class LocalBlend(AttentionController):
         return self.recorder.process(site, probabilities)
 
     def region(self) -> torch.Tensor:
-        """(P, size, size) bool: where each pair's edit keeps its own pixels."""
-        total = self.recorder.total  # (2P, T, size, size) sums so far
+        """(P, height, width) bool: where each pair's edit keeps its own pixels."""
+        total = self.recorder.total  # (2P, T, height, width) sums so far
         word = (total * self.changed.to(total.device, total.dtype)[:, :, None, None]).sum(1, keepdim=True)
-        word = F.max_pool2d(word, 3, stride=1, padding=1)[:, 0]  # (2P, size, size)
+        word = F.max_pool2d(word, 3, stride=1, padding=1)[:, 0]  # (2P, height, width)
         word = word / word.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(word.dtype).tiny)
         inside = word > self.threshold
         return inside[0::2] | inside[1::2]
 
     def __call__(self, pipeline, step: int, timestep, tensors: dict) -> dict:
-        x = tensors["latents"]  # (2P, 3, R, R)
+        x = tensors["latents"]  # (2P, C, H, W): the images, or a latent diffusion model's latents
         if self.recorder.total is None:
             return tensors
-        keep = self.region().to(x.device)[:, None]  # (P, 1, R, R)
+        keep = self.region().to(x.device)[:, None]  # (P, 1, H, W)
         source, edit = x[0::2], x[1::2]
         blended = x.clone()
         blended[1::2] = torch.where(keep, edit, source)

@@ -77,7 +77,7 @@ def check_counts(num_images_per_prompt: int, batch_size: int) -> None:
         raise UserError(f"batch size must be at least 1, got {batch_size}")
 
 
-def _generators(generators) -> list[torch.Generator] | torch.Generator:
+def as_generators(generators) -> list[torch.Generator] | torch.Generator:
     """One generator for all, or one per image (seeds become generators)."""
     if isinstance(generators, torch.Generator):
         return generators
@@ -132,106 +132,17 @@ class TextStates(NamedTuple):
         return self.states
 
 
-class Pipeline(DiffusionPipeline):
-    def __init__(
-        self,
-        unet: UNet,
-        text_encoder: CLIPTextModel,
-        tokenizer: CLIPTokenizer,
-        scheduler: DDPMScheduler,
-        text_encoder_options: dict | None = None,
-        format_version: int = FORMAT_VERSION,
-    ):
-        """unet: the denoiser; text_encoder, tokenizer: the frozen CLIP text model and its
-        tokenizer; scheduler: the training noise schedule (samplers are built on its config);
-        text_encoder_options: `TextEncoder`'s max_length, hidden_layer, mask_eos,
-        concat_token_embeddings; format_version: of the folder layout (model_index.json)."""
-        super().__init__()
-        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
-        self.register_to_config(text_encoder_options=dict(text_encoder_options or {}), format_version=format_version)
-        self.encoder = TextEncoder(tokenizer, text_encoder, **(text_encoder_options or {}))
-        self.unet.eval()
-        self.precision = "auto"
-        # A stand-in for the UNet, called as it is, that `denoise` uses when set: the editor
-        # attaches its compiled UNet here (diffusion/editor/compiled.py).
-        self.fast_unet = None
+class PromptSampling:
+    """Prompts, word weights, per-word maps and word swaps on top of a `denoise`: the part of a
+    pipeline that does not depend on the model. `Pipeline` (this project's UNet) and
+    `sampling.stock.StockPipeline` (a diffusers Stable Diffusion pipeline) share it.
 
-    @classmethod
-    def from_parts(
-        cls,
-        unet: UNet,
-        encoder: TextEncoder,
-        scheduler_config: dict,
-        device: torch.device | str | None = None,
-        mixed_precision: str = "auto",
-    ) -> Pipeline:
-        """A pipeline of a UNet and a `TextEncoder` in memory (training's validation grids and export)."""
-        pipe = cls(
-            unet, encoder.model, encoder.tokenizer, DDPMScheduler.from_config(scheduler_config), encoder.options()
-        )
-        pipe.encoder = encoder
-        pipe.precision = mixed_precision
-        return pipe.to(device if device is not None else default_device())
-
-    # ---- loading and saving -------------------------------------------------------------
-    @classmethod
-    def from_pretrained(
-        cls, path: str | Path, device: torch.device | str | None = None, mixed_precision: str = "auto"
-    ) -> Pipeline:
-        """Load an exported model folder. Every problem with it is a one-line UserError; weights
-        are read from safetensors only, never unpickled. device: where to run (None: the best
-        available); mixed_precision: autocast of the UNet (`mixed_precision`)."""
-        path = Path(path)
-        index = check_index(path)
-        resolve_mixed_precision(mixed_precision, torch.device("cpu"))  # an unknown setting fails before loading
-        verbosity = diffusers_logging.get_verbosity()
-        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # our one-line error, not diffusers' log
-        try:
-            unet = UNet.from_pretrained(path / "unet", use_safetensors=True)
-        except (OSError, ValueError, RuntimeError) as error:
-            raise UserError(f"cannot load '{path / 'unet'}': {str(error).splitlines()[0]}") from None
-        finally:
-            diffusers_logging.set_verbosity(verbosity)
-        encoder = TextEncoder.from_pretrained(str(path), **index.get("text_encoder_options", {}))
-        return cls.from_parts(unet, encoder, DDPMScheduler.load_config(path / "scheduler"), device, mixed_precision)
-
-    def save_pretrained(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
-        """Write the pipeline folder atomically: a temporary folder is filled, then swapped in
-        (`checkpoint.replace_folder`), so an interrupted export (killed, or a full disk: a
-        UserError) never leaves a half-written model, or none, where a good one was."""
-        path = Path(path)
-        temporary = path.with_name(f".{path.name}.tmp")
-        with writing(temporary, f"the model folder '{path}'"):
-            self._write_folder(temporary, extra_files)
-            replace_folder(temporary, path)
-
-    def _write_folder(self, temporary: Path, extra_files: dict[str, str] | None) -> None:
-        shutil.rmtree(temporary, ignore_errors=True)
-        temporary.mkdir(parents=True)
-        self.unet.save_pretrained(temporary / "unet")
-        self.encoder.save_pretrained(temporary)
-        self.scheduler.save_pretrained(temporary / "scheduler")
-        index = {
-            "_class_name": ["pipeline", "Pipeline"],  # the class in pipeline.py, for diffusers
-            "_diffusers_version": diffusers.__version__,
-            "format_version": FORMAT_VERSION,
-            "unet": ["diffusion", "UNet"],
-            "text_encoder": ["transformers", "CLIPTextModel"],
-            "tokenizer": ["transformers", "CLIPTokenizer"],
-            "scheduler": ["diffusers", "DDPMScheduler"],
-            "text_encoder_options": self.encoder.options(),
-        }
-        (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
-        (temporary / "pipeline.py").write_text(PIPELINE_FILE)
-        for name, text in (extra_files or {}).items():
-            (temporary / name).write_text(text)
-        default_file_modes(temporary)
-
-    # ---- sampling -----------------------------------------------------------------------
-    @property
-    def scheduler_config(self) -> dict:
-        """The training noise schedule, which every sampler is built on."""
-        return dict(self.scheduler.config)
+    A class using it provides: `denoise(prompts, generators, settings, attention_controller,
+    token_weights, callback_on_step_end, progress)` -> images; `convert_images(images,
+    output_type)`; `encoder` (`encode`, `offsets`, `token_ids`: a `TextEncoder` or one that reads
+    the same); `scheduler_config`; `map_size` (the side, or (height, width), of the maps);
+    `precision` and `device`.
+    """
 
     @property
     def mixed_precision(self) -> str:
@@ -249,117 +160,6 @@ class Pipeline(DiffusionPipeline):
         when the caller has already read it (reading it walks every module)."""
         device = device or self.device
         return autocast(device, resolve_mixed_precision(mixed_precision or self.precision, device))
-
-    @torch.no_grad()
-    def denoise(
-        self,
-        prompts: list[str],
-        generators: list[torch.Generator] | torch.Generator,
-        settings: SamplingSettings | None = None,
-        attention_controller: AttentionController | None = None,
-        token_weights: torch.Tensor | None = None,
-        callback_on_step_end=None,
-        progress: bool = False,
-        **changes,
-    ) -> torch.Tensor:
-        """Sample one image per prompt in one batch. Returns (B, 3, R, R) in [-1, 1].
-
-        prompts: plain prompts (no weighting syntax); generators: one torch.Generator (or a seed
-        to make one from) per prompt, its image's noise, so an image does not depend on the batch
-        it is in; or one generator for all; settings: steps, guidance and the rest (None: the
-        defaults), with `changes` to its fields given as keywords (`denoise(p, g, steps=5)`);
-        attention_controller: sees every cross-attention call (`site.conditional` marks the
-        conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
-        `settings.weighting` says (`weighting.condition`; None: no weighting). Attention-mode
-        weights act through the controller (`AttentionReweighter`), which the caller passes in.
-        callback_on_step_end: called after each step as diffusers does,
-        `callback_on_step_end(pipeline, step, timestep, {"latents": x})`; a "latents" entry in
-        the dict it returns replaces the images being denoised (B, 3, R, R)."""
-        settings = (settings or SamplingSettings()).but(**changes)
-        # DiffusionPipeline.device walks every module, at a cost per read: read it once
-        device = self.device
-        scheduler = make_sampler(settings.sampler, self.scheduler_config)
-        set_sampler_timesteps(scheduler, settings.steps, device)
-        generators = _generators(generators)
-        x = (
-            initial_noise(generators, len(prompts), self.unet.config.sample_size).to(device)
-            * scheduler.init_noise_sigma
-        )
-        text = self.text_states(prompts, settings, token_weights, device)
-        unet = self.fast_unet or self.unet
-        # Self-conditioning: each call also reads the clean image the previous step's (guided)
-        # prediction implied, zeros at the first step.
-        self_conditioning = self.unet.config.get("self_conditioning", False)
-        estimate = torch.zeros_like(x)
-        steps, B = settings.steps, len(prompts)
-        # One autocast region for all the steps: it casts each weight to the lower precision once
-        # and keeps it, where a region per UNet call would cast every weight again at every step.
-        # The guidance, the sampler's step and the callback run outside it, in float32.
-        with self.autocast(device, settings.mixed_precision):
-            for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
-                guided = text.guided and step_in_window(i, steps, (0.0, settings.guidance_cutoff))
-                scaled = scheduler.scale_model_input(x, t)
-                model_input = torch.cat([scaled, estimate], dim=1) if self_conditioning else scaled
-                model_input = (torch.cat([model_input, model_input]) if guided else model_input).to(text.dtype)
-                context = text.at_step(i, steps, settings.weighting.window)
-                # unguided (past the cutoff, or guidance 1): the conditional rows alone
-                rows = slice(None) if guided else text.conditional
-                prediction = unet(
-                    model_input,
-                    t,
-                    context[rows],
-                    text.key_mask[rows],
-                    attention_controller=attention_controller,
-                    step=i,
-                    num_steps=steps,
-                    conditional=text.conditional if guided else slice(0, B),
-                ).float()
-                with torch.autocast(device.type, enabled=False):
-                    if guided:
-                        unconditional, conditional_prediction = prediction.chunk(2)
-                        prediction = unconditional + settings.guidance * (conditional_prediction - unconditional)
-                    if self_conditioning:
-                        alphas = self.scheduler.alphas_cumprod[int(t)].expand(B)
-                        estimate = estimate_clean(prediction, scaled, alphas, self.scheduler.config.prediction_type)
-                    x = scheduler.step(prediction, t, x, generator=generators).prev_sample
-                    if callback_on_step_end is not None:
-                        x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
-        return x.clamp(-1, 1)
-
-    def text_states(
-        self, prompts: list[str], settings: SamplingSettings, token_weights: torch.Tensor | None, device
-    ) -> TextStates:
-        """The keys and values the UNet reads for `prompts`: their text states, weighted as
-        `settings.weighting` says, with the negative prompt's rows first when guidance is on."""
-        B, weighting = len(prompts), settings.weighting
-        plain = self.encoder.encode(prompts)  # (B, T, D), (B, T)
-        embeddings, key_mask = condition(self.encoder, prompts, token_weights, weighting, encoded=plain)
-        # Weights act within their window of steps (`Weighting.window`), and so do the states
-        # they make; outside it the UNet reads the plain encoding (in embedding mode, with the
-        # words at 0 still deleted).
-        outside = None
-        if token_weights is not None and weighting.acts_within_window():
-            late = weighting.outside_weights(token_weights)
-            outside = condition(self.encoder, prompts, late, weighting, encoded=plain)[0]
-        guided = settings.guidance != 1.0
-        if guided:  # unconditional half first, conditional second
-            negative_prompt = settings.negative_prompt
-            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * B
-            if len(negatives) != B:
-                raise UserError(f"{len(negatives)} negative prompts for {B} prompts; pass one for all, or one each")
-            negative, negative_mask = self.encoder.encode(negatives)
-            embeddings = torch.cat([negative, embeddings])
-            outside = None if outside is None else torch.cat([negative, outside])
-            key_mask = torch.cat([negative_mask, key_mask])
-        dtype = next(self.unet.parameters()).dtype
-        return TextStates(
-            embeddings.to(device, dtype),
-            None if outside is None else outside.to(device, dtype),
-            key_mask.to(device),
-            guided,
-            slice(B, 2 * B) if guided else slice(0, B),
-            dtype,
-        )
 
     def sample_batch(
         self,
@@ -388,7 +188,7 @@ class Pipeline(DiffusionPipeline):
             controllers.append(AttentionReweighter(weights, weighting.window, weighting.resolutions))
         recorder = None
         if maps is not None:
-            recorder = AttentionRecorder(self.unet.config.sample_size, maps.steps, maps.resolutions)
+            recorder = AttentionRecorder(self.map_size, maps.steps, maps.resolutions)
             controllers.append(recorder)
         if attention_controller is not None:
             controllers.append(attention_controller)
@@ -522,7 +322,9 @@ class Pipeline(DiffusionPipeline):
                 callback_on_step_end=callback_on_step_end,
                 progress=progress,
             )
-            yield PipelineOutput(convert(x, output_type), [prompts[k] for k, _ in jobs], seeds, recorded, batch_maps)
+            yield PipelineOutput(
+                self.convert_images(x, output_type), [prompts[k] for k, _ in jobs], seeds, recorded, batch_maps
+            )
 
     def _check_call(
         self, prompts: list, settings: SamplingSettings, images_per_prompt: int, batch_size: int, output_type: str
@@ -573,7 +375,7 @@ class Pipeline(DiffusionPipeline):
             count = min(batch_size, num_images - start)
             seeds = [seed + start + k for k in range(count)]
             x, pair_maps = self.swap_batch(plan.repeat(count), seeds, settings, maps, progress)
-            for k, image in enumerate(to_pil(x)):
+            for k, image in enumerate(self.convert_images(x, "pil")):
                 outputs[k % 2][0].append(image)
                 outputs[k % 2][1].append(pair_maps[k] if pair_maps else None)
         recorded = {
@@ -604,7 +406,7 @@ class Pipeline(DiffusionPipeline):
         """The pairs of a `swap_plan` in one batch, pair k from noise seed seeds[k] for both images
         (see `swap`). Returns the images (2P, 3, R, R), source and edit of each pair in turn, and
         their word maps when `maps` is given."""
-        blend = LocalBlend(plan.changed, self.unet.config.sample_size) if settings.local_blend else None
+        blend = LocalBlend(plan.changed, self.map_size) if settings.local_blend else None
         seeds = [seed for seed in seeds for _ in range(2)]
         return self.sample_batch(
             plan.prompts, seeds, settings, maps, blend, swap=plan, callback_on_step_end=blend, progress=progress
@@ -615,6 +417,232 @@ class Pipeline(DiffusionPipeline):
     ) -> SwapPlan:
         """How a word swap acts on each (source, edit) pair with this model's tokens (`plan_swaps`)."""
         return plan_swaps(self.encoder, pairs, keep_layout)
+
+
+class Pipeline(PromptSampling, DiffusionPipeline):
+    def __init__(
+        self,
+        unet: UNet,
+        text_encoder: CLIPTextModel,
+        tokenizer: CLIPTokenizer,
+        scheduler: DDPMScheduler,
+        text_encoder_options: dict | None = None,
+        format_version: int = FORMAT_VERSION,
+    ):
+        """unet: the denoiser; text_encoder, tokenizer: the frozen CLIP text model and its
+        tokenizer; scheduler: the training noise schedule (samplers are built on its config);
+        text_encoder_options: `TextEncoder`'s max_length, hidden_layer, mask_eos,
+        concat_token_embeddings; format_version: of the folder layout (model_index.json)."""
+        super().__init__()
+        self.register_modules(unet=unet, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler)
+        self.register_to_config(text_encoder_options=dict(text_encoder_options or {}), format_version=format_version)
+        self.encoder = TextEncoder(tokenizer, text_encoder, **(text_encoder_options or {}))
+        self.unet.eval()
+        self.precision = "auto"
+        # A stand-in for the UNet, called as it is, that `denoise` uses when set: the editor
+        # attaches its compiled UNet here (diffusion/editor/compiled.py).
+        self.fast_unet = None
+
+    @classmethod
+    def from_parts(
+        cls,
+        unet: UNet,
+        encoder: TextEncoder,
+        scheduler_config: dict,
+        device: torch.device | str | None = None,
+        mixed_precision: str = "auto",
+    ) -> Pipeline:
+        """A pipeline of a UNet and a `TextEncoder` in memory (training's validation grids and export)."""
+        pipe = cls(
+            unet, encoder.model, encoder.tokenizer, DDPMScheduler.from_config(scheduler_config), encoder.options()
+        )
+        pipe.encoder = encoder
+        pipe.precision = mixed_precision
+        return pipe.to(device if device is not None else default_device())
+
+    # ---- loading and saving -------------------------------------------------------------
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: torch.device | str | None = None, mixed_precision: str = "auto"
+    ) -> Pipeline:
+        """Load an exported model folder. Every problem with it is a one-line UserError; weights
+        are read from safetensors only, never unpickled. device: where to run (None: the best
+        available); mixed_precision: autocast of the UNet (`mixed_precision`)."""
+        path = Path(path)
+        index = check_index(path)
+        resolve_mixed_precision(mixed_precision, torch.device("cpu"))  # an unknown setting fails before loading
+        verbosity = diffusers_logging.get_verbosity()
+        diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # our one-line error, not diffusers' log
+        try:
+            unet = UNet.from_pretrained(path / "unet", use_safetensors=True)
+        except (OSError, ValueError, RuntimeError) as error:
+            raise UserError(f"cannot load '{path / 'unet'}': {str(error).splitlines()[0]}") from None
+        finally:
+            diffusers_logging.set_verbosity(verbosity)
+        encoder = TextEncoder.from_pretrained(str(path), **index.get("text_encoder_options", {}))
+        return cls.from_parts(unet, encoder, DDPMScheduler.load_config(path / "scheduler"), device, mixed_precision)
+
+    def save_pretrained(self, path: str | Path, extra_files: dict[str, str] | None = None) -> None:
+        """Write the pipeline folder atomically: a temporary folder is filled, then swapped in
+        (`checkpoint.replace_folder`), so an interrupted export (killed, or a full disk: a
+        UserError) never leaves a half-written model, or none, where a good one was."""
+        path = Path(path)
+        temporary = path.with_name(f".{path.name}.tmp")
+        with writing(temporary, f"the model folder '{path}'"):
+            self._write_folder(temporary, extra_files)
+            replace_folder(temporary, path)
+
+    def _write_folder(self, temporary: Path, extra_files: dict[str, str] | None) -> None:
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir(parents=True)
+        self.unet.save_pretrained(temporary / "unet")
+        self.encoder.save_pretrained(temporary)
+        self.scheduler.save_pretrained(temporary / "scheduler")
+        index = {
+            "_class_name": ["pipeline", "Pipeline"],  # the class in pipeline.py, for diffusers
+            "_diffusers_version": diffusers.__version__,
+            "format_version": FORMAT_VERSION,
+            "unet": ["diffusion", "UNet"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "scheduler": ["diffusers", "DDPMScheduler"],
+            "text_encoder_options": self.encoder.options(),
+        }
+        (temporary / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        (temporary / "pipeline.py").write_text(PIPELINE_FILE)
+        for name, text in (extra_files or {}).items():
+            (temporary / name).write_text(text)
+        default_file_modes(temporary)
+
+    # ---- sampling -----------------------------------------------------------------------
+    @property
+    def scheduler_config(self) -> dict:
+        """The training noise schedule, which every sampler is built on."""
+        return dict(self.scheduler.config)
+
+    @torch.no_grad()
+    def denoise(
+        self,
+        prompts: list[str],
+        generators: list[torch.Generator] | torch.Generator,
+        settings: SamplingSettings | None = None,
+        attention_controller: AttentionController | None = None,
+        token_weights: torch.Tensor | None = None,
+        callback_on_step_end=None,
+        progress: bool = False,
+        **changes,
+    ) -> torch.Tensor:
+        """Sample one image per prompt in one batch. Returns (B, 3, R, R) in [-1, 1].
+
+        prompts: plain prompts (no weighting syntax); generators: one torch.Generator (or a seed
+        to make one from) per prompt, its image's noise, so an image does not depend on the batch
+        it is in; or one generator for all; settings: steps, guidance and the rest (None: the
+        defaults), with `changes` to its fields given as keywords (`denoise(p, g, steps=5)`);
+        attention_controller: sees every cross-attention call (`site.conditional` marks the
+        conditional rows); token_weights: (B, T) per-token weights, applied to the text states as
+        `settings.weighting` says (`weighting.condition`; None: no weighting). Attention-mode
+        weights act through the controller (`AttentionReweighter`), which the caller passes in.
+        callback_on_step_end: called after each step as diffusers does,
+        `callback_on_step_end(pipeline, step, timestep, {"latents": x})`; a "latents" entry in
+        the dict it returns replaces the images being denoised (B, 3, R, R)."""
+        settings = (settings or SamplingSettings()).but(**changes)
+        # DiffusionPipeline.device walks every module, at a cost per read: read it once
+        device = self.device
+        scheduler = make_sampler(settings.sampler, self.scheduler_config)
+        set_sampler_timesteps(scheduler, settings.steps, device)
+        generators = as_generators(generators)
+        x = (
+            initial_noise(generators, len(prompts), self.unet.config.sample_size).to(device)
+            * scheduler.init_noise_sigma
+        )
+        text = self.text_states(prompts, settings, token_weights, device)
+        unet = self.fast_unet or self.unet
+        # Self-conditioning: each call also reads the clean image the previous step's (guided)
+        # prediction implied, zeros at the first step.
+        self_conditioning = self.unet.config.get("self_conditioning", False)
+        estimate = torch.zeros_like(x)
+        steps, B = settings.steps, len(prompts)
+        # One autocast region for all the steps: it casts each weight to the lower precision once
+        # and keeps it, where a region per UNet call would cast every weight again at every step.
+        # The guidance, the sampler's step and the callback run outside it, in float32.
+        with self.autocast(device, settings.mixed_precision):
+            for i, t in enumerate(tqdm(scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
+                guided = text.guided and step_in_window(i, steps, (0.0, settings.guidance_cutoff))
+                scaled = scheduler.scale_model_input(x, t)
+                model_input = torch.cat([scaled, estimate], dim=1) if self_conditioning else scaled
+                model_input = (torch.cat([model_input, model_input]) if guided else model_input).to(text.dtype)
+                context = text.at_step(i, steps, settings.weighting.window)
+                # unguided (past the cutoff, or guidance 1): the conditional rows alone
+                rows = slice(None) if guided else text.conditional
+                prediction = unet(
+                    model_input,
+                    t,
+                    context[rows],
+                    text.key_mask[rows],
+                    attention_controller=attention_controller,
+                    step=i,
+                    num_steps=steps,
+                    conditional=text.conditional if guided else slice(0, B),
+                ).float()
+                with torch.autocast(device.type, enabled=False):
+                    if guided:
+                        unconditional, conditional_prediction = prediction.chunk(2)
+                        prediction = unconditional + settings.guidance * (conditional_prediction - unconditional)
+                    if self_conditioning:
+                        alphas = self.scheduler.alphas_cumprod[int(t)].expand(B)
+                        estimate = estimate_clean(prediction, scaled, alphas, self.scheduler.config.prediction_type)
+                    x = scheduler.step(prediction, t, x, generator=generators).prev_sample
+                    if callback_on_step_end is not None:
+                        x = callback_on_step_end(self, i, t, {"latents": x}).get("latents", x)
+        return x.clamp(-1, 1)
+
+    def text_states(
+        self, prompts: list[str], settings: SamplingSettings, token_weights: torch.Tensor | None, device
+    ) -> TextStates:
+        """The keys and values the UNet reads for `prompts`: their text states, weighted as
+        `settings.weighting` says, with the negative prompt's rows first when guidance is on."""
+        B, weighting = len(prompts), settings.weighting
+        plain = self.encoder.encode(prompts)  # (B, T, D), (B, T)
+        embeddings, key_mask = condition(self.encoder, prompts, token_weights, weighting, encoded=plain)
+        # Weights act within their window of steps (`Weighting.window`), and so do the states
+        # they make; outside it the UNet reads the plain encoding (in embedding mode, with the
+        # words at 0 still deleted).
+        outside = None
+        if token_weights is not None and weighting.acts_within_window():
+            late = weighting.outside_weights(token_weights)
+            outside = condition(self.encoder, prompts, late, weighting, encoded=plain)[0]
+        guided = settings.guidance != 1.0
+        if guided:  # unconditional half first, conditional second
+            negative_prompt = settings.negative_prompt
+            negatives = negative_prompt if isinstance(negative_prompt, list) else [negative_prompt or ""] * B
+            if len(negatives) != B:
+                raise UserError(f"{len(negatives)} negative prompts for {B} prompts; pass one for all, or one each")
+            negative, negative_mask = self.encoder.encode(negatives)
+            embeddings = torch.cat([negative, embeddings])
+            outside = None if outside is None else torch.cat([negative, outside])
+            key_mask = torch.cat([negative_mask, key_mask])
+        dtype = next(self.unet.parameters()).dtype
+        return TextStates(
+            embeddings.to(device, dtype),
+            None if outside is None else outside.to(device, dtype),
+            key_mask.to(device),
+            guided,
+            slice(B, 2 * B) if guided else slice(0, B),
+            dtype,
+        )
+
+    @property
+    def map_size(self) -> int:
+        """The side of the per-word maps and of a local blend's region: the image's (pixel space)."""
+        return self.unet.config.sample_size
+
+    def convert_images(self, x: torch.Tensor, output_type: str):
+        """`denoise`'s images, (B, 3, R, R) in [-1, 1], as `output_type` asks (`convert`)."""
+        return convert(x, output_type)
+
+    def with_precision(self, mixed_precision: str) -> Pipeline:
+        """A pipeline of these modules (none copied) whose UNet runs in `mixed_precision`."""
+        return Pipeline.from_parts(self.unet, self.encoder, self.scheduler_config, self.device, mixed_precision)
 
 
 def convert(x: torch.Tensor, output_type: str):
