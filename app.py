@@ -4,6 +4,9 @@ every word attends to at each sampling step, and swap words with Prompt-to-Promp
     pip install -e ".[app]"
     python app.py --model runs/shapes/model [--port 7860] [--host 127.0.0.1] [--threads 1] [--no-compile]
 
+--model also takes a local diffusers Stable Diffusion or SDXL folder (diffusion/sampling/stock.py);
+its renders run uncompiled.
+
 This file is the Gradio page and its command line. The model side (`Editor`, `Settings`,
 `Result`) is diffusion/editor/service.py, the HTML it shows diffusion/editor/views.py; neither
 needs Gradio. The model and its text encoder are loaded once at start-up and kept warm; the page
@@ -374,7 +377,7 @@ def main(argv=None):
         f"{first.seconds * 1000:.0f} ms uncompiled): http://{args.host}:{args.port}",
         flush=True,
     )
-    if not args.no_compile:
+    if not args.no_compile and editor.compilable:
         print(
             "compiling the UNet for one-image renders in the background (a minute or more on 2 CPU cores; "
             "--no-compile skips it); renders run uncompiled until it is ready",

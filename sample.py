@@ -8,6 +8,11 @@ the first 64 at --out; the prompt, seed and settings are stored in every PNG's t
 
     python sample.py --model M "a (red:2) circle on the left" --attention maps/    # per-word maps
     python sample.py --model M "a red circle on the left" --edit "a red square on the left"
+
+--model also takes a local diffusers Stable Diffusion or SDXL folder (model_index.json naming
+StableDiffusionPipeline or StableDiffusionXLPipeline), with the same options:
+
+    python sample.py --model models/sd15 "a (red:1.3) car on a road" --steps 30 --guidance 7.5 --attention maps/
 """
 
 from pathlib import Path
@@ -70,7 +75,8 @@ def main(argv=None):
 
     from diffusion.control.prompts import parse_prompt
     from diffusion.images import check_writable
-    from diffusion.sampling.pipeline import Pipeline, check_counts
+    from diffusion.sampling.pipeline import check_counts
+    from diffusion.sampling.stock import load_pipeline
 
     settings = sampling_settings(args)
     check_counts(args.num_images, args.batch_size)
@@ -94,7 +100,7 @@ def main(argv=None):
         from diffusion.sampling.pipeline import MapOptions
 
         maps = MapOptions(resolutions=args.attention_resolutions)
-    pipeline = Pipeline.from_pretrained(args.model, device=args.device, mixed_precision=args.mixed_precision)
+    pipeline = load_pipeline(args.model, device=args.device, mixed_precision=args.mixed_precision)
     common = {"model": str(Path(args.model).resolve())}
     if args.edit:
         batches = swap_batches(pipeline, prompts[0], args, maps, settings)

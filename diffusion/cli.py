@@ -108,7 +108,10 @@ def resolution_set(text: str) -> set[int]:
 
 def add_model_options(parser: argparse.ArgumentParser, required: bool = True, precision_help: str | None = None):
     """--model, --device and --mixed-precision."""
-    model_help = "model folder written by train.py (e.g. runs/shapes/model)"
+    model_help = (
+        "model folder written by train.py (e.g. runs/shapes/model), or a local diffusers Stable Diffusion "
+        "or SDXL pipeline folder"
+    )
     parser.add_argument("--model", required=required, help=model_help)
     parser.add_argument("--device", default=None, help="cpu, cuda, mps (default: the best available)")
     parser.add_argument(

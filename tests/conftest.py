@@ -109,6 +109,10 @@ SLOW_TESTS = {
         "test_evaluate_sweeps_the_edit_steps_and_checks_the_value_it_is_given",
     },
     "test_shapes.py": {"test_captions_do_not_depend_on_the_process_hash_seed"},
+    "test_stock.py": {
+        "test_sample_py_draws_weights_maps_and_swaps_from_a_stock_folder",
+        "test_the_app_builds_its_page_on_a_stock_folder",
+    },
     "test_training.py": {
         "test_captions_leave_words_out_only_from_data_omit_from_on",
         "test_the_small_clip_learns_every_caption_whole_and_its_tokenizer_covers_the_unets",

@@ -336,6 +336,58 @@ def test_recording_memory_does_not_grow_with_the_number_of_steps(stock):
     assert sizes[0] == sizes[1] > 0
 
 
+# ---- (f) the command lines and the editor on a stock folder; SD3 gets one line ------------------
+def test_sample_py_draws_weights_maps_and_swaps_from_a_stock_folder(stock_folders, tmp_path, capsys):
+    import sample
+
+    for kind, folder in stock_folders.items():
+        out = tmp_path / kind / "grid.png"
+        common = ["--model", str(folder), "--steps", "2", "--mixed-precision", "no", "--device", "cpu"]
+        sample.main(
+            [
+                *common,
+                "a (red:2) circle on the left",
+                "-n",
+                "2",
+                "--out",
+                str(out),
+                "--attention",
+                str(out.parent / "maps"),
+            ]
+        )
+        assert (out.parent / "grid-000.png").is_file() and (out.parent / "grid-001.png").is_file()
+        assert sorted(p.name for p in (out.parent / "maps").glob("*.safetensors")) == [
+            "grid-000.safetensors",
+            "grid-001.safetensors",
+        ]
+        sample.main([*common, "a red circle", "--edit", "a blue circle", "-n", "1", "--local-blend", "--out", str(out)])
+        assert (out.parent / "grid-edit-000.png").is_file()
+    assert "wrote" in capsys.readouterr().out
+
+
+def test_the_editor_renders_and_swaps_on_a_stock_folder(stock_folders):
+    from diffusion.editor import service
+
+    editor = service.Editor.load(stock_folders["sdxl"], device="cpu")
+    assert not editor.compilable and editor.status() == "renders: uncompiled"
+    result = editor.render("a (red:0.5) circle on the left", service.Settings(steps=2))
+    assert len(result.output.images) == 1 and result.output.images[0].size == (16, 16)
+    assert set(result.maps(0, 2)) == {"a", "red", "circle", "on", "the", "left"}
+    source, edit = editor.swap("a red circle", "a blue circle", 0.5, service.Settings(steps=2))
+    assert edit.output.images[0].size == (16, 16)
+
+
+def test_the_app_builds_its_page_on_a_stock_folder(stock_folders):
+    pytest.importorskip("gradio")
+    import app
+    from diffusion.editor import service
+
+    args = app.parse_arguments(["--model", str(stock_folders["sd"]), "--device", "cpu"])
+    editor = service.Editor.load(args.model, device=args.device, mixed_precision=args.mixed_precision)
+    first = editor.render("a red circle", service.Settings(steps=2))
+    assert app.build_page(editor, first) is not None
+
+
 def sd3_folder(path):
     path.mkdir()
     index = {
@@ -348,12 +400,19 @@ def sd3_folder(path):
     return path
 
 
-def test_an_sd3_folder_or_transformer_gets_one_line(tmp_path):
+def test_an_sd3_folder_or_transformer_gets_one_line(tmp_path, capsys):
     from diffusers import SD3Transformer2DModel
+
+    import sample
 
     folder = sd3_folder(tmp_path / "sd3")
     with pytest.raises(UserError, match="SD3Transformer2DModel .* not supported yet"):
         load_pipeline(folder)
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--model", str(folder), "a red circle", "--out", str(tmp_path / "grid.png")])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "not supported yet" in error and "UNet2DConditionModel" in error
     transformer = SD3Transformer2DModel(
         sample_size=8,
         patch_size=2,

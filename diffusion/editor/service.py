@@ -36,6 +36,7 @@ from diffusion.errors import UserError
 from diffusion.images import attention_shares, save_png, write_attention_maps
 from diffusion.sampling.pipeline import Pipeline, PipelineOutput, merge_word_maps
 from diffusion.sampling.settings import SamplingSettings
+from diffusion.sampling.stock import load_pipeline
 
 DEFAULT_PROMPT = "a red circle on the left"
 DEFAULT_EDIT = "a blue circle on the left"
@@ -199,19 +200,24 @@ class Editor:
 
     @classmethod
     def load(cls, model: str | Path, device: str | None = None, mixed_precision: str = "auto") -> Editor:
-        """Load the model folder. mixed_precision: "auto" chooses the precision of small batches
-        by timing (see FLOAT32_MAX_BATCH) and takes the pipeline's "auto" for larger ones; any
-        other setting (no, bf16, fp16) is used for every batch, as in sample.py."""
-        pipeline = Pipeline.from_pretrained(model, device=device, mixed_precision=mixed_precision)
-        small_batch_precision = None if mixed_precision == "auto" else pipeline.mixed_precision
+        """Load the model folder (this project's, or a diffusers Stable Diffusion / SDXL one:
+        `load_pipeline`). mixed_precision: "auto" chooses the precision of small batches by timing
+        (see FLOAT32_MAX_BATCH; this project's UNet only) and takes the pipeline's "auto" for
+        larger ones; any other setting (no, bf16, fp16) is used for every batch, as in sample.py."""
+        pipeline = load_pipeline(model, device=device, mixed_precision=mixed_precision)
+        timed = mixed_precision == "auto" and isinstance(pipeline, Pipeline)
+        small_batch_precision = None if timed else pipeline.mixed_precision
         return cls(pipeline, str(Path(model).resolve()), small_batch_precision)
 
     @staticmethod
     def _sharing(pipeline: Pipeline, precision: str) -> Pipeline:
         """A pipeline of `pipeline`'s modules (none copied) that runs the UNet in `precision`."""
-        return Pipeline.from_parts(
-            pipeline.unet, pipeline.encoder, pipeline.scheduler_config, pipeline.device, precision
-        )
+        return pipeline.with_precision(precision)
+
+    @property
+    def compilable(self) -> bool:
+        """Whether `compile` can work: `CompiledUNet` compiles this project's UNet, not a diffusers one."""
+        return isinstance(self.pipeline, Pipeline)
 
     def compile(self) -> float:
         """Compile the UNet for one-image renders (`CompiledUNet` for UNet calls of 2 rows, one
@@ -286,7 +292,7 @@ class Editor:
     @property
     def compiled(self) -> bool:
         """Whether one-image renders run on the compiled UNet."""
-        return self.pipelines[self.small_batch_precision].fast_unet is not None
+        return getattr(self.pipelines[self.small_batch_precision], "fast_unet", None) is not None  # stock: none
 
     def status(self) -> str:
         """One line for the page: which UNet one-image renders run on now."""
@@ -339,7 +345,7 @@ class Editor:
         settings.check()
         check_prompt(prompt)
         text = parse_prompt(prompt).text
-        recorder = AttentionRecorder(pipeline.unet.config.sample_size, keep_history=True)
+        recorder = AttentionRecorder(pipeline.map_size, keep_history=True)
         start = time.perf_counter()
         output = pipeline(
             prompt,
