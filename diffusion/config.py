@@ -43,6 +43,7 @@ class ModelConfig:
     values_from_token_embeddings: bool = False  # values read each word's own token embedding; keys read its context too
     token_value_resolutions: list[int] | None = None  # values_from_token_embeddings at these sides only (null: all)
     self_conditioning: bool = False  # the UNet also reads its previous estimate of the clean image (Chen et al. 2022)
+    pooled_text: bool = False  # the text states' mean also joins the timestep embedding (a path attention weights miss)
 
 
 @dataclass

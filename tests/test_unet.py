@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from diffusion.model.attention import AttentionController, sliced_attention
-from diffusion.model.unet import UNet
+from diffusion.model.unet import UNet, pooled_states
 
 T, D = 6, 24  # text tokens, text embedding width
 
@@ -373,3 +373,51 @@ def test_unet_settings_follow_the_config():
     assert settings["value_context_start"] == 12 and settings["value_context_resolutions"] == (8,)
     unet = UNet(**unet_settings(cfg, context_dim=24))
     assert unet.resolutions == [32, 16] and unet.config.context_dim == 24
+
+
+def test_pooled_text_starts_as_the_model_without_it_and_reads_the_readable_tokens_mean():
+    torch.manual_seed(0)
+    plain = UNet(sample_size=16, channels=(16, 32), attention_resolutions=(8,), attention_heads=2, context_dim=D)
+    torch.manual_seed(0)
+    pooled = UNet(
+        sample_size=16,
+        channels=(16, 32),
+        attention_resolutions=(8,),
+        attention_heads=2,
+        context_dim=D,
+        pooled_text=True,
+    )
+    # the other weights are drawn as without it, and its projection starts at zero
+    assert all(torch.equal(value, pooled.state_dict()[key]) for key, value in plain.state_dict().items())
+    x, t, context, mask = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x, t, context, mask), pooled(x, t, context, mask), rtol=0, atol=0)
+
+    unet = make_unet(pooled_text=True)
+    expected = torch.stack([context[b][mask[b]].mean(0) for b in range(len(context))])
+    torch.testing.assert_close(pooled_states(context, mask), expected)
+    # a masked token reaches neither path; a readable one reaches the pooled path even with
+    # cross-attention ignoring it
+    masked = context.clone()
+    masked[~mask] += 5
+    with torch.no_grad():
+        torch.testing.assert_close(unet(x, t, masked, mask), unet(x, t, context, mask))
+        unet_no_pool = make_unet(pooled_text=True)
+        unet_no_pool.text_to_time.weight.zero_()
+        unet_no_pool.text_to_time.bias.zero_()
+
+        class Blind(AttentionController):  # every pixel reads the first token only
+            def wants(self, site):
+                return True
+
+            def process(self, site, probabilities):
+                out = torch.zeros_like(probabilities)
+                out[..., 0] = 1
+                return out
+
+        changed = context.clone()
+        changed[:, 1:] += 1  # the first token kept: cross-attention under Blind sees no change
+        assert not torch.allclose(unet(x, t, changed, mask, Blind()), unet(x, t, context, mask, Blind()))
+        torch.testing.assert_close(
+            unet_no_pool(x, t, changed, mask, Blind()), unet_no_pool(x, t, context, mask, Blind())
+        )

@@ -139,6 +139,7 @@ class UNet(ModelMixin, ConfigMixin):
         value_context_start: int = 0,
         value_context_resolutions: tuple[int, ...] | None = None,
         self_conditioning: bool = False,
+        pooled_text: bool = False,
     ):
         """sample_size: image side in pixels; channels: width of each level (level i works at
         sample_size / 2**i); attention_resolutions: the sides (px) whose levels carry
@@ -150,7 +151,11 @@ class UNet(ModelMixin, ConfigMixin):
         start, so that a word's value carries that word alone and no context (0: values read all);
         value_context_resolutions: the feature-map sides whose cross-attention that applies to
         (None: all); self_conditioning: the input also carries the model's previous estimate of the
-        clean image, `in_channels` more channels (self-conditioning, Chen, Zhang and Hinton 2022)."""
+        clean image, `in_channels` more channels (self-conditioning, Chen, Zhang and Hinton 2022);
+        pooled_text: the mean of the readable text states is also added to the timestep embedding,
+        so every ResNet block reads the prompt as a whole (as Imagen's and SDXL's pooled text
+        embeddings): a second path for the text, besides cross-attention, which attention-mode
+        weights do not reach (embedding-mode weights do: they change the states)."""
         super().__init__()
         time_dim = 4 * channels[0]
         self.time_mlp = nn.Sequential(nn.Linear(channels[0], time_dim), nn.SiLU(), nn.Linear(time_dim, time_dim))
@@ -184,6 +189,12 @@ class UNet(ModelMixin, ConfigMixin):
         self.conv_out = nn.Conv2d(channels[0], out_channels, 3, padding=1)
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
+        # Last and zero-initialised: the other weights are drawn as without it, and the model
+        # starts as it would without the pooled text.
+        self.text_to_time = nn.Linear(context_dim, time_dim) if pooled_text else None
+        if pooled_text:
+            nn.init.zeros_(self.text_to_time.weight)
+            nn.init.zeros_(self.text_to_time.bias)
 
     def _make_down_path(self, channels, blocks_per_level: int, levels: _LevelMaker) -> int:
         """`self.down` (a Level per width) and `self.downsamples` (a strided conv after each but
@@ -236,6 +247,8 @@ class UNet(ModelMixin, ConfigMixin):
         timestep = torch.as_tensor(timestep, device=sample.device).reshape(-1).expand(B)
         t_emb = get_timestep_embedding(timestep, self.config.channels[0], flip_sin_to_cos=True, downscale_freq_shift=0)
         t_emb = self.time_mlp(t_emb.to(sample.dtype))  # (B, time_dim)
+        if self.text_to_time is not None:
+            t_emb = t_emb + self.text_to_time(pooled_states(encoder_hidden_states, encoder_attention_mask))
         call = None
         if attention_controller is not None:
             call = AttentionCall(attention_controller, step, num_steps, conditional)
@@ -292,7 +305,16 @@ def unet_settings(cfg, context_dim: int, value_context_start: int = 0) -> dict:
         if model.token_value_resolutions is None
         else tuple(model.token_value_resolutions),
         self_conditioning=model.self_conditioning,
+        pooled_text=model.pooled_text,
     )
+
+
+def pooled_states(states: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, D) text states -> (B, D): their mean over the tokens cross-attention may read."""
+    if key_mask is None:
+        return states.mean(1)
+    weights = key_mask.to(states.dtype)[..., None]  # (B, T, 1)
+    return (states * weights).sum(1) / weights.sum(1).clamp(min=1)
 
 
 def estimate_clean(
