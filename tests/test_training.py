@@ -517,6 +517,17 @@ def test_a_folder_with_masks_grounds_every_caption_word_on_its_image_mask(tmp_pa
     assert (dropped.token_object[0] == -1).all() and torch.equal(dropped.token_object[1:], batch.token_object[1:])
     # without grounding, the same folder's batches carry no targets
     assert take(streaming_data(folder, tmp_path / "cache"), 1)[0].token_object is None
+    # an image without a mask, in a folder with some, grounds no token
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    unmasked = json.loads(lines[0])
+    del unmasked["mask"]
+    (folder / "metadata.jsonl").write_text("\n".join([json.dumps(unmasked), *lines[1:]]) + "\n")
+    data = streaming_data(folder, tmp_path / "cache", grounded=True)
+    for draw, batch in enumerate(take(data, 6)):
+        index = np.random.default_rng([0, draw, 0]).integers(len(data.folder), size=3)
+        for place, i in enumerate(index):
+            assert (batch.token_object[place] >= 0).any() == (i != 0)
+            assert batch.object_masks[place].any() == (i != 0)
 
 
 def test_grounding_on_a_folder_without_masks_is_a_one_line_error(image_folder, tmp_path, tiny_dict):
