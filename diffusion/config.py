@@ -116,7 +116,7 @@ class TrainConfig:
     cond_dropout: float = 0.1  # probability that a caption is replaced by "" (for classifier-free guidance)
     timestep_bias_multiplier: float = 3.0  # draw the noisiest timesteps this many times as often as others (1: uniform)
     timestep_bias_portion: float = 0.5  # the share of the timesteps, the noisiest, that the multiplier applies to
-    grounding_weight: float = 0.05  # token grounding loss on the cross-attention maps (0: off; needs the shapes' masks)
+    grounding_weight: float = 0.05  # token grounding loss on attention maps (0: off; needs masks; folders: only if set)
     grounding_pixel_weight: float = 0.05  # TokenCompose's pixel loss: a word's map should cover its object too (0: off)
     grounding_resolutions: list[int] | None = None  # sides the grounding losses act on (null: every attention level)
     ema_decay: float = 0.999  # EMA decay ceiling (it warms up with the step count)
@@ -234,7 +234,7 @@ NON_NEGATIVE = {
     "train.seed",
     "train.validation_seed",
 }
-# The grounding loss's weights: off by themselves for data without object masks (_data_defaults).
+# The grounding loss's weights: off by themselves for an image folder unless set (_data_defaults).
 GROUNDING_KEYS = ("train.grounding_weight", "train.grounding_pixel_weight")
 PROBABILITIES = {"data.omit_colour", "data.omit_shape", "data.omit_position", "data.omit_size"}
 FRACTIONS = {"data.omit_from", "train.timestep_bias_portion", "train.cond_dropout", "train.ema_decay", "model.dropout"}
@@ -380,12 +380,6 @@ def _check_levels(cfg: Config) -> list[int]:
 
 def _check_combinations(cfg: Config) -> None:
     """Options that need another option, or another kind of data."""
-    for key in GROUNDING_KEYS:
-        if getattr(cfg.train, key.split(".")[1]) > 0 and cfg.data.kind != "shapes":
-            raise UserError(
-                f"{key} needs object masks, which only data.kind shapes feeds to the grounding loss so far; "
-                f"remove {key} (grounding is then off by itself) or set it to 0"
-            )
     if cfg.train.grounding_pixel_weight > 0 and cfg.train.grounding_weight == 0:
         raise UserError(
             "train.grounding_pixel_weight is part of the grounding loss, which is off; "
@@ -527,9 +521,11 @@ def _dotted_keys(values: dict, prefix: str = "") -> set[str]:
 
 
 def _data_defaults(cfg: Config, given: set[str]) -> None:
-    """Defaults that depend on the data. The grounding loss needs object masks, which only the
-    shapes feed it so far: for other data the grounding weights left unset are 0 (grounding off),
-    so an image folder trains with no hand edits; a weight set explicitly is still checked."""
+    """Defaults that depend on the data. The grounding loss needs object masks: the shapes draw
+    them, a folder has them only if its metadata names them, which a config cannot see. So for a
+    folder the grounding weights left unset are 0 (grounding off) and any folder trains with no
+    hand edits; a weight set explicitly turns grounding on, and datasets.build_dataset refuses it
+    in one line for a folder without masks."""
     if cfg.data.kind != "shapes":
         for key in GROUNDING_KEYS:
             if key not in given:

@@ -1,11 +1,12 @@
-"""The token-level grounding loss: targets from the shapes generator, the loss on hand-made maps."""
+"""The token-level grounding loss: targets from the shapes generator and from one-object captions,
+the loss on hand-made maps."""
 
 import torch
 
 from diffusion.data.shapes import ShapesDataset
 from diffusion.model.attention import AttentionSite
 from diffusion.model.text_encoder import TextEncoder
-from diffusion.training.grounding import GroundingLoss, grounding_targets
+from diffusion.training.grounding import GroundingLoss, caption_targets, grounding_targets
 
 
 def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):
@@ -24,6 +25,21 @@ def test_targets_tie_colour_and_shape_tokens_to_their_objects(tiny_model):
             assert "".join(named[k]).startswith(obj.colour) and "".join(named[k]).endswith(obj.shape)
             assert torch.equal(rendered.masks[i, k], torch.from_numpy(sample.masks[k]))
         assert not rendered.masks[i, len(sample.scene.objects) :].any()  # unused slots stay empty
+
+
+def test_every_word_of_a_one_object_caption_names_object_zero(tiny_model):
+    encoder = TextEncoder.from_pretrained(str(tiny_model))
+    captions = ["red apple", "keycap: *", "a large green circle", ""] * 300  # more than one chunk of 1024
+    token_object = caption_targets(captions, encoder.offsets)
+    tokens = encoder.tokenize(captions)
+    assert token_object.shape == tokens["input_ids"].shape and token_object.dtype == torch.int8
+    for row, caption in enumerate(captions[:4]):
+        named = token_object[row] == 0
+        assert named.sum() == tokens["attention_mask"][row].sum() - 2  # all but the start and end tokens
+        spans = tokens["offsets"][row][named].tolist()
+        assert "".join(caption[start:end] for start, end in spans) == caption.replace(" ", "")
+        assert (token_object[row][~named] == -1).all()
+    assert torch.equal(token_object[4:8], token_object[:4])
 
 
 def make_loss(attention_on_object: bool):

@@ -38,10 +38,12 @@ def test_the_readme_is_a_short_guide():
 
 @pytest.fixture(scope="module")
 def checkout(tiny_model, tmp_path_factory):
-    """A folder laid out like the checkout after `python train.py`, with the tiny model as the default."""
+    """A folder laid out like the checkout after `python train.py`, with the tiny model as the default
+    and as the emoji run's model (the README samples that too)."""
     work = tmp_path_factory.mktemp("readme")
-    (work / "runs" / "shapes").mkdir(parents=True)
-    (work / "runs" / "shapes" / "model").symlink_to(tiny_model)
+    for run in ("shapes", "emoji-cpu"):
+        (work / "runs" / run).mkdir(parents=True)
+        (work / "runs" / run / "model").symlink_to(tiny_model)
     for name in ("sample.py", "evaluate.py", "train.py", "app.py"):
         (work / name).symlink_to(REPO / name)
     (work / "prompts.txt").write_text("a red circle on the left\na blue square\n")

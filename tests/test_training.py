@@ -348,22 +348,43 @@ def make_image_folder(root, count=10):
     return root
 
 
+def make_masked_folder(root, count=6):
+    """`count` transparent images 16 px high and of assorted widths (not resized at 16 px, so
+    exact; random crops move), each a coloured object of random pixels (so any crop or flip shows)
+    with its alpha as its mask, and a caption of two or three words."""
+    rng = np.random.default_rng(1)
+    (root / "masks").mkdir(parents=True)
+    lines = []
+    for i in range(count):
+        size = (16, 20 + 4 * (i % 3))  # (H, W)
+        alpha = np.where(rng.random(size) < 0.5, 255, 0).astype(np.uint8)
+        colour = np.broadcast_to(np.array((200, 40 * i, 30), np.uint8), (*size, 3))
+        Image.fromarray(np.dstack([colour, alpha]), "RGBA").save(root / f"{i}.png")
+        Image.fromarray(alpha).save(root / "masks" / f"{i}.png")
+        caption = ["red apple", "dog face", "keycap: *"][i % 3]
+        lines.append(json.dumps({"file_name": f"{i}.png", "text": caption, "mask": f"masks/{i}.png"}))
+    (root / "metadata.jsonl").write_text("\n".join(lines) + "\n")
+    return root
+
+
 @pytest.fixture(scope="module")
 def image_folder(tmp_path_factory):
     return make_image_folder(tmp_path_factory.mktemp("folder") / "images")
 
 
-def folder_config(tiny_dict, folder, cache, **data):
-    """The tiny config on an image folder (random crops and flips on)."""
+def folder_config(tiny_dict, folder, cache, grounding=0.0, **data):
+    """The tiny config on an image folder (random crops and flips on), both grounding weights
+    set to `grounding`."""
     tiny_dict["data"].update(
         kind="imagefolder", path=str(folder), center_crop=False, random_flip=True, embedding_cache=str(cache), **data
     )
-    tiny_dict["train"].update(grounding_weight=0, grounding_pixel_weight=0)
+    tiny_dict["train"].update(grounding_weight=grounding, grounding_pixel_weight=grounding)
     return config_from_dict(tiny_dict)
 
 
-def streaming_data(folder, cache, seed=0, workers=0, **options):
-    """StreamingData over `folder`, with a tiny untrained CLIP text encoder."""
+def streaming_data(folder, cache, seed=0, workers=0, grounded=False, **options):
+    """StreamingData over `folder`, with a tiny untrained CLIP text encoder; `grounded`: with
+    each caption's grounding targets (`caption_targets`)."""
     from transformers import CLIPTextModel
 
     from diffusion.data.batches import StreamingData
@@ -371,6 +392,7 @@ def streaming_data(folder, cache, seed=0, workers=0, **options):
     from diffusion.data.text_states import EmbeddingStore, cache_folder
     from diffusion.model.text_encoder import TextEncoder
     from diffusion.training.clip import clip_text_config, fit_tokenizer
+    from diffusion.training.grounding import caption_targets
 
     dataset = ImageFolderDataset(folder, 16, **options)
     captions = dataset.captions()
@@ -378,9 +400,11 @@ def streaming_data(folder, cache, seed=0, workers=0, **options):
     torch.manual_seed(0)
     model = CLIPTextModel(clip_text_config(tokenizer, 16, 1, 2, intermediate_size=32))
     distinct = sorted(set(captions) | {""})
-    store = EmbeddingStore.open(cache_folder(str(cache)), TextEncoder(tokenizer, model), distinct, progress=False)
+    encoder = TextEncoder(tokenizer, model)
+    store = EmbeddingStore.open(cache_folder(str(cache)), encoder, distinct, progress=False)
     rows = np.array([distinct.index(c) for c in captions])
-    return StreamingData(dataset, store, rows, distinct.index(""), seed, workers, "cpu")
+    token_object = caption_targets(distinct, encoder.offsets) if grounded else None
+    return StreamingData(dataset, store, rows, distinct.index(""), seed, workers, "cpu", token_object)
 
 
 def take(data, count, first_draw=0, batch_size=3, world=1, rank=0):
@@ -466,6 +490,73 @@ def test_resuming_an_image_folder_run_reproduces_it_exactly(image_folder, tmp_pa
         load_file(next((first / "model" / "unet").glob("*.safetensors"))),
     )
     assert any(not torch.equal(a, b) for a, b in zip(weights(first, 2).values(), weights(first, 4).values()))
+
+
+def test_a_folder_with_masks_grounds_every_caption_word_on_its_image_mask(tmp_path):
+    from diffusion.data.batches import drop_captions
+
+    folder = make_masked_folder(tmp_path / "emoji")
+    data = streaming_data(folder, tmp_path / "cache", grounded=True, center_crop=False, random_flip=True)
+    for workers in (0, 1):  # the masks come back from a DataLoader worker too
+        data.workers = workers
+        for draw, batch in enumerate(take(data, 4)):
+            index = np.random.default_rng([0, draw, 0]).integers(len(data.folder), size=3)
+            assert batch.token_object.shape == (3, batch.key_mask.shape[1]) and batch.token_object.dtype == torch.long
+            assert batch.object_masks.shape == (3, 1, 16, 16) and batch.object_masks.dtype == torch.float32
+            for place, i in enumerate(index):
+                # its caption's word tokens, right after the start token, name object 0; no other does
+                expected = data.token_object[data.caption_rows[i]].long()
+                assert torch.equal(batch.token_object[place], expected)
+                words = int((expected == 0).sum())
+                assert words >= 2 and (expected[1 : 1 + words] == 0).all()
+                # the mask is the image's own, cropped and flipped with it: white exactly off the object
+                mask = data.folder.mask(int(i), np.random.default_rng([0, draw, 1, place]))
+                assert torch.equal(batch.object_masks[place, 0], torch.from_numpy(mask).float())
+                assert torch.equal((batch.x0[place] == 1).all(dim=0), ~torch.from_numpy(mask))
+    dropped = drop_captions(batch, torch.tensor([True, False, False]), data.empty)
+    assert (dropped.token_object[0] == -1).all() and torch.equal(dropped.token_object[1:], batch.token_object[1:])
+    # without grounding, the same folder's batches carry no targets
+    assert take(streaming_data(folder, tmp_path / "cache"), 1)[0].token_object is None
+    # an image without a mask, in a folder with some, grounds no token
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    unmasked = json.loads(lines[0])
+    del unmasked["mask"]
+    (folder / "metadata.jsonl").write_text("\n".join([json.dumps(unmasked), *lines[1:]]) + "\n")
+    data = streaming_data(folder, tmp_path / "cache", grounded=True)
+    for draw, batch in enumerate(take(data, 6)):
+        index = np.random.default_rng([0, draw, 0]).integers(len(data.folder), size=3)
+        for place, i in enumerate(index):
+            assert (batch.token_object[place] >= 0).any() == (i != 0)
+            assert batch.object_masks[place].any() == (i != 0)
+
+
+def test_grounding_on_a_folder_without_masks_is_a_one_line_error(image_folder, tmp_path, tiny_dict):
+    cfg = folder_config(tiny_dict, image_folder, tmp_path / "cache", grounding=0.05)  # the config cannot tell
+    assert cfg.train.grounding_weight == cfg.train.grounding_pixel_weight == 0.05
+    out = tmp_path / "run"
+    with pytest.raises(UserError, match="^train.grounding_weight needs object masks, and no image in") as error:
+        train(cfg, out)
+    assert "\n" not in str(error.value) and "set them to 0" in str(error.value) and not out.exists()
+
+
+def test_training_with_grounding_on_a_masked_folder(tmp_path, tiny_dict, monkeypatch):
+    from diffusion.training import loop
+
+    seen = []
+    step = loop.TrainStep.__call__
+
+    def recorded(self, batch):
+        loss, grounding = step(self, batch)
+        seen.append((batch.token_object, grounding))
+        return loss, grounding
+
+    monkeypatch.setattr(loop.TrainStep, "__call__", recorded)
+    folder = make_masked_folder(tmp_path / "emoji")
+    model = train(folder_config(tiny_dict, folder, tmp_path / "cache", grounding=0.05, workers=0), tmp_path / "run")
+    assert len(seen) == tiny_dict["train"]["max_steps"]
+    for token_object, grounding in seen:
+        assert (token_object == 0).any() and grounding is not None and 0 <= grounding.item() <= 1
+    assert yaml.safe_load((model / "config.yaml").read_text())["train"]["grounding_weight"] == 0.05
 
 
 def test_a_bad_embedding_cache_folder_fails_before_anything_is_written(image_folder, tmp_path, tiny_dict):

@@ -340,15 +340,35 @@ def seed_sections(docs: Path) -> list[str]:
     return lines
 
 
+def folder_curve(folder: Path) -> tuple[list[int], list[dict]]:
+    """The `evaluate.py --data` reports in `folder`, report-<images>.json, each named by the UNet
+    images its model had trained on: (those image counts, the reports), in order of images."""
+    curve = sorted(folder.glob("report-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+    return [int(f.stem.split("-")[1]) for f in curve], [json.loads(f.read_text()) for f in curve]
+
+
+def curve_table(images: list[int], points: list[dict], views_of: int | None = None) -> list[str]:
+    """Each target of the last report against the image counts (and, given the folder's size
+    `views_of`, how many times each image was seen)."""
+    report = points[-1]
+    header = [f"{n:,} images" + (f" ({n // views_of} views)" if views_of else "") for n in images]
+    return table(
+        ["target", *header, "goal", "met"],
+        [
+            [key, *[p["targets"][key]["value"] for p in points], t["target"], t["met"]]
+            for key, t in report["targets"].items()
+        ],
+    )
+
+
 def folder_section(docs: Path) -> list[str]:
     """The emoji set (`evaluate.py --data`): docs/emoji/report-<images>.json, one per checkpoint of
     the run configs/emoji.yaml makes, named by the UNet images it had trained on; the last is the
-    exported model's. Nothing when none has been measured."""
-    curve = sorted(docs.glob("emoji/report-*.json"), key=lambda f: int(f.stem.split("-")[1]))
-    if not curve:
+    exported model's. Then the same recipe on 100 of the names (docs/emoji/subset-100/), where
+    there is such a curve. Nothing when none has been measured."""
+    images, points = folder_curve(docs / "emoji")
+    if not points:
         return []
-    points = [json.loads(f.read_text()) for f in curve]
-    images = [int(f.stem.split("-")[1]) for f in curve]
     report = points[-1]
     lines = [
         "## Real images: the emoji set",
@@ -358,20 +378,32 @@ def folder_section(docs: Path) -> list[str]:
         f"{report['guidance']:g}; feature space: {report['feature']}.",
         "",
     ]
-    lines += table(
-        ["target", *[f"{n:,} images" for n in images], "goal", "met"],
-        [
-            [key, *[p["targets"][key]["value"] for p in points], t["target"], t["met"]]
-            for key, t in report["targets"].items()
-        ],
-    )
-    lines += [""]
+    lines += curve_table(images, points) + [""]
     for part in ("retrieval", "maps", "colour", "colour swap", "weight 0", "reference"):
         values = report.get(part, {})
         shown = ", ".join(f"{k} {fmt(v)}" for k, v in values.items() if not isinstance(v, (dict, list)))
         lines.append(f"- {part}: {shown}")
     picture = f"emoji/report-{images[-1]}-examples.png"
-    return [*lines, "", f"![emoji samples beside their nearest training images]({picture})", ""]
+    lines += ["", f"![emoji samples beside their nearest training images]({picture})", ""]
+    images, points = folder_curve(docs / "emoji" / "subset-100")
+    if points:
+        subset = points[-1]
+        lines += [
+            "### The same recipe on 100 of the names: how many views of each image it needs",
+            "",
+            f"`configs/emoji.yaml` on a folder of 100 names drawn at random ({subset['images']} images, each "
+            "name in both styles; the text encoder the full set's run trained), `evaluate.py --data` on that "
+            f"folder (retrieval among its {subset['images']} images, chance top-1 "
+            f"{fmt(subset['retrieval']['chance top-1'])}; colour n = {subset['colour']['n']}). Views: the "
+            "times each image was seen; the full set's 96,000 images are 25 views.",
+            "",
+            *curve_table(images, points, views_of=subset["images"]),
+            "",
+            f"- retrieval at {images[-1]:,}: "
+            + ", ".join(f"{k} {fmt(v)}" for k, v in subset["retrieval"].items() if k != "n"),
+            "",
+        ]
+    return lines
 
 
 def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> str:

@@ -12,8 +12,8 @@ never stopped.
   the text states of each distinct caption, the grounding targets; its captions change at the
   caption curriculum's stages (captions.py).
 - An image folder is streamed from disk (`StreamingData`): DataLoader workers decode each
-  batch's images (`FolderDraws`) and read its captions' text states from an on-disk cache
-  (text_states.py), so memory does not grow with the folder.
+  batch's images (`FolderDraws`), and for grounding their masks, and read its captions' text
+  states from an on-disk cache (text_states.py), so memory does not grow with the folder.
 
 `prepare_data` makes either from a config's data set, training or loading the text encoder on
 the way (it learns from the same images and captions); `drop_captions` empties some captions of a
@@ -37,7 +37,7 @@ from diffusion.data.image_folder import ImageFolderDataset
 from diffusion.data.text_states import EmbeddingCache, EmbeddingStore, cache_folder
 from diffusion.model.text_encoder import TextEncoder
 from diffusion.training.clip import prepare_text_encoder
-from diffusion.training.grounding import grounding_targets
+from diffusion.training.grounding import caption_targets, grounding_targets
 
 
 @dataclass
@@ -127,8 +127,6 @@ class StreamingData:
 
     `batches(...)` has InMemoryData's contract: endless `Batch`es, this process's slice of each."""
 
-    token_object = None  # no grounding targets: those come with shapes
-
     def __init__(
         self,
         folder: ImageFolderDataset,
@@ -138,11 +136,15 @@ class StreamingData:
         seed: int,
         workers: int,
         device,
+        token_object: torch.Tensor | None = None,
     ):
         """caption_rows: (N,) each image's row in `store`; empty_row: the row of the empty
         caption; seed: train.seed, which with the draw number fixes every batch; workers: the
-        DataLoader's processes (0: decode in this one)."""
+        DataLoader's processes (0: decode in this one); token_object: (rows of `store`, T) int8,
+        the object each token of each stored caption names (`caption_targets`), for the
+        grounding loss on the folder's masks (None without it)."""
         self.folder, self.store, self.caption_rows, self.seed, self.workers = folder, store, caption_rows, seed, workers
+        self.token_object = token_object
         self.device = torch.device(device)
         self.distinct_count = len(store) - (empty_row not in caption_rows)
         empty_embedding, empty_mask = store.get([empty_row])
@@ -156,7 +158,9 @@ class StreamingData:
     ) -> Iterator[Batch]:
         """Endless batches from draw `first_draw` on (`generator` is not needed: each draw is
         seeded by its number, see FolderDraws), prefetched by data.workers processes."""
-        draws = FolderDraws(self.folder, self.store, self.caption_rows, self.seed, batch_size, world, rank)
+        draws = FolderDraws(
+            self.folder, self.store, self.caption_rows, self.seed, batch_size, world, rank, self.token_object
+        )
         # The loader seeds its workers from `generator=`, not from torch's global RNG, which must
         # draw the run's noise exactly as an uninterrupted run would.
         loader = torch.utils.data.DataLoader(
@@ -167,15 +171,22 @@ class StreamingData:
             pin_memory=self.device.type == "cuda",
             generator=torch.Generator(),
         )
-        for images, embeddings, key_mask in loader:
+        for images, embeddings, key_mask, *grounding in loader:
+            token_object, object_masks = (t.to(self.device) for t in grounding) if grounding else (None, None)
             yield Batch(
-                images.to(self.device).float() / 127.5 - 1, embeddings.to(self.device), key_mask.to(self.device)
+                images.to(self.device).float() / 127.5 - 1,
+                embeddings.to(self.device),
+                key_mask.to(self.device),
+                None if token_object is None else token_object.long(),
+                None if object_masks is None else object_masks.float(),
             )
 
 
 class FolderDraws(torch.utils.data.Dataset):
     """Item d is this process's slice of global batch d of an image folder, decoded from disk:
-    (images (B, 3, R, R) uint8, embeddings (B, T, D) float32, key mask (B, T) bool).
+    (images (B, 3, R, R) uint8, embeddings (B, T, D) float32, key mask (B, T) bool), and with
+    `token_object` (grounding) also (token_object (B, T) int8, object masks (B, 1, R, R) bool):
+    each image's mask is its one object, and an image without a mask grounds no token.
 
     Draw d is a pure function of (seed, d): its B x world indices (with replacement) come from a
     generator seeded by (seed, d), and each image's random crop and flip from one seeded by
@@ -191,23 +202,35 @@ class FolderDraws(torch.utils.data.Dataset):
         batch_size: int,
         world: int,
         rank: int,
+        token_object: torch.Tensor | None = None,
     ):
         self.folder, self.store, self.caption_rows, self.seed = folder, store, caption_rows, seed
         self.batch_size, self.world, self.rank = batch_size, world, rank
+        self.token_object = token_object  # (rows of store, T) int8, or None: no grounding
 
-    def __getitem__(self, draw: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, draw: int) -> tuple[torch.Tensor, ...]:
         B = self.batch_size
         first = self.rank * B  # this slice's place in the global batch
         drawn = np.random.default_rng([self.seed, draw, 0]).integers(len(self.folder), size=B * self.world)
         index = drawn[first : first + B]  # (B,)
-        images = np.stack(
-            [
-                self.folder.image(int(i), np.random.default_rng([self.seed, draw, 1, first + place]))
-                for place, i in enumerate(index)
-            ]
-        )  # (B, R, R, 3)
-        embeddings, key_mask = self.store.get(self.caption_rows[index])
-        return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(), embeddings, key_mask
+
+        def rng(place: int) -> np.random.Generator:  # an image's crop and flip; its mask's the same
+            return np.random.default_rng([self.seed, draw, 1, first + place])
+
+        images = np.stack([self.folder.image(int(i), rng(place)) for place, i in enumerate(index)])  # (B, R, R, 3)
+        rows = self.caption_rows[index]
+        embeddings, key_mask = self.store.get(rows)
+        images = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+        if self.token_object is None:
+            return images, embeddings, key_mask
+        R = self.folder.resolution
+        masks = [self.folder.mask(int(i), rng(place)) for place, i in enumerate(index)]  # (R, R) bool or None
+        token_object = self.token_object[torch.from_numpy(rows)].clone()  # (B, T)
+        token_object[[mask is None for mask in masks]] = -1
+        object_masks = torch.from_numpy(
+            np.stack([np.zeros((R, R), bool) if mask is None else mask for mask in masks])[:, None]
+        )  # (B, 1, R, R)
+        return images, embeddings, key_mask, token_object, object_masks
 
 
 def drop_captions(batch: Batch, dropped: torch.Tensor, empty: tuple[torch.Tensor, torch.Tensor]) -> Batch:
@@ -235,7 +258,7 @@ def prepare_data(
     if isinstance(dataset, ImageFolderDataset):
         return prepare_folder_data(cfg, dataset, output_dir, accelerator)
     main = accelerator.is_main_process
-    grounded = cfg.train.grounding_weight > 0  # shapes only (config check): the masks come with the images
+    grounded = cfg.train.grounding_weight > 0  # the masks come with the rendered images
     curriculum = caption_curriculum(cfg, dataset)
     if grounded:
         images, captions, object_masks, scenes = curriculum.first.render_with_masks(progress=main)
@@ -298,6 +321,9 @@ def prepare_folder_data(
     )
     row_of = {caption: row for row, caption in enumerate(distinct)}
     caption_rows = np.array([row_of[caption] for caption in captions], dtype=np.int64)  # (N,)
+    # Grounding (on for a folder with masks only where the config sets it: datasets.build_dataset)
+    # ties every word of a caption to its image's mask; "" grounds nothing, having no token.
+    token_object = caption_targets(distinct, encoder.offsets) if cfg.train.grounding_weight > 0 else None
     return StreamingData(
-        folder, store, caption_rows, row_of[""], cfg.train.seed, cfg.data.workers, accelerator.device
+        folder, store, caption_rows, row_of[""], cfg.train.seed, cfg.data.workers, accelerator.device, token_object
     ), encoder

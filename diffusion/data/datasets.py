@@ -14,15 +14,17 @@ from torch.utils.data import Dataset
 
 from diffusion.data.image_folder import ImageFolderDataset
 from diffusion.data.shapes import Omission, ShapesDataset
-from diffusion.errors import UserError
+from diffusion.errors import UserError, one_line
 
 
-def build_dataset(data_config) -> Dataset:
+def build_dataset(data_config, grounded: bool = False) -> Dataset:
     """The dataset described by `data_config`, the config's `data` section: any object with
     attributes kind ("shapes" or "imagefolder"), resolution, num_samples, min_objects,
     max_objects, object_weights, omit_colour, omit_shape, omit_position, omit_size, seed, holdout
     (list of "colour shape"), path, center_crop, random_flip, skip_bad.
-    Shapes training data always excludes the holdout pairs."""
+    Shapes training data always excludes the holdout pairs.
+    grounded: the grounding loss will read the objects' masks (train.grounding_weight > 0); the
+    shapes draw theirs, a folder must name them in its metadata, else a one-line UserError."""
     kind = data_config.kind
     if kind == "shapes":
         return ShapesDataset(
@@ -46,11 +48,22 @@ def build_dataset(data_config) -> Dataset:
             raise UserError(
                 "data.path is required when data.kind is imagefolder; set it to a folder of captioned images"
             )
-        return ImageFolderDataset(
+        folder = ImageFolderDataset(
             data_config.path,
             data_config.resolution,
             center_crop=data_config.center_crop,
             random_flip=data_config.random_flip,
             skip_bad=data_config.skip_bad,
         )
+        if grounded and not folder.masked:
+            # Only the folder can say whether it has masks, so this is checked here, not in config.py.
+            raise UserError(
+                one_line(
+                    f"train.grounding_weight needs object masks, and no image in {data_config.path} has one "
+                    '(a "mask" path on its metadata.jsonl line, as python -m diffusion.data.fetch writes); '
+                    "remove train.grounding_weight and train.grounding_pixel_weight (grounding is then off "
+                    "by itself) or set them to 0"
+                )
+            )
+        return folder
     raise UserError(f"unknown data.kind {kind!r}; use 'shapes' or 'imagefolder'")

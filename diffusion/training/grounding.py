@@ -2,8 +2,9 @@
 
 Why: with a frozen CLIP, a UNet can draw every prompt right while its per-word maps point
 anywhere, because later tokens of a causal encoder summarise the caption and the UNet reads
-what it needs from them. Where the data has object masks (the shapes set), this loss asks each
-colour and shape word to put its attention on its own object:
+what it needs from them. Where the data has object masks (the shapes set, an image folder whose
+metadata names a mask per image), this loss asks each colour and shape word (a folder's caption:
+each of its words, `caption_targets`) to put its attention on its own object:
 
     for every colour/shape token t naming object k, at every grounded layer:
         share_t = sum_p A[p, t] * M_k[p] / sum_p A[p, t]      A: head-averaged probabilities
@@ -50,6 +51,20 @@ def grounding_targets(scenes: list[Scene], offsets_of) -> torch.Tensor:
                     overlaps = (begin[row] < e) & (end[row] > s) & (end[row] > begin[row])
                     token_object[start + row, overlaps] = k
     return token_object
+
+
+def caption_targets(captions: list[str], offsets_of) -> torch.Tensor:
+    """Which object each token of one-object captions names: every token of a caption's text
+    (an image folder's caption names the one thing its image shows, "red apple") names object 0,
+    the image's foreground mask; start, end and padding tokens name none.
+
+    captions: N distinct captions; offsets_of: as for `grounding_targets`.
+    Returns token_object (N, T) int8: 0, or -1 for tokens that name nothing."""
+    chunks = []
+    for start in range(0, len(captions), 1024):
+        offsets = offsets_of(captions[start : start + 1024])  # (b, T, 2); (0, 0) for special tokens
+        chunks.append(torch.where(offsets[..., 1] > offsets[..., 0], 0, -1).to(torch.int8))
+    return torch.cat(chunks)
 
 
 class GroundingLoss(AttentionController):

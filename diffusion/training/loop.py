@@ -432,7 +432,8 @@ def train(cfg: Config, output_dir: str | Path, resume: str | None = None) -> Pat
     """Train per `cfg` into `output_dir`; returns the exported model folder."""
     output_dir = Path(output_dir)
     checkpoint = check_resume(cfg, output_dir, resume)
-    dataset = build_dataset(cfg.data)  # checks the data settings before anything is written
+    # checks the data settings (and that a grounded folder has masks) before anything is written
+    dataset = build_dataset(cfg.data, grounded=cfg.train.grounding_weight > 0)
     if cfg.data.kind == "imagefolder":
         cache_folder(cfg.data.embedding_cache)  # likewise where the text states go
     prepare_output_dir(output_dir)
