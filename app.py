@@ -377,7 +377,9 @@ def main(argv=None):
         f"{first.seconds * 1000:.0f} ms uncompiled): http://{args.host}:{args.port}",
         flush=True,
     )
-    if not args.no_compile and editor.compilable:
+    if editor.not_compiled:
+        print(f"note: {editor.not_compiled}; renders run uncompiled", flush=True)
+    elif not args.no_compile:
         print(
             "compiling the UNet for one-image renders in the background (a minute or more on 2 CPU cores; "
             "--no-compile skips it); renders run uncompiled until it is ready",

@@ -2,6 +2,7 @@
 
     python bench/bench_training.py                      # minutes on a laptop CPU; run it alone
     python bench/bench_training.py --steps 30 --json runs/bench_training.json
+    python bench/bench_training.py --config configs/shapes-unet2d.yaml   # another model, same recipe
 
 Measures, on this machine and its current load (run it alone):
 - the matmul peak: the best of several 2048^3 products in bf16 and in float32 (GFLOP/s);
@@ -30,7 +31,7 @@ from accelerate import Accelerator
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion.cli import tune_malloc
-from diffusion.config import Config
+from diffusion.config import Config, load_config
 from diffusion.data.batches import InMemoryData, drop_captions
 from diffusion.data.datasets import build_dataset
 from diffusion.model.text_encoder import TextEncoder
@@ -90,10 +91,11 @@ def summarise(results: dict[str, list[float]], flops: int, cfg: Config, accelera
         "step GFLOP/s": gflops,
         "share of the bf16 peak": gflops / best["bf16 peak GFLOP/s"],
         "threads": torch.get_num_threads(),
+        "model.kind": cfg.model.kind,
         "mixed precision": accelerator.mixed_precision,
         "cpu": cpu_name(),
     }
-    print(f"CPU: {report['cpu']}")
+    print(f"CPU: {report['cpu']}; model.kind {cfg.model.kind}, model.channels {cfg.model.channels}")
     print(f"matmul peak: bf16 {best['bf16 peak GFLOP/s']:.0f} GFLOP/s, float32 {best['float32 peak GFLOP/s']:.0f}")
     print(
         f"UNet training step (batch {cfg.train.batch_size}, {accelerator.mixed_precision}, "
@@ -113,11 +115,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20, help="training steps timed per round")
     parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds; the best of each is kept")
     parser.add_argument("--clip-steps", type=int, default=5, help="CLIP steps timed per round and precision")
+    parser.add_argument("--config", help="YAML config whose model is timed (default: the built-in defaults)")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. model.kind=unet2d")
     args = parser.parse_args()
     tune_malloc()
     torch.manual_seed(0)
-    cfg = Config()
+    cfg = load_config(args.config, args.overrides)
     accelerator = Accelerator(cpu=True, mixed_precision=resolve_mixed_precision("auto", torch.device("cpu")))
     dataset = build_dataset(dataclasses.replace(cfg.data, num_samples=2048))
     images, captions, masks, scenes = dataset.render_with_masks(progress=False)

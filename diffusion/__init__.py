@@ -17,6 +17,7 @@ _EXPORTS = {
     "Pipeline": "sampling.pipeline",
     "PipelineOutput": "sampling.pipeline",
     "UNet": "model.unet",
+    "DiffusersUNet": "model.unet2d",
     "UserError": "errors",
     "Weighting": "control.weighting",
     # diffusers' DiffusionPipeline.from_pretrained finds how to load a component (["diffusion", "UNet"]

@@ -28,8 +28,9 @@ from diffusion.errors import UserError
 
 @dataclass
 class ModelConfig:
-    """The UNet (model/unet.py)."""
+    """The UNet (model/unet.py, or model/unet2d.py with kind unet2d)."""
 
+    kind: str = "unet"  # unet (model/unet.py) or unet2d (diffusers' UNet2DConditionModel: no position embedding)
     channels: list[int] = field(  # width of each level; level i works at data.resolution / 2**i (multiples of 8)
         default_factory=lambda: [32, 64, 128]
     )
@@ -189,6 +190,7 @@ DEFAULT_WEIGHT_STEPS = {"attention": (0.0, 1.0), "embedding": (0.0, 0.3)}
 EVALUATION_PARTS = ("faithfulness", "localisation", "edit", "prior", "swap", "samplers")
 DEFAULT_PARTS = ("faithfulness", "localisation", "edit", "prior", "swap")
 CHOICES = {
+    "model.kind": ("unet", "unet2d"),
     "data.kind": ("shapes", "imagefolder"),
     "train.mixed_precision": MIXED_PRECISION,
     "train.prediction_type": ("epsilon", "v_prediction"),
@@ -385,6 +387,12 @@ def _check_combinations(cfg: Config) -> None:
             "train.grounding_pixel_weight is part of the grounding loss, which is off; "
             "set train.grounding_pixel_weight=0 too, or train.grounding_weight > 0 (e.g. 0.05)"
         )
+    for option in ("values_from_token_embeddings", "pooled_text"):
+        if cfg.model.kind == "unet2d" and getattr(cfg.model, option):
+            raise UserError(
+                f"model.{option} is an option of this project's UNet, which model.kind unet2d "
+                "(a diffusers UNet2DConditionModel) does not have: remove it, or set model.kind=unet"
+            )
     if cfg.model.values_from_token_embeddings and not cfg.text.concat_token_embeddings:
         raise UserError(
             "model.values_from_token_embeddings reads the token embeddings that "

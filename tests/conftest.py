@@ -113,6 +113,15 @@ SLOW_TESTS = {
         "test_sample_py_draws_weights_maps_and_swaps_from_a_stock_folder",
         "test_the_app_builds_its_page_on_a_stock_folder",
     },
+    "test_unet2d.py": {  # each trains the tiny unet2d run (once per module) or runs a command line
+        "test_a_unet2d_run_trains_with_grounding_and_exports_a_folder_that_loads",
+        "test_an_unknown_unet_class_in_a_folder_is_one_line",
+        "test_diffusers_loads_an_exported_unet2d",
+        "test_resuming_checks_the_kind_and_takes_checkpoints_from_before_it_for_unet",
+        "test_sample_and_evaluate_accept_a_unet2d_folder",
+        "test_the_editor_renders_a_unet2d_uncompiled_and_says_why",
+        "test_the_exported_unet2d_gives_the_images_of_the_trained_one",
+    },
     "test_training.py": {
         "test_captions_leave_words_out_only_from_data_omit_from_on",
         "test_the_small_clip_learns_every_caption_whole_and_its_tokenizer_covers_the_unets",

@@ -233,3 +233,22 @@ def test_a_later_evaluation_of_the_prior_replaces_its_details(tmp_path):
     assert loaded[0]["prior"]["n"] == 64 and loaded[0]["prior"]["colour deleted drawn"] == 0.5
     assert loaded[0]["targets"]["prior/colour deleted: one clean object"]["value"] == 0.5
     assert loaded[1]["prior"]["n"] == 12  # no later evaluation: its own
+
+
+def test_the_unet2d_section_merges_its_reports_beside_the_default(tmp_path):
+    docs = tmp_path / "docs"
+    default = {"n": 200, "targets": {"faithfulness/position": {"value": 1.0, "target": 0.95, "met": True}}}
+    assert results.unet2d_section(docs, default) == []  # not measured: results.md as before
+    (docs / "unet2d").mkdir(parents=True)
+    config = "model: {kind: unet2d, channels: [24, 48, 96]}\ntrain: {max_steps: 1600}\n"
+    (docs / "unet2d" / "config.yaml").write_text(config)  # the run's, as its model folder has it
+    base = {"n": 100, "sampler": "euler", "guidance": 3.0, "mixed_precision": "bf16"}
+    faithfulness = {"faithfulness/position": {"value": 0.65, "target": 0.95, "met": False}}
+    swap = {"swap/colour swap at edit steps 0.6: old gone": {"value": 1.0, "target": 0.95, "met": True}}
+    (docs / "unet2d" / "report.json").write_text(json.dumps({**base, "seconds": 10, "targets": faithfulness}))
+    (docs / "unet2d" / "report-edits.json").write_text(json.dumps({**base, "seconds": 5, "targets": swap}))
+    lines = results.unet2d_section(docs, default)
+    text = "\n".join(lines)
+    assert "**unet2d: 1 of 2 measured targets met.**" in text and "bf16, 15 s" in text and "51,200 training" in text
+    assert "| faithfulness/position | 1.000 | 0.650 | 0.950 | no |" in text
+    assert "| swap/colour swap at edit steps 0.6: old gone | - | 1.000 | 0.950 | yes |" in text

@@ -1,5 +1,5 @@
 """The project's prompt tools on stock diffusers pipelines (diffusion/sampling/stock.py, through
-diffusion/control/diffusers_adapter.py): tiny Stable Diffusion 1.x- and SDXL-shaped pipelines
+diffusion/model/diffusers_adapter.py): tiny Stable Diffusion 1.x- and SDXL-shaped pipelines
 built from configs with random weights and locally fitted tokenizers, saved with save_pretrained
 and loaded back from the folder, as a user's local model is."""
 
@@ -17,11 +17,11 @@ from diffusers import (
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from diffusion.control.controllers import AttentionRecorder, AttentionReweighter, LocalBlend
-from diffusion.control.diffusers_adapter import AttentionAdapter, check_supported
 from diffusion.control.prompts import parse_prompt
 from diffusion.control.weighting import Weighting, condition, token_weights
 from diffusion.errors import UserError
 from diffusion.model.attention import AttentionCall, AttentionController
+from diffusion.model.diffusers_adapter import AttentionAdapter, check_supported
 from diffusion.sampling.settings import SamplingSettings
 from diffusion.sampling.stock import load_pipeline, pooled_condition, stock_sampler
 from diffusion.training.clip import clip_text_config, fit_tokenizer
@@ -369,7 +369,7 @@ def test_the_editor_renders_and_swaps_on_a_stock_folder(stock_folders):
     from diffusion.editor import service
 
     editor = service.Editor.load(stock_folders["sdxl"], device="cpu")
-    assert not editor.compilable and editor.status() == "renders: uncompiled"
+    assert not editor.compilable and editor.status().startswith("renders: uncompiled (UNet2DConditionModel")
     result = editor.render("a (red:0.5) circle on the left", service.Settings(steps=2))
     assert len(result.output.images) == 1 and result.output.images[0].size == (16, 16)
     assert set(result.maps(0, 2)) == {"a", "red", "circle", "on", "the", "left"}

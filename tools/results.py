@@ -3,9 +3,11 @@
     python tools/results.py
 
 Reads docs/report.json (`evaluate.py --model runs/shapes/model --n 200 --n-edit 64 --n-swap 64
---swap-sweep --out docs/report.json`), the bench outputs in docs/bench/ (each bench's --json) and
-docs/what-we-tried.md (the one hand-written part: what was tried, what it did, kept or not), so
-that no number is copied by hand. README.md's table sits between the two RESULTS markers.
+--swap-sweep --out docs/report.json`), docs/unet2d/ (the same for the model of
+configs/shapes-unet2d.yaml with its config.yaml, and bench/bench_training.py of both models: "On a
+diffusers UNet"), the bench outputs in docs/bench/ (each bench's --json) and docs/what-we-tried.md
+(the one hand-written part: what was tried, what it did, kept or not), so that no number is copied
+by hand. README.md's table sits between the two RESULTS markers.
 Where they exist, also the reports of tools/seeds.py (docs/seeds/<tag>/seed-K.json: "Training
 seeds") and docs/seeds/curve.json ([{"images", "seed", "report": path from docs/}]: "Training images").
 """
@@ -49,7 +51,8 @@ def faithfulness_rows(report: dict) -> list[list]:
     return rows
 
 
-def edit_section(report: dict) -> list[str]:
+def edit_section(report: dict, pictures: str = "report") -> list[str]:
+    """The weight table of `report`; pictures: its PNGs' names less "-edit.png", from docs/."""
     edit = report["edit"]
     lines = [f"### Weights ({edit['n']} one-object prompts; drawn = one clean object)", ""]
     header = ["word", "mode", "weight", "drawn", "present", "named, of drawn", "area", "attention share", "grain"]
@@ -59,11 +62,12 @@ def edit_section(report: dict) -> list[str]:
     ]
     rows += [[r["word"], r["mode"], r["weight"], *(r.get(key) for key in keys)] for r in edit["rows"]]
     lines += table(header, rows)
-    lines += ["", "![weight response](report-edit.png)", ""]
+    lines += ["", f"![weight response]({pictures}-edit.png)", ""]
     return lines
 
 
-def swap_section(report: dict) -> list[str]:
+def swap_section(report: dict, pictures: str = "report") -> list[str]:
+    """The word-swap table of `report`; pictures: its PNGs' names less "-swap.png", from docs/."""
     swap = report["swap"]
     measures = SWAP_MEASURES
     lines = [
@@ -78,7 +82,13 @@ def swap_section(report: dict) -> list[str]:
         for steps, rates in values["by_steps"].items()
     ]
     lines += table(["kind", "edit steps", "scored", *measures], rows)
-    lines += ["", "![swap rates](report-swap.png)", "", "![source and edit](report-swap-strip.png)", ""]
+    lines += [
+        "",
+        f"![swap rates]({pictures}-swap.png)",
+        "",
+        f"![source and edit]({pictures}-swap-strip.png)",
+        "",
+    ]
     return lines
 
 
@@ -406,6 +416,83 @@ def folder_section(docs: Path) -> list[str]:
     return lines
 
 
+def merged(reports: list[dict]) -> dict:
+    """One report from evaluate.py runs of one model over different --parts: each part from the
+    run that measured it, the targets of all, the seconds added up."""
+    report = {key: value for part in reports for key, value in part.items()}
+    report["targets"] = {key: value for part in reports for key, value in part["targets"].items()}
+    report["seconds"] = sum(part["seconds"] for part in reports)
+    return report
+
+
+def unet2d_section(docs: Path, default: dict) -> list[str]:
+    """The default recipe on a diffusers UNet2DConditionModel (configs/shapes-unet2d.yaml), its
+    controllers reached through the attention adapter, beside the default: docs/unet2d/report*.json
+    (evaluate.py, one run or several over different --parts) with the run's config.yaml, the
+    default's report and, where tools/seeds.py measured the default at the same number of training
+    images (docs/seeds/images-<images>), its mean over the seeds; both models' training speed timed
+    alike (docs/unet2d/bench-unet.json, bench-unet2d.json: bench/bench_training.py). Nothing when it
+    has not been measured."""
+    folder = docs / "unet2d"
+    parts = [json.loads(f.read_text()) for f in sorted(folder.glob("report*.json"))]
+    if not parts:
+        return []
+    report = merged(parts)
+    trained = folder / "config.yaml"  # the resolved config of the run (its model folder's)
+    cfg = load_config(trained if trained.is_file() else docs.parent / "configs" / "shapes-unet2d.yaml")
+    images = cfg.train.max_steps * cfg.train.batch_size
+    lines = [
+        "## On a diffusers UNet (model.kind unet2d)",
+        "",
+        f"`configs/shapes-unet2d.yaml`: the default recipe on a diffusers `UNet2DConditionModel` of widths "
+        f"{cfg.model.channels} (the default's UNet: {load_config(None).model.channels}), {images:,} training "
+        f"images; the recorder, weights, swaps and grounding loss reach its cross-attention through "
+        f"diffusion/model/diffusers_adapter.py. Evaluated as the default's report, at n = {report['n']} "
+        f"prompts per category (the default's: {default['n']}), {report['sampler']} 20 steps, guidance "
+        f"{report['guidance']:g}, {report['mixed_precision']}, {report['seconds']:.0f} s; the weight and swap "
+        "tables give their own n.",
+        "",
+    ]
+    speed = [json.loads(f.read_text()) for kind in ("unet", "unet2d") if (f := folder / f"bench-{kind}.json").is_file()]
+    if speed:
+        lines += [
+            "Training speed, both timed the same way (bench/bench_training.py, "
+            f"{speed[0]['threads']} thread of {speed[0]['cpu']}, the default's batch of 32): "
+            + ", ".join(f"{t['model.kind']} {t['images/s']:.0f} images/s" for t in speed)
+            + ".",
+            "",
+        ]
+    same_images = docs / "seeds" / f"images-{images}"
+    baseline = summarise(load_reports(same_images)) if list(same_images.glob("seed-*.json")) else {}
+    recipe = load_config(None).train  # the default's report is of the default config
+    header = [
+        "target",
+        f"default ({recipe.max_steps * recipe.batch_size:,} images)",
+        *([f"default, {images:,} images (mean of seeds)"] * bool(baseline)),
+    ]
+    header += ["unet2d", "goal", "unet2d met"]
+    rows = []
+    for key in dict.fromkeys([*default["targets"], *report["targets"]]):
+        a, b = default["targets"].get(key, {}), report["targets"].get(key, {})
+        same = [baseline[key]["mean"] if key in baseline else "-"] if baseline else []
+        rows.append(
+            [key, a.get("value", "-"), *same, b.get("value", "-"), b.get("target", a.get("target")), b.get("met", "-")]
+        )
+    met = [t["met"] for t in report["targets"].values() if t["met"] is not None]
+    lines += [f"**unet2d: {sum(met)} of {len(met)} measured targets met.**", ""]
+    lines += table(header, rows) + ["", "### Faithfulness (unet2d)", ""]
+    lines += table(["category", "score", "n", "target", "met"], faithfulness_rows(report))
+    lines += ["", "### Attention localisation (unet2d)", ""]
+    for where, values in report.get("localisation", {}).items():
+        lines.append(f"- {where} images: " + ", ".join(f"{k} {fmt(v)}" for k, v in values.items()))
+    lines += [""]
+    if "edit" in report:
+        lines += edit_section(report, "unet2d/report-edits")  # evaluate.py --parts edit,swap --out report-edits.json
+    if "swap" in report:
+        lines += swap_section(report, "unet2d/report-edits")
+    return lines
+
+
 def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> str:
     lines = [
         "# Results",
@@ -449,6 +536,7 @@ def results(report: dict, benches: dict, tried: str, seeds: list[str] = ()) -> s
             [[name, *[scores[s] for s in steps]] for name, scores in sweep["scores"].items()],
         ) + [""]
     lines += folder_section(DOCS)
+    lines += unet2d_section(DOCS, report)
     lines += ["## Speed and memory", ""] + bench_section(benches)
     reliability = reliability_section(benches)
     if reliability:

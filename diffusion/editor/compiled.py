@@ -54,6 +54,15 @@ class _GraphController(AttentionController):
         return probabilities
 
 
+def not_compiled_because(unet) -> str | None:
+    """Why `CompiledUNet` cannot take `unet` (None: it can). The graph hands its controller to this
+    project's UNet; a diffusers UNet (model.kind unet2d, or a Stable Diffusion folder's) reaches its
+    controllers through the attention adapter's Python state, which a graph would rebuild at every step."""
+    if isinstance(unet, UNet):
+        return None
+    return f"{type(unet).__name__} is not compiled: a diffusers UNet's controllers run in its attention processors"
+
+
 class CompiledUNet:
     """Call it as the UNet is called when sampling (`UNet.forward`'s arguments).
 

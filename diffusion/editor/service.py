@@ -31,7 +31,7 @@ from diffusion.config import DEFAULT_SAMPLER, WEIGHT_CONTEXTS, WEIGHT_MODES
 from diffusion.control.controllers import AttentionRecorder
 from diffusion.control.prompts import parse_prompt, set_word_weight, split_words
 from diffusion.control.weighting import Weighting
-from diffusion.editor.compiled import CompiledUNet
+from diffusion.editor.compiled import CompiledUNet, not_compiled_because
 from diffusion.errors import UserError
 from diffusion.images import attention_shares, save_png, write_attention_maps
 from diffusion.sampling.pipeline import Pipeline, PipelineOutput, merge_word_maps
@@ -192,6 +192,7 @@ class Editor:
         self.render_ms: dict[str, float] = {}  # the compiled renders' timing, when `compile` chose
         self.compiling = False  # a `compile_in_background` is under way
         self.compile_error: str | None = None  # the first line of why compiling failed
+        self.not_compiled = not_compiled_because(pipeline.unet)  # why this UNet renders eager (None: it compiles)
         if small_batch_precision is None:
             self.unet_ms = unet_milliseconds(self.pipelines, FLOAT32_MAX_BATCH)
             fast = self.unet_ms["no"] <= FLOAT32_MAX_TIME * self.unet_ms[self.default_precision]
@@ -217,7 +218,7 @@ class Editor:
     @property
     def compilable(self) -> bool:
         """Whether `compile` can work: `CompiledUNet` compiles this project's UNet, not a diffusers one."""
-        return isinstance(self.pipeline, Pipeline)
+        return self.not_compiled is None
 
     def compile(self) -> float:
         """Compile the UNet for one-image renders (`CompiledUNet` for UNet calls of 2 rows, one
@@ -235,6 +236,9 @@ class Editor:
         The uncompiled timing does not predict the compiled one: frozen into the graph, bf16
         weights are cast once, not per call, so a CPU that times the two alike uncompiled can
         render faster in compiled bf16."""
+        if self.not_compiled:
+            print(f"note: {self.not_compiled}; renders stay uncompiled", flush=True)
+            return 0.0
         candidates = sorted(self.unet_ms) if self.unet_ms else [self.small_batch_precision]
         start = time.perf_counter()
         try:
@@ -302,6 +306,8 @@ class Editor:
             return "renders: uncompiled (compiling in the background…)"
         if self.compile_error:
             return f"renders: uncompiled (torch.compile failed: {self.compile_error})"
+        if self.not_compiled:
+            return f"renders: uncompiled ({self.not_compiled})"
         return "renders: uncompiled"
 
     def warm_up(self) -> Result:

@@ -55,10 +55,26 @@ from diffusion.images import to_pil
 from diffusion.model.attention import AttentionController
 from diffusion.model.text_encoder import TextEncoder
 from diffusion.model.unet import UNet, estimate_clean
+from diffusion.model.unet2d import DiffusersUNet
 from diffusion.precision import autocast, resolve_mixed_precision
 from diffusion.sampling.model_folder import FORMAT_VERSION, PIPELINE_FILE, check_index
 from diffusion.sampling.samplers import make_sampler, sampler_timesteps, set_sampler_timesteps
 from diffusion.sampling.settings import SamplingSettings
+
+# The denoisers an exported folder's unet/ may hold, by the class name in its config.json
+# (model.kind unet and unet2d); folders exported before unet2d hold a UNet.
+UNET_CLASSES = {"UNet": UNet, "DiffusersUNet": DiffusersUNet}
+
+
+def unet_class(folder: Path) -> type[UNet] | type[DiffusersUNet]:
+    """The class of the UNet saved in `folder` (an exported model's unet/), from its config.json."""
+    try:
+        name = json.loads((folder / "config.json").read_text()).get("_class_name", "UNet")
+    except (OSError, ValueError):
+        return UNet  # no readable config: UNet.from_pretrained says what is wrong in its one line
+    if name not in UNET_CLASSES:
+        raise UserError(f"cannot load '{folder}': its UNet class {name!r} is none of {', '.join(UNET_CLASSES)}")
+    return UNET_CLASSES[name]
 
 
 def default_device() -> torch.device:
@@ -422,7 +438,7 @@ class PromptSampling:
 class Pipeline(PromptSampling, DiffusionPipeline):
     def __init__(
         self,
-        unet: UNet,
+        unet: UNet | DiffusersUNet,
         text_encoder: CLIPTextModel,
         tokenizer: CLIPTokenizer,
         scheduler: DDPMScheduler,
@@ -446,7 +462,7 @@ class Pipeline(PromptSampling, DiffusionPipeline):
     @classmethod
     def from_parts(
         cls,
-        unet: UNet,
+        unet: UNet | DiffusersUNet,
         encoder: TextEncoder,
         scheduler_config: dict,
         device: torch.device | str | None = None,
@@ -474,7 +490,7 @@ class Pipeline(PromptSampling, DiffusionPipeline):
         verbosity = diffusers_logging.get_verbosity()
         diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)  # our one-line error, not diffusers' log
         try:
-            unet = UNet.from_pretrained(path / "unet", use_safetensors=True)
+            unet = unet_class(path / "unet").from_pretrained(path / "unet", use_safetensors=True)
         except (OSError, ValueError, RuntimeError) as error:
             raise UserError(f"cannot load '{path / 'unet'}': {str(error).splitlines()[0]}") from None
         finally:
@@ -502,7 +518,7 @@ class Pipeline(PromptSampling, DiffusionPipeline):
             "_class_name": ["pipeline", "Pipeline"],  # the class in pipeline.py, for diffusers
             "_diffusers_version": diffusers.__version__,
             "format_version": FORMAT_VERSION,
-            "unet": ["diffusion", "UNet"],
+            "unet": ["diffusion", type(self.unet).__name__],
             "text_encoder": ["transformers", "CLIPTextModel"],
             "tokenizer": ["transformers", "CLIPTokenizer"],
             "scheduler": ["diffusers", "DDPMScheduler"],

@@ -10,7 +10,7 @@ and renders through that pipeline's own `__call__`, so with no controller and ev
 images are the stock pipeline's bit for bit (same generators, same scheduler). What it adds:
 
 - per-word maps, attention-mode weights and a word swap's injected maps: the project's controllers
-  on the UNet's cross-attention layers through `AttentionAdapter` (diffusion/control/
+  on the UNet's cross-attention layers through `AttentionAdapter` (diffusion/model/
   diffusers_adapter.py: attention processors, nothing patched), at every resolution the UNet has
   and for as many tokens as its tokenizer gives; maps come at the latent resolution;
 - embedding-mode weights and the faded context of `--weight-context fade`: the text states as
@@ -56,10 +56,10 @@ from diffusers import DPMSolverMultistepScheduler
 from diffusers.utils import logging as diffusers_logging
 
 from diffusion.control.controllers import step_in_window
-from diffusion.control.diffusers_adapter import check_supported, controlled
 from diffusion.control.prompts import delete_tokens
 from diffusion.control.weighting import Weighting, condition
 from diffusion.errors import UserError
+from diffusion.model.diffusers_adapter import check_supported, controlled
 from diffusion.model.text_encoder import quiet_transformers
 from diffusion.precision import resolve_mixed_precision
 from diffusion.sampling.pipeline import Pipeline, PromptSampling, as_generators, default_device

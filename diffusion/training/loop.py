@@ -44,6 +44,7 @@ from diffusion.errors import UserError
 from diffusion.images import labelled_grid, save_png
 from diffusion.model.text_encoder import TextEncoder
 from diffusion.model.unet import UNet, estimate_clean, unet_settings
+from diffusion.model.unet2d import DiffusersUNet, unet2d_settings
 from diffusion.precision import resolve_mixed_precision
 from diffusion.sampling.pipeline import Pipeline
 from diffusion.training.grounding import GroundingLoss
@@ -170,9 +171,11 @@ class TrainStep:
         return loss.detach(), None if grounding_loss is None else grounding_loss.detach()
 
 
-def new_unet(cfg: Config, encoder: TextEncoder) -> UNet:
-    """The UNet a config describes, for `encoder`'s text states (the token embeddings, when
-    appended, start after the contextual states: text.concat_token_embeddings)."""
+def new_unet(cfg: Config, encoder: TextEncoder) -> UNet | DiffusersUNet:
+    """The UNet a config describes (`model.kind`), for `encoder`'s text states (the token
+    embeddings, when appended, start after the contextual states: text.concat_token_embeddings)."""
+    if cfg.model.kind == "unet2d":
+        return DiffusersUNet(**unet2d_settings(cfg, encoder.embedding_dim))
     return UNet(**unet_settings(cfg, encoder.embedding_dim, value_context_start=encoder.model.config.hidden_size))
 
 
@@ -185,7 +188,7 @@ def noise_schedule(cfg: Config) -> DDPMScheduler:
     )
 
 
-def new_optimizer(cfg: Config, unet: UNet, device: torch.device) -> torch.optim.Optimizer:
+def new_optimizer(cfg: Config, unet: UNet | DiffusersUNet, device: torch.device) -> torch.optim.Optimizer:
     # One fused kernel for all parameters where PyTorch has it, instead of a loop over them.
     fused = device.type in ("cpu", "cuda") or None
     return torch.optim.AdamW(unet.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=fused)
@@ -216,7 +219,8 @@ def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | No
         checkpoint = {**ckpt.load_checkpoint(resume_path), "path": resume_path} if resume_path else None
     if checkpoint:
         resume_path = checkpoint["path"]
-        saved = checkpoint["state"].get("config", {})
+        saved = dict(checkpoint["state"].get("config", {}))
+        saved["model"] = {"kind": "unet", **saved.get("model", {})}  # checkpoints from before model.kind
         for section in ("model", "text", "data"):
             if _results_settings(saved.get(section)) != _results_settings(cfg.to_dict()[section]):
                 raise UserError(
@@ -262,7 +266,7 @@ class Trainer:
             decay=cfg.train.ema_decay,
             use_ema_warmup=True,
             power=3 / 4,
-            model_cls=UNet,
+            model_cls=type(unet),
             model_config=unet.config,
         )
         self.step = 0
