@@ -229,6 +229,7 @@ def test_resuming_checks_the_kind_and_takes_checkpoints_from_before_it_for_unet(
     state_file = run_copy / "checkpoints" / "step-000004" / "state.json"
     state = json.loads(state_file.read_text())
     del state["config"]["model"]["kind"]  # written before model.kind
+    del state["config"]["model"]["pooled_text"]  # and before model.pooled_text
     state_file.write_text(json.dumps(state))
     assert check_resume(config_from_dict(tiny_dict), run_copy, "latest")["step"] == 4
 

@@ -198,6 +198,11 @@ def new_optimizer(cfg: Config, unet: UNet | DiffusersUNet, device: torch.device)
 HOW_DATA_IS_READ = ("workers", "embedding_cache")
 
 
+# Model keys added after checkpoints were written, with the value that those runs trained with:
+# a checkpoint without them resumes under a config that has these values.
+ADDED_MODEL_KEYS = {"kind": "unet", "pooled_text": False}
+
+
 def _results_settings(section: dict | None) -> dict:
     """A config section without the keys of HOW_DATA_IS_READ (absent from older checkpoints too)."""
     return {key: value for key, value in (section or {}).items() if key not in HOW_DATA_IS_READ}
@@ -220,7 +225,7 @@ def check_resume(cfg: Config, output_dir: Path, resume: str | None) -> dict | No
     if checkpoint:
         resume_path = checkpoint["path"]
         saved = dict(checkpoint["state"].get("config", {}))
-        saved["model"] = {"kind": "unet", **saved.get("model", {})}  # checkpoints from before model.kind
+        saved["model"] = {**ADDED_MODEL_KEYS, **saved.get("model", {})}
         for section in ("model", "text", "data"):
             if _results_settings(saved.get(section)) != _results_settings(cfg.to_dict()[section]):
                 raise UserError(
