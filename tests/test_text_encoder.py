@@ -218,7 +218,7 @@ def test_remember_keeps_the_last_calls_bit_for_bit_and_no_more(tokenizer, clip, 
     assert len(remembering._remembered) == 0
     remembering.encode(["x"])
     assert calls[-1] == ["x"] and len(remembering._remembered) == 0
-    assert encoder._remember == 0  # off unless asked for
+    assert encoder._remembered.size == 0  # off unless asked for
 
 
 def flat_colour_images(per_colour, generator):

@@ -108,6 +108,48 @@ def _load_clip_text(name_or_path: str) -> tuple[CLIPTokenizer, CLIPTextModel]:
     return tokenizer, model
 
 
+class RecentResults:
+    """The results of the last `size` distinct calls of a deterministic function (a text
+    encoder's), least recently used first out; `size` 0 keeps none. Each OrderedDict call is
+    atomic under the GIL, so two threads (the editor's request and compile threads) may share it
+    without a lock: a race costs a computation, never a wrong result."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._results: OrderedDict = OrderedDict()
+
+    def get(self, key, compute):
+        """The result kept for `key`, or `compute()`'s, then kept (when `size` allows)."""
+        found = self._results.get(key)
+        if found is None:
+            found = compute()
+            if self.size:
+                self._results[key] = found
+                self._trim()
+        else:
+            with contextlib.suppress(KeyError):  # another thread may have just let it go
+                self._results.move_to_end(key)
+        return found
+
+    def resize(self, size: int) -> None:
+        self.size = size
+        self._trim()
+
+    def clear(self) -> None:
+        self._results.clear()
+
+    def _trim(self) -> None:
+        while len(self._results) > self.size:
+            with contextlib.suppress(KeyError):
+                self._results.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._results)
+
+    def __contains__(self, key) -> bool:
+        return key in self._results
+
+
 class TextEncoder(nn.Module):
     """A frozen CLIP text model that turns prompts into per-token embeddings for cross-attention."""
 
@@ -153,8 +195,7 @@ class TextEncoder(nn.Module):
         self.mask_eos = mask_eos
         self.concat_token_embeddings = concat_token_embeddings
         self._max_length = max_length
-        self._remembered: OrderedDict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
-        self._remember = 0  # calls `encode` keeps (`remember`); 0: none
+        self._remembered = RecentResults(0)  # the calls `encode` keeps (`remember`); 0: none
 
     @classmethod
     def from_pretrained(
@@ -274,16 +315,7 @@ class TextEncoder(nn.Module):
         down-weighted words, the prompt without them; a moved slider or a new seed asks for most of
         these again. The encoder is deterministic, so a kept result is the one it would compute.
         The key is the whole list: a batch's rows are kept as that batch computed them."""
-        self._remember = calls
-        self._forget(calls)
-
-    def _forget(self, keep: int) -> None:
-        """Let the least recently used results go until `keep` are left. Each OrderedDict call is
-        atomic under the GIL, so the editor's two threads (a request's, the compile's) may share
-        the encoder without a lock; a race costs an encoding, never a wrong one."""
-        while len(self._remembered) > keep:
-            with contextlib.suppress(KeyError):
-                self._remembered.popitem(last=False)
+        self._remembered.resize(calls)
 
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed prompts token by token.
@@ -296,19 +328,10 @@ class TextEncoder(nn.Module):
         with `mask_eos`, the end token. The start token is always kept, so even the empty prompt
         has one True.
         """
-        if not self._remember:
+        if not self._remembered.size:
             return self._encode(prompts)
         _check_prompts(prompts)
-        key = tuple(prompts)
-        found = self._remembered.get(key)
-        if found is None:
-            found = self._encode(prompts)
-            self._remembered[key] = found
-            self._forget(self._remember)
-        else:
-            with contextlib.suppress(KeyError):  # another thread may have just let it go
-                self._remembered.move_to_end(key)
-        embeddings, key_mask = found
+        embeddings, key_mask = self._remembered.get(tuple(prompts), lambda: self._encode(prompts))
         return embeddings.clone(), key_mask.clone()  # the caller may write into its copy
 
     @torch.no_grad()

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import copy
 import json
-from collections import OrderedDict
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -60,7 +59,7 @@ from diffusion.control.prompts import delete_tokens
 from diffusion.control.weighting import Weighting, condition
 from diffusion.errors import UserError
 from diffusion.model.diffusers_adapter import check_supported, controlled
-from diffusion.model.text_encoder import quiet_transformers
+from diffusion.model.text_encoder import RecentResults, quiet_transformers
 from diffusion.precision import resolve_mixed_precision
 from diffusion.sampling.pipeline import Pipeline, PromptSampling, as_generators, default_device
 from diffusion.sampling.samplers import make_sampler, sampler_timesteps
@@ -84,12 +83,12 @@ class StockTextEncoder:
         self.pipe = pipe
         self.xl = type(pipe).__name__ == "StableDiffusionXLPipeline"
         self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-        self._remembered: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
-        self._remember = 4  # one render encodes its prompts, the empty prompt and the prompts without a word
+        # one render encodes its prompts, the empty prompt and the prompts without a word
+        self._remembered = RecentResults(4)
 
     def remember(self, calls: int) -> None:
         """Keep the last `calls` encodings (at least the few one render asks for again)."""
-        self._remember = max(calls, 4)
+        self._remembered.resize(max(calls, 4))
 
     def _tokenize(self, prompts: list[str], tokenizer=None) -> dict:
         tokenizer = tokenizer or self.tokenizers[0]
@@ -132,20 +131,17 @@ class StockTextEncoder:
         (the editor renders in two precisions with one encoder)."""
         device = self.pipe.device.type
         autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-        key = (tuple(prompts), autocast)
-        if key not in self._remembered:
-            if self.xl:
-                states, _, pooled, _ = self.pipe.encode_prompt(
-                    list(prompts), device=self.pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
-                )
-            else:
-                (states, _), pooled = self.pipe.encode_prompt(list(prompts), self.pipe.device, 1, False), None
-            self._remembered[key] = (states, pooled)
-            while len(self._remembered) > self._remember:
-                self._remembered.popitem(last=False)
-        self._remembered.move_to_end(key)
-        states, pooled = self._remembered[key]
+        states, pooled = self._remembered.get((tuple(prompts), autocast), lambda: self._encode(prompts))
         return states.clone(), None if pooled is None else pooled.clone()
+
+    def _encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.xl:
+            states, _, pooled, _ = self.pipe.encode_prompt(
+                list(prompts), device=self.pipe.device, num_images_per_prompt=1, do_classifier_free_guidance=False
+            )
+            return states, pooled
+        states, _ = self.pipe.encode_prompt(list(prompts), self.pipe.device, 1, False)
+        return states, None
 
 
 def pooled_condition(
