@@ -23,7 +23,7 @@ from diffusion.errors import UserError
 from diffusion.model.attention import AttentionCall, AttentionController
 from diffusion.model.diffusers_adapter import AttentionAdapter, check_supported
 from diffusion.sampling.settings import SamplingSettings
-from diffusion.sampling.stock import load_pipeline, pooled_condition, stock_sampler
+from diffusion.sampling.stock import StockPipeline, load_pipeline, pooled_condition, stock_sampler
 from diffusion.training.clip import clip_text_config, fit_tokenizer
 
 TOKENS = 12  # not 77: nothing may assume Stable Diffusion's length
@@ -428,3 +428,44 @@ def test_an_sd3_folder_or_transformer_gets_one_line(tmp_path, capsys):
     for check in (check_supported, AttentionAdapter):  # the adapter said "no cross-attention layer"
         with pytest.raises(UserError, match="SD3Transformer2DModel .* not supported yet"):
             check(transformer)
+
+
+def test_another_diffusers_pipeline_folder_gets_one_line(tmp_path, capsys):
+    import sample
+
+    folder = tmp_path / "ddpm"
+    folder.mkdir()
+    (folder / "model_index.json").write_text(
+        json.dumps({"_class_name": "DDPMPipeline", "unet": ["diffusers", "UNet2DModel"]})
+    )
+    with pytest.raises(UserError, match="holds a DDPMPipeline; the attention tools load StableDiffusionPipeline"):
+        load_pipeline(folder)
+    with pytest.raises(SystemExit) as exit_:
+        sample.main(["--model", str(folder), "a red circle", "--out", str(tmp_path / "grid.png")])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "DDPMPipeline" in error
+
+
+def test_the_adapter_refuses_a_model_without_processors_or_cross_attention_in_one_line():
+    with pytest.raises(UserError, match="Linear is not a diffusers UNet with attention processors"):
+        AttentionAdapter(torch.nn.Linear(2, 2))
+    torch.manual_seed(0)
+    no_cross = UNet2DConditionModel(
+        sample_size=8,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        mid_block_type=None,
+        norm_num_groups=4,
+    )
+    with pytest.raises(UserError, match="UNet2DConditionModel has no cross-attention layer for the adapter"):
+        AttentionAdapter(no_cross)
+
+
+def test_sdxl_tokenizers_that_split_a_prompt_differently_are_one_line(stock_folders):
+    plain = StableDiffusionXLPipeline.from_pretrained(stock_folders["sdxl"])
+    plain.tokenizer_2 = fit_tokenizer(["a red circle"] * 4, vocab_size=520, model_max_length=TOKENS)
+    with pytest.raises(UserError, match="two tokenizers split this prompt differently"):
+        StockPipeline(plain).encoder.offsets(["a green triangle on the right"])
